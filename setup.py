@@ -1,0 +1,119 @@
+"""Build engine._C (C++ CPU kernels) and, where nvcc is found, engine._C_cuda.
+
+Environment switches:
+  HFC_ENGINE_PORTABLE=1   build without -march=native (portable wheels).
+  HFC_ENGINE_CUDA=1|0     force the CUDA extension on or off (default: on when nvcc is found).
+  HFC_ENGINE_CUDA_ARCH    nvcc -arch value (default sm_80).
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent.resolve()
+
+
+def _openblas():
+    import scipy_openblas32
+
+    return scipy_openblas32.get_include_dir(), scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library()
+
+
+def _cpu_flags() -> list[str]:
+    flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
+    if os.environ.get("HFC_ENGINE_PORTABLE", "0") != "1":
+        flags.append("-march=native")
+    return flags
+
+
+def _sources(*patterns: str) -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for pat in patterns for p in ROOT.glob(pat))
+
+
+def _cuda_home() -> Path | None:
+    """The CUDA toolkit root: $CUDA_HOME, else /usr/local/cuda*, else the directory above nvcc."""
+    candidates = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"))]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    for cand in candidates:
+        if cand and (Path(cand) / "include" / "cuda_runtime.h").exists():
+            return Path(cand)
+    return None
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("HFC_ENGINE_CUDA")
+    if flag is not None:
+        return flag == "1"
+    return shutil.which("nvcc") is not None and _cuda_home() is not None and bool(_sources("csrc/cuda/*.cu"))
+
+
+class BuildExt(build_ext):
+    """pybind11's build_ext plus compiling csrc/cuda/*.cu with nvcc for engine._C_cuda."""
+
+    def build_extension(self, ext):
+        if ext.name == "engine._C_cuda":
+            self._compile_cuda(ext)
+        super().build_extension(ext)
+
+    def _compile_cuda(self, ext):
+        nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+        arch = os.environ.get("HFC_ENGINE_CUDA_ARCH", "sm_80")
+        out_dir = Path(self.build_temp) / "cuda"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        objects = []
+        for src in _sources("csrc/cuda/*.cu"):
+            obj = out_dir / (Path(src).stem + ".o")
+            cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", f"-arch={arch}",
+                   "-Xcompiler", "-fPIC", "-Icsrc/include"]
+            print(" ".join(cmd), file=sys.stderr)
+            subprocess.check_call(cmd, cwd=ROOT)
+            objects.append(str(obj))
+        ext.extra_objects = objects
+
+
+blas_include, blas_lib_dir, blas_lib = _openblas()
+extensions = [
+    Pybind11Extension(
+        "engine._C",
+        _sources("bindings/*.cpp", "csrc/cpu/*.cpp"),
+        include_dirs=["csrc/include", blas_include],
+        library_dirs=[blas_lib_dir],
+        libraries=[blas_lib],
+        runtime_library_dirs=[blas_lib_dir, "$ORIGIN/../scipy_openblas32/lib"],
+        extra_compile_args=_cpu_flags(),
+        extra_link_args=["-fopenmp"],
+        cxx_std=17,
+    )
+]
+if _want_cuda():
+    cuda_home = _cuda_home()
+    if cuda_home is None:
+        raise RuntimeError("HFC_ENGINE_CUDA=1 but no CUDA toolkit found: set CUDA_HOME")
+    cuda_libs = [str(d) for d in (cuda_home / "lib64", cuda_home / "lib") if d.is_dir()]
+    extensions.append(
+        Pybind11Extension(
+            "engine._C_cuda",
+            _sources("bindings/cuda/*.cpp"),
+            include_dirs=["csrc/include", str(cuda_home / "include")],
+            library_dirs=cuda_libs,
+            libraries=["cudart"],
+            runtime_library_dirs=cuda_libs,
+            extra_compile_args=["-O3"],
+            cxx_std=17,
+        )
+    )
+
+setup(
+    packages=find_packages(include=["engine", "engine.*"]) + ["engine.kernels"],
+    package_dir={"engine.kernels": "kernels"},
+    ext_modules=extensions,
+    cmdclass={"build_ext": BuildExt},
+)
