@@ -13,10 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext, naive_recompile
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
+ParallelCompile("HFC_ENGINE_JOBS", default=2, needs_recompile=naive_recompile).install()
 
 
 def _openblas():

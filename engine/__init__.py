@@ -1,7 +1,29 @@
-"""hfc-engine: adversarial-robustness audits of medical image classifiers."""
+"""hfc-engine: adversarial-robustness audits of medical image classifiers.
 
-from engine import ops
-from engine.mixture import GaussianMixture
+Submodules load on first use, so ``import engine`` (and the CLI's --help) stays fast.
+"""
 
-__all__ = ["GaussianMixture", "ops"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "ops": ("engine.ops", None),
+    "GaussianMixture": ("engine.mixture", "GaussianMixture"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+__all__ = list(_LAZY)
