@@ -72,8 +72,19 @@ class BuildExt(build_ext):
         objects = []
         for src in _sources("csrc/cuda/*.cu"):
             obj = out_dir / (Path(src).stem + ".o")
-            cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", f"-arch={arch}",
-                   "-Xcompiler", "-fPIC", "-Icsrc/include"]
+            cmd = [
+                nvcc,
+                "-c",
+                src,
+                "-o",
+                str(obj),
+                "-O3",
+                "-std=c++17",
+                f"-arch={arch}",
+                "-Xcompiler",
+                "-fPIC",
+                "-Icsrc/include",
+            ]
             print(" ".join(cmd), file=sys.stderr)
             subprocess.check_call(cmd, cwd=ROOT)
             objects.append(str(obj))

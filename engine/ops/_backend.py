@@ -17,7 +17,7 @@ Backend implementation signatures (inputs already validated: torch tensors, C-co
 
 * ``gmm(layers, mode, need_grad) -> list[(value, grad, component)]`` -- one entry per layer, all layers in one
   call. ``layers`` is a list of ``(x (N,d), means (K,d), prec_chol (K,d,d) upper-triangular, log_norm (K,))``
-  (N shared by all layers, d and K per layer) with ``log_norm_k = log w_k + sum(log diag L_k) - d/2 log(2 pi)``.
+  (N, d and K may differ between entries) with ``log_norm_k = log w_k + sum(log diag L_k) - d/2 log(2 pi)``.
   ``mode="loglik"``: value = log p(x) (N,), grad = d value/dx (N,d); ``mode="nearest"``: value = squared
   Mahalanobis distance ||(x - mu_k*) L_k*||^2 to k* = argmax_k [log_norm_k - value_k/2], grad = its gradient
   with k* held fixed. ``component`` (N,) int64 is k* (the most responsible component) in both modes. ``grad`` is
@@ -117,8 +117,7 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable[..., Any]:
     if impl is None or not _runs_on(backend, device):
         why = _LOAD_ERRORS.get(backend, "not built or not registered" if impl is None else f"cannot run on {device}")
         raise ValueError(
-            f"backend {backend!r} is unavailable for {op!r} on {device} ({why}); "
-            f"available: {available(op, device)}"
+            f"backend {backend!r} is unavailable for {op!r} on {device} ({why}); available: {available(op, device)}"
         )
     return impl
 
