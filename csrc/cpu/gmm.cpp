@@ -1,0 +1,252 @@
+// CPU implementation of hfc/gmm.h: OpenMP over (layer, row-tile) work items, OpenBLAS triangular products.
+//
+// Per tile and component k: Y = X - mu_k (centred while loading), Y := Y U_k (trmm, d^2/2 multiply-adds per
+// row), q = row norms of Y, logp = log_norm_k - q/2, online logsumexp update per row; for the gradient the rows
+// of Y are scaled by their new-term weight and Y := Y U_k^T (trmm again) is added to the rescaled accumulator.
+// Both triangular products together cost one tile x d x d GEMM, so a whole call costs about one
+// N x d x (K d) GEMM, with O(tile x d) memory per thread and no N x K x d intermediate.
+#include "hfc/gmm.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cblas.h>
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "hfc/common.h"
+#include "hfc/math.h"
+
+namespace hfc {
+namespace {
+
+// B := B * op(U) for row-major B (m, n) and upper-triangular U (n, n).
+inline void trmm_right_upper(bool transpose, int64_t m, int64_t n, const float* u, float* b) {
+  scipy_cblas_strmm(CblasRowMajor, CblasRight, CblasUpper, transpose ? CblasTrans : CblasNoTrans, CblasNonUnit,
+                    static_cast<blasint>(m), static_cast<blasint>(n), 1.0f, u, static_cast<blasint>(n), b,
+                    static_cast<blasint>(n));
+}
+inline void trmm_right_upper(bool transpose, int64_t m, int64_t n, const double* u, double* b) {
+  scipy_cblas_dtrmm(CblasRowMajor, CblasRight, CblasUpper, transpose ? CblasTrans : CblasNoTrans, CblasNonUnit,
+                    static_cast<blasint>(m), static_cast<blasint>(n), 1.0, u, static_cast<blasint>(n), b,
+                    static_cast<blasint>(n));
+}
+
+// A component whose weight (relative to the running maximum) is below this for every row of a tile adds less
+// than eps^3 of the dominant term to the gradient, so its second triangular product is skipped.
+template <typename T>
+constexpr T negligible_weight() {
+  return std::numeric_limits<T>::epsilon() * std::numeric_limits<T>::epsilon() * std::numeric_limits<T>::epsilon();
+}
+
+struct WorkItem {
+  int64_t layer, row0, rows;
+  double cost;
+};
+
+// Per-thread scratch, sized for the largest tile x d of the call.
+template <typename T>
+struct Workspace {
+  std::vector<T> y, acc, best_y;
+  std::vector<T> scale_old, weight_new, best_logp, best_q;
+  std::vector<OnlineLse<T>> lse;
+  std::vector<int64_t> best_k, group;
+
+  Workspace(int64_t tile, int64_t max_d, bool nearest)
+      : y(tile * max_d), acc(tile * max_d), best_y(nearest ? tile * max_d : 0), scale_old(tile), weight_new(tile),
+        best_logp(tile), best_q(tile), lse(tile), best_k(tile), group(tile) {}
+};
+
+template <typename T>
+void loglik_tile(const GmmLayer<T>& L, int64_t row0, int64_t rows, Workspace<T>& ws) {
+  const int64_t d = L.d;
+  const T* x = L.x + row0 * d;
+  T* y = ws.y.data();
+  T* acc = ws.acc.data();
+  const bool need_grad = L.grad != nullptr;
+  std::fill(ws.lse.begin(), ws.lse.begin() + rows, OnlineLse<T>{});
+  std::fill(ws.best_logp.begin(), ws.best_logp.begin() + rows, -std::numeric_limits<T>::infinity());
+  std::fill(ws.best_k.begin(), ws.best_k.begin() + rows, 0);
+  if (need_grad) std::fill(acc, acc + rows * d, T(0));
+
+  for (int64_t k = 0; k < L.k; ++k) {
+    const T* mu = L.means + k * d;
+    const T* u = L.prec_chol + k * d * d;
+    for (int64_t i = 0; i < rows; ++i) {
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) y[i * d + j] = x[i * d + j] - mu[j];
+    }
+    trmm_right_upper(false, rows, d, u, y);
+    T max_weight = 0;
+    for (int64_t i = 0; i < rows; ++i) {
+      T q = 0;
+#pragma omp simd reduction(+ : q)
+      for (int64_t j = 0; j < d; ++j) q += y[i * d + j] * y[i * d + j];
+      const T logp = L.log_norm[k] - T(0.5) * q;
+      if (logp > ws.best_logp[i]) {
+        ws.best_logp[i] = logp;
+        ws.best_k[i] = k;
+      }
+      ws.lse[i].add(logp, ws.scale_old[i], ws.weight_new[i]);
+      max_weight = std::max(max_weight, ws.weight_new[i]);
+    }
+    // All scale_old are 1 when every weight is tiny (a new maximum has weight 1), so the skip is exact bookkeeping.
+    if (!need_grad || max_weight < negligible_weight<T>()) continue;
+    for (int64_t i = 0; i < rows; ++i) {
+      const T w = ws.weight_new[i];
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) y[i * d + j] *= w;
+    }
+    trmm_right_upper(true, rows, d, u, y);
+    for (int64_t i = 0; i < rows; ++i) {
+      const T s = ws.scale_old[i];
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) acc[i * d + j] = acc[i * d + j] * s + y[i * d + j];
+    }
+  }
+
+  for (int64_t i = 0; i < rows; ++i) {
+    L.value[row0 + i] = ws.lse[i].value();
+    if (L.component) L.component[row0 + i] = ws.best_k[i];
+    if (!need_grad) continue;
+    const T inv = T(-1) / ws.lse[i].sum;
+    T* g = L.grad + (row0 + i) * d;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) g[j] = acc[i * d + j] * inv;
+  }
+}
+
+template <typename T>
+void nearest_tile(const GmmLayer<T>& L, int64_t row0, int64_t rows, Workspace<T>& ws) {
+  const int64_t d = L.d;
+  const T* x = L.x + row0 * d;
+  T* y = ws.y.data();
+  std::fill(ws.best_logp.begin(), ws.best_logp.begin() + rows, -std::numeric_limits<T>::infinity());
+  std::fill(ws.best_k.begin(), ws.best_k.begin() + rows, 0);
+  std::fill(ws.best_q.begin(), ws.best_q.begin() + rows, T(0));
+
+  for (int64_t k = 0; k < L.k; ++k) {
+    const T* mu = L.means + k * d;
+    for (int64_t i = 0; i < rows; ++i) {
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) y[i * d + j] = x[i * d + j] - mu[j];
+    }
+    trmm_right_upper(false, rows, d, L.prec_chol + k * d * d, y);
+    for (int64_t i = 0; i < rows; ++i) {
+      T q = 0;
+#pragma omp simd reduction(+ : q)
+      for (int64_t j = 0; j < d; ++j) q += y[i * d + j] * y[i * d + j];
+      const T logp = L.log_norm[k] - T(0.5) * q;
+      if (k == 0 || logp > ws.best_logp[i]) {
+        ws.best_logp[i] = logp;
+        ws.best_k[i] = k;
+        ws.best_q[i] = q;
+        if (L.grad) std::copy(y + i * d, y + (i + 1) * d, ws.best_y.data() + i * d);
+      }
+    }
+  }
+
+  for (int64_t i = 0; i < rows; ++i) {
+    L.value[row0 + i] = ws.best_q[i];
+    if (L.component) L.component[row0 + i] = ws.best_k[i];
+  }
+  if (!L.grad) return;
+  // grad = 2 y_{k*} U_{k*}^T: gather the rows that chose each component and apply its factor once per group.
+  for (int64_t k = 0; k < L.k; ++k) {
+    int64_t m = 0;
+    for (int64_t i = 0; i < rows; ++i) {
+      if (ws.best_k[i] != k) continue;
+      std::copy(ws.best_y.data() + i * d, ws.best_y.data() + (i + 1) * d, y + m * d);
+      ws.group[m++] = i;
+    }
+    if (m == 0) continue;
+    trmm_right_upper(true, m, d, L.prec_chol + k * d * d, y);
+    for (int64_t r = 0; r < m; ++r) {
+      T* g = L.grad + (row0 + ws.group[r]) * d;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) g[j] = T(2) * y[r * d + j];
+    }
+  }
+}
+
+int64_t choose_tile(const std::vector<int64_t>& rows_per_layer, int64_t requested, int threads) {
+  if (requested > 0) return requested;
+  int64_t total = 0;
+  for (int64_t n : rows_per_layer) total += n;
+  int64_t tile = total / (kGmmItemsPerThread * threads);
+  tile = std::clamp(tile, kGmmMinRowTile, kGmmMaxRowTile);
+  return (tile + kGmmMinRowTile - 1) / kGmmMinRowTile * kGmmMinRowTile;
+}
+
+}  // namespace
+
+template <typename T>
+void gmm_validate(const GmmParams<T>& params) {
+  require(params.row_tile >= 0, "row_tile must be >= 0 (0 = automatic), got " + std::to_string(params.row_tile));
+  for (size_t l = 0; l < params.layers.size(); ++l) {
+    const GmmLayer<T>& L = params.layers[l];
+    const std::string where = "gmm layer " + std::to_string(l) + ": ";
+    require(L.d >= 1, where + "dimension d must be >= 1, got " + std::to_string(L.d));
+    require(L.k >= 1, where + "number of components K must be >= 1, got " + std::to_string(L.k));
+    require(L.n >= 0, where + "number of rows N must be >= 0, got " + std::to_string(L.n));
+    require(L.d <= std::numeric_limits<int32_t>::max() && L.n <= std::numeric_limits<int32_t>::max(),
+            where + "N and d must fit in 32-bit BLAS indices");
+    require(L.means && L.prec_chol && L.log_norm, where + "means, prec_chol and log_norm must be set");
+    require(L.n == 0 || (L.x && L.value), where + "x and value must be set when N > 0");
+  }
+}
+
+template <typename T>
+void gmm_forward(const GmmParams<T>& params) {
+  gmm_validate(params);
+  const int threads = params.num_threads > 0 ? params.num_threads : omp_get_max_threads();
+  std::vector<int64_t> rows_per_layer;
+  int64_t max_d = 1;
+  for (const auto& L : params.layers) {
+    rows_per_layer.push_back(L.n);
+    max_d = std::max(max_d, L.d);
+  }
+  const int64_t tile = choose_tile(rows_per_layer, params.row_tile, threads);
+
+  std::vector<WorkItem> items;
+  for (size_t l = 0; l < params.layers.size(); ++l) {
+    const GmmLayer<T>& L = params.layers[l];
+    for (int64_t r = 0; r < L.n; r += tile) {
+      const int64_t rows = std::min(tile, L.n - r);
+      items.push_back({static_cast<int64_t>(l), r, rows, double(rows) * double(L.k) * double(L.d) * double(L.d + 8)});
+    }
+  }
+  if (items.empty()) return;
+  // Largest first, so dynamic scheduling balances layers of very different d.
+  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+
+  const bool nearest = params.mode == GmmMode::kNearest;
+  const int used = static_cast<int>(std::min<int64_t>(threads, static_cast<int64_t>(items.size())));
+  std::vector<Workspace<T>> spaces;  // allocated here, outside the parallel region, so bad_alloc propagates
+  spaces.reserve(used);
+  for (int t = 0; t < used; ++t) spaces.emplace_back(tile, max_d, nearest);
+
+#pragma omp parallel num_threads(used)
+  {
+    DenormalGuard guard;
+    Workspace<T>& ws = spaces[omp_get_thread_num()];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < static_cast<int64_t>(items.size()); ++i) {
+      const WorkItem& it = items[i];
+      const GmmLayer<T>& L = params.layers[it.layer];
+      if (nearest) {
+        nearest_tile(L, it.row0, it.rows, ws);
+      } else {
+        loglik_tile(L, it.row0, it.rows, ws);
+      }
+    }
+  }
+}
+
+template void gmm_validate<float>(const GmmParams<float>&);
+template void gmm_validate<double>(const GmmParams<double>&);
+template void gmm_forward<float>(const GmmParams<float>&);
+template void gmm_forward<double>(const GmmParams<double>&);
+
+}  // namespace hfc
