@@ -1,0 +1,130 @@
+"""Run machinery: config loading/overrides/errors, the SQLite store, cell execution and crash-resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from engine.sweep import Cell, CellOutput, ConfigError, LocalExecutor, ResultStore, load_config
+from engine.sweep.executor import topological
+
+
+def test_defaults_and_dotted_override(tmp_path):
+    cfg = load_config(overrides=["attack.steps=40", "eps=['1/256']", "datasets.0.n=50"])
+    assert cfg["attack"]["steps"] == 40
+    assert cfg["eps"] == ["1/256"]
+    assert cfg["datasets"][0]["n"] == 50
+    path = tmp_path / "c.yaml"
+    path.write_text("attacks: [pgd]\nhfc: {mode: loglik}\n")
+    cfg = load_config(path, overrides=["hfc.lam=0.5"])
+    assert cfg["attacks"] == ["pgd"] and cfg["hfc"]["mode"] == "loglik" and cfg["hfc"]["lam"] == 0.5
+    assert cfg["detectors"] == ["kd", "bu", "lid", "maha", "svm", "dnn", "dnr"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["attack.stepz=3"], "unknown config key 'attack.stepz'; allowed: ['batch_size', 'pool', 'steps'"),
+        (["attacks=[pgd, deepfool]"], "'attacks' has value 'deepfool'; allowed: ['fgsm'"),
+        (["hfc.mode=exact"], "'hfc.mode' has value 'exact'; allowed: ['nearest', 'loglik']"),
+        (["attack.steps=0"], "'attack.steps' must be a positive integer"),
+        (["steps"], "must look like key.sub=value"),
+        (["datasets.5.n=3"], "unknown config key 'datasets.5'"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(overrides=overrides)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {arch: alexnet}\n")
+    with pytest.raises(ConfigError, match="'model.arch' has value 'alexnet'"):
+        load_config(bad)
+
+
+CALLS = []
+
+
+def _square(inputs, deps, workdir):
+    CALLS.append(inputs["x"])
+    base = sum(p["value"] for p in deps.values())
+    value = inputs["x"] ** 2 + base
+    return CellOutput({"value": value}, [{"metric": "square", "value": value, "eps": inputs["x"], "hfc": True}])
+
+
+def test_store_commit_resume_and_rows(tmp_path):
+    a = Cell("sq", _square, {"x": 2})
+    b = Cell("sq", _square, {"x": 3}, deps=(a.key,))
+    with ResultStore(tmp_path) as store:
+        LocalExecutor(progress=False).run([b, a], store)
+        assert store.payload(b.key) == {"value": 13}
+        rows = store.rows()
+    assert [r["value"] for r in rows] == [4.0, 13.0]
+    assert rows[0]["hfc"] is True and rows[0]["eps"] == "2"
+    assert sorted(CALLS) == [2, 3]
+    CALLS.clear()
+    with ResultStore(tmp_path) as store:  # re-run: nothing recomputed
+        LocalExecutor(progress=False).run([a, b], store)
+        store.commit(a.key, "sq", {"value": 4}, [{"metric": "square", "value": 4}])  # replace, not duplicate
+        assert len(store.rows()) == 2
+    assert CALLS == []
+
+
+def test_topological_errors():
+    a = Cell("sq", _square, {"x": 1}, deps=("nope",))
+    with pytest.raises(ValueError, match="unknown cell nope"):
+        topological([a])
+
+
+def test_row_columns_are_checked(tmp_path):
+    with ResultStore(tmp_path) as store, pytest.raises(ValueError, match="unknown columns"):
+        store.commit("k", "s", {}, [{"metric": "m", "colour": 1}])
+
+
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from engine.sweep import Cell, CellOutput, LocalExecutor, ResultStore
+
+    def slow(inputs, deps, workdir):
+        time.sleep(0.05)
+        return CellOutput({"i": inputs["i"]}, [{"metric": "m", "value": inputs["i"]}])
+
+    cells = [Cell("slow", slow, {"i": i}) for i in range(40)]
+    with ResultStore(sys.argv[1]) as store:
+        LocalExecutor(progress=False).run(cells, store)
+    """
+)
+
+
+def test_kill_9_loses_at_most_the_cell_in_flight(tmp_path):
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait until some, not all, cells are committed
+        if (run_dir / "store.sqlite").exists():
+            with ResultStore(run_dir) as store:
+                if 5 <= len(store.cells()) < 40:
+                    break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with ResultStore(run_dir) as store:
+        done_before = len(store.cells())
+        assert 0 < done_before < 40
+        assert len(store.rows()) == done_before  # every committed cell has exactly its rows
+    subprocess.run([sys.executable, str(script), str(run_dir)], env=env, check=True)
+    with ResultStore(run_dir) as store:
+        rows = store.rows()
+        assert sorted(r["value"] for r in rows) == list(range(40))  # no duplicates, nothing missing
