@@ -82,7 +82,7 @@ def test_registry_routes_triton_to_cpu_tensors_under_interpreter():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("n", "d", "k"), [(33, 17, 3), (1, 1, 1), (20, 16, 2)])
+@pytest.mark.parametrize(("n", "d", "k"), [(33, 17, 3), (1, 1, 1), (20, 16, 2), (5, 40, 2)])
 def test_gmm_matches_reference(dtype, n, d, k):
     gm = make_mixture(k, d, seed=n + d + k)
     x = sample_near(gm, n, seed=1)
@@ -133,7 +133,7 @@ def test_gmm_empty_batch_and_bad_dtype():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("n", "d", "c"), [(33, 17, 3), (1, 1, 1), (7, 16, 2)])
+@pytest.mark.parametrize(("n", "d", "c"), [(33, 17, 3), (1, 1, 1), (7, 16, 2), (3, 40, 5)])
 def test_mahalanobis_matches_reference(dtype, n, d, c):
     g = torch.Generator().manual_seed(n * d)
     a = torch.randn(d, d, generator=g, dtype=torch.float64)
@@ -182,6 +182,14 @@ def test_knn_exclude_self_near_duplicates(dtype):
     refs = torch.cat([base, base[:13] + 1e-3 * torch.randn(13, 9, generator=g, dtype=torch.float64)])
     check_knn(refs, refs, 7, True, dtype)
     check_knn(refs[:2], refs[:2], 1, True, dtype)  # M = k + 1
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_knn_reference_tiles_sorted_by_distance(descending):
+    """Later reference tiles improve no row (skipped) or every tile improves every row (always merged)."""
+    refs = 0.5 * torch.arange(1, 71, dtype=torch.float64)[:, None]
+    refs = refs.flip(0) if descending else refs
+    check_knn(torch.tensor([[0.0], [0.2]], dtype=torch.float64), refs, 3, False, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------
