@@ -106,7 +106,11 @@ class GaussianMixture:
 
     @classmethod
     def from_sklearn(cls, gm: Any) -> GaussianMixture:
-        """From a fitted sklearn GaussianMixture / BayesianGaussianMixture (any covariance_type, expanded to full)."""
+        """From a fitted sklearn GaussianMixture / BayesianGaussianMixture (any covariance_type, expanded to full).
+
+        A Bayesian mixture becomes the plug-in mixture of its point estimates (``weights_``, ``means_``,
+        ``precisions_cholesky_``), as the HFC reference uses it; its own ``score_samples`` is a variational quantity.
+        """
         for attr in ("means_", "precisions_cholesky_", "weights_", "covariance_type"):
             if not hasattr(gm, attr):
                 raise TypeError(f"gm must be a fitted sklearn (Bayesian)GaussianMixture, missing {attr!r}")
