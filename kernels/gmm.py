@@ -8,7 +8,7 @@ ever stored. ``nearest`` keeps the most likely component k*: value q_k*, gradien
 
 Differs from the C++/CUDA versions:
 
-* one launch per layer entry (they run all layers in one call);
+* one launch per layer (they run all layers in one call);
 * Triton cannot slice register tiles along d, so y of the current component is staged in an (N, d) scratch
   buffer and the gradient accumulator lives in the output buffer (both in global memory, each row owned by one
   program; ``tl.debug_barrier`` orders the staged reads and writes on a GPU);
