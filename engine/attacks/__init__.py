@@ -1,0 +1,34 @@
+"""Adversarial attacks: per-image (FGSM, BIM, PGD, MI-FGSM, CW-L2, CW-Linf), the HFC add-on, universal
+perturbations (:mod:`engine.attacks.uap`), noise controls and incremental storage of adversarial sets.
+
+    attack = PGD(model, eps="8/255", steps=20, targeted=True, constraint=HFC(gmms))
+    result = attack(x, target)        # AttackResult(adv, success, logits, target, norms_linf, norms_l2, ...)
+"""
+
+from engine.attacks.base import Attack, AttackResult, parse_eps
+from engine.attacks.cw import CWL2
+from engine.attacks.gradient import BIM, FGSM, MIFGSM, PGD, CWLinf, IterativeAttack
+from engine.attacks.hfc import HFC, extract_features, fit_hfc_gmms, load_hfc_gmms, save_hfc_gmms
+from engine.attacks.noise import noise_like
+
+ATTACKS = {"fgsm": FGSM, "bim": BIM, "pgd": PGD, "mifgsm": MIFGSM, "cw_l2": CWL2, "cw_linf": CWLinf}
+
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "AttackResult",
+    "BIM",
+    "CWL2",
+    "CWLinf",
+    "FGSM",
+    "HFC",
+    "IterativeAttack",
+    "MIFGSM",
+    "PGD",
+    "extract_features",
+    "fit_hfc_gmms",
+    "load_hfc_gmms",
+    "noise_like",
+    "parse_eps",
+    "save_hfc_gmms",
+]

@@ -1,0 +1,206 @@
+"""The Hierarchical Feature Constraint add-on (Yao et al., MICCAI 2021; SPEC.md section 2).
+
+Per (layer l, class c) a Gaussian mixture is fitted on GAP features f_l of the training images of class c
+(:func:`fit_hfc_gmms`). ``HFC(gmms)`` passed as ``constraint=`` to any gradient attack adds, per sample,
+``lam * sum_l term_l(f_l(x'))`` under the mixtures of the sample's *target* class, computed by
+``engine.ops.hfc_loss`` (all layers in one fused kernel call) on the features of the same forward pass as the
+logits (an ``engine.models.FeatureExtractor``).
+
+Untargeted attacks: the constraint class is, at each step, the currently most likely class other than the
+true one (for a binary model: simply the other class, the paper's setting). Prefer a targeted attack
+(``targeted=True``, ``"random"`` or ``"least_likely"``) so the class does not change between steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.attacks._data import iter_batches
+from engine.attacks.base import check_images, eval_mode, model_device, model_dtype
+from engine.mixture import GaussianMixture
+
+MANIFEST = "hfc_gmms.json"
+
+
+class HFC:
+    """The HFC constraint: ``gmms[layer][c]`` are per-class mixtures; ``layers`` (default: all) are constrained.
+
+    ``mode="nearest"`` is the reference code's term ||(h - mu_k*) L_k*||^2 / d_l; ``"loglik"`` is -log p_l(h),
+    the paper's stated objective. ``weights`` optionally weighs the layers; ``lam`` scales the whole term.
+    """
+
+    def __init__(
+        self,
+        gmms: Mapping[str, Sequence[GaussianMixture]],
+        layers: Sequence[str] | None = None,
+        lam: float = 1.0,
+        mode: str = "nearest",
+        weights: Sequence[float] | None = None,
+        backend: str = "auto",
+    ) -> None:
+        if not isinstance(gmms, Mapping) or not gmms:
+            raise TypeError("gmms must be a non-empty mapping {layer: [GaussianMixture per class]}")
+        for layer, per_class in gmms.items():
+            if isinstance(per_class, GaussianMixture) or not all(isinstance(g, GaussianMixture) for g in per_class):
+                raise TypeError(f"gmms[{layer!r}] must be a sequence of GaussianMixture, one per class")
+        layers = list(gmms) if layers is None else list(layers)
+        unknown = [name for name in layers if name not in gmms]
+        if not layers or unknown:
+            raise ValueError(f"layers must be a non-empty subset of the fitted layers {list(gmms)}, got {layers}")
+        if mode not in ("nearest", "loglik"):
+            raise ValueError(f"mode must be 'nearest' or 'loglik', got {mode!r}")
+        if not np.isfinite(lam) or lam < 0:
+            raise ValueError(f"lam must be a finite float >= 0, got {lam!r}")
+        self.gmms = {name: list(gmms[name]) for name in layers}
+        self.layers = layers
+        self.lam = float(lam)
+        self.mode = mode
+        self.weights = None if weights is None else list(weights)
+        self.backend = backend
+        self._extractors: dict[nn.Module, nn.Module] = {}  # one set of hooks per model, reused by every attack
+
+    def __repr__(self) -> str:
+        return f"HFC(layers={len(self.layers)}, lam={self.lam}, mode={self.mode!r})"
+
+    def extractor(self, model: nn.Module) -> nn.Module:
+        """The (cached) FeatureExtractor returning logits and the constrained layers' GAP features in one pass."""
+        from engine.models import FeatureExtractor
+
+        if model not in self._extractors:
+            self._extractors[model] = FeatureExtractor(model, self.layers, pooled=True)
+        return self._extractors[model]
+
+    def loss(self, features: Mapping[str, torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
+        """(N,) ``lam *`` the weighted sum of the layer terms under the mixtures of ``classes``."""
+        from engine.ops import hfc_loss
+
+        per_sample = hfc_loss(
+            [features[name] for name in self.layers],
+            [self.gmms[name] for name in self.layers],
+            mode=self.mode,
+            weights=self.weights,
+            classes=classes,
+            reduction="none",
+            backend=self.backend,
+        )
+        return self.lam * per_sample
+
+    def log_likelihood(self, features: Mapping[str, torch.Tensor], classes: Any) -> dict[str, np.ndarray]:
+        """Per layer, the (N,) float64 log-likelihood of each feature under its class's mixture (for evaluation)."""
+        from engine.ops import gmm_log_prob
+
+        classes = np.asarray(torch.as_tensor(classes).cpu())
+        out = {}
+        for name in self.layers:
+            feats = features[name].detach().double().cpu()
+            values = np.zeros(len(classes))
+            for c in np.unique(classes):
+                rows = np.nonzero(classes == c)[0]
+                values[rows] = gmm_log_prob(feats[rows], self.gmms[name][int(c)]).numpy()
+            out[name] = values
+        return out
+
+
+def extract_features(
+    model: nn.Module, data: Any, layers: Sequence[str], batch_size: int = 64
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """({layer: (N, C_l) GAP features}, logits (N, K), labels (N,)) of ``data`` in one pass, on the CPU."""
+    from engine.models import FeatureExtractor
+
+    extractor = FeatureExtractor(model, list(layers), pooled=True)
+    feats: dict[str, list[torch.Tensor]] = {name: [] for name in extractor.layers}
+    logits, labels = [], []
+    device, dtype = model_device(model), model_dtype(model)
+    try:
+        with eval_mode(model), torch.no_grad():
+            for x, y in iter_batches(data, batch_size, "train_dataset"):
+                out, f = extractor(check_images(x).to(device=device, dtype=dtype))
+                logits.append(out.cpu())
+                labels.append(y)
+                for name in extractor.layers:
+                    feats[name].append(f[name].cpu())
+    finally:
+        extractor.remove()
+    if not labels:
+        raise ValueError("train_dataset is empty")
+    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(logits), torch.cat(labels)
+
+
+def fit_hfc_gmms(
+    model: nn.Module,
+    train_dataset: Any,
+    layers: Sequence[str] | str,
+    n_components: int = 2,
+    bayesian: bool = False,
+    seed: int = 0,
+    batch_size: int = 64,
+    num_classes: int | None = None,
+    **fit_kwargs: Any,
+) -> dict[str, list[GaussianMixture]]:
+    """Fit one mixture per (layer, class) on the training features (one feature pass over ``train_dataset``).
+
+    ``layers`` are names or glob patterns (see ``engine.models.available_layers``); ``fit_kwargs`` go to sklearn
+    (e.g. ``reg_covar``, ``n_init=2, max_iter=1000`` as in the reference). Every class must have at least
+    ``n_components`` training images.
+    """
+    from engine.models.features import resolve_layers
+
+    names = resolve_layers(model, layers)
+    feats, logits, labels = extract_features(model, train_dataset, names, batch_size)
+    num_classes = max(int(logits.shape[1]), 2) if num_classes is None else num_classes
+    counts = torch.bincount(labels, minlength=num_classes)
+    if labels.min() < 0 or labels.max() >= num_classes or bool((counts < n_components).any()):
+        raise ValueError(
+            f"every class in [0, {num_classes}) needs >= n_components={n_components} training images, "
+            f"got counts {counts.tolist()}"
+        )
+    return {
+        name: [
+            GaussianMixture.fit(
+                feats[name][labels == c].double(), n_components, bayesian=bayesian, seed=seed, **fit_kwargs
+            )
+            for c in range(num_classes)
+        ]
+        for name in names
+    }
+
+
+def save_hfc_gmms(gmms: Mapping[str, Sequence[GaussianMixture]], directory: str | os.PathLike) -> Path:
+    """Write ``gmms`` as a directory of .npz files (GaussianMixture.save) plus a JSON manifest written last."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = {"layers": []}
+    for i, (name, per_class) in enumerate(gmms.items()):
+        files = []
+        for c, gm in enumerate(per_class):
+            fname = f"layer{i:03d}_class{c:03d}.npz"
+            gm.save(directory / fname)
+            files.append(fname)
+        manifest["layers"].append({"name": name, "files": files})
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, directory / MANIFEST)
+    return directory
+
+
+def load_hfc_gmms(directory: str | os.PathLike) -> dict[str, list[GaussianMixture]]:
+    """Read a directory written by :func:`save_hfc_gmms`."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} holds no {MANIFEST}; write it with save_hfc_gmms")
+    manifest = json.loads(path.read_text())
+    return {
+        entry["name"]: [GaussianMixture.load(directory / f) for f in entry["files"]] for entry in manifest["layers"]
+    }
+
+
+__all__ = ["HFC", "fit_hfc_gmms", "save_hfc_gmms", "load_hfc_gmms", "extract_features"]
