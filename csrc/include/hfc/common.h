@@ -44,3 +44,70 @@ inline void require(bool ok, const std::string& message) {
 }
 
 }  // namespace hfc
+
+// ---------------------------------------------------------------------------------------------------------------
+// Pairwise squared-distance tiles on centred data, shared by the k-NN (knn.cpp) and KDE (kde.cpp) kernels.
+#include <cblas.h>
+
+#include <cstring>
+#include <vector>
+
+namespace hfc {
+
+// C (m, n) = alpha * A (m, k) * B (n, k)^T + beta * C, row-major, leading dimensions k, k and ldc. One call to
+// OpenBLAS; the module runs it single-threaded inside the kernels' OpenMP loops.
+inline void gemm_abt(int64_t m, int64_t n, int64_t k, float alpha, const float* a, const float* b, float beta,
+                     float* c, int64_t ldc) {
+  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m), static_cast<blasint>(n),
+                    static_cast<blasint>(k), alpha, a, static_cast<blasint>(k), b, static_cast<blasint>(k), beta, c,
+                    static_cast<blasint>(ldc));
+}
+inline void gemm_abt(int64_t m, int64_t n, int64_t k, double alpha, const double* a, const double* b, double beta,
+                     double* c, int64_t ldc) {
+  scipy_cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m), static_cast<blasint>(n),
+                    static_cast<blasint>(k), alpha, a, static_cast<blasint>(k), b, static_cast<blasint>(k), beta, c,
+                    static_cast<blasint>(ldc));
+}
+
+// A query set X (n, d) and a reference set R (m, d), both translated to the reference mean, with squared row norms.
+// Distances are translation invariant; centring makes ||x||^2 + ||r||^2 - 2 x.r lose far less in float32 when
+// the data sit far from the origin (the norms, and so the cancellation, shrink to the data's spread).
+template <typename T>
+struct CentredPairs {
+  int64_t n, m, d;
+  std::vector<T> x, ref, x_norm, ref_norm;
+
+  CentredPairs(const T* x_in, int64_t n_, const T* ref_in, int64_t m_, int64_t d_)
+      : n(n_), m(m_), d(d_), x(n_ * d_), ref(m_ * d_), x_norm(n_), ref_norm(m_) {
+    std::vector<double> mean(d, 0.0);
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t c = 0; c < d; ++c) mean[c] += ref_in[j * d + c];
+    std::vector<T> centre(d);
+    for (int64_t c = 0; c < d; ++c) centre[c] = static_cast<T>(mean[c] / static_cast<double>(m > 0 ? m : 1));
+    centre_rows(x_in, n, centre.data(), x.data(), x_norm.data());
+    centre_rows(ref_in, m, centre.data(), ref.data(), ref_norm.data());
+  }
+
+  // out[i * cols + j] = ||r_{r0+j}||^2 - 2 x_{q0+i} . r_{r0+j}; add x_norm[q0+i] for the squared distance.
+  void partial_tile(int64_t q0, int64_t rows, int64_t r0, int64_t cols, T* out) const {
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(out + i * cols, ref_norm.data() + r0, cols * sizeof(T));
+    gemm_abt(rows, cols, d, T(-2), x.data() + q0 * d, ref.data() + r0 * d, T(1), out, cols);
+  }
+
+ private:
+  void centre_rows(const T* in, int64_t rows, const T* centre, T* out, T* norm) const {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < rows; ++i) {
+      double s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t c = 0; c < d; ++c) {
+        const T v = in[i * d + c] - centre[c];
+        out[i * d + c] = v;
+        s += double(v) * double(v);
+      }
+      norm[i] = static_cast<T>(s);
+    }
+  }
+};
+
+}  // namespace hfc
