@@ -28,6 +28,14 @@ cudaStream_t stream_of(std::uintptr_t stream) { return reinterpret_cast<cudaStre
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "hfc-engine CUDA kernels: pointers, sizes and a stream in; results written to caller-owned outputs";
 
+  m.def(
+      "device_count",
+      [] {
+        int count = 0;
+        return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
+      },
+      "Number of CUDA devices the runtime can use (0 without a device or driver).");
+
   py::enum_<DType>(m, "DType").value("float32", DType::kFloat32).value("float64", DType::kFloat64);
 
   py::class_<GmmLayer>(m, "GmmLayer", "One layer of a fused GMM call (device pointers as ints; 0 = none)")

@@ -158,10 +158,10 @@ void launch_gmm(const GmmParams& params, const std::vector<GmmLayer>& layers, cu
     const GmmLayer& layer = layers[l];
     const std::string where = "gmm layer " + std::to_string(l) + ": ";
     require(layer.n >= 0 && layer.d >= 1 && layer.k >= 1, where + "need n >= 0, d >= 1 and k >= 1");
+    if (layer.n == 0) continue;  // empty tensors have null data pointers
     require(layer.x && layer.means && layer.prec_chol && layer.log_norm && layer.value && layer.component,
             where + "null input or output pointer");
     require(layer.grad == nullptr || layer.work != nullptr, where + "a gradient needs the work buffer");
-    if (layer.n == 0) continue;
     entries.push_back({static_cast<const T*>(layer.x), static_cast<const T*>(layer.means),
                        static_cast<const T*>(layer.prec_chol), static_cast<const T*>(layer.log_norm),
                        static_cast<T*>(layer.value), static_cast<T*>(layer.grad), static_cast<T*>(layer.work),

@@ -60,8 +60,8 @@ void launch_kde(const KdeParams& p, cudaStream_t stream) {
   require(p.n >= 0 && p.m >= 1 && p.d >= 1, "kde: need n >= 0, m >= 1 and d >= 1");
   require(std::isfinite(p.bandwidth) && p.bandwidth > 0, "kde: bandwidth must be positive and finite");
   require(p.m <= 0x7fffffff, "kde: at most 2^31 - 1 references");
+  if (p.n == 0) return;  // empty tensors have null data pointers
   require(p.x && p.ref && p.centre && p.out && p.work, "kde: null input or output pointer");
-  if (p.n == 0) return;
   T* norms = static_cast<T*>(p.work);
   const KdeArgs<T> a{static_cast<const T*>(p.x),
                      static_cast<const T*>(p.ref),

@@ -130,8 +130,8 @@ void launch_knn(const KnnParams& p, cudaStream_t stream) {
   const int64_t available = p.exclude_self ? p.m - 1 : p.m;
   require(p.k <= available, "knn: k must be at most " + std::to_string(available) + " (requested " +
                                 std::to_string(p.k) + ")");
+  if (p.n == 0) return;  // empty tensors have null data pointers
   require(p.x && p.ref && p.centre && p.dist && p.index && p.work, "knn: null input or output pointer");
-  if (p.n == 0) return;
   T* norms = static_cast<T*>(p.work);
   const KnnArgs<T> a{static_cast<const T*>(p.x), static_cast<const T*>(p.ref), static_cast<const T*>(p.centre),
                      norms, norms + p.n, static_cast<T*>(p.dist), p.index, p.n, p.m, p.d, p.k, p.exclude_self};

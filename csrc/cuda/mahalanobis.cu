@@ -70,9 +70,9 @@ void launch_mahalanobis(const std::vector<MahalanobisLayer>& layers, cudaStream_
     const MahalanobisLayer& layer = layers[l];
     const std::string where = "mahalanobis layer " + std::to_string(l) + ": ";
     require(layer.n >= 0 && layer.d >= 1 && layer.c >= 1, where + "need n >= 0, d >= 1 and c >= 1");
+    if (layer.n == 0) continue;  // empty tensors have null data pointers
     require(layer.x && layer.centre && layer.factor && layer.proj_means && layer.out,
             where + "null input or output pointer");
-    if (layer.n == 0) continue;
     entries.push_back({static_cast<const T*>(layer.x), static_cast<const T*>(layer.centre),
                        static_cast<const T*>(layer.factor), static_cast<const T*>(layer.proj_means),
                        static_cast<T*>(layer.out), layer.n, layer.d, layer.c, tiles});
