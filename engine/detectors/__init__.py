@@ -1,0 +1,53 @@
+"""Adversarial-example detectors (KD, BU, LID, MAHA, SVM/SafetyNet, DNN, DNR), the HFC protocol and metrics.
+
+Every detector: ``det.fit(source, clean, adversarial, noise=None)``, ``det.score(x) -> (N,)`` (higher = more
+adversarial), ``det.layer_scores(x) -> (N, L)``, ``det.save(dir)`` / ``Detector.load(dir)``. Features come from a
+:class:`FeatureCache` (one forward pass per batch for all layers) and are shared by every detector in a run.
+"""
+
+from engine.detectors.base import Detector, LayerCombiner, NotFittedError
+from engine.detectors.bu import BU
+from engine.detectors.density import KD, LID
+from engine.detectors.dnn import DNN
+from engine.detectors.evaluate import DetectionResult, ProtocolSplit, run_protocol
+from engine.detectors.features import FeatureCache, Features
+from engine.detectors.maha import MAHA
+from engine.detectors.metrics import (
+    auroc,
+    bootstrap_metrics,
+    detection_accuracy,
+    partial_auroc,
+    tnr_at_tpr,
+    tpr_at_tnr,
+)
+from engine.detectors.svm import DNR, SVM, SafetyNet
+
+DETECTORS = {cls.name: cls for cls in (KD, BU, LID, MAHA, SVM, SafetyNet, DNN, DNR)}
+load = Detector.load
+
+__all__ = [
+    "BU",
+    "DETECTORS",
+    "DNN",
+    "DNR",
+    "KD",
+    "LID",
+    "MAHA",
+    "SVM",
+    "DetectionResult",
+    "Detector",
+    "FeatureCache",
+    "Features",
+    "LayerCombiner",
+    "NotFittedError",
+    "ProtocolSplit",
+    "SafetyNet",
+    "auroc",
+    "bootstrap_metrics",
+    "detection_accuracy",
+    "load",
+    "partial_auroc",
+    "run_protocol",
+    "tnr_at_tpr",
+    "tpr_at_tnr",
+]

@@ -1,0 +1,233 @@
+"""The detector interface: ``fit(source, clean, adversarial, noise)`` then ``score(x)`` (higher = more adversarial).
+
+A detector computes one raw score per layer (:meth:`Detector.layer_scores`, shape (N, L)); :meth:`Detector.score`
+combines them into one (N,) score with the combiner fitted on the fit split (by default standardisation + logistic
+regression, the HFC protocol). A fitted detector saves to a directory holding ``config.json`` (class, parameters,
+layers) and ``arrays.npz`` (every fitted array); nothing is pickled, so loading never runs stored code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from torch import nn
+
+from engine.detectors.features import FeatureCache, Features
+
+FORMAT_VERSION = 1
+_REGISTRY: dict[str, type[Detector]] = {}
+
+
+class NotFittedError(RuntimeError):
+    """A detector was used before ``fit`` (or ``load``)."""
+
+
+class LayerCombiner:
+    """Per-layer scores -> one score: standardise each column, then logistic regression (decision function)."""
+
+    def __init__(self) -> None:
+        self.mean = self.scale = self.coef = None
+        self.intercept = 0.0
+
+    def fit(self, scores: np.ndarray, labels: np.ndarray) -> LayerCombiner:
+        from sklearn.linear_model import LogisticRegression
+
+        self.mean = scores.mean(0)
+        self.scale = scores.std(0)
+        self.scale[self.scale == 0] = 1.0
+        lr = LogisticRegression(C=1.0, max_iter=1000, class_weight="balanced")
+        lr.fit((scores - self.mean) / self.scale, labels)
+        self.coef, self.intercept = lr.coef_[0].astype(np.float64), float(lr.intercept_[0])
+        return self
+
+    def __call__(self, scores: np.ndarray) -> np.ndarray:
+        return ((scores - self.mean) / self.scale) @ self.coef + self.intercept
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "scale": self.scale, "coef": self.coef, "intercept": np.array(self.intercept)}
+
+    def set_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self.mean, self.scale, self.coef = arrays["mean"], arrays["scale"], arrays["coef"]
+        self.intercept = float(arrays["intercept"])
+
+
+class Detector:
+    """Base class. Subclasses set ``name``, implement ``_fit`` / ``_layer_scores`` / ``_state`` / ``_set_state``.
+
+    ``combine``: ``"lr"`` (standardise + logistic regression over the layer scores, fitted on the fit split) or
+    ``"mean"`` (plain mean of the layer scores, for scores already on one scale).
+    """
+
+    name: ClassVar[str] = "detector"
+    combine: ClassVar[str] = "lr"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _REGISTRY[cls.__name__] = cls
+
+    def __init__(self, layers: list[str] | str | None = None, reference_compat: bool = False, seed: int = 0) -> None:
+        self.layers = [layers] if isinstance(layers, str) else (list(layers) if layers is not None else None)
+        self.reference_compat = bool(reference_compat)
+        self.seed = int(seed)
+        self.source: FeatureCache | None = None
+        self.layers_: list[str] | None = None  # resolved at fit
+        self.dims_: dict[str, int] = {}
+        self.combiner_ = LayerCombiner()
+
+    # -- public API -------------------------------------------------------------------------------------------
+    def fit(
+        self,
+        source: FeatureCache | nn.Module | None,
+        clean: Any,
+        adversarial: Any,
+        noise: Any = None,
+        train: Any = None,
+    ) -> Detector:
+        """Fit on negatives ``clean`` (+ ``noise``) and positives ``adversarial``.
+
+        ``source`` is the :class:`FeatureCache` (or a model, wrapped in one) that turns images into features, or
+        ``None`` when every set is already :class:`Features`. ``train`` holds labelled clean features for the
+        class-conditional models (KD, MAHA, DNR); it defaults to ``clean`` with its labels (else predictions).
+        """
+        self.source = _as_source(source)
+        clean, adversarial = self._features(clean, "clean"), self._features(adversarial, "adversarial")
+        noise = None if noise is None else self._features(noise, "noise")
+        train = clean if train is None else self._features(train, "train")
+        if len(clean) == 0 or len(adversarial) == 0:
+            raise ValueError(f"fit needs clean and adversarial examples, got {len(clean)} and {len(adversarial)}")
+        self.layers_ = self._resolve_layers(clean)
+        self.dims_ = {name: int(clean.pooled[name].shape[1]) for name in self.layers_ if name in clean.pooled}
+        clean_s, adv_s, noise_s = self._fit(clean, adversarial, noise, train)
+        neg = clean_s if noise_s is None else np.concatenate([clean_s, noise_s])
+        if self.combine == "lr":
+            labels = np.r_[np.zeros(len(neg)), np.ones(len(adv_s))]
+            self.combiner_.fit(np.concatenate([neg, adv_s]), labels)
+        return self
+
+    def layer_scores(self, x: Any) -> np.ndarray:
+        """(N, L) raw per-layer scores (columns in ``self.layers_`` order; see each detector for the sign)."""
+        self._check_fitted()
+        return self._layer_scores(self._features(x, "x"))
+
+    def score(self, x: Any) -> np.ndarray:
+        """(N,) detection score, higher = more likely adversarial."""
+        scores = self.layer_scores(x)
+        return self.combiner_(scores) if self.combine == "lr" else scores.mean(1)
+
+    def attach(self, source: FeatureCache | nn.Module) -> Detector:
+        """Give a loaded detector the model/feature cache it needs to score images."""
+        self.source = _as_source(source)
+        return self
+
+    def get_params(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-serialisable), as in scikit-learn."""
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {p: getattr(self, p) for p in names}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted detector to directory ``path`` (config.json + arrays.npz)."""
+        self._check_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        arrays = {f"state/{k}": np.asarray(v) for k, v in self._state().items()}
+        if self.combine == "lr":
+            arrays.update({f"combiner/{k}": v for k, v in self.combiner_.state().items()})
+        config = {
+            "format": FORMAT_VERSION,
+            "detector": type(self).__name__,
+            "params": self.get_params(),
+            "layers": self.layers_,
+            "dims": self.dims_,
+        }
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+        np.savez(path / "arrays.npz", **arrays)
+        return path
+
+    @staticmethod
+    def load(path: str | Path, source: FeatureCache | nn.Module | None = None) -> Detector:
+        """Load a detector saved with :meth:`save` (any subclass); ``source`` is needed to score images."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a saved detector (no config.json)")
+        config = json.loads((path / "config.json").read_text())
+        if config.get("format") != FORMAT_VERSION or config.get("detector") not in _REGISTRY:
+            raise ValueError(f"{path}: unknown detector {config.get('detector')!r} / format {config.get('format')}")
+        det = _REGISTRY[config["detector"]](**config["params"])
+        det.layers_, det.dims_ = config["layers"], {k: int(v) for k, v in config["dims"].items()}
+        with np.load(path / "arrays.npz", allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        det._set_state({k[6:]: v for k, v in arrays.items() if k.startswith("state/")})
+        if det.combine == "lr":
+            det.combiner_.set_state({k[9:]: v for k, v in arrays.items() if k.startswith("combiner/")})
+        if source is not None:
+            det.attach(source)
+        return det
+
+    # -- helpers for subclasses -------------------------------------------------------------------------------
+    def _default_layers(self, available: list[str]) -> list[str]:
+        return available[-1:]
+
+    def _resolve_layers(self, feats: Features) -> list[str]:
+        available = feats.layer_names
+        if not available:
+            raise ValueError(f"{self.name}: the features hold no layers")
+        layers = self._default_layers(available) if self.layers is None else self.layers
+        for name in layers:
+            feats.layer(name)  # raises naming the available layers
+        return list(layers)
+
+    def _features(self, x: Any, what: str) -> Features:
+        if isinstance(x, Features):
+            return x
+        if self.source is None:
+            raise ValueError(
+                f"{what} is not Features: pass a FeatureCache/model as source (fit) or attach() one to score images"
+            )
+        return self.source.extract(x)
+
+    def _check_fitted(self) -> None:
+        if self.layers_ is None:
+            raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(...) or Detector.load(...) first")
+
+    def _model_source(self) -> FeatureCache:
+        if self.source is None:
+            raise ValueError(f"{self.name} runs the model: fit with a FeatureCache/model or attach() one after load")
+        return self.source
+
+    def _fit(
+        self, clean: Features, adversarial: Features, noise: Features | None, train: Features
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Fit the per-layer models; return fit-split layer scores of (clean, adversarial, noise)."""
+        raise NotImplementedError
+
+    def _fit_scores(
+        self, clean: Features, adversarial: Features, noise: Features | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        score = self._layer_scores
+        return score(clean), score(adversarial), None if noise is None else score(noise)
+
+    def _layer_scores(self, x: Features) -> np.ndarray:
+        raise NotImplementedError
+
+    def _state(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _set_state(self, arrays: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
+
+def class_labels(train: Features) -> np.ndarray:
+    """Labels of the class-conditional training set: true labels when known, else predictions."""
+    return train.labels if train.labels is not None else train.preds
+
+
+def _as_source(source: FeatureCache | nn.Module | None) -> FeatureCache | None:
+    if source is None or isinstance(source, FeatureCache):
+        return source
+    if isinstance(source, nn.Module):
+        return FeatureCache(source)
+    raise TypeError(f"source must be a FeatureCache, a torch.nn.Module or None, got {type(source).__name__}")

@@ -1,0 +1,161 @@
+"""The HFC detection protocol and its tidy result.
+
+Inputs are aligned by row: ``clean[i]`` is test image i, ``noise[i]`` its noise control (same L-inf budget as the
+attack) and ``adversarial[i]`` its adversarial example, ``success[i]`` whether the attack succeeded on it.
+
+1. Pool = correctly classified clean images (prediction == label).
+2. Seeded split of the pool: first ``fit_fraction`` (70%) to fit, the rest to evaluate. An image, its noise
+   control and its AE always fall on the same side.
+3. Fit every detector on negatives = clean + noise of the fit split and positives = its successful AEs (each
+   detector combines its per-layer scores by standardisation + logistic regression fitted here).
+4. Score the evaluation split: negatives = clean + noise; positives = successful AEs, failed AEs and all AEs,
+   reported separately, for the attack the detectors were fitted on and for every ``transfer`` set (e.g. HFC AEs
+   of the same images, scored by detectors fitted on plain AEs).
+Metrics (see ``engine.detectors.metrics``) with stratified bootstrap 95% CIs; per-sample scores are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engine.detectors.base import Detector
+from engine.detectors.features import FeatureCache, Features
+from engine.detectors.metrics import bootstrap_metrics
+
+SUBSETS = ("successful", "failed", "all")
+
+
+@dataclass
+class ProtocolSplit:
+    """Row indices (into the aligned inputs) of the correctly classified pool and its fit / evaluation parts."""
+
+    pool: np.ndarray
+    fit: np.ndarray
+    eval: np.ndarray
+
+    @classmethod
+    def make(cls, correct: np.ndarray, fit_fraction: float = 0.7, seed: int = 0) -> ProtocolSplit:
+        if not 0 < fit_fraction < 1:
+            raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
+        pool = np.flatnonzero(np.asarray(correct, dtype=bool))
+        shuffled = pool[np.random.default_rng(seed).permutation(len(pool))]
+        n_fit = int(round(fit_fraction * len(pool)))
+        return cls(pool=pool, fit=np.sort(shuffled[:n_fit]), eval=np.sort(shuffled[n_fit:]))
+
+
+@dataclass
+class DetectionResult:
+    """Metric rows plus per-sample scores: ``scores[detector][key]`` with keys ``"negatives"`` (clean then noise of
+    the evaluation split) and ``"<attack>/<subset>"``; ``index[key]`` gives the input rows behind each array."""
+
+    rows: list[dict[str, Any]]
+    scores: dict[str, dict[str, np.ndarray]]
+    index: dict[str, np.ndarray]
+    split: ProtocolSplit
+    attack_success_rate: dict[str, float] = field(default_factory=dict)
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One dict per (detector, attack, subset, metric): value, ci_low, ci_high, n_neg, n_pos."""
+        return [dict(r) for r in self.rows]
+
+    def value(self, detector: str, metric: str = "auroc", attack: str = "attack", subset: str = "successful") -> float:
+        for r in self.rows:
+            if (r["detector"], r["metric"], r["attack"], r["subset"]) == (detector, metric, attack, subset):
+                return r["value"]
+        raise KeyError(f"no row for detector={detector!r}, metric={metric!r}, attack={attack!r}, subset={subset!r}")
+
+
+def run_protocol(
+    detectors: Sequence[Detector],
+    clean: Features,
+    adversarial: Features,
+    success: np.ndarray,
+    noise: Features | None = None,
+    labels: np.ndarray | None = None,
+    source: FeatureCache | None = None,
+    transfer: Mapping[str, tuple[Features, np.ndarray]] | None = None,
+    train: Features | None = None,
+    attack_name: str = "attack",
+    fit_fraction: float = 0.7,
+    seed: int = 0,
+    n_boot: int = 1000,
+) -> DetectionResult:
+    """Fit each detector on the fit split and evaluate it on the evaluation split (see the module docstring).
+
+    ``labels`` default to ``clean.labels``. ``train`` (labelled clean features, e.g. of the training set) feeds the
+    class-conditional detectors; by default they use the clean fit split. ``source`` is the FeatureCache the
+    detectors need to run the model (BU, MAHA preprocessing).
+    """
+    labels = clean.labels if labels is None else np.asarray(labels)
+    if labels is None:
+        raise ValueError("labels are needed to find the correctly classified pool: pass labels= or Features.labels")
+    sets = {attack_name: (adversarial, np.asarray(success, dtype=bool))}
+    sets.update({name: (f, np.asarray(s, dtype=bool)) for name, (f, s) in (transfer or {}).items()})
+    for name, (feats, succ) in sets.items():
+        if len(feats) != len(clean) or len(succ) != len(clean):
+            raise ValueError(
+                f"{name}: adversarial set and success must align with clean ({len(clean)} rows), "
+                f"got {len(feats)} and {len(succ)}"
+            )
+    if noise is not None and len(noise) != len(clean):
+        raise ValueError(f"noise must align with clean ({len(clean)} rows), got {len(noise)}")
+    split = ProtocolSplit.make(clean.preds == labels, fit_fraction, seed)
+    if len(split.fit) == 0 or len(split.eval) == 0:
+        raise ValueError(f"the correctly classified pool ({len(split.pool)} images) is too small to split")
+    success = sets[attack_name][1]
+    fit_pos = split.fit[success[split.fit]]
+    if len(fit_pos) == 0:
+        raise ValueError("no successful adversarial examples in the fit split")
+
+    index = {"negatives": np.r_[split.eval, split.eval] if noise is not None else split.eval}
+    for name, (_, succ) in sets.items():
+        for subset, mask in zip(SUBSETS, (succ, ~succ, np.ones_like(succ)), strict=True):
+            index[f"{name}/{subset}"] = split.eval[mask[split.eval]]
+    fit_clean = clean.subset(split.fit)
+    fit_clean.labels = labels[split.fit]
+    eval_neg = clean.subset(split.eval)
+    if noise is not None:
+        eval_neg = Features.concat([eval_neg, noise.subset(split.eval)])
+
+    rows, scores = [], {}
+    for det in detectors:
+        label = det.name if det.name not in scores else f"{det.name}#{len(scores)}"
+        det.fit(
+            source,
+            fit_clean,
+            adversarial.subset(fit_pos),
+            None if noise is None else noise.subset(split.fit),
+            train=train,
+        )
+        per = {"negatives": det.score(eval_neg)}
+        for name, (feats, _) in sets.items():
+            all_scores = det.score(feats.subset(split.eval))
+            for subset in SUBSETS:
+                keep = np.isin(split.eval, index[f"{name}/{subset}"])
+                per[f"{name}/{subset}"] = all_scores[keep]
+        scores[label] = per
+        for key, pos in per.items():
+            if key == "negatives":
+                continue
+            name, subset = key.split("/")
+            rows += _metric_rows(label, name, subset, per["negatives"], pos, n_boot, seed)
+    asr = {
+        name: float(succ[split.pool].mean()) if len(split.pool) else float("nan") for name, (_, succ) in sets.items()
+    }
+    return DetectionResult(rows=rows, scores=scores, index=index, split=split, attack_success_rate=asr)
+
+
+def _metric_rows(
+    detector: str, attack: str, subset: str, neg: np.ndarray, pos: np.ndarray, n_boot: int, seed: int
+) -> list[dict[str, Any]]:
+    base = {"detector": detector, "attack": attack, "subset": subset, "n_neg": len(neg), "n_pos": len(pos)}
+    if len(pos) == 0:
+        return []
+    values = bootstrap_metrics(neg, pos, n_boot=n_boot, seed=seed)
+    return [
+        {**base, "metric": metric, "value": v, "ci_low": lo, "ci_high": hi} for metric, (v, lo, hi) in values.items()
+    ]
