@@ -1,0 +1,46 @@
+"""Models: ResNet-18/50 and VGG-16 with torchvision-compatible names, feature hooks, loading, training, metrics.
+
+See docs/models.md for the layer naming scheme and the checkpoint format.
+"""
+
+from engine.models.augment import Augment
+from engine.models.checkpoint import load_checkpoint, load_model, save_checkpoint
+from engine.models.classifier import (
+    ImageClassifier,
+    Normalize,
+    available_models,
+    backbone,
+    build_model,
+    load_torchvision_state_dict,
+    mc_dropout,
+    set_mc_dropout,
+)
+from engine.models.evaluate import channel_stats, evaluate, iterate_batches, predict_logits
+from engine.models.features import FeatureExtractor, available_layers, pool_feature, resolve_layers
+from engine.models.train import TrainResult, train, train_model
+
+__all__ = [
+    "Augment",
+    "FeatureExtractor",
+    "ImageClassifier",
+    "Normalize",
+    "TrainResult",
+    "available_layers",
+    "available_models",
+    "backbone",
+    "build_model",
+    "channel_stats",
+    "evaluate",
+    "iterate_batches",
+    "load_checkpoint",
+    "load_model",
+    "load_torchvision_state_dict",
+    "mc_dropout",
+    "pool_feature",
+    "predict_logits",
+    "resolve_layers",
+    "save_checkpoint",
+    "set_mc_dropout",
+    "train",
+    "train_model",
+]

@@ -1,0 +1,138 @@
+"""Checkpoints (weights + metadata, written atomically) and :func:`load_model` for every model source.
+
+A checkpoint is a ``torch.save`` dict loadable with ``weights_only=True``::
+
+    {"format": "hfc-engine.checkpoint", "format_version": 1,
+     "config": {...},        # build_model(**config) rebuilds the architecture (name, num_classes, options, mean/std)
+     "state_dict": {...},    # ImageClassifier.state_dict(): normalize.mean/std + net.<torchvision keys>
+     "meta": {...},          # input_size, classes, dataset, split_hash, metrics, history, versions, created
+     "train_state": {...}}   # optional: optimizer/scheduler/early-stopping state to resume training
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.models.classifier import ImageClassifier, build_model, load_torchvision_state_dict
+
+FORMAT = "hfc-engine.checkpoint"
+FORMAT_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that produced a result."""
+    import engine
+
+    return {
+        "engine": str(engine.__version__),
+        "torch": str(torch.__version__),
+        "numpy": str(np.__version__),
+        "python": platform.python_version(),
+    }
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same directory, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: ImageClassifier,
+    meta: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (an :class:`ImageClassifier` from build_model) with ``meta`` to ``path`` atomically."""
+    if not isinstance(model, ImageClassifier):
+        raise TypeError(f"model must be an ImageClassifier from build_model, got {type(model).__name__}")
+    meta = {"versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {})}
+    meta.setdefault("normalization", {"mean": model.config["mean"], "std": model.config["std"]})
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    obj = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config, "state_dict": state}
+    obj["meta"] = meta
+    if train_state is not None:
+        obj["train_state"] = train_state
+    return atomic_save(obj, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (raises ValueError for any other file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint path {str(path)!r} is not a file")
+    obj = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not an hfc-engine checkpoint")
+    if obj.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{str(path)!r} has format_version {obj['format_version']}; this engine reads <= 1")
+    return obj
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> ImageClassifier:
+    """Rebuild the model of a loaded checkpoint dict and load its weights (strict)."""
+    model = build_model(**ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    model.meta = ckpt.get("meta", {})
+    return model
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in zf.namelist())
+
+
+def load_model(
+    source: str | os.PathLike | nn.Module,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    map_location: str | torch.device = "cpu",
+    **options: Any,
+) -> nn.Module:
+    """A model in eval mode from an ``nn.Module``, a TorchScript file, an hfc-engine checkpoint, or a state_dict.
+
+    A plain state_dict file (e.g. saved from torchvision) needs ``arch`` and ``num_classes`` (plus any
+    build_model ``options``); its keys may be torchvision's or the ImageClassifier's (``net.``-prefixed).
+    Checkpoints produced here carry their metadata as ``model.meta``.
+    """
+    if isinstance(source, nn.Module):
+        return source.eval()
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source must be an nn.Module or a file path, got {type(source).__name__}")
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"model path {str(path)!r} is not a file")
+    if _is_torchscript(path):
+        return torch.jit.load(str(path), map_location=map_location).eval()
+    obj = torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return model_from_checkpoint(load_checkpoint(path, map_location)).eval()
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if arch is None or num_classes is None:
+            raise ValueError(f"{str(path)!r} is a bare state_dict: pass arch= and num_classes= to rebuild the model")
+        model = build_model(arch, num_classes, **options)
+        if any(k.startswith("net.") for k in obj):
+            model.load_state_dict(obj, strict=True)
+        else:
+            load_torchvision_state_dict(model, obj)
+        return model.eval()
+    raise ValueError(f"{str(path)!r} is neither a TorchScript file, an hfc-engine checkpoint nor a state_dict")

@@ -1,0 +1,144 @@
+"""Logits plus hierarchical features of chosen layers in one forward pass (forward hooks, gradients kept).
+
+Layer names are module names relative to the backbone (``model.net`` of an ImageClassifier, else the model):
+``relu``, ``layer1.0.relu1``, ``layer1.0`` (block output), ``features.3``, ... :func:`available_layers` lists
+every activation module (ReLU family) and every residual block; any other exact module name may be hooked too.
+Patterns use shell globs (``fnmatch``, ``*`` also matches dots) against :func:`available_layers`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.models.classifier import backbone
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.PReLU)
+
+
+def _is_block(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return name.endswith("Block") or name.endswith("Bottleneck")
+
+
+def _check_hookable(model: nn.Module) -> None:
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("model is a TorchScript module, whose layers cannot be hooked; pass the nn.Module instead")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+LAYER_KINDS = ("all", "activations", "blocks")
+
+
+def available_layers(model: nn.Module, kind: str = "all") -> list[str]:
+    """Activation outputs and/or residual-block outputs of ``model`` (``kind``), in registration (forward) order."""
+    _check_hookable(model)
+    if kind not in LAYER_KINDS:
+        raise ValueError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
+    acts, blocks = kind in ("all", "activations"), kind in ("all", "blocks")
+    return [
+        name
+        for name, module in backbone(model).named_modules()
+        if name and ((acts and isinstance(module, _ACTIVATIONS)) or (blocks and _is_block(module)))
+    ]
+
+
+def resolve_layers(model: nn.Module, layers: str | Iterable[str] | None = None) -> list[str]:
+    """Expand exact names and glob patterns to a duplicate-free list of layer names in forward order.
+
+    ``None`` means every activation output (``available_layers(model, "activations")``).
+    """
+    _check_hookable(model)
+    if layers is None:
+        return available_layers(model, "activations")
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"layers must be a non-empty name/pattern or list of them, got {layers!r}")
+    modules = dict(backbone(model).named_modules())
+    listed = available_layers(model)
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if pattern in modules and pattern:
+            chosen.add(pattern)
+            continue
+        matches = fnmatch.filter(listed, pattern)
+        if not matches:
+            raise ValueError(f"layer {pattern!r} matches no module or available layer; available: {listed}")
+        chosen.update(matches)
+    order = {name: i for i, name in enumerate(modules)}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def pool_feature(feature: torch.Tensor) -> torch.Tensor:
+    """Global average pool over every axis after the channel axis: (N,C,H,W) -> (N,C); (N,C) is returned as is."""
+    return feature.flatten(2).mean(dim=2) if feature.dim() > 2 else feature
+
+
+class FeatureExtractor(nn.Module):
+    """``forward(x) -> (logits, {layer: feature})`` in one pass of ``model``.
+
+    ``layers``: exact module names and/or glob patterns (see :func:`resolve_layers`); default: every activation.
+
+    ``pooled=True`` returns GAP features (N,C), ``False`` the raw maps (N,C,H,W); ``forward(x, pooled=...)``
+    overrides it per call. Features are not detached, so attacks can differentiate through them. The hooks only
+    record while this extractor's forward runs; calling ``model`` directly is unaffected. ``remove()`` detaches
+    the hooks for good. A hooked module that runs twice in one pass (a reused module) raises RuntimeError.
+    """
+
+    def __init__(self, model: nn.Module, layers: str | Sequence[str] | None = None, pooled: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = resolve_layers(model, layers)
+        self.pooled = pooled
+        self._store: dict[str, torch.Tensor] | None = None
+        modules = dict(backbone(model).named_modules())
+        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.layers]
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            if self._store is None:
+                return
+            if name in self._store:
+                raise RuntimeError(
+                    f"layer {name!r} ran twice in one forward pass (a reused module); hook distinct modules instead"
+                )
+            self._store[name] = output
+
+        return hook
+
+    def forward(self, x: torch.Tensor, pooled: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        pooled = self.pooled if pooled is None else pooled
+        self._store = {}
+        try:
+            logits = self.model(x)
+            store = self._store
+        finally:
+            self._store = None
+        missing = [name for name in self.layers if name not in store]
+        if missing:
+            raise RuntimeError(f"layers {missing} did not run in the forward pass")
+        return logits, {name: pool_feature(store[name]) if pooled else store[name] for name in self.layers}
+
+    def remove(self) -> None:
+        """Remove the hooks from ``model``."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def feature_dims(self, input_shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
+        """Per-layer feature shape (without batch) for inputs of shape ``input_shape`` = (C, H, W)."""
+        param = next(self.model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                _, feats = self(torch.zeros(1, *input_shape, device=device))
+        finally:
+            self.model.train(was_training)
+        return {name: tuple(f.shape[1:]) for name, f in feats.items()}
