@@ -249,8 +249,11 @@ def test_bu_separates_shifted_inputs_and_compat(cache: FeatureCache) -> None:
     compat = BU(passes=20, reference_compat=True).fit(cache, clean, adv)
     np.testing.assert_allclose(compat.layer_scores(test_adv)[:, 0], logits[:, :, 0].std(0, unbiased=False), rtol=1e-5)
     assert not cache.model.dropout.training  # MC-dropout switched off again
-    # the T passes share the backbone: one full pass equals the model with the same dropout masks
-    torch.manual_seed(0)
+    # the T passes share the backbone: with p = 0 every pass must reproduce the plain forward, row for row
+    model = Tiny().eval()
+    model.dropout.p = 0.0
+    x = images(5, 0.5, 9)
+    np.testing.assert_allclose(mc_dropout_logits(model, x, 3, 0), model(x).detach()[None].expand(3, 5, 2), rtol=1e-6)
     with pytest.raises(ValueError, match="dropout"):
         BU().fit(FeatureCache(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)), layers=["0"]), clean, adv)
 
