@@ -23,9 +23,9 @@ enum class GmmMode { kLogLik, kNearest };
 
 // Rows per work item: tiles are at most this long, and shrink (down to kGmmMinRowTile) until there are at least
 // kGmmItemsPerThread work items per thread. Override per call with GmmParams::row_tile.
-constexpr int64_t kGmmMaxRowTile = 256;
+constexpr int64_t kGmmMaxRowTile = 512;
 constexpr int64_t kGmmMinRowTile = 16;
-constexpr int64_t kGmmItemsPerThread = 4;
+constexpr int64_t kGmmItemsPerThread = 2;
 
 // One layer entry: inputs (read-only) and outputs (written by gmm_forward).
 template <typename T>
