@@ -1,0 +1,344 @@
+"""Universal adversarial perturbations (SPEC.md section 4): one v (C,H,W) for a whole data distribution.
+
+* :func:`deepfool_uap` -- Moosavi-Dezfooli et al. 2017: passes over the data; samples whose prediction at x+v
+  still equals the clean one get a DeepFool step from x+v (batched, :func:`engine.attacks.deepfool.deepfool`);
+  the converged steps of a batch are summed into v, which is projected to the eps-ball; stop once the fooling
+  rate on the fitting data reaches 1 - delta, or after ``max_passes``.
+* :func:`sgd_uap` -- Shafahi et al. 2020: minibatch projected sign-gradient ascent on v of the clipped
+  cross-entropy min(CE, beta) (targeted: descent on the CE toward ``target``).
+* :func:`targeted_uap` -- Hirano & Takemoto 2020: the DeepFool-UAP loop with a targeted inner step (batched
+  targeted BIM from x+v); only steps that reach the target are added.
+* :func:`data_free_uap` -- Fast Feature Fool / GD-UAP (Mopuri et al.): maximise sum_l log ||f_l(base + v)||_2 over
+  v alone (raw feature maps of the chosen layers, Adam, projection), no images; ``base`` is a uniform grey image,
+  the [0,1] analogue of feeding v to a mean-subtracted network.
+
+Images x + v are clamped to [0,1] whenever they are evaluated. Metrics (:func:`evaluate_uap`) on a held-out set:
+fooling rate = share of predictions that differ from the clean predictions; targeted success = share predicted
+as the target; accuracy, quadratic-weighted Cohen's kappa (sklearn) and the confusion matrix (rows true labels,
+columns predictions under attack), clean and attacked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from engine.attacks._data import check_batch_size, load_all
+from engine.attacks.base import (
+    as_two_logits,
+    check_images,
+    check_norm,
+    eval_mode,
+    model_device,
+    model_dtype,
+    parse_eps,
+    project_l2,
+)
+from engine.attacks.deepfool import deepfool
+from engine.attacks.gradient import BIM
+
+
+@dataclass
+class UAPResult:
+    """A universal perturbation and its held-out metrics (see :func:`evaluate_uap`)."""
+
+    perturbation: torch.Tensor
+    method: str
+    eps: float
+    norm: str
+    fooling_rate: float
+    targeted_success_rate: float | None
+    kappa: float
+    clean_kappa: float
+    accuracy: float
+    clean_accuracy: float
+    confusion: np.ndarray
+    target: int | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def project_universal(v: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Project one perturbation (C,H,W) to the L-inf or L2 eps-ball (L-inf exactly: the bound is rounded down)."""
+    if norm == "l2":
+        return project_l2(v[None], eps)[0]
+    bound = torch.tensor(eps, dtype=torch.float64).to(v.dtype)
+    if float(bound) > eps:
+        bound = torch.nextafter(bound, torch.zeros_like(bound))
+    return v.clamp(-float(bound), float(bound))
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, x: torch.Tensor, v: torch.Tensor | None = None, batch_size: int = 256):
+    """Predicted classes (N,) of clamp(x + v, 0, 1) (x on any device; v on the model's device)."""
+    device, dtype = model_device(model), model_dtype(model)
+    out = []
+    with eval_mode(model):
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start : start + batch_size].to(device=device, dtype=dtype)
+            out.append(as_two_logits(model(xb if v is None else (xb + v).clamp(0, 1))).argmax(1))
+    return torch.cat(out)
+
+
+def evaluate_uap(
+    model: torch.nn.Module, perturbation: torch.Tensor, data: Any, target: int | None = None, batch_size: int = 256
+) -> dict[str, Any]:
+    """Fooling rate, targeted success, accuracy, quadratic kappa and confusion matrix of v on ``data``."""
+    from sklearn.metrics import cohen_kappa_score, confusion_matrix
+
+    x, y = load_all(data, "heldout")
+    v = perturbation.to(device=model_device(model), dtype=model_dtype(model))
+    clean = predict(model, x, None, batch_size).cpu().numpy()
+    adv = predict(model, x, v, batch_size).cpu().numpy()
+    y = y.numpy()
+    num_classes = int(max(y.max(), clean.max(), adv.max())) + 1
+    kappa = cohen_kappa_score(y, adv, weights="quadratic", labels=np.arange(num_classes))
+    clean_kappa = cohen_kappa_score(y, clean, weights="quadratic", labels=np.arange(num_classes))
+    return {
+        "fooling_rate": float((adv != clean).mean()),
+        "targeted_success_rate": None if target is None else float((adv == target).mean()),
+        "kappa": float(kappa),
+        "clean_kappa": float(clean_kappa),
+        "accuracy": float((adv == y).mean()),
+        "clean_accuracy": float((clean == y).mean()),
+        "confusion": confusion_matrix(y, adv, labels=np.arange(num_classes)),
+    }
+
+
+def _setup(model, data, eps, norm, name="data"):
+    eps = parse_eps(eps)
+    check_norm(norm)
+    x, y = load_all(data, name)
+    check_images(x, name)
+    return eps, x, y, model_device(model), model_dtype(model)
+
+
+def _finish(model, v, method, eps, norm, heldout, target, history, start) -> UAPResult:
+    v = v.detach()
+    metrics = evaluate_uap(model, v, heldout, target)
+    return UAPResult(
+        perturbation=v.cpu(),
+        method=method,
+        eps=eps,
+        norm=norm,
+        target=target,
+        history=history,
+        seconds=time.perf_counter() - start,
+        **metrics,
+    )
+
+
+def _universal_loop(
+    model, x, eps, norm, needs_step: Callable, inner: Callable, delta, max_passes, batch_size, seed, progress, desc
+):
+    """The classic UAP loop, batched: ``needs_step(pred_adv, idx) -> mask``; ``inner(x_adv, idx) -> (dr, ok)``."""
+    v = torch.zeros(x.shape[1:], device=model_device(model), dtype=model_dtype(model))
+    gen = torch.Generator().manual_seed(seed)
+    with eval_mode(model):
+        return _passes(model, x, v, eps, norm, needs_step, inner, delta, max_passes, batch_size, gen, progress, desc)
+
+
+def _passes(model, x, v, eps, norm, needs_step, inner, delta, max_passes, batch_size, gen, progress, desc):
+    device, dtype = v.device, v.dtype
+    history = []
+    start = time.perf_counter()
+    for p in tqdm(range(max_passes), desc=desc, disable=not progress):
+        for idx in torch.randperm(x.shape[0], generator=gen).split(batch_size):
+            xb = x[idx].to(device=device, dtype=dtype)
+            with torch.no_grad():
+                adv_pred = as_two_logits(model((xb + v).clamp(0, 1))).argmax(1)
+            mask = needs_step(adv_pred, idx.to(device))
+            if not bool(mask.any()):
+                continue
+            dr, ok = inner((xb[mask] + v).clamp(0, 1), idx.to(device)[mask])
+            if bool(ok.any()):
+                v = project_universal(v + dr[ok].sum(0), eps, norm)
+        rate = _fit_rate(model, x, v, needs_step)
+        history.append({"pass": p + 1, "fit_rate": rate, "seconds": time.perf_counter() - start})
+        if rate >= 1 - delta:
+            break
+    return v, history
+
+
+def _fit_rate(model, x, v, needs_step) -> float:
+    """Share of the fitting data for which no further step is needed (fooled, or at the target)."""
+    pred = predict(model, x, v)
+    return float((~needs_step(pred, torch.arange(x.shape[0], device=pred.device))).float().mean())
+
+
+def deepfool_uap(
+    model: torch.nn.Module,
+    data: Any,
+    eps: float | str = "10/255",
+    norm: str = "linf",
+    heldout: Any = None,
+    delta: float = 0.2,
+    max_passes: int = 10,
+    batch_size: int = 32,
+    overshoot: float = 0.02,
+    max_iter: int = 50,
+    seed: int = 0,
+    progress: bool = False,
+) -> UAPResult:
+    """DeepFool-UAP on ``data`` (Dataset or (images, labels)); metrics on ``heldout`` (default: ``data``)."""
+    start = time.perf_counter()
+    eps, x, _, device, _ = _setup(model, data, eps, norm)
+    check_batch_size(batch_size)
+    clean = predict(model, x)
+
+    def needs_step(pred, idx):
+        return pred == clean[idx]
+
+    def inner(x_adv, idx):
+        r, converged, _ = deepfool(model, x_adv, max_iter=max_iter, overshoot=overshoot)
+        return r, converged
+
+    v, history = _universal_loop(
+        model, x, eps, norm, needs_step, inner, delta, max_passes, batch_size, seed, progress, "DeepFool-UAP"
+    )
+    return _finish(model, v, "deepfool_uap", eps, norm, data if heldout is None else heldout, None, history, start)
+
+
+def targeted_uap(
+    model: torch.nn.Module,
+    data: Any,
+    target: int,
+    eps: float | str = "10/255",
+    norm: str = "linf",
+    heldout: Any = None,
+    delta: float = 0.2,
+    max_passes: int = 10,
+    batch_size: int = 32,
+    inner_steps: int = 5,
+    inner_eps: float | str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> UAPResult:
+    """Targeted UAP toward class ``target``: inner step = targeted BIM from x+v with budget ``inner_eps``
+    (default eps); only inner steps that reach the target are added to v."""
+    start = time.perf_counter()
+    eps, x, _, device, _ = _setup(model, data, eps, norm)
+    target = _check_target(model, x, target)
+    inner_attack = BIM(model, eps=eps if inner_eps is None else inner_eps, steps=inner_steps, norm=norm, targeted=True)
+
+    def needs_step(pred, idx):
+        return pred != target
+
+    def inner(x_adv, idx):
+        res = inner_attack(x_adv, torch.full((x_adv.shape[0],), target, device=x_adv.device))
+        return res.adv - x_adv, res.success
+
+    v, history = _universal_loop(
+        model, x, eps, norm, needs_step, inner, delta, max_passes, batch_size, seed, progress, "targeted UAP"
+    )
+    return _finish(model, v, "targeted_uap", eps, norm, data if heldout is None else heldout, target, history, start)
+
+
+def sgd_uap(
+    model: torch.nn.Module,
+    data: Any,
+    eps: float | str = "10/255",
+    norm: str = "linf",
+    heldout: Any = None,
+    target: int | None = None,
+    epochs: int = 5,
+    step_size: float | str | None = None,
+    batch_size: int = 32,
+    beta: float = 10.0,
+    seed: int = 0,
+    progress: bool = False,
+) -> UAPResult:
+    """SGD-UAP: per minibatch v <- proj(v + step * sign(grad_v sum min(CE(x+v, y), beta))) (L2: unit gradient);
+    targeted: v <- proj(v - step * ...) on CE toward ``target``. ``step_size`` defaults to eps / 10."""
+    start = time.perf_counter()
+    eps, x, y, device, dtype = _setup(model, data, eps, norm)
+    check_batch_size(batch_size)
+    target = None if target is None else _check_target(model, x, target)
+    step = eps / 10 if step_size is None else parse_eps(step_size, "step_size")
+    v = torch.zeros(x.shape[1:], device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    with eval_mode(model):
+        for epoch in tqdm(range(epochs), desc="SGD-UAP", disable=not progress):
+            for idx in torch.randperm(x.shape[0], generator=gen).split(batch_size):
+                xb, yb = x[idx].to(device=device, dtype=dtype), y[idx].to(device)
+                v_var = v.detach().requires_grad_(True)
+                logits = as_two_logits(model((xb + v_var).clamp(0, 1)))
+                if target is None:
+                    objective = -F.cross_entropy(logits, yb, reduction="none").clamp(max=beta).sum()
+                else:
+                    objective = F.cross_entropy(logits, torch.full_like(yb, target), reduction="sum")
+                (grad,) = torch.autograd.grad(objective, v_var)
+                direction = grad.sign() if norm == "linf" else grad / grad.norm().clamp_min(1e-12)
+                v = project_universal(v - step * direction, eps, norm)
+            history.append({"epoch": epoch + 1, "seconds": time.perf_counter() - start})
+    return _finish(model, v, "sgd_uap", eps, norm, data if heldout is None else heldout, target, history, start)
+
+
+def data_free_uap(
+    model: torch.nn.Module,
+    input_shape: Sequence[int],
+    eps: float | str = "10/255",
+    norm: str = "linf",
+    heldout: Any = None,
+    layers: str | Sequence[str] = "*relu*",
+    steps: int = 200,
+    lr: float | None = None,
+    base: float = 0.5,
+    seed: int = 0,
+    progress: bool = False,
+) -> UAPResult:
+    """Fast Feature Fool / GD-UAP (data-free): maximise sum_l log ||f_l(base + v)||_2 over v (Adam with learning
+    rate ``lr``, default eps / 10, projected after every step) from a uniform random start. ``heldout`` (required)
+    only scores the result."""
+    from engine.models import FeatureExtractor
+
+    if heldout is None:
+        raise ValueError("heldout data is required to measure the fooling rate of a data-free UAP")
+    start = time.perf_counter()
+    eps = parse_eps(eps)
+    check_norm(norm)
+    if not 0.0 <= base <= 1.0:
+        raise ValueError(f"base must be a grey level in [0,1], got {base!r}")
+    device, dtype = model_device(model), model_dtype(model)
+    gen = torch.Generator().manual_seed(seed)
+    init = (torch.rand(tuple(input_shape), generator=gen, dtype=dtype) * 2 - 1) * eps
+    v = project_universal(init.to(device), eps, norm).requires_grad_(True)
+    opt = torch.optim.Adam([v], lr=eps / 10 if lr is None else lr)
+    extractor = FeatureExtractor(model, layers, pooled=False)
+    history = []
+    try:
+        with eval_mode(model):
+            for step in tqdm(range(steps), desc="data-free UAP", disable=not progress):
+                _, feats = extractor((base + v).clamp(0, 1)[None])
+                objective = sum(torch.log(f.flatten().norm() + 1e-12) for f in feats.values())
+                (v.grad,) = torch.autograd.grad(-objective, v)
+                opt.step()
+                with torch.no_grad():
+                    v.copy_(project_universal(v, eps, norm))
+                if step % 20 == 0 or step == steps - 1:
+                    elapsed = time.perf_counter() - start
+                    history.append({"step": step + 1, "objective": float(objective.detach()), "seconds": elapsed})
+    finally:
+        extractor.remove()
+    return _finish(model, v, "data_free_uap", eps, norm, heldout, None, history, start)
+
+
+def _check_target(model, x, target) -> int:
+    with torch.no_grad(), eval_mode(model):
+        num_classes = as_two_logits(model(x[:1].to(model_device(model), model_dtype(model)))).shape[1]
+    if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or not 0 <= target < num_classes:
+        raise ValueError(f"target must be a class index in [0, {num_classes}), got {target!r}")
+    return int(target)
+
+
+UAP_METHODS = {"deepfool": deepfool_uap, "sgd": sgd_uap, "targeted": targeted_uap, "data_free": data_free_uap}
+
+__all__ = ["UAPResult", "deepfool_uap", "sgd_uap", "targeted_uap", "data_free_uap", "evaluate_uap", "UAP_METHODS"]
