@@ -1,0 +1,100 @@
+"""Datasets: loaders for real on-disk layouts, in-memory arrays, the embedded synthetic sets, and splits.
+
+Every dataset is a ``torch.utils.data.Dataset`` of ``(image float32 (C, H, W) in [0, 1], label int)`` with
+``.classes``, ``.targets`` (int64 numpy), ``.name``, ``.paths`` and ``.fingerprint``; plain ``DataLoader`` works.
+
+>>> ds = load_dataset("fundus-synth", task="binary", n=3000, image_size=64)
+>>> train, val, test = split_dataset(ds, val=0.15, test=0.15, seed=0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine.data.base import ArrayDataset, FileDataset, ImageDataset, SubsetDataset
+from engine.data.loaders import aptos, arrays, chest_xray, detect_kind, dicom, image_folder, medmnist
+from engine.data.splits import Splits, split_dataset
+from engine.data.synthetic import SPECS as SYNTHETIC
+from engine.data.synthetic import synthetic
+
+LOADERS: dict[str, Callable[..., ImageDataset]] = {
+    "image_folder": image_folder,
+    "chest_xray": chest_xray,
+    "aptos": aptos,
+    "medmnist": medmnist,
+    "dicom": dicom,
+    "arrays": arrays,
+}
+
+__all__ = [
+    "LOADERS",
+    "SYNTHETIC",
+    "ArrayDataset",
+    "FileDataset",
+    "ImageDataset",
+    "Splits",
+    "SubsetDataset",
+    "aptos",
+    "arrays",
+    "chest_xray",
+    "dicom",
+    "image_folder",
+    "load_dataset",
+    "medmnist",
+    "split_dataset",
+    "synthetic",
+]
+
+
+def _kind(name: str) -> str:
+    return name.strip().lower().replace("-", "_").replace("imagefolder", "image_folder")
+
+
+def load_dataset(spec: str | dict[str, Any] | Path, **kwargs: Any) -> ImageDataset:
+    """Resolve ``spec`` to a dataset. Accepted forms:
+
+    - a synthetic name, optionally with its task: ``"fundus-synth"``, ``"fundus-synth:binary"``, ``"cxr-synth"``,
+      ``"natural"`` (keyword options: n, image_size (generation size, default 64), seed, task, channels);
+    - ``"<kind>:<path>"`` with kind in image_folder, chest_xray, aptos, medmnist, dicom;
+    - an existing path (the kind is detected: .npz, DICOM, APTOS csv, Kaggle chest-xray folders, else ImageFolder);
+    - a dict ``{"name" or "kind": ..., "path" or "root": ..., **options}`` (``{"kind": "arrays", "images": ...,
+      "labels": ...}`` for in-memory data).
+    ``kwargs`` (e.g. ``image_size``, ``channels``, ``task``, ``split``) are passed to the loader."""
+    if isinstance(spec, dict):
+        opts = dict(spec)
+        name = opts.pop("name", None) or opts.pop("kind", None)
+        if name is None:
+            raise ValueError(f"spec: a dict spec needs a 'name' or 'kind' key, got keys {sorted(spec)}")
+        path = opts.pop("path", None) or opts.pop("root", None)
+        return _resolve(str(name), None if path is None else str(path), {**opts, **kwargs})
+    if isinstance(spec, Path):
+        return _resolve(detect_kind(spec), str(spec), kwargs)
+    if not isinstance(spec, str):
+        raise TypeError(f"spec: expected a str, Path or dict, got {type(spec).__name__}")
+    head, sep, tail = spec.partition(":")
+    if spec in SYNTHETIC or (sep and head in SYNTHETIC):
+        return _resolve(head, None, {**({"task": tail} if tail else {}), **kwargs})
+    if sep and _kind(head) in LOADERS:
+        return _resolve(head, tail, kwargs)
+    if Path(spec).expanduser().exists():
+        return _resolve(detect_kind(spec), spec, kwargs)
+    raise ValueError(
+        f"spec: {spec!r} is neither a synthetic dataset {sorted(SYNTHETIC)}, '<kind>:<path>' with kind in "
+        f"{sorted(LOADERS)}, nor an existing path"
+    )
+
+
+def _resolve(name: str, path: str | None, opts: dict[str, Any]) -> ImageDataset:
+    if name in SYNTHETIC:
+        return synthetic(name, **opts)
+    kind = _kind(name)
+    if kind not in LOADERS:
+        known = sorted(LOADERS) + sorted(SYNTHETIC)
+        raise ValueError(f"spec: unknown dataset kind {name!r}; expected one of {known}")
+    if kind == "arrays":
+        return arrays(**opts)
+    if path is None:
+        raise ValueError(f"spec: loader {kind!r} needs a path (use '{kind}:<path>' or a dict with 'path')")
+    return LOADERS[kind](path, **opts)

@@ -1,0 +1,243 @@
+"""Loaders for the on-disk layouts users have (SPEC.md section 7) and for in-memory arrays."""
+
+from __future__ import annotations
+
+import csv
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.data.base import ArrayDataset, FileDataset
+from engine.data.image import DICOM_SUFFIXES, IMAGE_SUFFIXES, SizeLike, fundus_crop, read_dicom, read_image
+
+APTOS_GRADES = ["0 no DR", "1 mild", "2 moderate", "3 severe", "4 proliferative"]
+APTOS_BINARY = ["no DR", "DR"]
+CXR_CLASSES = ["NORMAL", "PNEUMONIA"]
+SPLITS = ("train", "val", "test")
+
+__all__ = ["aptos", "arrays", "chest_xray", "dicom", "image_folder", "medmnist"]
+
+
+def _root(root: str | Path, what: str) -> Path:
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"{what}: root {str(path)!r} is not a directory")
+    return path
+
+
+def _parts(split: str | Sequence[str]) -> list[str]:
+    parts = list(SPLITS) if split == "all" else [split] if isinstance(split, str) else list(split)
+    bad = [s for s in parts if s not in SPLITS]
+    if bad or not parts:
+        raise ValueError(f"split: expected 'all' or some of {SPLITS}, got {split!r}")
+    return parts
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    if path.suffix or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        f.seek(128)
+        return f.read(4) == b"DICM"
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and (path.suffix.lower() in IMAGE_SUFFIXES or _is_dicom(path))
+
+
+def _class_files(folder: Path, recursive: bool = False) -> list[Path]:
+    files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if _is_image(p))
+    if not files:
+        raise ValueError(f"class folder {str(folder)!r} is empty (no image files)")
+    return files
+
+
+def image_folder(
+    root: str | Path,
+    classes: Sequence[str] | None = None,
+    image_size: SizeLike = None,
+    channels: int | None = 3,
+    name: str | None = None,
+    **kwargs: object,
+) -> FileDataset:
+    """``root/<class>/<image>`` (PNG/JPEG/TIFF/BMP/... or DICOM); classes = sorted folder names unless given."""
+    root = _root(root, "image_folder")
+    if classes is None:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise ValueError(f"image_folder: root {str(root)!r} has no class sub-folders")
+    paths, labels = [], []
+    for label, cls in enumerate(classes):
+        folder = root / cls
+        if not folder.is_dir():
+            raise ValueError(f"image_folder: class folder {str(folder)!r} does not exist")
+        files = _class_files(folder)
+        paths += files
+        labels += [label] * len(files)
+    return FileDataset(paths, labels, classes, name or root.name, read_image, image_size, channels, root, **kwargs)
+
+
+def chest_xray(
+    root: str | Path,
+    split: str | Sequence[str] = "all",
+    image_size: SizeLike = None,
+    channels: int | None = 1,
+    **kwargs: object,
+) -> FileDataset:
+    """Kaggle chest-xray-pneumonia: ``root/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``. ``split`` picks folders
+    ('all' by default: the official val split has 16 images, so re-split with ``split_dataset``)."""
+    root = _root(root, "chest_xray")
+    if not (root / "train").is_dir() and (root / "chest_xray" / "train").is_dir():
+        root = root / "chest_xray"  # the Kaggle archive nests the folders once more
+    paths, labels = [], []
+    for part in _parts(split):
+        for label, cls in enumerate(CXR_CLASSES):
+            folder = root / part / cls
+            if not folder.is_dir():
+                raise ValueError(f"chest_xray: missing folder {str(folder)!r} (expected {part}/{cls})")
+            files = _class_files(folder)
+            paths += files
+            labels += [label] * len(files)
+    name = "chest-xray" if split == "all" else f"chest-xray-{'+'.join(_parts(split))}"
+    return FileDataset(paths, labels, CXR_CLASSES, name, read_image, image_size, channels, root, **kwargs)
+
+
+def _read_aptos(path: str, threshold: int) -> np.ndarray:
+    return fundus_crop(read_image(path), threshold=threshold)
+
+
+def aptos(
+    root: str | Path,
+    task: str = "grade",
+    crop: bool = True,
+    image_size: SizeLike = None,
+    channels: int | None = 3,
+    csv_name: str = "train.csv",
+    images_dir: str = "train_images",
+    crop_threshold: int = 10,
+    **kwargs: object,
+) -> FileDataset:
+    """APTOS 2019: ``train.csv`` (id_code, diagnosis 0-4) + ``train_images/<id_code>.png``.
+
+    ``task='grade'`` gives 5 classes, ``'binary'`` gives diagnosis > 0. ``crop`` applies the fundus bounding-box
+    crop. Rows whose image is missing are skipped like unreadable files."""
+    if task not in ("grade", "binary"):
+        raise ValueError(f"task: expected 'grade' or 'binary', got {task!r}")
+    root = _root(root, "aptos")
+    table = root / csv_name
+    if not table.is_file():
+        raise ValueError(f"aptos: {str(table)!r} not found")
+    with open(table, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("id_code", "diagnosis") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"aptos: {str(table)!r} is missing column(s) {missing} (has {reader.fieldnames})")
+        rows = list(reader)
+    paths, grades = [], []
+    for line, row in enumerate(rows, start=2):
+        try:
+            grade = int(row["diagnosis"])
+        except (TypeError, ValueError):
+            raise ValueError(f"aptos: {table}:{line}: diagnosis {row['diagnosis']!r} is not an integer") from None
+        if not 0 <= grade <= 4:
+            raise ValueError(f"aptos: {table}:{line}: diagnosis {grade} outside 0-4")
+        paths.append(root / images_dir / f"{row['id_code']}.png")
+        grades.append(grade)
+    if not paths:
+        raise ValueError(f"aptos: {str(table)!r} has no rows (empty dataset)")
+    grades = np.asarray(grades)
+    labels, classes = (grades, APTOS_GRADES) if task == "grade" else ((grades > 0).astype(np.int64), APTOS_BINARY)
+    decode = functools.partial(_read_aptos, threshold=crop_threshold) if crop else read_image
+    name = f"aptos-{task}"
+    return FileDataset(paths, labels, classes, name, decode, image_size, channels, root, **kwargs)
+
+
+def dicom(
+    root: str | Path | Sequence[str | Path],
+    classes: Sequence[str] | None = None,
+    image_size: SizeLike = None,
+    channels: int | None = 1,
+    name: str | None = None,
+    **kwargs: object,
+) -> FileDataset:
+    """DICOM files: a folder searched recursively, a single file, or a list of files; label = parent folder name
+    (classes = sorted folder names unless given). Windowed to 8 bits, MONOCHROME1 inverted (see ``read_dicom``)."""
+    if isinstance(root, str | Path) and Path(root).is_dir():
+        base = Path(root)
+        files = sorted(p for p in base.rglob("*") if p.is_file() and _is_dicom(p))
+    else:
+        files = [Path(p) for p in ([root] if isinstance(root, str | Path) else root)]
+        missing = [str(p) for p in files if not p.is_file()]
+        if missing or not files:
+            raise ValueError(f"dicom: expected a folder or existing files, missing: {missing or 'no files given'}")
+        base = Path(files[0]).parent
+    if not files:
+        raise ValueError(f"dicom: no DICOM files under {str(root)!r}")
+    folder_names = [p.parent.name for p in files]
+    classes = sorted(set(folder_names)) if classes is None else list(classes)
+    unknown = sorted(set(folder_names) - set(classes))
+    if unknown:
+        raise ValueError(f"dicom: folders {unknown} are not among classes {classes}")
+    labels = [classes.index(n) for n in folder_names]
+    return FileDataset(files, labels, classes, name or base.name, read_dicom, image_size, channels, base, **kwargs)
+
+
+def medmnist(
+    path: str | Path,
+    split: str | Sequence[str] = "train",
+    classes: Sequence[str] | None = None,
+    image_size: SizeLike = None,
+    channels: int | None = None,
+) -> ArrayDataset:
+    """MedMNIST ``.npz`` (keys ``{train,val,test}_images`` / ``_labels``; any size; grey or RGB)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"medmnist: file {str(path)!r} not found")
+    with np.load(path) as npz:
+        images, labels = [], []
+        for part in _parts(split):
+            keys = [f"{part}_images", f"{part}_labels"]
+            missing = [k for k in keys if k not in npz.files]
+            if missing:
+                raise ValueError(f"medmnist: {str(path)!r} is missing key(s) {missing} (has {npz.files})")
+            lab = npz[keys[1]]
+            if lab.ndim == 2 and lab.shape[1] > 1:
+                raise ValueError(f"medmnist: {keys[1]} is multi-label {lab.shape}; only single-label tasks")
+            images.append(npz[keys[0]])
+            labels.append(lab.reshape(-1))
+    name = f"{path.stem}-{split if isinstance(split, str) else '+'.join(split)}"
+    return ArrayDataset(np.concatenate(images), np.concatenate(labels), classes, name, image_size, channels)
+
+
+def arrays(
+    images: np.ndarray | torch.Tensor,
+    labels: Sequence[int] | np.ndarray | torch.Tensor,
+    classes: Sequence[str] | None = None,
+    name: str = "arrays",
+    image_size: SizeLike = None,
+    channels: int | None = None,
+) -> ArrayDataset:
+    """In-memory numpy/torch images (see ``ArrayDataset``)."""
+    return ArrayDataset(images, labels, classes, name, image_size, channels)
+
+
+def detect_kind(path: str | Path) -> str:
+    """Guess the loader for a path: medmnist (.npz), dicom (file), aptos, chest_xray, dicom folder, image_folder."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        if path.suffix == ".npz" or _is_dicom(path):
+            return "medmnist" if path.suffix == ".npz" else "dicom"
+        raise ValueError(f"path {str(path)!r}: a single file must be a MedMNIST .npz or a DICOM file")
+    if not path.is_dir():
+        raise ValueError(f"path {str(path)!r} does not exist")
+    if (path / "train.csv").is_file() and (path / "train_images").is_dir():
+        return "aptos"
+    if any((p / "train" / "NORMAL").is_dir() for p in (path, path / "chest_xray")):
+        return "chest_xray"
+    first = next((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DICOM_SUFFIXES), None)
+    return "dicom" if first is not None else "image_folder"
