@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,9 @@ def load_model(
     if not path.is_file():
         raise ValueError(f"model path {str(path)!r} is not a file")
     if _is_torchscript(path):
-        return torch.jit.load(str(path), map_location=map_location).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load is deprecated but still the loader
+            return torch.jit.load(str(path), map_location=map_location).eval()
     obj = torch.load(path, map_location=map_location, weights_only=True)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return model_from_checkpoint(load_checkpoint(path, map_location)).eval()
