@@ -10,11 +10,15 @@ from engine.attacks.cw import CWL2
 from engine.attacks.gradient import BIM, FGSM, MIFGSM, PGD, CWLinf, IterativeAttack
 from engine.attacks.hfc import HFC, extract_features, fit_hfc_gmms, load_hfc_gmms, save_hfc_gmms
 from engine.attacks.noise import noise_like
+from engine.attacks.store import AdvDataset, AdvWriter, load_adversarial
+from engine.attacks.uap import UAPResult, data_free_uap, deepfool_uap, evaluate_uap, sgd_uap, targeted_uap
 
 ATTACKS = {"fgsm": FGSM, "bim": BIM, "pgd": PGD, "mifgsm": MIFGSM, "cw_l2": CWL2, "cw_linf": CWLinf}
 
 __all__ = [
     "ATTACKS",
+    "AdvDataset",
+    "AdvWriter",
     "Attack",
     "AttackResult",
     "BIM",
@@ -25,10 +29,17 @@ __all__ = [
     "IterativeAttack",
     "MIFGSM",
     "PGD",
+    "UAPResult",
+    "data_free_uap",
+    "deepfool_uap",
+    "evaluate_uap",
     "extract_features",
     "fit_hfc_gmms",
+    "load_adversarial",
     "load_hfc_gmms",
     "noise_like",
     "parse_eps",
     "save_hfc_gmms",
+    "sgd_uap",
+    "targeted_uap",
 ]
