@@ -36,10 +36,11 @@ const T* checked(const py::array& a, const std::string& name, std::vector<py::ss
 }
 
 template <typename T>
-py::list run(const py::list& layers, hfc::GmmMode mode, bool need_grad, int64_t row_tile) {
+py::list run(const py::list& layers, hfc::GmmMode mode, bool need_grad, int64_t row_tile, int64_t simd_max_dim) {
   hfc::GmmParams<T> params;
   params.mode = mode;
   params.row_tile = row_tile;
+  params.simd_max_dim = simd_max_dim;
   py::list out;
   for (size_t l = 0; l < layers.size(); ++l) {
     const std::string where = "layer " + std::to_string(l) + ": ";
@@ -86,7 +87,7 @@ py::list run(const py::list& layers, hfc::GmmMode mode, bool need_grad, int64_t 
 void register_gmm(py::module_& m) {
   m.def(
       "gmm",
-      [](const py::list& layers, const std::string& mode, bool need_grad, int64_t row_tile) {
+      [](const py::list& layers, const std::string& mode, bool need_grad, int64_t row_tile, int64_t simd_max_dim) {
         hfc::GmmMode kind;
         if (mode == "loglik") {
           kind = hfc::GmmMode::kLogLik;
@@ -97,13 +98,15 @@ void register_gmm(py::module_& m) {
         }
         if (layers.size() == 0) return py::list();
         auto x0 = layers[0].cast<py::tuple>()[0].cast<py::array>();
-        if (x0.dtype().is(py::dtype::of<float>())) return run<float>(layers, kind, need_grad, row_tile);
-        if (x0.dtype().is(py::dtype::of<double>())) return run<double>(layers, kind, need_grad, row_tile);
+        if (x0.dtype().is(py::dtype::of<float>())) return run<float>(layers, kind, need_grad, row_tile, simd_max_dim);
+        if (x0.dtype().is(py::dtype::of<double>())) return run<double>(layers, kind, need_grad, row_tile, simd_max_dim);
         throw hfc::ArgumentError("x must be float32 or float64, got " + std::string(py::str(x0.dtype())));
       },
       py::arg("layers"), py::arg("mode") = "loglik", py::arg("need_grad") = true, py::arg("row_tile") = 0,
+      py::arg("simd_max_dim") = hfc::kGmmSimdMaxDim,
       R"doc(Fused GMM log-likelihood (or nearest-component Mahalanobis) and input gradient, all layers in one call.
 
 layers: list of (x (N,d), means (K,d), prec_chol (K,d,d) upper-triangular, log_norm (K,)), one dtype
-(float32 or float64), C-contiguous. Returns a list of (value (N,), grad (N,d) or None, component (N,) int64).)doc");
+(float32 or float64), C-contiguous. row_tile (0 = automatic) and simd_max_dim (largest d for the SIMD
+triangular products; 0 = OpenBLAS trmm always) are tuning overrides. Returns a list of (value (N,), grad (N,d) or None, component (N,) int64).)doc");
 }

@@ -185,18 +185,23 @@ def test_cpu_and_torch_backends_agree_float32():
     assert_rel(g_cpu, g_t, 1e-4, "grad", rowwise=True)
 
 
-@pytest.mark.parametrize("row_tile", [1, 3, 64])
-def test_cpu_row_tile_override_gives_same_result(row_tile):
+@pytest.mark.parametrize("mode", ["loglik", "nearest"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", [1, 17, 64, 130])
+def test_cpu_simd_and_blas_paths_and_row_tiles_agree(mode, dtype, d):
+    """The SIMD small-d triangular products and OpenBLAS trmm give the same answer for any row tiling."""
     from engine import _C
 
-    rng = np.random.default_rng(4)
-    gmm = random_mixture(rng, 4, 6)
-    x = samples(rng, gmm, 37)
-    entry = (x, gmm.means, gmm.precisions_cholesky, gmm.log_norm)
-    (v0, g0, c0), (v1, g1, c1) = _C.gmm([entry], "loglik", True, 0)[0], _C.gmm([entry], "loglik", True, row_tile)[0]
-    np.testing.assert_allclose(v1, v0, rtol=1e-13)
-    np.testing.assert_allclose(g1, g0, rtol=1e-12, atol=1e-14)
-    np.testing.assert_array_equal(c1, c0)
+    rng = np.random.default_rng(d)
+    gmm = random_mixture(rng, 3, d)
+    entry = tuple(a.astype(dtype) for a in (samples(rng, gmm, 37), gmm.means, gmm.precisions_cholesky, gmm.log_norm))
+    (v0, g0, c0), *_ = _C.gmm([entry], mode, True, 0, 0)  # BLAS, automatic tiles
+    tol = TOL[dtype]
+    for row_tile, simd_max_dim in [(1, 4096), (3, 0), (8, 4096), (64, 4096)]:
+        ((v1, g1, c1),) = _C.gmm([entry], mode, True, row_tile, simd_max_dim)
+        assert_rel(v1, v0, tol[0], f"value tile={row_tile} simd={simd_max_dim}")
+        assert_rel(g1, g0, tol[1], f"grad tile={row_tile} simd={simd_max_dim}", rowwise=True)
+        np.testing.assert_array_equal(c1, c0)
 
 
 # ---- properties -----------------------------------------------------------------------------------------------

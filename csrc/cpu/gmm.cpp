@@ -1,8 +1,9 @@
-// CPU implementation of hfc/gmm.h: OpenMP over (layer, row-tile) work items, OpenBLAS triangular products.
+// CPU implementation of hfc/gmm.h: OpenMP over (layer, row-tile) work items; triangular products by OpenBLAS
+// trmm, or for d <= simd_max_dim by register-blocked SIMD code on zero-padded factors.
 //
-// Per tile and component k: Y = X - mu_k (centred while loading), Y := Y U_k (trmm, d^2/2 multiply-adds per
-// row), q = row norms of Y, logp = log_norm_k - q/2, online logsumexp update per row; for the gradient the rows
-// of Y are scaled by their new-term weight and Y := Y U_k^T (trmm again) is added to the rescaled accumulator.
+// Per tile and component k: Y = X - mu_k (centred while loading), Y := Y U_k (d^2/2 multiply-adds per row),
+// q = row norms of Y, logp = log_norm_k - q/2, online logsumexp update per row; for the gradient the rows of Y
+// are scaled by their new-term weight and Y U_k^T (triangular again) is added to the rescaled accumulator.
 // Both triangular products together cost one tile x d x d GEMM, so a whole call costs about one
 // N x d x (K d) GEMM, with O(tile x d) memory per thread and no N x K x d intermediate.
 #include "hfc/gmm.h"
@@ -14,6 +15,8 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "hfc/common.h"
 #include "hfc/math.h"
@@ -45,22 +48,144 @@ struct WorkItem {
   double cost;
 };
 
-// Per-thread scratch, sized for the largest tile x d of the call.
+// ---- small-d path: register-blocked SIMD triangular products (OpenBLAS trmm is inefficient for small d) ------
+
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float vec __attribute__((vector_size(64), aligned(4), may_alias));
+  static constexpr int64_t kLanes = 16;
+};
+template <>
+struct Simd<double> {
+  typedef double vec __attribute__((vector_size(64), aligned(8), may_alias));
+  static constexpr int64_t kLanes = 8;
+};
+constexpr int64_t kMicroRows = 8;  // rows per register block: 8 independent FMA chains per column vector
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// out[r, :] = a[r, :] M (+ out[r, :] * scale[r] when scale is given) for kMicroRows rows. M (d x ld, zero-padded
+// to ld columns) is upper triangular (kUpper) or lower triangular: only its nonzero rows are visited per column
+// vector, which halves the multiply-adds.
+template <typename T, bool kUpper>
+inline void micro_product(const T* a, int64_t lda, const T* m, int64_t d, int64_t ld, T* out, const T* scale) {
+  using V = typename Simd<T>::vec;
+  constexpr int64_t kL = Simd<T>::kLanes;
+  for (int64_t j0 = 0; j0 < d; j0 += kL) {
+    const int64_t lo = kUpper ? 0 : j0;
+    const int64_t hi = kUpper ? std::min(d, j0 + kL) : d;
+    V acc[kMicroRows];
+    for (int64_t r = 0; r < kMicroRows; ++r) {
+      acc[r] = scale ? *reinterpret_cast<const V*>(out + r * ld + j0) * scale[r] : V{};
+    }
+    for (int64_t i = lo; i < hi; ++i) {
+      const V mv = *reinterpret_cast<const V*>(m + i * ld + j0);
+      for (int64_t r = 0; r < kMicroRows; ++r) acc[r] += a[r * lda + i] * mv;
+    }
+    for (int64_t r = 0; r < kMicroRows; ++r) *reinterpret_cast<V*>(out + r * ld + j0) = acc[r];
+  }
+}
+
+// How one layer's factors are applied: OpenBLAS trmm on U (ld = d), or the SIMD path on zero-padded copies of
+// U and U^T with row stride ld (a multiple of the vector width).
+template <typename T>
+struct Factors {
+  bool simd = false;
+  int64_t ld = 0;
+  std::vector<T> upper, lower;  // (K, d, ld) each, SIMD path only
+
+  Factors(const GmmLayer<T>& L, bool use_simd) : simd(use_simd), ld(use_simd ? round_up(L.d, Simd<T>::kLanes) : L.d) {
+    if (!simd) return;
+    upper.assign(L.k * L.d * ld, T(0));
+    lower.assign(L.k * L.d * ld, T(0));
+  }
+  void fill(const GmmLayer<T>& L, int64_t k) {  // component k's padded U and U^T (upper triangle of U read only)
+    const T* u = L.prec_chol + k * L.d * L.d;
+    T* up = upper.data() + k * L.d * ld;
+    T* lo = lower.data() + k * L.d * ld;
+    for (int64_t i = 0; i < L.d; ++i) {
+      for (int64_t j = i; j < L.d; ++j) up[i * ld + j] = lo[j * ld + i] = u[i * L.d + j];
+    }
+  }
+};
+
+// Per-thread scratch, sized for the largest (tile rounded up to kMicroRows) x row stride of the call.
 template <typename T>
 struct Workspace {
-  std::vector<T> y, acc, best_y;
+  std::vector<T> y, acc, best_y, z;
   std::vector<T> scale_old, weight_new, best_logp, best_q;
   std::vector<OnlineLse<T>> lse;
   std::vector<int64_t> best_k, group;
 
-  Workspace(int64_t tile, int64_t max_d, bool nearest)
-      : y(tile * max_d), acc(tile * max_d), best_y(nearest ? tile * max_d : 0), scale_old(tile), weight_new(tile),
-        best_logp(tile), best_q(tile), lse(tile), best_k(tile), group(tile) {}
+  Workspace(int64_t tile, int64_t max_ld, bool nearest)
+      : y(round_up(tile, kMicroRows) * max_ld),
+        acc(round_up(tile, kMicroRows) * max_ld),
+        best_y(nearest ? tile * max_ld : 0),
+        z(kMicroRows * max_ld),
+        scale_old(round_up(tile, kMicroRows), T(1)),
+        weight_new(tile),
+        best_logp(tile),
+        best_q(tile),
+        lse(tile),
+        best_k(tile),
+        group(tile) {}
 };
 
+// y (rows x F.ld) = (x - mu_k) U_k, centred while loading.
 template <typename T>
-void loglik_tile(const GmmLayer<T>& L, int64_t row0, int64_t rows, Workspace<T>& ws) {
-  const int64_t d = L.d;
+void first_product(const GmmLayer<T>& L, const Factors<T>& F, int64_t k, const T* x, int64_t rows, Workspace<T>& ws) {
+  const int64_t d = L.d, ld = F.ld;
+  const T* mu = L.means + k * d;
+  T* y = ws.y.data();
+  if (!F.simd) {
+    for (int64_t i = 0; i < rows; ++i) {
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) y[i * d + j] = x[i * d + j] - mu[j];
+    }
+    trmm_right_upper(false, rows, d, L.prec_chol + k * d * d, y);
+    return;
+  }
+  T* z = ws.z.data();
+  const T* u = F.upper.data() + k * d * ld;
+  for (int64_t r0 = 0; r0 < rows; r0 += kMicroRows) {
+    for (int64_t r = 0; r < kMicroRows; ++r) {
+      if (r0 + r < rows) {
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) z[r * ld + j] = x[(r0 + r) * d + j] - mu[j];
+      } else {
+        std::fill(z + r * ld, z + r * ld + d, T(0));
+      }
+    }
+    micro_product<T, true>(z, ld, u, d, ld, y + r0 * ld, nullptr);
+  }
+}
+
+// acc = acc * scale_old (per row) + y U_k^T; y holds weight-scaled rows and is overwritten on the BLAS path.
+template <typename T>
+void accumulate_grad(const GmmLayer<T>& L, const Factors<T>& F, int64_t k, int64_t rows, Workspace<T>& ws) {
+  const int64_t d = L.d, ld = F.ld;
+  T* y = ws.y.data();
+  T* acc = ws.acc.data();
+  if (!F.simd) {
+    trmm_right_upper(true, rows, d, L.prec_chol + k * d * d, y);
+    for (int64_t i = 0; i < rows; ++i) {
+      const T s = ws.scale_old[i];
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) acc[i * d + j] = acc[i * d + j] * s + y[i * d + j];
+    }
+    return;
+  }
+  const T* v = F.lower.data() + k * d * ld;
+  for (int64_t r0 = 0; r0 < rows; r0 += kMicroRows) {
+    micro_product<T, false>(y + r0 * ld, ld, v, d, ld, acc + r0 * ld, ws.scale_old.data() + r0);
+  }
+}
+
+template <typename T>
+void loglik_tile(const GmmLayer<T>& L, const Factors<T>& F, int64_t row0, int64_t rows, Workspace<T>& ws) {
+  const int64_t d = L.d, ld = F.ld;
   const T* x = L.x + row0 * d;
   T* y = ws.y.data();
   T* acc = ws.acc.data();
@@ -68,21 +193,15 @@ void loglik_tile(const GmmLayer<T>& L, int64_t row0, int64_t rows, Workspace<T>&
   std::fill(ws.lse.begin(), ws.lse.begin() + rows, OnlineLse<T>{});
   std::fill(ws.best_logp.begin(), ws.best_logp.begin() + rows, -std::numeric_limits<T>::infinity());
   std::fill(ws.best_k.begin(), ws.best_k.begin() + rows, 0);
-  if (need_grad) std::fill(acc, acc + rows * d, T(0));
+  if (need_grad) std::fill(acc, acc + round_up(rows, kMicroRows) * ld, T(0));
 
   for (int64_t k = 0; k < L.k; ++k) {
-    const T* mu = L.means + k * d;
-    const T* u = L.prec_chol + k * d * d;
-    for (int64_t i = 0; i < rows; ++i) {
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) y[i * d + j] = x[i * d + j] - mu[j];
-    }
-    trmm_right_upper(false, rows, d, u, y);
+    first_product(L, F, k, x, rows, ws);
     T max_weight = 0;
     for (int64_t i = 0; i < rows; ++i) {
       T q = 0;
 #pragma omp simd reduction(+ : q)
-      for (int64_t j = 0; j < d; ++j) q += y[i * d + j] * y[i * d + j];
+      for (int64_t j = 0; j < d; ++j) q += y[i * ld + j] * y[i * ld + j];
       const T logp = L.log_norm[k] - T(0.5) * q;
       if (logp > ws.best_logp[i]) {
         ws.best_logp[i] = logp;
@@ -96,14 +215,9 @@ void loglik_tile(const GmmLayer<T>& L, int64_t row0, int64_t rows, Workspace<T>&
     for (int64_t i = 0; i < rows; ++i) {
       const T w = ws.weight_new[i];
 #pragma omp simd
-      for (int64_t j = 0; j < d; ++j) y[i * d + j] *= w;
+      for (int64_t j = 0; j < d; ++j) y[i * ld + j] *= w;
     }
-    trmm_right_upper(true, rows, d, u, y);
-    for (int64_t i = 0; i < rows; ++i) {
-      const T s = ws.scale_old[i];
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) acc[i * d + j] = acc[i * d + j] * s + y[i * d + j];
-    }
+    accumulate_grad(L, F, k, rows, ws);
   }
 
   for (int64_t i = 0; i < rows; ++i) {
@@ -113,13 +227,13 @@ void loglik_tile(const GmmLayer<T>& L, int64_t row0, int64_t rows, Workspace<T>&
     const T inv = T(-1) / ws.lse[i].sum;
     T* g = L.grad + (row0 + i) * d;
 #pragma omp simd
-    for (int64_t j = 0; j < d; ++j) g[j] = acc[i * d + j] * inv;
+    for (int64_t j = 0; j < d; ++j) g[j] = acc[i * ld + j] * inv;
   }
 }
 
 template <typename T>
-void nearest_tile(const GmmLayer<T>& L, int64_t row0, int64_t rows, Workspace<T>& ws) {
-  const int64_t d = L.d;
+void nearest_tile(const GmmLayer<T>& L, const Factors<T>& F, int64_t row0, int64_t rows, Workspace<T>& ws) {
+  const int64_t d = L.d, ld = F.ld;
   const T* x = L.x + row0 * d;
   T* y = ws.y.data();
   std::fill(ws.best_logp.begin(), ws.best_logp.begin() + rows, -std::numeric_limits<T>::infinity());
@@ -127,22 +241,17 @@ void nearest_tile(const GmmLayer<T>& L, int64_t row0, int64_t rows, Workspace<T>
   std::fill(ws.best_q.begin(), ws.best_q.begin() + rows, T(0));
 
   for (int64_t k = 0; k < L.k; ++k) {
-    const T* mu = L.means + k * d;
-    for (int64_t i = 0; i < rows; ++i) {
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) y[i * d + j] = x[i * d + j] - mu[j];
-    }
-    trmm_right_upper(false, rows, d, L.prec_chol + k * d * d, y);
+    first_product(L, F, k, x, rows, ws);
     for (int64_t i = 0; i < rows; ++i) {
       T q = 0;
 #pragma omp simd reduction(+ : q)
-      for (int64_t j = 0; j < d; ++j) q += y[i * d + j] * y[i * d + j];
+      for (int64_t j = 0; j < d; ++j) q += y[i * ld + j] * y[i * ld + j];
       const T logp = L.log_norm[k] - T(0.5) * q;
       if (k == 0 || logp > ws.best_logp[i]) {
         ws.best_logp[i] = logp;
         ws.best_k[i] = k;
         ws.best_q[i] = q;
-        if (L.grad) std::copy(y + i * d, y + (i + 1) * d, ws.best_y.data() + i * d);
+        if (L.grad) std::copy(y + i * ld, y + i * ld + d, ws.best_y.data() + i * d);
       }
     }
   }
@@ -184,6 +293,7 @@ int64_t choose_tile(const std::vector<int64_t>& rows_per_layer, int64_t requeste
 template <typename T>
 void gmm_validate(const GmmParams<T>& params) {
   require(params.row_tile >= 0, "row_tile must be >= 0 (0 = automatic), got " + std::to_string(params.row_tile));
+  require(params.simd_max_dim >= 0, "simd_max_dim must be >= 0, got " + std::to_string(params.simd_max_dim));
   for (size_t l = 0; l < params.layers.size(); ++l) {
     const GmmLayer<T>& L = params.layers[l];
     const std::string where = "gmm layer " + std::to_string(l) + ": ";
@@ -202,10 +312,15 @@ void gmm_forward(const GmmParams<T>& params) {
   gmm_validate(params);
   const int threads = params.num_threads > 0 ? params.num_threads : omp_get_max_threads();
   std::vector<int64_t> rows_per_layer;
-  int64_t max_d = 1;
-  for (const auto& L : params.layers) {
+  std::vector<Factors<T>> factors;  // allocated here, outside the parallel region, so bad_alloc propagates
+  std::vector<std::pair<int64_t, int64_t>> fills;  // (layer, component) padded factors to build
+  int64_t max_ld = 1;
+  for (size_t l = 0; l < params.layers.size(); ++l) {
+    const GmmLayer<T>& L = params.layers[l];
     rows_per_layer.push_back(L.n);
-    max_d = std::max(max_d, L.d);
+    factors.emplace_back(L, L.n > 0 && L.d <= params.simd_max_dim);
+    max_ld = std::max(max_ld, factors.back().ld);
+    for (int64_t k = 0; factors.back().simd && k < L.k; ++k) fills.emplace_back(static_cast<int64_t>(l), k);
   }
   const int64_t tile = choose_tile(rows_per_layer, params.row_tile, threads);
 
@@ -223,22 +338,26 @@ void gmm_forward(const GmmParams<T>& params) {
 
   const bool nearest = params.mode == GmmMode::kNearest;
   const int used = static_cast<int>(std::min<int64_t>(threads, static_cast<int64_t>(items.size())));
-  std::vector<Workspace<T>> spaces;  // allocated here, outside the parallel region, so bad_alloc propagates
+  std::vector<Workspace<T>> spaces;
   spaces.reserve(used);
-  for (int t = 0; t < used; ++t) spaces.emplace_back(tile, max_d, nearest);
+  for (int t = 0; t < used; ++t) spaces.emplace_back(tile, max_ld, nearest);
 
 #pragma omp parallel num_threads(used)
   {
     DenormalGuard guard;
     Workspace<T>& ws = spaces[omp_get_thread_num()];
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < static_cast<int64_t>(fills.size()); ++i) {
+      factors[fills[i].first].fill(params.layers[fills[i].first], fills[i].second);
+    }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < static_cast<int64_t>(items.size()); ++i) {
       const WorkItem& it = items[i];
       const GmmLayer<T>& L = params.layers[it.layer];
       if (nearest) {
-        nearest_tile(L, it.row0, it.rows, ws);
+        nearest_tile(L, factors[it.layer], it.row0, it.rows, ws);
       } else {
-        loglik_tile(L, it.row0, it.rows, ws);
+        loglik_tile(L, factors[it.layer], it.row0, it.rows, ws);
       }
     }
   }

@@ -63,7 +63,7 @@ void brute_force(const Mixture& m, int64_t row, bool nearest, double& value, std
 }
 
 template <typename T>
-void check_against_brute_force(hfc::GmmMode mode, double tol) {
+void check_against_brute_force(hfc::GmmMode mode, double tol, int64_t simd_max_dim) {
   scipy_openblas_set_num_threads(1);
   const std::vector<Mixture> mixtures = {make_mixture(37, 5, 3, 1), make_mixture(1, 1, 1, 2), make_mixture(20, 9, 4, 3)};
   std::vector<std::vector<T>> xs, mus, us, lns, values, grads;
@@ -71,6 +71,7 @@ void check_against_brute_force(hfc::GmmMode mode, double tol) {
   hfc::GmmParams<T> params;
   params.mode = mode;
   params.row_tile = 16;
+  params.simd_max_dim = simd_max_dim;  // 0: OpenBLAS trmm; else the SIMD small-d path
   for (const Mixture& m : mixtures) {
     xs.emplace_back(m.x.begin(), m.x.end());
     mus.emplace_back(m.means.begin(), m.means.end());
@@ -103,9 +104,15 @@ void check_against_brute_force(hfc::GmmMode mode, double tol) {
 
 }  // namespace
 
-TEST(gmm_loglik_double_matches_brute_force) { check_against_brute_force<double>(hfc::GmmMode::kLogLik, 1e-9); }
-TEST(gmm_nearest_double_matches_brute_force) { check_against_brute_force<double>(hfc::GmmMode::kNearest, 1e-9); }
-TEST(gmm_loglik_float_matches_brute_force) { check_against_brute_force<float>(hfc::GmmMode::kLogLik, 2e-3); }
+TEST(gmm_loglik_double_matches_brute_force) {
+  for (int64_t simd : {0, 128}) check_against_brute_force<double>(hfc::GmmMode::kLogLik, 1e-9, simd);
+}
+TEST(gmm_nearest_double_matches_brute_force) {
+  for (int64_t simd : {0, 128}) check_against_brute_force<double>(hfc::GmmMode::kNearest, 1e-9, simd);
+}
+TEST(gmm_loglik_float_matches_brute_force) {
+  for (int64_t simd : {0, 128}) check_against_brute_force<float>(hfc::GmmMode::kLogLik, 2e-3, simd);
+}
 
 TEST(gmm_rejects_bad_arguments) {
   std::vector<double> x(4), mu(2), u(4), ln(1), out(2);

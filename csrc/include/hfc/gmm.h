@@ -26,6 +26,9 @@ enum class GmmMode { kLogLik, kNearest };
 constexpr int64_t kGmmMaxRowTile = 512;
 constexpr int64_t kGmmMinRowTile = 16;
 constexpr int64_t kGmmItemsPerThread = 2;
+// Layers with d <= this use register-blocked SIMD triangular products instead of OpenBLAS trmm (whose small-d
+// kernels run at about half the sgemm rate). Override per call with GmmParams::simd_max_dim (0 = always BLAS).
+constexpr int64_t kGmmSimdMaxDim = 128;
 
 // One layer entry: inputs (read-only) and outputs (written by gmm_forward).
 template <typename T>
@@ -46,7 +49,8 @@ template <typename T>
 struct GmmParams {
   std::vector<GmmLayer<T>> layers;
   GmmMode mode = GmmMode::kLogLik;
-  int64_t row_tile = 0;  // 0 = automatic (see kGmmMaxRowTile)
+  int64_t row_tile = 0;                       // 0 = automatic (see kGmmMaxRowTile)
+  int64_t simd_max_dim = kGmmSimdMaxDim;      // see kGmmSimdMaxDim
   int num_threads = 0;   // 0 = OpenMP default
 };
 
