@@ -174,19 +174,20 @@ class _HfcPlan:
         self.weights = [1.0] * len(tensors) if weights is None else [float(w) for w in weights]
         if len(self.weights) != len(tensors) or not all(math.isfinite(w) for w in self.weights):
             raise ValueError(f"weights must be {len(tensors)} finite numbers (one per layer), got {weights!r}")
-        self.classes = self._classes(classes, n, tensors[0].device, gmms)
-        # entries[i] = (layer, row index tensor or None for all rows, mixture)
+        classes = self._classes(classes, n, tensors[0].device, gmms)
+        class_rows = [] if classes is None else [(c, torch.nonzero(classes == c).flatten()) for c in classes.unique()]
+        # entries[i] = (layer, row index tensor or None for all rows, mixture): one kernel entry per (layer, class)
         self.entries: list[tuple[int, torch.Tensor | None, GaussianMixture]] = []
         for layer, gm in enumerate(gmms):
             if isinstance(gm, GaussianMixture):
                 self.entries.append((layer, None, gm))
                 continue
-            for c in torch.unique(self.classes).tolist():
-                rows = torch.nonzero(self.classes == c).flatten()
-                self.entries.append((layer, rows, _check_gmm(gm[c], f"gmms[{layer}][{c}]")))
+            for c, rows in class_rows:
+                self.entries.append((layer, rows, _check_gmm(gm[int(c)], f"gmms[{layer}][{int(c)}]")))
         for layer, _, gm in self.entries:
             _check_features(tensors[layer], gm, f"features[{layer}]")
         self.mode, self.reduction, self.n = mode, reduction, n
+        self.tensors = tensors
         self.dims = [t.shape[1] for t in tensors]
         self.impl = resolve("gmm", backend, tensors[0].device)
 
@@ -276,5 +277,4 @@ def hfc_loss(
     empty batch is 0). Returns a torch tensor with autograd to every feature that requires grad.
     """
     plan = _HfcPlan(features, gmms, mode, weights, classes, reduction, backend)
-    tensors = [as_tensor(f, f"features[{i}]")[0] for i, f in enumerate(features)]
-    return _HfcLoss.apply(plan, *tensors)
+    return _HfcLoss.apply(plan, *plan.tensors)
