@@ -13,6 +13,7 @@ import torch
 
 from engine import _C_cuda
 from engine.ops._backend import register
+from engine.ops.mahalanobis import not_positive_definite
 
 _DTYPES = {torch.float32: _C_cuda.DType.float32, torch.float64: _C_cuda.DType.float64}
 
@@ -81,13 +82,15 @@ def gmm_cuda(layers: list[Layer], mode: str, need_grad: bool) -> list[LayerResul
     return results
 
 
-def _upper_factor(precision: torch.Tensor) -> torch.Tensor | None:
-    """float64 upper-triangular U with U U^T = P (symmetrised), or None if P is not positive definite."""
+def _upper_factor(precision: torch.Tensor, name: str) -> torch.Tensor:
+    """float64 upper-triangular U with U U^T = P (its symmetric part); ValueError if P is not positive definite."""
     p = precision.to(torch.float64)
     p = 0.5 * (p + p.T)
     # U U^T = P with U upper  <=>  (J U J)(J U J)^T = J P J with J U J lower (J reverses the index order).
     lower, info = torch.linalg.cholesky_ex(p.flip(0, 1))
-    return None if int(info) != 0 else lower.flip(0, 1)
+    if int(info) != 0:  # report the leading minor of P itself, as the other backends do
+        raise not_positive_definite(name, int(torch.linalg.cholesky_ex(p).info))
+    return lower.flip(0, 1)
 
 
 @register("mahalanobis", "cuda")
@@ -98,9 +101,7 @@ def mahalanobis_cuda(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
     first = layers[0][0]
     outputs, entries, keep = [], [], []
     for i, (x, means, precision) in enumerate(layers):
-        factor = _upper_factor(precision)
-        if factor is None:
-            raise ValueError(f"precision of layer {i} is not positive definite")
+        factor = _upper_factor(precision, f"precision[{i}]" if len(layers) > 1 else "precision")
         means64 = means.to(torch.float64)
         centre64 = means64.mean(dim=0)
         centre = centre64.to(x.dtype)
