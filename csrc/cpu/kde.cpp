@@ -49,8 +49,9 @@ void kde_log_density(const KdeParams& p, const T* x, const T* ref, T* out) {
           T block_max = -INFINITY;
 #pragma omp simd reduction(max : block_max)
           for (int64_t j = 0; j < cols; ++j) {
-            row[j] = std::max(row[j] + x_norm, T(0)) * scale;  // -||x - r||^2 / (2 h^2), rounding clamped
-            block_max = std::max(block_max, row[j]);
+            const T t = std::max(row[j] + x_norm, T(0)) * scale;  // -||x - r||^2 / (2 h^2), rounding clamped
+            row[j] = t;
+            block_max = std::max(block_max, t);
           }
           OnlineLse<double>& s = lse[i];
           const double new_max = std::max(s.max, double(block_max));

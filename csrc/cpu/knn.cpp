@@ -15,6 +15,9 @@
 namespace hfc {
 namespace {
 
+// Candidates are tested in blocks: a block whose minimum is not below the buffer's worst is skipped.
+constexpr int64_t kScanBlock = 16;
+
 // The `cap` smallest (key, index) pairs seen so far, ascending; equal keys keep arrival (= index) order.
 template <typename T>
 struct CandidateBuffer {
@@ -106,10 +109,16 @@ void knn(const KnnParams& p, const T* x, const T* ref, T* dist, int64_t* index) 
           const int64_t self = p.exclude_self ? q0 + i - r0 : -1;  // column of the query itself, if in this tile
           CandidateBuffer<T>& c = cand[i];
           T threshold = c.threshold();
-          for (int64_t j = 0; j < cols; ++j) {
-            if (row[j] < threshold && j != self) {
-              c.insert(row[j], r0 + j);
-              threshold = c.threshold();
+          for (int64_t j0 = 0; j0 < cols; j0 += kScanBlock) {
+            const int64_t j1 = std::min(cols, j0 + kScanBlock);
+            int any = 0;
+            for (int64_t j = j0; j < j1; ++j) any |= row[j] < threshold;  // one vector compare per block
+            if (!any) continue;
+            for (int64_t j = j0; j < j1; ++j) {
+              if (row[j] < threshold && j != self) {
+                c.insert(row[j], r0 + j);
+                threshold = c.threshold();
+              }
             }
           }
         }

@@ -98,7 +98,7 @@ void mahalanobis(const MahalanobisParams<T>& p) {
   mahalanobis_validate(p);
   const int64_t n_layers = static_cast<int64_t>(p.layers.size());
   std::vector<Factored<T>> factors(n_layers);
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (n_layers > 1)
   for (int64_t l = 0; l < n_layers; ++l) factors[l] = factor(p.layers[l]);
   for (int64_t l = 0; l < n_layers; ++l)
     require(factors[l].info == 0,

@@ -50,6 +50,7 @@ inline void require(bool ok, const std::string& message) {
 #include <cblas.h>
 
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace hfc {
@@ -75,23 +76,30 @@ inline void gemm_abt(int64_t m, int64_t n, int64_t k, double alpha, const double
 template <typename T>
 struct CentredPairs {
   int64_t n, m, d;
-  std::vector<T> x, ref, x_norm, ref_norm;
+  std::unique_ptr<T[]> x, ref, x_norm, ref_norm;  // uninitialised allocations: filled in parallel below
 
   CentredPairs(const T* x_in, int64_t n_, const T* ref_in, int64_t m_, int64_t d_)
-      : n(n_), m(m_), d(d_), x(n_ * d_), ref(m_ * d_), x_norm(n_), ref_norm(m_) {
+      : n(n_), m(m_), d(d_), x(new T[n_ * d_]), ref(new T[m_ * d_]), x_norm(new T[n_]), ref_norm(new T[m_]) {
     std::vector<double> mean(d, 0.0);
-    for (int64_t j = 0; j < m; ++j)
-      for (int64_t c = 0; c < d; ++c) mean[c] += ref_in[j * d + c];
+#pragma omp parallel
+    {
+      std::vector<double> part(d, 0.0);
+#pragma omp for schedule(static) nowait
+      for (int64_t j = 0; j < m; ++j)
+        for (int64_t c = 0; c < d; ++c) part[c] += ref_in[j * d + c];
+#pragma omp critical
+      for (int64_t c = 0; c < d; ++c) mean[c] += part[c];
+    }
     std::vector<T> centre(d);
     for (int64_t c = 0; c < d; ++c) centre[c] = static_cast<T>(mean[c] / static_cast<double>(m > 0 ? m : 1));
-    centre_rows(x_in, n, centre.data(), x.data(), x_norm.data());
-    centre_rows(ref_in, m, centre.data(), ref.data(), ref_norm.data());
+    centre_rows(x_in, n, centre.data(), x.get(), x_norm.get());
+    centre_rows(ref_in, m, centre.data(), ref.get(), ref_norm.get());
   }
 
   // out[i * cols + j] = ||r_{r0+j}||^2 - 2 x_{q0+i} . r_{r0+j}; add x_norm[q0+i] for the squared distance.
   void partial_tile(int64_t q0, int64_t rows, int64_t r0, int64_t cols, T* out) const {
-    for (int64_t i = 0; i < rows; ++i) std::memcpy(out + i * cols, ref_norm.data() + r0, cols * sizeof(T));
-    gemm_abt(rows, cols, d, T(-2), x.data() + q0 * d, ref.data() + r0 * d, T(1), out, cols);
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(out + i * cols, ref_norm.get() + r0, cols * sizeof(T));
+    gemm_abt(rows, cols, d, T(-2), x.get() + q0 * d, ref.get() + r0 * d, T(1), out, cols);
   }
 
  private:

@@ -56,7 +56,6 @@ HFC_HD T lid_from_sorted(const T* dist, int k) {
 
 }  // namespace hfc
 
-#include <cstring>  // memcpy for the exponent-bit casts below
 
 namespace hfc {
 
@@ -65,8 +64,8 @@ namespace hfc {
 // Inputs below the smallest normal exponent are clamped there (result ~1e-38 / ~1e-308, not 0): callers add these
 // terms to a sum dominated by exp(0) = 1, where they vanish. Relative error ~1e-7 (float), ~1e-15 (double).
 HFC_HD float exp_nonpositive(float x) {
-  x = fmaxf(x, -87.0f);
-  const float n = floorf(x * 1.44269504088896341f + 0.5f);
+  x = x < -87.0f ? -87.0f : x;  // (fmaxf would be a library call)
+  const float n = rintf(x * 1.44269504088896341f);  // (floorf does not vectorise under -ftrapping-math)
   float r = fmaf(-n, 0.693359375f, x);
   r = fmaf(-n, -2.12194440e-4f, r);
   float p = 1.9875691500e-4f;  // Cephes expf minimax coefficients
@@ -77,14 +76,16 @@ HFC_HD float exp_nonpositive(float x) {
   p = fmaf(p, r, 5.0000001201e-1f);
   const float y = fmaf(p, r * r, r) + 1.0f;
   const int bits = (static_cast<int>(n) + 127) << 23;
-  float scale;
-  memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
+#if defined(__CUDA_ARCH__)
+  return y * __int_as_float(bits);
+#else
+  return y * __builtin_bit_cast(float, bits);
+#endif
 }
 
 HFC_HD double exp_nonpositive(double x) {
-  x = fmax(x, -708.0);
-  const double n = floor(x * 1.4426950408889634074 + 0.5);
+  x = x < -708.0 ? -708.0 : x;
+  const double n = rint(x * 1.4426950408889634074);
   double r = fma(-n, 6.93145751953125e-1, x);
   r = fma(-n, 1.42860682030941723212e-6, r);
   double p = 1.0 / 6227020800.0;  // Taylor series of exp(r) to r^13: truncation < 2e-16 for |r| <= ln2/2
@@ -93,9 +94,11 @@ HFC_HD double exp_nonpositive(double x) {
                              0.5,               1.0,              1.0};
   for (double c : inv_fact) p = fma(p, r, c);
   const long long bits = static_cast<long long>(n + 1023.0) << 52;
-  double scale;
-  memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+#if defined(__CUDA_ARCH__)
+  return p * __longlong_as_double(bits);
+#else
+  return p * __builtin_bit_cast(double, bits);
+#endif
 }
 
 }  // namespace hfc
