@@ -41,6 +41,10 @@ def test_logits_parity_dynamic_batch_and_streaming(tmp_path, model):
     for batch_size in (1, 4, 11, 64):  # dynamic batch axis, uneven last batch
         got = onnx_model.predict(images.numpy(), batch_size=batch_size)
         assert got.shape == (11, 3) and np.max(np.abs(got - want)) <= 1e-4
+    as_uint8 = (images * 255).round().to(torch.uint8)
+    with torch.no_grad():
+        want_uint8 = model(as_uint8.float() / 255).numpy()
+    assert np.max(np.abs(onnx_model.predict(as_uint8.numpy(), batch_size=5) - want_uint8)) <= 1e-4
     dataset = TensorDataset(images, torch.zeros(11, dtype=torch.long))
     assert np.max(np.abs(onnx_model.predict(dataset, batch_size=3) - want)) <= 1e-4
     streamed = list(onnx_model.iter_batches(images[:5], batch_size=2))

@@ -18,11 +18,17 @@ def _first(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def _to_unit_float(x: torch.Tensor) -> torch.Tensor:
+    """float32 images; uint8 pixels are scaled to [0, 1]."""
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
 def iterate_batches(
     data: Dataset | np.ndarray | torch.Tensor, batch_size: int, with_labels: bool = False
 ) -> Iterator[Any]:
     """Yield float32 image batches (N,C,H,W) (or ``(images, labels)`` with ``with_labels``) from a torch Dataset
-    of ``(image, label)`` pairs, a numpy array or a tensor of images; one batch in memory at a time."""
+    of ``(image, label)`` pairs, a numpy array or a tensor of images (uint8 is scaled to [0,1]); one batch in
+    memory at a time."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(data, (np.ndarray, torch.Tensor)):
@@ -31,11 +37,7 @@ def iterate_batches(
         if with_labels:
             raise TypeError("data without labels: pass a Dataset of (image, label) pairs")
         for start in range(0, data.shape[0], batch_size):
-            yield torch.as_tensor(
-                np.asarray(data[start : start + batch_size])
-                if isinstance(data, np.ndarray)
-                else data[start : start + batch_size]
-            ).float()
+            yield _to_unit_float(torch.as_tensor(data[start : start + batch_size]))
         return
     if not isinstance(data, Dataset):
         raise TypeError(f"data must be a torch Dataset, numpy array or tensor, got {type(data).__name__}")
@@ -43,9 +45,9 @@ def iterate_batches(
         if with_labels:
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 raise TypeError("dataset items must be (image, label) pairs")
-            yield batch[0].float(), batch[1].long()
+            yield _to_unit_float(batch[0]), batch[1].long()
         else:
-            yield _first(batch).float()
+            yield _to_unit_float(_first(batch))
 
 
 def _device(model: nn.Module) -> torch.device:
