@@ -129,15 +129,22 @@ def test_wrappers_refuse_cpu_tensors():
 
 
 def test_cuda_backend_for_cpu_tensors_raises_and_lists_available_backends():
+    from engine import ops
     from engine.mixture import GaussianMixture
-    from engine.ops.gmm import gmm_log_prob
 
+    x = torch.zeros(4, 3)
     gmm = GaussianMixture(np.zeros((1, 3)), np.eye(3)[None], np.ones(1))
-    with pytest.raises(ValueError, match=r"backend 'cuda' is unavailable for 'gmm' on cpu .*available: \[.*'cpu'"):
-        gmm_log_prob(torch.zeros(2, 3), gmm, backend="cuda")
-    for op in OPS:
-        with pytest.raises(ValueError, match=rf"backend 'cuda' is unavailable for '{op}' on cpu .*available: \["):
-            _backend.resolve(op, "cuda", torch.device("cpu"))
+    calls = {
+        "gmm": lambda: ops.gmm_log_prob(x, gmm, backend="cuda"),
+        "mahalanobis": lambda: ops.mahalanobis(x, torch.zeros(2, 3), torch.eye(3), backend="cuda"),
+        "knn": lambda: ops.knn_distances(x, x, 2, backend="cuda"),
+        "kde": lambda: ops.kde_log_density(x, x, 1.0, backend="cuda"),
+    }
+    for op, call in calls.items():
+        with pytest.raises(
+            ValueError, match=rf"backend 'cuda' is unavailable for '{op}' on cpu .*available: \[.*'cpu'"
+        ):
+            call()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,3 +342,36 @@ def test_kde_matches_reference_and_cpu(dtype, n, m, d, bandwidth):
     cpu = cpu_impl("kde")
     if cpu is not None:
         assert rel_err(out, cpu(x, ref, bandwidth)) <= TOL[dtype][0]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_public_api_on_noncontiguous_cuda_tensors_matches_cpu_backend(dtype):
+    from engine import ops
+    from engine.mixture import GaussianMixture
+
+    gen = torch.Generator().manual_seed(2)
+    x, ref = (t.to(dtype) for t in knn_data(gen, 40, 50, 21, near_duplicates=False))
+    x_nc = x.cuda().t().contiguous().t()  # column-major copies: not C-contiguous
+    ref_nc = ref.cuda().t().contiguous().t()
+    tol = TOL[dtype][0]
+    assert rel_err(ops.lid(x_nc, ref_nc, k=7, backend="cuda"), ops.lid(x, ref, k=7, backend="cpu")) <= tol
+    assert rel_err(ops.kde_log_density(x_nc, ref_nc, 2.0, backend="cuda"), ops.kde_log_density(x, ref, 2.0)) <= tol
+    means, precision = ref[:3], torch.eye(21, dtype=dtype) + 0.1
+    got = ops.mahalanobis(x_nc, means.cuda(), precision.cuda(), backend="cuda")
+    assert rel_err(got, ops.mahalanobis(x, means, precision, backend="cpu")) <= tol
+
+    # hfc_loss: two layers in one fused call, gradients through autograd.
+    layers = [random_gmm_layer(gen, 40, d, k, dtype) for d, k in ((21, 3), (9, 2))]
+    gmms = [GaussianMixture(means, prec_chol, w) for (_, means, prec_chol, _), w in layers]
+    feats = [layer[0].to(dtype) for layer, _ in layers]
+    for mode in ("loglik", "nearest"):
+        cuda_feats = [f.detach().cuda().requires_grad_(True) for f in feats]
+        cpu_feats = [f.detach().clone().requires_grad_(True) for f in feats]
+        loss = ops.hfc_loss(cuda_feats, gmms, mode=mode, backend="cuda")
+        want = ops.hfc_loss(cpu_feats, gmms, mode=mode, backend="cpu")
+        (2.5 * loss).backward()
+        (2.5 * want).backward()
+        assert rel_err(loss, want) <= tol, mode
+        for got_f, want_f in zip(cuda_feats, cpu_feats, strict=True):
+            assert rel_err(got_f.grad, want_f.grad) <= TOL[dtype][1], mode
