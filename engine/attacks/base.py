@@ -250,14 +250,15 @@ class Attack:
     def _prepare(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         x = check_images(x).to(device=model_device(self.model), dtype=model_dtype(self.model))
         n = x.shape[0]
-        with torch.no_grad():
-            clean = as_two_logits(self.model(x))
-        num_classes = clean.shape[1]
+        if self.targeted == "least_likely":
+            with torch.no_grad():
+                clean = as_two_logits(self.model(x))
+            labels = None if y is None else check_labels(y, n, clean.shape[1], "y").to(x.device)
+            return x, labels, clean.argmin(1)
+        with torch.no_grad():  # the class count from one sample: no extra full forward pass
+            num_classes = as_two_logits(self.model(x[:1])).shape[1]
         if self.targeted is True:
             return x, None, check_labels(y, n, num_classes, "y (the targets, since targeted=True)").to(x.device)
-        if self.targeted == "least_likely":
-            labels = None if y is None else check_labels(y, n, num_classes, "y").to(x.device)
-            return x, labels, clean.argmin(1)
         labels = check_labels(y, n, num_classes, "y").to(x.device)
         if self.targeted == "random":
             gen = torch.Generator().manual_seed(self.seed)
