@@ -102,7 +102,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, data, mon
     real_epoch = train_mod._run_epoch
 
     def crash_in_epoch_2(*args, **kwargs):
-        if args[11] == 2:  # epoch index
+        if kwargs["epoch"] == 2:
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
@@ -138,6 +138,13 @@ def test_early_stopping_restores_best_weights(tmp_path, data, monkeypatch):
     assert result.best_epoch == 1 and result.epochs_run == 4 and result.stopped_early
     best = snapshots[1]
     assert all(torch.equal(best[k], v) for k, v in _weights(result.model).items())
+
+
+def test_undefined_monitor_metric_keeps_first_epoch(tmp_path, data):
+    one_class = ToyDataset(8, 2)
+    one_class.targets[:] = 0  # validation AUC is undefined (NaN) every epoch
+    result = train(tiny(), data[0], one_class, epochs=2, monitor="auc", out_dir=tmp_path, **FAST)
+    assert result.best_epoch == 0 and result.epochs_run == 2 and np.isnan(result.metrics["val"]["auc"])
 
 
 def test_train_model_from_splits(tmp_path):

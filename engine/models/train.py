@@ -190,26 +190,14 @@ def train(
                 if state["stop"]:
                     break
                 record = _run_epoch(
-                    model,
-                    train_ds,
-                    targets,
-                    opt,
-                    sched,
-                    augmenter,
-                    balanced,
-                    batch_size,
-                    drop_last,
-                    steps,
-                    seed,
-                    epoch,
-                    device,
-                    progress,
-                    epochs,
-                )
+                    model, train_ds, targets, opt, sched, augmenter=augmenter, balanced=balanced,
+                    batch_size=batch_size, drop_last=drop_last, steps=steps, seed=seed, epoch=epoch, device=device,
+                    progress=progress, epochs=epochs,
+                )  # fmt: skip
                 val = evaluate(model, val_ds, batch_size=max(batch_size, 128))
                 record.update({f"val_{k}": v for k, v in val.items() if k != "confusion"})
                 score = sign * val[monitor]
-                if score > state["best_score"]:
+                if state["best_state"] is None or score > state["best_score"]:  # a NaN metric keeps epoch 0
                     state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
                     state["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                 else:
@@ -256,6 +244,7 @@ def _run_epoch(
     targets: np.ndarray,
     opt: torch.optim.Optimizer,
     sched: Any,
+    *,
     augmenter: Augment | None,
     balanced: bool,
     batch_size: int,
