@@ -7,8 +7,10 @@ import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from engine.detectors.metrics import (
+    BOOT_CHUNK,
     auroc,
     bootstrap_metrics,
+    bootstrap_weights,
     detection_accuracy,
     partial_auroc,
     tnr_at_tpr,
@@ -66,10 +68,14 @@ def test_bootstrap_matches_a_plain_resampling_loop() -> None:
     neg, pos = np.round(rng.normal(size=37), 1), np.round(rng.normal(0.8, size=23), 1)
     out = bootstrap_metrics(neg, pos, n_boot=300, seed=5)
     assert set(out) == {"auroc", "tpr_at_tnr90", "tnr_at_tpr95", "pauc_fpr10", "detection_accuracy"}
-    # the same multinomial draws, expanded into explicit resamples, scored with sklearn
-    draw = np.random.default_rng(5)
-    w_neg = draw.multinomial(len(neg), np.full(len(neg), 1 / len(neg)), size=300)
-    w_pos = draw.multinomial(len(pos), np.full(len(pos), 1 / len(pos)), size=300)
+    # the same resampling counts (chunks of BOOT_CHUNK), expanded into explicit resamples, scored with sklearn
+    draw, w_neg, w_pos = np.random.default_rng(5), [], []
+    for start in range(0, 300, BOOT_CHUNK):
+        size = min(BOOT_CHUNK, 300 - start)
+        w_neg.append(bootstrap_weights(draw, len(neg), size))
+        w_pos.append(bootstrap_weights(draw, len(pos), size))
+    w_neg, w_pos = np.concatenate(w_neg).astype(int), np.concatenate(w_pos).astype(int)
+    assert (w_neg.sum(1) == len(neg)).all() and (w_pos.sum(1) == len(pos)).all()
     aucs = [_sk(np.repeat(neg, a), np.repeat(pos, b)) for a, b in zip(w_neg, w_pos, strict=True)]
     paucs = [_sk(np.repeat(neg, a), np.repeat(pos, b), max_fpr=0.1) for a, b in zip(w_neg, w_pos, strict=True)]
     np.testing.assert_allclose(out["auroc"][1:], np.quantile(aucs, [0.025, 0.975]), atol=1e-12)

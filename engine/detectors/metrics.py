@@ -1,7 +1,7 @@
 """Detection metrics from negative (clean + noise) and positive (adversarial) scores, higher = more adversarial.
 
 Every metric is computed from the exact, tie-aware ROC curve (thresholds at the distinct scores, "positive if
-score >= t"), optionally with per-sample weights; the bootstrap draws multinomial weights (negatives and positives
+score >= t"), optionally with per-sample weights; the bootstrap draws resampling counts (negatives and positives
 resampled separately, seeded) and evaluates all replicates at once as a (B, n) array.
 
 Definitions:
@@ -38,21 +38,29 @@ def _check(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def roc_curves(
     neg: np.ndarray, pos: np.ndarray, w_neg: np.ndarray | None = None, w_pos: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, tpr), each (B, T+1), starting at (0, 0): one ROC per row of the weights ((B, n) or None = ones)."""
+    """(fpr, tpr), each (B, T+1), starting at (0, 0): one ROC per row of the weights ((B, n) or None = ones).
+
+    Thresholds are the T distinct scores, descending; a point counts the (weighted) examples with score >= t.
+    """
     neg, pos = _check(neg, pos)
     w_neg = np.ones((1, len(neg))) if w_neg is None else np.atleast_2d(w_neg)
     w_pos = np.ones((1, len(pos))) if w_pos is None else np.atleast_2d(w_pos)
-    scores = np.concatenate([neg, pos])
-    order = np.argsort(-scores, kind="stable")
-    is_pos = np.r_[np.zeros(len(neg), bool), np.ones(len(pos), bool)][order]
-    rows = max(len(w_neg), len(w_pos))
-    w = np.concatenate([np.broadcast_to(w_neg, (rows, len(neg))), np.broadcast_to(w_pos, (rows, len(pos)))], 1)
-    w = w[:, order]
-    last_of_tie = np.r_[np.diff(scores[order]) != 0, True]  # thresholds between distinct scores only
-    zero = np.zeros((len(w), 1))
-    cum_neg = np.concatenate([zero, np.cumsum(np.where(is_pos, 0.0, w), axis=1)[:, last_of_tie]], axis=1)
-    cum_pos = np.concatenate([zero, np.cumsum(np.where(is_pos, w, 0.0), axis=1)[:, last_of_tie]], axis=1)
-    return cum_neg / cum_neg[:, -1:], cum_pos / cum_pos[:, -1:]
+    thresholds = -np.unique(-np.concatenate([neg, pos]))  # distinct scores, descending
+
+    def cumulative(scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        order = np.argsort(-scores, kind="stable")
+        counts = np.searchsorted(-scores[order], -thresholds, side="right")  # how many have score >= t
+        cum = np.concatenate([np.zeros((len(weights), 1)), np.cumsum(weights[:, order], axis=1)], axis=1)
+        return np.concatenate([np.zeros((len(weights), 1)), cum[:, counts]], axis=1)
+
+    fp, tp = cumulative(neg, w_neg), cumulative(pos, w_pos)
+    return fp / fp[:, -1:], tp / tp[:, -1:]
+
+
+def bootstrap_weights(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """(size, n) resampling counts: how often each of n examples is drawn in each of ``size`` resamples."""
+    draws = rng.integers(0, n, size=(size, n)) + n * np.arange(size)[:, None]
+    return np.bincount(draws.ravel(), minlength=size * n).reshape(size, n).astype(np.float64)
 
 
 def _area(fpr: np.ndarray, tpr: np.ndarray) -> np.ndarray:
@@ -142,11 +150,12 @@ def bootstrap_metrics(
     out = {name: [float(fn(*point)[0])] for name, fn in METRICS.items()}
     if n_boot > 0:
         rng = np.random.default_rng(seed)
-        w_neg = rng.multinomial(len(neg), np.full(len(neg), 1 / len(neg)), size=n_boot).astype(np.float64)
-        w_pos = rng.multinomial(len(pos), np.full(len(pos), 1 / len(pos)), size=n_boot).astype(np.float64)
         values: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
         for start in range(0, n_boot, BOOT_CHUNK):
-            curves = roc_curves(neg, pos, w_neg[start : start + BOOT_CHUNK], w_pos[start : start + BOOT_CHUNK])
+            size = min(BOOT_CHUNK, n_boot - start)
+            curves = roc_curves(
+                neg, pos, bootstrap_weights(rng, len(neg), size), bootstrap_weights(rng, len(pos), size)
+            )
             for name, fn in METRICS.items():
                 values[name].append(fn(*curves))
         alpha = (1 - level) / 2
