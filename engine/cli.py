@@ -46,9 +46,43 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run (or resume) an audit and print its summary."""
+    from engine.audit import run_audit
+    from engine.report.audit_report import summary_lines
+    from engine.sweep.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides, quick=args.quick)
+    except ConfigError as exc:
+        raise SystemExit(f"config error: {exc}") from None
+    report = run_audit(config, progress=not args.no_progress)
+    table = report.table()
+    if not table.empty:
+        with pd_options():
+            print(table.round(3).to_string())
+    for line in summary_lines(report.rows):
+        print(line)
+    print(f"report: {report.run_dir / 'report.html'}")
+    return 0
+
+
+def pd_options():
+    import pandas as pd
+
+    return pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 500)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hfc-engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) an audit; no config = the default audit on embedded data")
+    run.add_argument("config", nargs="?", help="YAML config (merged over the defaults)")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. attack.steps=40")
+    run.add_argument("--quick", action="store_true", help="fewer images, one eps, BIM/PGD only")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
 
     bench = sub.add_parser("bench", help="run the kernel benchmark suite and print the table")
     bench.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")

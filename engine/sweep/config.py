@@ -14,9 +14,19 @@ from typing import Any
 
 import yaml
 
-ATTACKS = ("fgsm", "bim", "pgd", "mifgsm", "cw-linf", "cw-l2")
+ATTACKS = ("fgsm", "bim", "pgd", "mifgsm", "cw_linf", "cw_l2")
 DETECTORS = ("kd", "bu", "lid", "maha", "svm", "dnn", "dnr")
-DATASET_KINDS = ("fundus-synth", "cxr-synth", "natural", "chest-xray", "aptos", "medmnist", "imagefolder", "dicom")
+DATASET_KINDS = (
+    "fundus-synth",
+    "cxr-synth",
+    "natural",
+    "chest_xray",
+    "aptos",
+    "medmnist",
+    "image_folder",
+    "dicom",
+    "memory",
+)
 ARCHS = ("resnet18", "resnet50", "vgg16")
 STUDIES = ("stress", "uap")
 
@@ -38,7 +48,7 @@ DEFAULTS: dict[str, Any] = {
         "lr": 0.003,
         "checkpoint": None,
     },
-    "attacks": ["fgsm", "bim", "pgd", "cw-linf"],
+    "attacks": ["fgsm", "bim", "pgd", "cw_linf"],
     "eps": ["1/256", "2/256", "4/256"],
     "attack": {"steps": 20, "targeted": True, "pool": 300, "batch_size": 100},
     "hfc": {"enabled": True, "layers": "*relu*", "lam": 1.0, "mode": "nearest", "n_components": 2},

@@ -1,0 +1,108 @@
+"""End-to-end audits: the CLI on a tiny config, resume after a simulated crash, and engine.audit() in memory."""
+
+import sqlite3
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from engine.audit import audit
+from engine.cli import main
+from engine.data import ArrayDataset
+from engine.models import build_model
+from engine.sweep.store import ROW_COLUMNS
+
+TINY = """
+name: tiny
+output_dir: {out}
+datasets: [{{name: fundus-synth, task: binary, n: 160, image_size: 32}}]
+model: {{epochs: 1, width: 0.125, batch_size: 32}}
+attacks: [pgd]
+eps: ["8/256"]
+attack: {{steps: 3, pool: 80, batch_size: 40}}
+hfc: {{layers: "layer4*relu*", n_components: 1}}
+detectors: [maha, kd]
+detector: {{bootstrap: 20}}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(TINY.format(out=root / "runs"))
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    return cfg, root / "runs" / "tiny"
+
+
+def test_cli_run_writes_results_card_and_report(tiny_run):
+    _, run_dir = tiny_run
+    frame = pd.read_csv(run_dir / "results.csv")
+    assert list(frame.columns) == list(ROW_COLUMNS)
+    assert pd.read_parquet(run_dir / "results.parquet").shape == frame.shape
+    det = frame[frame["detector"].isin(["maha", "kd"]) & (frame["metric"] == "auroc")]
+    assert set(det["hfc"]) == {True, False} and det["value"].between(0, 1).all()
+    assert (det["ci_low"] <= det["value"] + 1e-12).all() and (det["value"] <= det["ci_high"] + 1e-12).all()
+    asr = frame[frame["metric"] == "attack_success_rate"]
+    assert len(asr) == 2 and asr["value"].between(0, 1).all()
+    html = (run_dir / "report.html").read_text()
+    for needle in (
+        "Detection of adversarial examples",
+        "AUROC plain",
+        "ROC curves",
+        "data:image/png;base64",
+        "Where adversarial features lie",
+        "Run card",
+    ):
+        assert needle in html
+    card = (run_dir / "run_card.json").read_text()
+    assert '"seconds_per_stage"' in card and '"git_commit"' in card
+
+
+def test_resume_after_crash_recomputes_only_missing_cells(tiny_run, capsys):
+    cfg, run_dir = tiny_run
+    before = pd.read_csv(run_dir / "results.csv")
+    db = sqlite3.connect(run_dir / "store.sqlite")
+    with db:  # simulate a crash after the attack cells: the detector cells never committed
+        db.execute("DELETE FROM rows WHERE cell IN (SELECT key FROM cells WHERE stage IN ('detect', 'projection'))")
+        db.execute("DELETE FROM cells WHERE stage IN ('detect', 'projection')")
+    db.close()
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    after = pd.read_csv(run_dir / "results.csv")
+    key = ["dataset", "attack", "eps", "hfc", "detector", "metric"]
+    pd.testing.assert_frame_equal(
+        before.sort_values(key).reset_index(drop=True), after.sort_values(key).reset_index(drop=True)
+    )
+    assert not after.duplicated(key).any()
+
+
+def test_config_error_exits_with_the_key(tmp_path):
+    with pytest.raises(SystemExit, match="'hfc.mode' has value 'exact'"):
+        main(["run", "hfc.mode=exact", "--no-progress"])
+
+
+def test_audit_api_in_memory(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 60)
+    images = rng.uniform(0.3, 0.5, size=(120, 3, 16, 16)).astype(np.float32)
+    images[labels == 1, :, 4:12, 4:12] += 0.4  # class 1: a bright square
+    dataset = ArrayDataset(images, labels, ["normal", "lesion"], "squares")
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2, width=0.125, small_stem=True, input_size=16)
+    report = audit(
+        model,
+        dataset,
+        attacks=["fgsm"],
+        detectors=["maha"],
+        hfc=False,
+        eps=["8/256"],
+        pool=40,
+        run_dir=tmp_path / "api",
+        layers="layer4*relu*",
+    )
+    assert (tmp_path / "api" / "report.html").exists()
+    table = report.table()
+    assert "AUROC plain" in table.columns
+    out = report.to_csv(tmp_path / "rows.csv")
+    assert len(pd.read_csv(out)) == len(report.rows) > 0
