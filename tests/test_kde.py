@@ -109,6 +109,9 @@ def test_bad_input(backend):
         kde_log_density(nan, ref, 1.0, backend=backend)
     with pytest.raises(TypeError, match="ref has dtype"):
         kde_log_density(x, ref.astype(np.float32), 1.0, backend=backend)
+    with pytest.raises(ValueError, match="bandwidth=1e-30 is too small for torch.float32"):
+        kde_log_density(x.astype(np.float32), ref.astype(np.float32), 1e-30, backend=backend)
+    assert np.all(np.isfinite(kde_log_density(x, x, 1e-30, backend=backend)))  # fine in float64
 
 
 def test_cpp_side_validation():
@@ -121,3 +124,5 @@ def test_cpp_side_validation():
         _C.kde(ref, ref[:0], 1.0)
     with pytest.raises(TypeError):  # mixed dtypes are never converted silently
         _C.kde(ref, ref.astype(np.float64), 1.0)
+    with pytest.raises(ValueError, match="bandwidth=1e-30 is too small"):
+        _C.kde(ref, ref, 1e-30)

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -11,13 +12,22 @@
 #include "hfc/math.h"
 
 namespace hfc {
+namespace {
+
+std::string bandwidth_str(double h) {
+  std::ostringstream out;
+  out << h;
+  return out.str();
+}
+
+}  // namespace
 
 void kde_validate(const KdeParams& p) {
   require(p.n >= 0, "x must have at least 0 rows, got " + std::to_string(p.n));
   require(p.m >= 1, "ref must have at least 1 row, got " + std::to_string(p.m));
   require(p.d >= 1, "x and ref must have at least 1 column, got d=" + std::to_string(p.d));
   require(std::isfinite(p.bandwidth) && p.bandwidth > 0,
-          "bandwidth must be a positive finite number, got " + std::to_string(p.bandwidth));
+          "bandwidth must be a positive finite number, got " + bandwidth_str(p.bandwidth));
   require(p.tile_queries >= 1 && p.tile_refs >= 1, "tile sizes must be >= 1");
 }
 
@@ -27,6 +37,8 @@ void kde_log_density(const KdeParams& p, const T* x, const T* ref, T* out) {
   if (p.n == 0) return;
   const CentredPairs<T> pairs(x, p.n, ref, p.m, p.d);
   const T scale = static_cast<T>(-0.5 / (p.bandwidth * p.bandwidth));
+  require(std::isfinite(scale), "bandwidth=" + bandwidth_str(p.bandwidth) +
+                                    " is too small for this dtype (1 / (2 h^2) overflows); use float64");
   const double log_norm = kde_log_norm<double>(static_cast<int>(p.d), static_cast<int>(p.m), p.bandwidth);
   const int64_t tq = std::min(p.tile_queries, p.n), tr = std::min(p.tile_refs, p.m);
   const int64_t n_tiles = (p.n + tq - 1) / tq;

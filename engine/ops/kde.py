@@ -84,6 +84,8 @@ def kde_log_density(x: Any, ref: Any, bandwidth: float, backend: str = "auto") -
     log(1/M sum_j exp(-||x - r_j||^2 / (2 h^2))) - d/2 log(2 pi h^2), as sklearn KernelDensity."""
     h = _check_bandwidth(bandwidth)
     xt, rt, was_numpy = validate_pair(x, ref)
+    if 0.5 / h**2 > torch.finfo(xt.dtype).max:
+        raise ValueError(f"bandwidth={h!r} is too small for {xt.dtype} (1 / (2 h^2) overflows); use float64")
     impl = resolve("kde", backend, xt.device)
     if xt.shape[0] == 0:
         return to_output(xt.new_empty(0), was_numpy)
