@@ -3,7 +3,7 @@
 Environment switches:
   HFC_ENGINE_PORTABLE=1   build without -march=native (portable wheels).
   HFC_ENGINE_CUDA=1|0     force the CUDA extension on or off (default: on when nvcc is found).
-  HFC_ENGINE_CUDA_ARCH    nvcc -arch value (default sm_80).
+  HFC_ENGINE_CUDA_ARCH    CUDA architectures, e.g. "80;90" (default), SASS for each plus PTX of the last.
 """
 
 import glob
@@ -65,30 +65,29 @@ class BuildExt(build_ext):
         super().build_extension(ext)
 
     def _compile_cuda(self, ext):
-        nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-        arch = os.environ.get("HFC_ENGINE_CUDA_ARCH", "sm_80")
+        nvcc = shutil.which("nvcc") or str(_cuda_home() / "bin" / "nvcc")
         out_dir = Path(self.build_temp) / "cuda"
         out_dir.mkdir(parents=True, exist_ok=True)
+        headers = _sources("csrc/cuda/*.cuh", "csrc/include/hfc/*.h")
         objects = []
         for src in _sources("csrc/cuda/*.cu"):
             obj = out_dir / (Path(src).stem + ".o")
-            cmd = [
-                nvcc,
-                "-c",
-                src,
-                "-o",
-                str(obj),
-                "-O3",
-                "-std=c++17",
-                f"-arch={arch}",
-                "-Xcompiler",
-                "-fPIC",
-                "-Icsrc/include",
-            ]
-            print(" ".join(cmd), file=sys.stderr)
-            subprocess.check_call(cmd, cwd=ROOT)
+            newest_input = max((ROOT / p).stat().st_mtime for p in [src, *headers])
+            if not obj.exists() or obj.stat().st_mtime < newest_input:  # incremental, like the C++ sources
+                cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-lineinfo", *_cuda_arch_flags(),
+                       "-Xcompiler", "-fPIC", "-Icsrc/include"]
+                print(" ".join(cmd), file=sys.stderr)
+                subprocess.check_call(cmd, cwd=ROOT)
             objects.append(str(obj))
         ext.extra_objects = objects
+
+
+def _cuda_arch_flags() -> list[str]:
+    """SASS for each listed architecture plus PTX of the newest, so newer GPUs can JIT it."""
+    archs = os.environ.get("HFC_ENGINE_CUDA_ARCH", "80;90").replace(",", ";").split(";")
+    numbers = [a.strip().removeprefix("sm_") for a in archs if a.strip()]
+    flags = [f"-gencode=arch=compute_{n},code=sm_{n}" for n in numbers]
+    return [*flags, f"-gencode=arch=compute_{numbers[-1]},code=compute_{numbers[-1]}"]
 
 
 blas_include, blas_lib_dir, blas_lib = _openblas()
