@@ -329,3 +329,6 @@ class Attack:
         self, x: torch.Tensor, labels: torch.Tensor | None, target: torch.Tensor | None, eps: float | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
+
+
+__all__ = ["Attack", "AttackResult", "parse_eps", "box_bounds", "logit_gap", "as_two_logits", "eval_mode"]

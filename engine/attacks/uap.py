@@ -252,11 +252,14 @@ def sgd_uap(
     step_size: float | str | None = None,
     batch_size: int = 32,
     beta: float = 10.0,
+    delta: float | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> UAPResult:
     """SGD-UAP: per minibatch v <- proj(v + step * sign(grad_v sum min(CE(x+v, y), beta))) (L2: unit gradient);
-    targeted: v <- proj(v - step * ...) on CE toward ``target``. ``step_size`` defaults to eps / 10."""
+    targeted: v <- proj(v - step * ...) on CE toward ``target``. ``step_size`` defaults to eps / 10. The fitting
+    set's fooling (targeted: success) rate is recorded after every epoch; with ``delta`` training stops once it
+    reaches 1 - delta (the DeepFool-UAP stopping rule)."""
     start = time.perf_counter()
     eps, x, y, device, dtype = _setup(model, data, eps, norm)
     check_batch_size(batch_size)
@@ -265,6 +268,11 @@ def sgd_uap(
     v = torch.zeros(x.shape[1:], device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(seed)
     history = []
+    clean = predict(model, x)
+
+    def needs_step(pred, idx):
+        return pred == clean[idx] if target is None else pred != target
+
     with eval_mode(model):
         for epoch in tqdm(range(epochs), desc="SGD-UAP", disable=not progress):
             for idx in torch.randperm(x.shape[0], generator=gen).split(batch_size):
@@ -278,7 +286,10 @@ def sgd_uap(
                 (grad,) = torch.autograd.grad(objective, v_var)
                 direction = grad.sign() if norm == "linf" else grad / grad.norm().clamp_min(1e-12)
                 v = project_universal(v - step * direction, eps, norm)
-            history.append({"epoch": epoch + 1, "seconds": time.perf_counter() - start})
+            rate = _fit_rate(model, x, v, needs_step)
+            history.append({"epoch": epoch + 1, "fit_rate": rate, "seconds": time.perf_counter() - start})
+            if delta is not None and rate >= 1 - delta:
+                break
     return _finish(model, v, "sgd_uap", eps, norm, data if heldout is None else heldout, target, history, start)
 
 
