@@ -66,25 +66,74 @@ constexpr int64_t kMicroRows = 8;  // rows per register block: 8 independent FMA
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// out[r, :] = a[r, :] M (+ out[r, :] * scale[r] when scale is given) for kMicroRows rows. M (d x ld, zero-padded
-// to ld columns) is upper triangular (kUpper) or lower triangular: only its nonzero rows are visited per column
-// vector, which halves the multiply-adds.
-template <typename T, bool kUpper>
-inline void micro_product(const T* a, int64_t lda, const T* m, int64_t d, int64_t ld, T* out, const T* scale) {
+// acc[b][r] += a[r, i] * M[i, j0 + b*L : j0 + (b+1)*L] for i in [lo, hi), for NB column vectors and
+// kMicroRows rows: NB loads of M feed NB * kMicroRows FMAs.
+template <typename T, int NB>
+inline void fma_rows(typename Simd<T>::vec (&acc)[2][kMicroRows], const T* a, int64_t lda, const T* m, int64_t ld,
+                     int64_t j0, int64_t lo, int64_t hi, int first) {
   using V = typename Simd<T>::vec;
   constexpr int64_t kL = Simd<T>::kLanes;
-  for (int64_t j0 = 0; j0 < d; j0 += kL) {
-    const int64_t lo = kUpper ? 0 : j0;
-    const int64_t hi = kUpper ? std::min(d, j0 + kL) : d;
-    V acc[kMicroRows];
+  for (int64_t i = lo; i < hi; ++i) {
+    V mv[NB];
+    for (int b = 0; b < NB; ++b) mv[b] = *reinterpret_cast<const V*>(m + i * ld + j0 + (first + b) * kL);
     for (int64_t r = 0; r < kMicroRows; ++r) {
-      acc[r] = scale ? *reinterpret_cast<const V*>(out + r * ld + j0) * scale[r] : V{};
+      const T ar = a[r * lda + i];
+      for (int b = 0; b < NB; ++b) acc[first + b][r] += ar * mv[b];
     }
-    for (int64_t i = lo; i < hi; ++i) {
-      const V mv = *reinterpret_cast<const V*>(m + i * ld + j0);
-      for (int64_t r = 0; r < kMicroRows; ++r) acc[r] += a[r * lda + i] * mv;
+  }
+}
+
+// y = z U for kMicroRows rows (U upper triangular, d x ld zero-padded), and q[r] = ||y_r||^2. Only the nonzero
+// rows of U are visited for each pair of column vectors, which halves the multiply-adds.
+template <typename T>
+inline void micro_upper(const T* z, const T* u, int64_t d, int64_t ld, T* y, T* q) {
+  using V = typename Simd<T>::vec;
+  constexpr int64_t kL = Simd<T>::kLanes;
+  V qv[kMicroRows] = {};
+  for (int64_t j0 = 0; j0 < d; j0 += 2 * kL) {
+    const bool two = j0 + kL < d;
+    V acc[2][kMicroRows] = {};
+    const int64_t hi_a = std::min(d, j0 + kL);
+    if (two) {
+      fma_rows<T, 2>(acc, z, ld, u, ld, j0, 0, hi_a, 0);
+      fma_rows<T, 1>(acc, z, ld, u, ld, j0, hi_a, std::min(d, j0 + 2 * kL), 1);
+    } else {
+      fma_rows<T, 1>(acc, z, ld, u, ld, j0, 0, hi_a, 0);
     }
-    for (int64_t r = 0; r < kMicroRows; ++r) *reinterpret_cast<V*>(out + r * ld + j0) = acc[r];
+    for (int b = 0; b < (two ? 2 : 1); ++b) {
+      for (int64_t r = 0; r < kMicroRows; ++r) {
+        *reinterpret_cast<V*>(y + r * ld + j0 + b * kL) = acc[b][r];
+        qv[r] += acc[b][r] * acc[b][r];
+      }
+    }
+  }
+  for (int64_t r = 0; r < kMicroRows; ++r) {
+    T sum = 0;
+    for (int64_t l = 0; l < kL; ++l) sum += qv[r][l];
+    q[r] = sum;
+  }
+}
+
+// acc = acc * scale[r] + weight[r] * (y V) for kMicroRows rows (V = U^T lower triangular, d x ld zero-padded).
+template <typename T>
+inline void micro_lower(const T* y, const T* v, int64_t d, int64_t ld, T* acc_out, const T* scale, const T* weight) {
+  using V = typename Simd<T>::vec;
+  constexpr int64_t kL = Simd<T>::kLanes;
+  for (int64_t j0 = 0; j0 < d; j0 += 2 * kL) {
+    const bool two = j0 + kL < d;
+    V acc[2][kMicroRows] = {};
+    if (two) {
+      fma_rows<T, 1>(acc, y, ld, v, ld, j0, j0, j0 + kL, 0);
+      fma_rows<T, 2>(acc, y, ld, v, ld, j0, j0 + kL, d, 0);
+    } else {
+      fma_rows<T, 1>(acc, y, ld, v, ld, j0, j0, d, 0);
+    }
+    for (int b = 0; b < (two ? 2 : 1); ++b) {
+      for (int64_t r = 0; r < kMicroRows; ++r) {
+        V* out = reinterpret_cast<V*>(acc_out + r * ld + j0 + b * kL);
+        *out = *out * scale[r] + acc[b][r] * weight[r];
+      }
+    }
   }
 }
 
@@ -115,7 +164,7 @@ struct Factors {
 template <typename T>
 struct Workspace {
   std::vector<T> y, acc, best_y, z;
-  std::vector<T> scale_old, weight_new, best_logp, best_q;
+  std::vector<T> q, scale_old, weight_new, best_logp, best_q;
   std::vector<OnlineLse<T>> lse;
   std::vector<int64_t> best_k, group;
 
@@ -124,8 +173,9 @@ struct Workspace {
         acc(round_up(tile, kMicroRows) * max_ld),
         best_y(nearest ? tile * max_ld : 0),
         z(kMicroRows * max_ld),
+        q(round_up(tile, kMicroRows)),
         scale_old(round_up(tile, kMicroRows), T(1)),
-        weight_new(tile),
+        weight_new(round_up(tile, kMicroRows), T(0)),
         best_logp(tile),
         best_q(tile),
         lse(tile),
@@ -133,7 +183,7 @@ struct Workspace {
         group(tile) {}
 };
 
-// y (rows x F.ld) = (x - mu_k) U_k, centred while loading.
+// y (rows x F.ld) = (x - mu_k) U_k, centred while loading, and q (rows) = squared row norms of y.
 template <typename T>
 void first_product(const GmmLayer<T>& L, const Factors<T>& F, int64_t k, const T* x, int64_t rows, Workspace<T>& ws) {
   const int64_t d = L.d, ld = F.ld;
@@ -145,6 +195,12 @@ void first_product(const GmmLayer<T>& L, const Factors<T>& F, int64_t k, const T
       for (int64_t j = 0; j < d; ++j) y[i * d + j] = x[i * d + j] - mu[j];
     }
     trmm_right_upper(false, rows, d, L.prec_chol + k * d * d, y);
+    for (int64_t i = 0; i < rows; ++i) {
+      T q = 0;
+#pragma omp simd reduction(+ : q)
+      for (int64_t j = 0; j < d; ++j) q += y[i * d + j] * y[i * d + j];
+      ws.q[i] = q;
+    }
     return;
   }
   T* z = ws.z.data();
@@ -158,17 +214,22 @@ void first_product(const GmmLayer<T>& L, const Factors<T>& F, int64_t k, const T
         std::fill(z + r * ld, z + r * ld + d, T(0));
       }
     }
-    micro_product<T, true>(z, ld, u, d, ld, y + r0 * ld, nullptr);
+    micro_upper(z, u, d, ld, y + r0 * ld, ws.q.data() + r0);
   }
 }
 
-// acc = acc * scale_old (per row) + y U_k^T; y holds weight-scaled rows and is overwritten on the BLAS path.
+// acc = acc * scale_old + weight_new * (y U_k^T) per row (y is overwritten on the BLAS path).
 template <typename T>
 void accumulate_grad(const GmmLayer<T>& L, const Factors<T>& F, int64_t k, int64_t rows, Workspace<T>& ws) {
   const int64_t d = L.d, ld = F.ld;
   T* y = ws.y.data();
   T* acc = ws.acc.data();
   if (!F.simd) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const T w = ws.weight_new[i];
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) y[i * d + j] *= w;
+    }
     trmm_right_upper(true, rows, d, L.prec_chol + k * d * d, y);
     for (int64_t i = 0; i < rows; ++i) {
       const T s = ws.scale_old[i];
@@ -179,7 +240,7 @@ void accumulate_grad(const GmmLayer<T>& L, const Factors<T>& F, int64_t k, int64
   }
   const T* v = F.lower.data() + k * d * ld;
   for (int64_t r0 = 0; r0 < rows; r0 += kMicroRows) {
-    micro_product<T, false>(y + r0 * ld, ld, v, d, ld, acc + r0 * ld, ws.scale_old.data() + r0);
+    micro_lower(y + r0 * ld, v, d, ld, acc + r0 * ld, ws.scale_old.data() + r0, ws.weight_new.data() + r0);
   }
 }
 
@@ -187,7 +248,6 @@ template <typename T>
 void loglik_tile(const GmmLayer<T>& L, const Factors<T>& F, int64_t row0, int64_t rows, Workspace<T>& ws) {
   const int64_t d = L.d, ld = F.ld;
   const T* x = L.x + row0 * d;
-  T* y = ws.y.data();
   T* acc = ws.acc.data();
   const bool need_grad = L.grad != nullptr;
   std::fill(ws.lse.begin(), ws.lse.begin() + rows, OnlineLse<T>{});
@@ -199,10 +259,7 @@ void loglik_tile(const GmmLayer<T>& L, const Factors<T>& F, int64_t row0, int64_
     first_product(L, F, k, x, rows, ws);
     T max_weight = 0;
     for (int64_t i = 0; i < rows; ++i) {
-      T q = 0;
-#pragma omp simd reduction(+ : q)
-      for (int64_t j = 0; j < d; ++j) q += y[i * ld + j] * y[i * ld + j];
-      const T logp = L.log_norm[k] - T(0.5) * q;
+      const T logp = L.log_norm[k] - T(0.5) * ws.q[i];
       if (logp > ws.best_logp[i]) {
         ws.best_logp[i] = logp;
         ws.best_k[i] = k;
@@ -212,11 +269,6 @@ void loglik_tile(const GmmLayer<T>& L, const Factors<T>& F, int64_t row0, int64_
     }
     // All scale_old are 1 when every weight is tiny (a new maximum has weight 1), so the skip is exact bookkeeping.
     if (!need_grad || max_weight < negligible_weight<T>()) continue;
-    for (int64_t i = 0; i < rows; ++i) {
-      const T w = ws.weight_new[i];
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) y[i * ld + j] *= w;
-    }
     accumulate_grad(L, F, k, rows, ws);
   }
 
@@ -243,9 +295,7 @@ void nearest_tile(const GmmLayer<T>& L, const Factors<T>& F, int64_t row0, int64
   for (int64_t k = 0; k < L.k; ++k) {
     first_product(L, F, k, x, rows, ws);
     for (int64_t i = 0; i < rows; ++i) {
-      T q = 0;
-#pragma omp simd reduction(+ : q)
-      for (int64_t j = 0; j < d; ++j) q += y[i * ld + j] * y[i * ld + j];
+      const T q = ws.q[i];
       const T logp = L.log_norm[k] - T(0.5) * q;
       if (k == 0 || logp > ws.best_logp[i]) {
         ws.best_logp[i] = logp;

@@ -28,7 +28,7 @@ constexpr int64_t kGmmMinRowTile = 16;
 constexpr int64_t kGmmItemsPerThread = 2;
 // Layers with d <= this use register-blocked SIMD triangular products instead of OpenBLAS trmm (whose small-d
 // kernels run at about half the sgemm rate). Override per call with GmmParams::simd_max_dim (0 = always BLAS).
-constexpr int64_t kGmmSimdMaxDim = 128;
+constexpr int64_t kGmmSimdMaxDim = 96;
 
 // One layer entry: inputs (read-only) and outputs (written by gmm_forward).
 template <typename T>
