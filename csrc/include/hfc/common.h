@@ -49,6 +49,9 @@ inline void require(bool ok, const std::string& message) {
 // Pairwise squared-distance tiles on centred data, shared by the k-NN (knn.cpp) and KDE (kde.cpp) kernels.
 #include <cblas.h>
 
+#include <omp.h>
+
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -73,6 +76,15 @@ inline void gemm_abt(int64_t m, int64_t n, int64_t k, double alpha, const double
 // A query set X (n, d) and a reference set R (m, d), both translated to the reference mean, with squared row norms.
 // Distances are translation invariant; centring makes ||x||^2 + ||r||^2 - 2 x.r lose far less in float32 when
 // the data sit far from the origin (the norms, and so the cancellation, shrink to the data's spread).
+// Query rows per work item for the tiled kernels: at most max_tile, but small enough that every thread gets at least
+// kMinTilesPerThread items (dynamic scheduling then evens out stragglers), and never below kMinQueryTile rows.
+constexpr int64_t kMinTilesPerThread = 4;
+constexpr int64_t kMinQueryTile = 32;
+inline int64_t query_tile(int64_t n, int64_t max_tile, int threads) {
+  const int64_t balanced = (n + kMinTilesPerThread * threads - 1) / (kMinTilesPerThread * threads);
+  return std::max<int64_t>(1, std::min(max_tile, std::max(kMinQueryTile, balanced)));
+}
+
 template <typename T>
 struct CentredPairs {
   int64_t n, m, d;

@@ -9,7 +9,7 @@
 
 namespace hfc {
 
-// Query/reference tile sizes of the streamed GEMM blocks.
+// Query/reference tile sizes of the streamed GEMM blocks (query tiles shrink for small N, see hfc::query_tile).
 constexpr int64_t kKdeTileQueries = 256;
 constexpr int64_t kKdeTileRefs = 512;
 

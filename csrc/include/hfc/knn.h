@@ -15,7 +15,8 @@
 namespace hfc {
 
 // Candidates kept beyond k while streaming, so that neighbours whose GEMM-estimated distances are off by rounding
-// still reach the exact recomputation. Query/reference tile sizes of the streamed GEMM blocks.
+// still reach the exact recomputation. Query/reference tile sizes of the streamed GEMM blocks (query tiles shrink
+// for small N so every thread gets several, see hfc::query_tile).
 constexpr int64_t kKnnExtraCandidates = 8;
 constexpr int64_t kKnnTileQueries = 256;
 constexpr int64_t kKnnTileRefs = 512;
