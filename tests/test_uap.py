@@ -82,6 +82,9 @@ def test_delta_stops_early(graded) -> None:
     model, fit, heldout = graded
     result = deepfool_uap(model, fit, eps=0.1, heldout=heldout, delta=0.5, max_passes=10)
     assert len(result.history) < 10 and result.history[-1]["fit_rate"] >= 0.5
+    sgd = sgd_uap(model, fit, eps=0.1, heldout=heldout, delta=0.5, epochs=10)
+    assert len(sgd.history) < 10 and sgd.history[-1]["fit_rate"] >= 0.5
+    assert all(h["fit_rate"] < 0.5 for h in sgd.history[:-1])
 
 
 def test_evaluate_uap_matches_sklearn(graded) -> None:
