@@ -67,6 +67,69 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    """Stream a dataset through a model and fitted detectors; write per-image rows."""
+    from engine.data import load_dataset
+    from engine.score import score_dataset
+
+    dataset = load_dataset(args.data, **_dataset_options(args))
+    summary = score_dataset(
+        args.model, args.detectors, dataset, args.out, batch_size=args.batch_size, progress=not args.no_progress
+    )
+    share = summary.detector_seconds / summary.model_seconds if summary.model_seconds else float("nan")
+    print(
+        f"scored {summary.rows} images in {summary.seconds:.1f}s ({summary.images_per_second:.1f} images/s); "
+        f"model {summary.model_seconds:.1f}s, detectors {summary.detector_seconds:.1f}s "
+        f"({100 * share:.0f}% of the model time) -> {summary.output}"
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a model on a dataset's seeded train/val split and save a checkpoint."""
+    from engine.data import load_dataset, split_dataset
+    from engine.models import train_model
+
+    dataset = load_dataset(args.data, **_dataset_options(args))
+    splits = split_dataset(dataset, val=0.15, test=0.15, seed=args.seed)
+    out_dir = Path(args.out)
+    splits.save(out_dir / "splits.json")
+    result = train_model(
+        splits,
+        args.arch,
+        out_dir=out_dir,
+        width=args.width,
+        dropout=args.dropout,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        balanced=args.balanced,
+        progress=not args.no_progress,
+    )
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
+    print(f"checkpoint: {result.checkpoint} (best epoch {result.best_epoch}); {metrics}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a model to ONNX (verified against PyTorch with onnxruntime)."""
+    from engine.export import export_onnx
+
+    path = export_onnx(args.model, args.out, layers=args.layers, pooled=not args.raw_features)
+    print(f"exported and verified: {path}")
+    return 0
+
+
+def _dataset_options(args: argparse.Namespace) -> dict:
+    options = {}
+    if getattr(args, "image_size", None):
+        options["image_size"] = args.image_size
+    if getattr(args, "task", None):
+        options["task"] = args.task
+    return options
+
+
 def pd_options():
     import pandas as pd
 
@@ -83,6 +146,39 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true", help="fewer images, one eps, BIM/PGD only")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
+
+    score = sub.add_parser("score", help="batch-score a dataset with a model and fitted detectors")
+    score.add_argument("--model", required=True, help="checkpoint (.pt), TorchScript or ONNX (.onnx) file")
+    score.add_argument("--detectors", required=True, nargs="+", help="fitted detector dir(s), searched recursively")
+    score.add_argument("--data", required=True, help="dataset spec, e.g. fundus-synth:binary or chest_xray:/path")
+    score.add_argument("--out", default="scores.csv", help="output .csv or .parquet (default: scores.csv)")
+    score.add_argument("--batch-size", type=int, default=128)
+    score.add_argument("--image-size", type=int, help="resize images to this size")
+    score.add_argument("--no-progress", action="store_true")
+    score.set_defaults(func=cmd_score)
+
+    train = sub.add_parser("train", help="train a classifier on a dataset")
+    train.add_argument("--data", required=True, help="dataset spec, e.g. fundus-synth:grade or aptos:/path")
+    train.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50", "vgg16", "vgg16_bn"])
+    train.add_argument("--out", default="runs/train", help="output directory (resumes if it holds last.pt)")
+    train.add_argument("--width", type=float, default=0.25)
+    train.add_argument("--dropout", type=float, default=0.3)
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--balanced", action="store_true", help="class-balanced sampling")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--image-size", type=int)
+    train.add_argument("--task", help="task of the dataset (e.g. grade or binary)")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=cmd_train)
+
+    export = sub.add_parser("export", help="export a model to ONNX, verified with onnxruntime")
+    export.add_argument("--model", required=True)
+    export.add_argument("--out", required=True, help="output .onnx path")
+    export.add_argument("--layers", nargs="*", help="also output these layers' features (names or globs)")
+    export.add_argument("--raw-features", action="store_true", help="raw feature maps instead of GAP vectors")
+    export.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="run the kernel benchmark suite and print the table")
     bench.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")

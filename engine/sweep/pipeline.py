@@ -92,7 +92,6 @@ def stage_model(ws: Workspace, inputs: Mapping[str, Any], deps: Mapping[str, Any
             out_dir=out_dir,
             width=cfg["width"],
             dropout=cfg["dropout"],
-            small_stem=True,
             epochs=cfg["epochs"],
             lr=cfg["lr"],
             batch_size=cfg["batch_size"],
