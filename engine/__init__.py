@@ -12,7 +12,14 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "ops": ("engine.ops", None),
+    "data": ("engine.data", None),
+    "models": ("engine.models", None),
+    "attacks": ("engine.attacks", None),
+    "detectors": ("engine.detectors", None),
+    "export": ("engine.export", None),
     "GaussianMixture": ("engine.mixture", "GaussianMixture"),
+    "audit": ("engine.audit", "audit"),
+    "AuditReport": ("engine.audit", "AuditReport"),
 }
 
 
