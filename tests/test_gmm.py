@@ -204,6 +204,22 @@ def test_cpu_simd_and_blas_paths_and_row_tiles_agree(mode, dtype, d):
         np.testing.assert_array_equal(c1, c0)
 
 
+@pytest.mark.parametrize("simd_max_dim", [0, 4096])
+def test_cpu_multithreaded_call_matches_reference(simd_max_dim):
+    """Big enough (rows * K * d * (d + 8) > kGmmMinParallelWork) to run the OpenMP path, both product kinds."""
+    from engine import _C
+
+    rng = np.random.default_rng(12)
+    gmm = random_mixture(rng, 12, 48)
+    x = samples(rng, gmm, 2000)
+    ((value, grad, comp),) = _C.gmm(
+        [(x, gmm.means, gmm.precisions_cholesky, gmm.log_norm)], "loglik", True, 0, simd_max_dim
+    )
+    ref_value, ref_grad = reference.gmm_log_prob_grad(torch.from_numpy(x), *ref_args(gmm))
+    assert_rel(value, ref_value, TOL[np.float64][0], "log_prob")
+    assert_rel(grad, ref_grad, TOL[np.float64][1], "grad", rowwise=True)
+
+
 # ---- properties -----------------------------------------------------------------------------------------------
 
 

@@ -386,30 +386,38 @@ void gmm_forward(const GmmParams<T>& params) {
   // Largest first, so dynamic scheduling balances layers of very different d.
   std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
 
+  for (const auto& [layer, k] : fills) factors[layer].fill(params.layers[layer], k);  // O(K d^2): cheap
+
+  // One thread for small calls: a parallel region costs more than it saves there (and far more on a loaded
+  // machine, where the barrier waits for a descheduled thread).
+  double work = 0;
+  for (const WorkItem& it : items) work += it.cost;
   const bool nearest = params.mode == GmmMode::kNearest;
-  const int used = static_cast<int>(std::min<int64_t>(threads, static_cast<int64_t>(items.size())));
+  const int used = work < kGmmMinParallelWork
+                       ? 1
+                       : static_cast<int>(std::min<int64_t>(threads, static_cast<int64_t>(items.size())));
   std::vector<Workspace<T>> spaces;
   spaces.reserve(used);
   for (int t = 0; t < used; ++t) spaces.emplace_back(tile, max_ld, nearest);
-
+  auto run_item = [&](const WorkItem& it, Workspace<T>& ws) {
+    const GmmLayer<T>& L = params.layers[it.layer];
+    if (nearest) {
+      nearest_tile(L, factors[it.layer], it.row0, it.rows, ws);
+    } else {
+      loglik_tile(L, factors[it.layer], it.row0, it.rows, ws);
+    }
+  };
+  if (used == 1) {
+    DenormalGuard guard;
+    for (const WorkItem& it : items) run_item(it, spaces[0]);
+    return;
+  }
 #pragma omp parallel num_threads(used)
   {
     DenormalGuard guard;
     Workspace<T>& ws = spaces[omp_get_thread_num()];
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < static_cast<int64_t>(fills.size()); ++i) {
-      factors[fills[i].first].fill(params.layers[fills[i].first], fills[i].second);
-    }
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < static_cast<int64_t>(items.size()); ++i) {
-      const WorkItem& it = items[i];
-      const GmmLayer<T>& L = params.layers[it.layer];
-      if (nearest) {
-        nearest_tile(L, factors[it.layer], it.row0, it.rows, ws);
-      } else {
-        loglik_tile(L, factors[it.layer], it.row0, it.rows, ws);
-      }
-    }
+    for (int64_t i = 0; i < static_cast<int64_t>(items.size()); ++i) run_item(items[i], ws);
   }
 }
 

@@ -26,6 +26,9 @@ enum class GmmMode { kLogLik, kNearest };
 constexpr int64_t kGmmMaxRowTile = 512;
 constexpr int64_t kGmmMinRowTile = 16;
 constexpr int64_t kGmmItemsPerThread = 2;
+// Calls with less work than this (sum over tiles of rows * K * d * (d + 8)) run on one thread, with no
+// OpenMP parallel region.
+constexpr double kGmmMinParallelWork = 5e7;
 // Layers with d <= this use register-blocked SIMD triangular products instead of OpenBLAS trmm (whose small-d
 // kernels run at about half the sgemm rate). Override per call with GmmParams::simd_max_dim (0 = always BLAS).
 constexpr int64_t kGmmSimdMaxDim = 96;
