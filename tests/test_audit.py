@@ -22,7 +22,7 @@ attacks: [pgd]
 eps: ["8/256"]
 attack: {{steps: 3, pool: 80, batch_size: 40}}
 hfc: {{layers: "layer4*relu*", n_components: 1}}
-detectors: [maha, kd]
+detectors: [kd, lid]
 detector: {{bootstrap: 20}}
 """
 
@@ -41,7 +41,7 @@ def test_cli_run_writes_results_card_and_report(tiny_run):
     frame = pd.read_csv(run_dir / "results.csv")
     assert list(frame.columns) == list(ROW_COLUMNS)
     assert pd.read_parquet(run_dir / "results.parquet").shape == frame.shape
-    det = frame[frame["detector"].isin(["maha", "kd"]) & (frame["metric"] == "auroc")]
+    det = frame[frame["detector"].isin(["kd", "lid"]) & (frame["metric"] == "auroc")]
     assert set(det["hfc"]) == {True, False} and det["value"].between(0, 1).all()
     assert (det["ci_low"] <= det["value"] + 1e-12).all() and (det["value"] <= det["ci_high"] + 1e-12).all()
     asr = frame[frame["metric"] == "attack_success_rate"]

@@ -51,7 +51,9 @@ DEFAULTS: dict[str, Any] = {
     "attacks": ["fgsm", "bim", "pgd", "cw_linf"],
     "eps": ["1/256", "2/256", "4/256"],
     "attack": {"steps": 20, "targeted": True, "pool": 300, "batch_size": 100},
-    "hfc": {"enabled": True, "layers": "*relu*", "lam": 1.0, "mode": "nearest", "n_components": 2},
+    # lam 0.01 with the exact log-likelihood: at lam=1 the summed per-layer terms swamp the attack loss here and
+    # success drops to ~0.4, while 0.01 keeps success at 1.0 and hides the features as well (docs/attacks.md).
+    "hfc": {"enabled": True, "layers": "*relu*", "lam": 0.01, "mode": "loglik", "n_components": 2},
     "detectors": list(DETECTORS),
     "detector": {"fit_fraction": 0.7, "bootstrap": 200},
     "studies": [],

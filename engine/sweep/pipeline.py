@@ -200,7 +200,7 @@ def stage_detect(ws: Workspace, inputs: Mapping[str, Any], deps: Mapping[str, An
         splits = ws.splits(inputs["dataset"], inputs["seed"])
         train_x, train_y = _stack(splits.train, limit=inputs["train_limit"], seed=inputs["seed"])
         train = _features(ws, cache, ("train", model_info["checkpoint"]), train_x, train_y)
-    detector = _make_detector(inputs["detector"], inputs["seed"])
+    detector = _make_detector(inputs["detector"], inputs["seed"], cache.extractor.layers)
     result = run_protocol(
         [detector],
         clean,
@@ -456,10 +456,22 @@ def _adv_features(ws: Workspace, cache: Any, directory: str, y: torch.Tensor) ->
     return feats, np.asarray(adv.meta["success"], dtype=bool)[order]
 
 
-def _make_detector(name: str, seed: int) -> Any:
+def _make_detector(name: str, seed: int, layers: Sequence[str]) -> Any:
+    """A detector with the run's defaults: MAHA (one backward per layer for its input preprocessing) on the
+    output of each stage, as in Lee et al.; every other detector on its own default layers."""
     from engine.detectors import DETECTORS
 
+    if name == "maha":
+        return DETECTORS[name](layers=stage_outputs(layers), seed=seed)
     return DETECTORS[name](seed=seed)
+
+
+def stage_outputs(layers: Sequence[str]) -> list[str]:
+    """The last hooked layer of each stage (layer names grouped by their first dotted component)."""
+    last: dict[str, str] = {}
+    for name in layers:
+        last[name.split(".")[0]] = name
+    return list(last.values())
 
 
 def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
