@@ -11,15 +11,6 @@ from engine.export import FEATURE_PREFIX, OnnxModel, export_onnx
 from engine.models import FeatureExtractor, build_model, save_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CPU is shared: several OpenMP threads spinning on 2 busy cores are far slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

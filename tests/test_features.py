@@ -10,15 +10,6 @@ from torch import nn
 from engine.models import FeatureExtractor, available_layers, build_model, pool_feature, resolve_layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CPU is shared: several OpenMP threads spinning on 2 busy cores are far slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def resnet():
     torch.manual_seed(0)

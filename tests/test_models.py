@@ -17,15 +17,6 @@ from engine.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CPU is shared: several OpenMP threads spinning on 2 busy cores are far slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _bn(prefix: str, c: int) -> dict[str, tuple[int, ...]]:
     return {f"{prefix}.{k}": (c,) for k in ("weight", "bias", "running_mean", "running_var")} | {
         f"{prefix}.num_batches_tracked": ()

@@ -17,15 +17,6 @@ from engine.models import metrics as M
 train_mod = importlib.import_module("engine.models.train")  # the package re-exports train()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CPU is shared: several OpenMP threads spinning on 2 busy cores are far slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ToyDataset(Dataset):
     """In-memory (image in [0,1], label) pairs with the engine.data attributes; class 1 has a bright square."""
 
