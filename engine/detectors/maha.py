@@ -33,7 +33,7 @@ class MAHA(Detector):
         layers: list[str] | str | None = None,
         magnitude: float | None = None,
         magnitudes: tuple[float, ...] = MAGNITUDES,
-        select_max: int = 500,
+        select_max: int = 200,
         reference_compat: bool = False,
         seed: int = 0,
     ) -> None:
