@@ -1,0 +1,431 @@
+"""Paper B's UAP study on 5-grade fundus-synth (SPEC.md section 4) as one study run.
+
+1. Baseline graders (ResNet-18 and VGG-16, small) trained on the train split; the first is "the baseline".
+2. Against every model: UAPs of each kind (DeepFool-UAP, SGD-UAP, targeted toward "no DR", data-free) at each
+   L-inf budget, fitted on the validation split (the attacker's data) and scored on the test pool: quadratic
+   kappa, fooling rate, accuracy, confusion; plus per-image PGD.
+3. UAP adversarial fine-tuning of every model with the *training* UAP methods (regenerated against the current
+   weights), then the same evaluation, white-box against the fine-tuned weights; kappa gain = fine-tuned minus
+   baseline kappa under *held-out* UAP methods and PGD, per model; mean and max over models and conditions.
+4. Ensemble of the fine-tuned models (mean softmax), evaluated the same way; clean kappa of the ensemble vs the
+   baseline grader on the same folds (or bootstrap resamples) of the test pool, paired t-test (ttest_rel).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from engine.studies.common import (
+    StudyResult,
+    cached_finetune,
+    dataset_label,
+    load_splits,
+    merge_config,
+    predict_proba,
+    row,
+    stack,
+    trained_model,
+)
+from engine.studies.finetune import UAP_KINDS, Ensemble, craft_uap, uap_finetune
+from engine.studies.metrics import paired_ttest, resample_kappas
+
+UAP_DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "dataset": {"name": "fundus-synth", "task": "grade", "n": 1500, "image_size": 32},
+    "models": [
+        {
+            "arch": "resnet18",
+            "width": 0.25,
+            "small_stem": True,
+            "dropout": 0.0,
+            "epochs": 8,
+            "lr": 0.003,
+            "batch_size": 64,
+        },
+        {
+            "arch": "vgg16_bn",
+            "width": 0.125,
+            "pool_size": 1,
+            "hidden": 128,
+            "dropout": 0.3,
+            "epochs": 8,
+            "lr": 0.003,
+            "batch_size": 64,
+        },
+    ],
+    "eps": ["4/255", "8/255"],
+    "methods": list(UAP_KINDS),
+    "uap": {
+        "fit": 200,
+        "deepfool": {"max_passes": 2, "max_iter": 10, "batch_size": 50},
+        "sgd": {"epochs": 3, "batch_size": 50},
+        "targeted": {"target": 0, "max_passes": 2, "inner_steps": 5, "batch_size": 50},
+        "data_free": {"steps": 100},
+    },
+    "finetune": {
+        "methods": ["sgd", "data_free"],
+        "eps": "8/255",
+        "epochs": 4,
+        "regenerate_every": 2,
+        "mix": 0.5,
+        "lr": 0.0003,
+        "batch_size": 64,
+    },
+    "pgd": {"eps": ["2/255"], "steps": 10},
+    "eval": 300,
+    "ttest": {"resampling": "folds", "n": 10, "alpha": 0.05},
+}
+
+UAP_TINY: dict[str, Any] = {
+    "dataset": {"name": "fundus-synth", "task": "grade", "n": 100, "image_size": 16},
+    "models": [
+        {"arch": "resnet18", "width": 0.125, "small_stem": True, "epochs": 1, "batch_size": 32},
+        {"arch": "resnet18", "width": 0.0625, "small_stem": True, "epochs": 1, "batch_size": 32},
+    ],
+    "eps": ["8/255"],
+    "uap": {
+        "fit": 12,
+        "deepfool": {"max_passes": 1, "max_iter": 2, "batch_size": 12},
+        "sgd": {"epochs": 1, "batch_size": 12},
+        "targeted": {"target": 0, "max_passes": 1, "inner_steps": 1, "batch_size": 12},
+        "data_free": {"steps": 2},
+    },
+    "finetune": {"epochs": 1, "regenerate_every": 1, "batch_size": 32},
+    "pgd": {"eps": ["2/255"], "steps": 1},
+    "eval": 24,
+    "ttest": {"n": 3},
+}
+
+
+def _scores(y: np.ndarray, pred: np.ndarray, clean_pred: np.ndarray, k: int) -> dict[str, Any]:
+    from engine.models.metrics import confusion_matrix, quadratic_weighted_kappa
+
+    return {
+        "kappa": quadratic_weighted_kappa(y, pred, k),
+        "accuracy": float((pred == y).mean()),
+        "fooling_rate": float((pred != clean_pred).mean()),
+        "confusion": confusion_matrix(y, pred, k).tolist(),
+    }
+
+
+def evaluate_model(
+    model: nn.Module,
+    cfg: Mapping[str, Any],
+    fit: tuple[torch.Tensor, torch.Tensor],
+    pool: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+) -> dict[str, Any]:
+    """Clean scores and scores under every UAP kind x eps (white-box, fitted on ``fit``) and PGD on ``pool``."""
+    from engine.attacks import PGD
+    from engine.attacks.uap import predict
+
+    x, y = pool
+    y_np = y.numpy()
+    clean_pred = predict(model, x).cpu().numpy()
+    out: dict[str, Any] = {"clean": _scores(y_np, clean_pred, clean_pred, num_classes), "attacks": []}
+    for method in cfg["methods"]:
+        for eps in cfg["eps"]:
+            result = craft_uap(model, method, fit, eps, options=cfg["uap"].get(method), seed=cfg["seed"])
+            pred = predict(model, x, result.perturbation.to(x.dtype)).cpu().numpy()
+            out["attacks"].append({"attack": result.method, "eps": eps, **_scores(y_np, pred, clean_pred, num_classes)})
+    for eps in cfg["pgd"]["eps"]:
+        adv = PGD(model, eps=eps, steps=cfg["pgd"]["steps"], seed=cfg["seed"])(x, y)
+        pred = adv.logits.argmax(1).cpu().numpy()
+        out["attacks"].append({"attack": "pgd", "eps": eps, **_scores(y_np, pred, clean_pred, num_classes)})
+    return out
+
+
+def _names(models: list[Mapping[str, Any]]) -> list[str]:
+    archs = [m["arch"] for m in models]
+    return [a if archs.count(a) == 1 else f"{a}#{i}" for i, a in enumerate(archs)]
+
+
+def run_uap_study(config: Mapping[str, Any] | None, workdir: Path, progress: bool = False) -> StudyResult:
+    """Baselines, UAPs of every kind, UAP fine-tuning, ensemble and t-test (see the module docstring).
+
+    ``config`` is merged over :data:`UAP_DEFAULTS` (unknown keys raise); trained and fine-tuned weights are cached
+    in ``workdir`` and reused by a resumed run.
+    """
+    start = time.perf_counter()
+    cfg = merge_config(UAP_DEFAULTS, config, "uap")
+    unknown = [m for m in [*cfg["methods"], *cfg["finetune"]["methods"]] if m not in UAP_KINDS]
+    if unknown or not cfg["models"]:
+        raise ValueError(f"uap config: methods must come from {UAP_KINDS} (got {unknown}) and models be non-empty")
+    workdir, seed = Path(workdir), cfg["seed"]
+    splits = load_splits(cfg["dataset"], seed)
+    classes = list(splits.train.classes)
+    k = len(classes)
+    train = stack(splits.train)
+    fit = stack(splits.val, cfg["uap"]["fit"])
+    pool = stack(splits.test, cfg["eval"])
+    ft = cfg["finetune"]
+    ft_options = {key: v for key, v in ft.items() if key not in ("methods", "eps")}
+    heldout = [m for m in cfg["methods"] if m not in ft["methods"]]
+    models, tuned = [], []
+    for name, model_cfg in zip(_names(cfg["models"]), cfg["models"], strict=True):
+        base = trained_model(splits, model_cfg, workdir, seed, progress)
+        key = {"model": model_cfg, "split": splits.hash, "finetune": ft, "uap": cfg["uap"], "seed": seed}
+        tuned_model, history = cached_finetune(
+            workdir,
+            key,
+            copy.deepcopy(base),
+            lambda base=base: uap_finetune(
+                base,
+                train,
+                ft["methods"],
+                ft["eps"],
+                fit=cfg["uap"]["fit"],
+                uap_options=cfg["uap"],
+                seed=seed,
+                progress=progress,
+                **ft_options,
+            ),
+        )
+        tuned.append(tuned_model)
+        models.append(
+            {
+                "name": name,
+                "baseline": evaluate_model(base, cfg, fit, pool, k),
+                "finetuned": evaluate_model(tuned_model, cfg, fit, pool, k),
+                "history": history,
+                "baseline_proba": predict_proba(base, pool[0]),
+            }
+        )
+    ensemble = Ensemble(tuned).eval()
+    ens_eval = evaluate_model(ensemble, cfg, fit, pool, k)
+    y = pool[1].numpy()
+    ens_pred = predict_proba(ensemble, pool[0]).argmax(1)
+    base_pred = models[0].pop("baseline_proba").argmax(1)
+    for m in models[1:]:
+        m.pop("baseline_proba")
+    tt = cfg["ttest"]
+    kappas = resample_kappas(y, {"ensemble": ens_pred, "baseline": base_pred}, tt["resampling"], tt["n"], seed, k)
+    ttest = {
+        **paired_ttest(kappas["ensemble"], kappas["baseline"], tt["alpha"]),
+        "resampling": tt["resampling"],
+        "kappas_ensemble": kappas["ensemble"].tolist(),
+        "kappas_baseline": kappas["baseline"].tolist(),
+    }
+    gains = kappa_gains(models, heldout)
+    payload = {
+        "config": cfg,
+        "dataset": dataset_label(cfg["dataset"]),
+        "classes": classes,
+        "n_eval": len(y),
+        "heldout_methods": heldout,
+        "models": models,
+        "ensemble": ens_eval,
+        "ttest": ttest,
+        "gains": gains,
+        "summary": gain_summary(gains),
+    }
+    return StudyResult("uap", uap_rows(payload), payload, time.perf_counter() - start)
+
+
+def _is_heldout(attack: str, heldout: list[str]) -> bool:
+    return attack == "pgd" or attack.removesuffix("_uap") in heldout
+
+
+def kappa_gains(models: list[Mapping[str, Any]], heldout: list[str]) -> list[dict[str, Any]]:
+    """Fine-tuned minus baseline kappa per (model, held-out attack, eps)."""
+    gains = []
+    for m in models:
+        base = {(a["attack"], a["eps"]): a["kappa"] for a in m["baseline"]["attacks"]}
+        for a in m["finetuned"]["attacks"]:
+            if _is_heldout(a["attack"], heldout):
+                gains.append(
+                    {
+                        "model": m["name"],
+                        "attack": a["attack"],
+                        "eps": a["eps"],
+                        "baseline": base[(a["attack"], a["eps"])],
+                        "finetuned": a["kappa"],
+                        "gain": a["kappa"] - base[(a["attack"], a["eps"])],
+                    }
+                )
+    return gains
+
+
+def gain_summary(gains: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean and max kappa gain (NaN-free conditions only) and where the max occurs."""
+    finite = [g for g in gains if np.isfinite(g["gain"])]
+    if not finite:
+        return {"mean_gain": float("nan"), "max_gain": float("nan"), "max_at": None}
+    best = max(finite, key=lambda g: g["gain"])
+    return {
+        "mean_gain": float(np.mean([g["gain"] for g in finite])),
+        "max_gain": float(best["gain"]),
+        "max_at": {k: best[k] for k in ("model", "attack", "eps")},
+    }
+
+
+def uap_rows(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Long-format rows of a UAP-study payload."""
+    ds, rows = payload["dataset"], []
+
+    def add(model: str, evaluation: Mapping[str, Any]) -> None:
+        for metric in ("kappa", "accuracy"):
+            rows.append(row(ds, model, metric, evaluation["clean"][metric]))
+        for a in evaluation["attacks"]:
+            for metric in ("kappa", "accuracy", "fooling_rate"):
+                rows.append(row(ds, model, metric, a[metric], attack=a["attack"], eps=a["eps"]))
+
+    for m in payload["models"]:
+        add(m["name"], m["baseline"])
+        add(f"{m['name']}+uap-ft", m["finetuned"])
+    add("ensemble(uap-ft)", payload["ensemble"])
+    for g in payload["gains"]:
+        rows.append(row(ds, g["model"], "kappa_gain", g["gain"], attack=g["attack"], eps=g["eps"]))
+    for metric in ("mean_gain", "max_gain"):
+        rows.append(row(ds, "all", f"kappa_{metric}_heldout", payload["summary"][metric]))
+    t = payload["ttest"]
+    for metric, value in (
+        ("ttest_p_clean_kappa", t["p"]),
+        ("ttest_t_clean_kappa", t["t"]),
+        ("clean_kappa_diff_vs_baseline", t["mean_diff"]),
+    ):
+        rows.append(row(ds, "ensemble(uap-ft)", metric, value))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _verdict_text(payload: Mapping[str, Any]) -> str:
+    s, t = payload["summary"], payload["ttest"]
+    base_name = payload["models"][0]["name"]
+    gain = "HOLDS" if s["mean_gain"] > 0 else "does NOT hold"
+    at = s["max_at"] or {}
+    lost = t["significant"] and t["mean_diff"] < 0
+    return (
+        f"Claim 'UAP fine-tuning raises kappa against unseen attacks' {gain} on this data: mean kappa gain "
+        f"{100 * s['mean_gain']:+.2f} and max {100 * s['max_gain']:+.2f} (kappa x 100; max at {at.get('model')}, "
+        f"{at.get('attack')} eps={at.get('eps')}) over {len(payload['gains'])} (model, held-out attack, eps) "
+        f"conditions; paper B reports +3.41 mean and +31.92 max on its data. Claim 'the ensemble loses no "
+        f"statistically significant clean performance' {'does NOT hold' if lost else 'HOLDS'}: clean kappa of "
+        f"the ensemble minus {base_name} baseline {t['mean_diff']:+.4f} averaged over {t['n']} "
+        f"{t['resampling']}, paired t-test t={t['t']:.3f}, p={t['p']:.4g} "
+        f"({'significant' if t['significant'] else 'not significant'} at {t['alpha']})."
+    )
+
+
+def _attack_table(payload: Mapping[str, Any]) -> pd.DataFrame:
+    records = []
+    for m in payload["models"]:
+        tuned = {(a["attack"], a["eps"]): a for a in m["finetuned"]["attacks"]}
+        for a in m["baseline"]["attacks"]:
+            b = tuned[(a["attack"], a["eps"])]
+            records.append(
+                {
+                    "model": m["name"],
+                    "attack": a["attack"],
+                    "eps": a["eps"],
+                    "held out": _is_heldout(a["attack"], payload["heldout_methods"]),
+                    "kappa base": a["kappa"],
+                    "kappa FT": b["kappa"],
+                    "gain": b["kappa"] - a["kappa"],
+                    "fooling base": a["fooling_rate"],
+                    "fooling FT": b["fooling_rate"],
+                }
+            )
+    ens = {(a["attack"], a["eps"]): a for a in payload["ensemble"]["attacks"]}
+    frame = pd.DataFrame(records)
+    frame["kappa ensemble"] = [ens[(a, e)]["kappa"] for a, e in zip(frame["attack"], frame["eps"], strict=True)]
+    return frame.set_index(["model", "attack", "eps"])
+
+
+def _confusion_figure(panels: list[tuple[str, list[list[int]]]], classes: list[str]) -> Any:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.3), squeeze=False)
+    for ax, (title, cm) in zip(axes[0], panels, strict=True):
+        cm = np.asarray(cm)
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > cm.max() / 2 else "k")
+        ax.set(title=title, xlabel="predicted", ylabel="true", xticks=range(len(classes)), yticks=range(len(classes)))
+        ax.title.set_fontsize(8)
+    fig.tight_layout()
+    return fig
+
+
+def uap_sections(payload: Mapping[str, Any]) -> list[Any]:
+    """Report sections of a UAP-study payload: verdict, tables, confusion matrices."""
+    from engine.report.html import Section
+
+    section = Section(
+        "UAP attacks and UAP fine-tuning defence (paper B)",
+        f"{payload['dataset']}, {payload['n_eval']} test images, quadratic-weighted kappa. UAPs fitted "
+        f"on the validation split against the model evaluated (white-box). Fine-tuning UAP methods: "
+        f"{payload['config']['finetune']['methods']}; held out: {payload['heldout_methods']} and PGD.",
+    )
+    section.paragraph(_verdict_text(payload), css="verdict")
+    clean = [
+        {
+            "model": m["name"],
+            "kappa base": m["baseline"]["clean"]["kappa"],
+            "kappa FT": m["finetuned"]["clean"]["kappa"],
+            "accuracy base": m["baseline"]["clean"]["accuracy"],
+            "accuracy FT": m["finetuned"]["clean"]["accuracy"],
+        }
+        for m in payload["models"]
+    ]
+    clean.append(
+        {
+            "model": "ensemble(uap-ft)",
+            "kappa FT": payload["ensemble"]["clean"]["kappa"],
+            "accuracy FT": payload["ensemble"]["clean"]["accuracy"],
+        }
+    )
+    section.table(pd.DataFrame(clean).set_index("model"), caption="Clean test performance.")
+    section.table(
+        _attack_table(payload),
+        caption="Kappa and fooling rate under each attack, baseline vs UAP "
+        "fine-tuned (FT); gain = kappa FT - kappa base.",
+    )
+    t = payload["ttest"]
+    section.table(
+        pd.DataFrame(
+            [
+                {
+                    "resampling": t["resampling"],
+                    "n": t["n"],
+                    "mean kappa ensemble": float(np.mean(t["kappas_ensemble"])),
+                    "mean kappa baseline": float(np.mean(t["kappas_baseline"])),
+                    "t": t["t"],
+                    "p": t["p"],
+                    "significant": t["significant"],
+                }
+            ]
+        ).set_index("resampling"),
+        caption="Paired t-test (scipy.stats.ttest_rel) of clean kappa, ensemble vs baseline grader.",
+        float_format="{:.4g}",
+    )
+    base = payload["models"][0]
+    worst = min(base["baseline"]["attacks"], key=lambda a: a["kappa"] if np.isfinite(a["kappa"]) else np.inf)
+    tuned = next(a for a in base["finetuned"]["attacks"] if (a["attack"], a["eps"]) == (worst["attack"], worst["eps"]))
+    panels = [
+        (f"{base['name']} clean", base["baseline"]["clean"]["confusion"]),
+        (f"{base['name']} {worst['attack']} {worst['eps']}", worst["confusion"]),
+        (f"{base['name']}+FT {worst['attack']} {worst['eps']}", tuned["confusion"]),
+        ("ensemble clean", payload["ensemble"]["clean"]["confusion"]),
+    ]
+    section.figure(
+        _confusion_figure(panels, payload["classes"]),
+        caption="Confusion matrices (rows true grade, columns predicted); the attack shown is the one that "
+        "hurt the baseline grader most.",
+    )
+    return [section]
+
+
+__all__ = ["UAP_DEFAULTS", "UAP_TINY", "evaluate_model", "run_uap_study", "uap_sections"]

@@ -1,0 +1,278 @@
+"""Studies: the stress-test metrics on models with known answers, kappa/t-test against sklearn/scipy, UAP
+fine-tuning, the ensemble, and both study functions end to end on tiny settings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+from scipy.stats import ttest_rel
+from sklearn.metrics import cohen_kappa_score
+
+from engine.models import build_model
+from engine.studies import (
+    STRESS_TINY,
+    UAP_TINY,
+    Ensemble,
+    StudyResult,
+    TiedGaussian,
+    craft_uap,
+    mean_pairwise_cosine,
+    paired_ttest,
+    relative_deviation,
+    resample_kappas,
+    run_stress_study,
+    run_uap_study,
+    uap_finetune,
+)
+from engine.studies.common import merge_config
+from engine.sweep.store import ROW_COLUMNS, ResultStore
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stress metrics on a linear model: f(x) = W x, so f(x + d) - f(x) = W d for every x.
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("n", "d_in", "d_out"), [(1, 1, 1), (7, 5, 3), (41, 13, 9)])
+def test_relative_deviation_of_a_linear_layer_by_hand(dtype, n, d_in, d_out):
+    rng = np.random.default_rng(n + d_in)
+    w = rng.normal(size=(d_out, d_in)).astype(dtype)
+    x = rng.uniform(0.1, 1.0, size=(n, d_in)).astype(dtype)
+    delta = rng.uniform(-0.01, 0.01, size=(n, d_in)).astype(dtype)
+    clean, shifted = x @ w.T, (x + delta) @ w.T
+    expected = [
+        np.sqrt(np.sum((w.astype(np.float64) @ delta[i]) ** 2)) / np.sqrt(np.sum(clean[i] ** 2)) for i in range(n)
+    ]
+    np.testing.assert_allclose(relative_deviation(clean, shifted), expected, rtol=1e-3 if dtype == np.float32 else 1e-9)
+
+
+def test_relative_deviation_zero_clean_feature_is_nan_and_bad_shapes_raise():
+    out = relative_deviation(np.array([[0.0, 0.0], [3.0, 4.0]]), np.array([[1.0, 0.0], [3.0, 5.0]]))
+    assert np.isnan(out[0]) and out[1] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="same shape"):
+        relative_deviation(np.ones((2, 3)), np.ones((3, 3)))
+    with pytest.raises(ValueError, match="clean"):
+        relative_deviation(np.ones(3), np.ones(3))
+    with pytest.raises(ValueError, match="NaN"):
+        relative_deviation(np.full((2, 2), np.nan), np.ones((2, 2)))
+
+
+def test_fixed_direction_through_a_linear_model_has_cosine_one():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 4).double()
+    x = torch.rand(25, 6, dtype=torch.float64)
+    direction = torch.randn(6, dtype=torch.float64)
+    scales = torch.rand(25, 1, dtype=torch.float64) + 0.1  # same direction, different step lengths
+    with torch.no_grad():
+        shifts = layer(x + scales * direction) - layer(x)
+    assert mean_pairwise_cosine(shifts.numpy()) == pytest.approx(1.0, abs=1e-12)
+    # opposite directions for two classes: pooled alignment is low, within-class alignment is 1
+    signs = np.where(np.arange(25) % 2 == 0, 1.0, -1.0)[:, None]
+    flipped = shifts.numpy() * signs
+    assert mean_pairwise_cosine(flipped) < 0.0
+    assert mean_pairwise_cosine(flipped, groups=(signs[:, 0] > 0).astype(int)) == pytest.approx(1.0, abs=1e-12)
+
+
+def _cosine_loop(s, groups):
+    total, pairs = 0.0, 0
+    for i in range(len(s)):
+        for j in range(len(s)):
+            if i != j and groups[i] == groups[j] and np.linalg.norm(s[i]) > 0 and np.linalg.norm(s[j]) > 0:
+                total += s[i] @ s[j] / (np.linalg.norm(s[i]) * np.linalg.norm(s[j]))
+                pairs += 1
+    return total / pairs
+
+
+@pytest.mark.parametrize(("n", "d"), [(3, 1), (9, 1), (17, 5)])
+def test_mean_pairwise_cosine_matches_a_double_loop(n, d):
+    rng = np.random.default_rng(d)
+    s = rng.normal(size=(n, d))
+    s[0] = 0.0  # a zero shift has no direction and is left out
+    groups = rng.integers(0, 2, size=n)
+    groups[:3] = [0, 1, 1]
+    assert mean_pairwise_cosine(s) == pytest.approx(_cosine_loop(s, np.zeros(n)), abs=1e-12)
+    assert mean_pairwise_cosine(s, groups) == pytest.approx(_cosine_loop(s, groups), abs=1e-12)
+    assert np.isnan(mean_pairwise_cosine(rng.normal(size=(1, d))))
+    with pytest.raises(ValueError, match="groups"):
+        mean_pairwise_cosine(s, groups[:-1])
+
+
+@pytest.mark.parametrize("d", [1, 6])
+def test_tied_gaussian_distance_matches_scipy_and_outliers_score_higher(d):
+    rng = np.random.default_rng(d)
+    labels = np.repeat([0, 1, 2], 40)
+    feats = rng.normal(size=(120, d)) + labels[:, None] * 3.0
+    model = TiedGaussian(reg=1e-3).fit(feats, labels)
+    centred = feats - model.means[labels]
+    cov = centred.T @ centred / len(feats)
+    precision = np.linalg.inv(cov + 1e-3 * np.trace(cov) / d * np.eye(d))
+    np.testing.assert_allclose(model.precision, precision, rtol=1e-10)
+    query = rng.normal(size=(5, d))
+    expected = [min(scipy_mahalanobis(q, mu, precision) ** 2 for mu in model.means) for q in query]
+    np.testing.assert_allclose(model.min_distance(query), expected, rtol=1e-6)
+    assert model.min_distance(feats + 50.0).mean() > 10 * model.min_distance(feats).mean()
+    with pytest.raises(ValueError, match="columns"):
+        model.min_distance(np.ones((2, d + 1)))
+    with pytest.raises(ValueError, match="not fitted"):
+        TiedGaussian().min_distance(query)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kappa over resamples and the paired t-test
+
+
+@pytest.mark.parametrize("resampling", ["folds", "bootstrap"])
+def test_resampled_kappas_match_sklearn_on_the_same_indices(resampling):
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 5, 60)
+    a = np.clip(y + rng.integers(-1, 2, 60), 0, 4)
+    b = rng.integers(0, 5, 60)
+    out = resample_kappas(y, {"a": a, "b": b}, resampling, n=6, seed=3, num_classes=5)
+    gen = np.random.default_rng(3)
+    if resampling == "folds":
+        sets = np.array_split(gen.permutation(60), 6)
+    else:
+        sets = [gen.integers(0, 60, 60) for _ in range(6)]
+    for name, pred in (("a", a), ("b", b)):
+        expected = [cohen_kappa_score(y[i], pred[i], weights="quadratic", labels=np.arange(5)) for i in sets]
+        np.testing.assert_allclose(out[name], expected, rtol=1e-12)
+    assert out["a"].mean() > out["b"].mean()
+    with pytest.raises(ValueError, match="resampling"):
+        resample_kappas(y, {"a": a}, "jackknife")
+    with pytest.raises(ValueError, match="n must be"):
+        resample_kappas(y, {"a": a}, "folds", n=61)
+    with pytest.raises(ValueError, match="preds"):
+        resample_kappas(y, {"a": a[:-1]})
+
+
+def test_paired_ttest_matches_scipy_and_drops_nan_pairs():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=12), rng.normal(size=12) + 0.8
+    out = paired_ttest(a, b)
+    ref = ttest_rel(a, b)
+    assert out["t"] == pytest.approx(ref.statistic, rel=1e-12) and out["p"] == pytest.approx(ref.pvalue, rel=1e-12)
+    assert out["significant"] == (ref.pvalue < 0.05) and out["mean_diff"] == pytest.approx(np.mean(a - b))
+    a_nan = np.r_[a, np.nan]
+    assert paired_ttest(a_nan, np.r_[b, 0.0])["p"] == pytest.approx(ref.pvalue, rel=1e-12)
+    with pytest.raises(ValueError, match="same length"):
+        paired_ttest(a, b[:-1])
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_ttest([1.0], [2.0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# UAP fine-tuning and the ensemble
+
+
+def _tiny_model(classes=3, size=16, arch="resnet18", **options):
+    torch.manual_seed(0)
+    defaults = (
+        {"width": 0.0625, "small_stem": True} if arch == "resnet18" else {"width": 0.0625, "pool_size": 1, "hidden": 8}
+    )
+    return build_model(arch, classes, **{**defaults, **options}).eval()
+
+
+def test_uap_finetune_changes_the_weights_of_a_copy_only():
+    model = _tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(20, 3, 16, 16, generator=gen), torch.randint(0, 3, (20,), generator=gen)
+    tuned, history = uap_finetune(
+        model,
+        (x, y),
+        ["sgd", "data_free"],
+        "8/255",
+        epochs=2,
+        regenerate_every=1,
+        batch_size=8,
+        fit=8,
+        lr=1e-2,
+        uap_options={"sgd": {"epochs": 1}, "data_free": {"steps": 2}},
+    )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    changed = [k for k, v in tuned.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert "net.conv1.weight" in changed and "net.fc.weight" in changed
+    assert [h["epoch"] for h in history] == [1, 2] and all(
+        set(h["fooling_rate"]) == {"sgd", "data_free"} for h in history
+    )
+    assert all(np.isfinite(h["loss"]) for h in history) and not tuned.training
+    with pytest.raises(ValueError, match="methods"):
+        uap_finetune(model, (x, y), ["fgsm"], "8/255")
+    with pytest.raises(ValueError, match="mix"):
+        uap_finetune(model, (x, y), ["sgd"], "8/255", mix=1.5)
+
+
+def test_craft_uap_data_free_on_vgg_uses_its_activations_and_respects_eps():
+    model = _tiny_model(arch="vgg16_bn", size=32)
+    x, y = torch.rand(6, 3, 32, 32), torch.randint(0, 3, (6,))
+    result = craft_uap(model, "data_free", (x, y), "4/255", options={"steps": 2})
+    assert result.perturbation.shape == (3, 32, 32) and float(result.perturbation.abs().max()) <= 4 / 255
+    with pytest.raises(ValueError, match="target"):
+        craft_uap(model, "targeted", (x, y), "4/255")
+    with pytest.raises(ValueError, match="method"):
+        craft_uap(model, "pgd", (x, y), "4/255")
+
+
+def test_ensemble_is_the_mean_softmax():
+    a, b = _tiny_model(), _tiny_model(width=0.125)
+    x = torch.rand(5, 3, 16, 16)
+    with torch.no_grad():
+        expected = (torch.softmax(a(x), 1) + torch.softmax(b(x), 1)) / 2
+        torch.testing.assert_close(torch.exp(Ensemble([a, b])(x)), expected)
+    with pytest.raises(ValueError, match="members"):
+        Ensemble([])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The studies end to end (tiny settings)
+
+
+def _check_rows(rows):
+    assert rows
+    for r in rows:
+        assert set(r) <= set(ROW_COLUMNS) and r["detector"] == "" and isinstance(r["value"], float)
+
+
+def test_stress_study_end_to_end_and_resume(tmp_path):
+    result = run_stress_study(STRESS_TINY, tmp_path)
+    _check_rows(result.rows)
+    metrics = {r["metric"] for r in result.rows}
+    for prefix in ("feature_deviation@", "shift_cosine@", "maha_auroc@", "maha_distance_ratio@"):
+        assert f"{prefix}layer4.1.relu2" in metrics
+    assert {r["attack"] for r in result.rows} == {"", "pgd", "noise"}
+    verdict = result.payload["verdict"]
+    assert isinstance(verdict["medical_more_vulnerable"], bool) and isinstance(verdict["binary_shifts_aligned"], bool)
+    html = "".join(s.render() for s in StudyResult("stress", result.rows, result.payload).sections())
+    assert "does NOT hold" in html or "HOLDS" in html
+    with ResultStore(tmp_path / "store") as store:
+        store.commit("stress", "study", result.payload, result.rows)
+        assert len(store.rows()) == len(result.rows)
+    checkpoints = sorted((tmp_path / "models").glob("*/model.pt"))
+    stamps = [p.stat().st_mtime_ns for p in checkpoints]
+    again = run_stress_study(STRESS_TINY, tmp_path)
+    assert [p.stat().st_mtime_ns for p in checkpoints] == stamps  # reused, not retrained
+    assert again.rows == result.rows
+
+
+def test_uap_study_end_to_end(tmp_path):
+    result = run_uap_study(UAP_TINY, tmp_path)
+    _check_rows(result.rows)
+    payload = result.payload
+    assert [m["name"] for m in payload["models"]] == ["resnet18#0", "resnet18#1"]
+    attacks = {a["attack"] for a in payload["models"][0]["baseline"]["attacks"]}
+    assert attacks == {"deepfool_uap", "sgd_uap", "targeted_uap", "data_free_uap", "pgd"}
+    assert {g["attack"] for g in payload["gains"]} == {"deepfool_uap", "targeted_uap", "pgd"}  # held out only
+    assert 0.0 <= payload["ttest"]["p"] <= 1.0 or np.isnan(payload["ttest"]["p"])
+    assert len(list((tmp_path / "finetuned").glob("*.pt"))) == 2
+    html = "".join(s.render() for s in result.sections())
+    assert "paired t-test" in html and "<img" in html
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="unknown key 'epoch'"):
+        merge_config({"epochs": 1}, {"epoch": 2}, "stress")
+    with pytest.raises(ValueError, match="group"):
+        run_stress_study({"datasets": [{"name": "natural", "group": "photo"}]}, tmp_path)
+    with pytest.raises(ValueError, match="methods"):
+        run_uap_study({"methods": ["fgsm"]}, tmp_path)
