@@ -52,8 +52,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from engine.report.audit_report import summary_lines
     from engine.sweep.config import ConfigError, load_config
 
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not Path(path).exists():  # `hfc-engine run key=value ...`
+        path, overrides = None, [path, *overrides]
     try:
-        config = load_config(args.config, args.overrides, quick=args.quick)
+        config = load_config(path, overrides, quick=args.quick)
     except ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from None
     report = run_audit(config, progress=not args.no_progress)

@@ -16,11 +16,11 @@ from engine.sweep.store import ROW_COLUMNS
 TINY = """
 name: tiny
 output_dir: {out}
-datasets: [{{name: fundus-synth, task: binary, n: 160, image_size: 32}}]
-model: {{epochs: 1, width: 0.125, batch_size: 32}}
+datasets: [{{name: fundus-synth, task: binary, n: 800, image_size: 32}}]
+model: {{epochs: 4, width: 0.125, batch_size: 32}}
 attacks: [pgd]
 eps: ["8/256"]
-attack: {{steps: 3, pool: 80, batch_size: 40}}
+attack: {{steps: 3, pool: 160, batch_size: 80}}
 hfc: {{layers: "layer4*relu*", n_components: 1}}
 detectors: [kd, lid]
 detector: {{bootstrap: 20}}
@@ -84,20 +84,28 @@ def test_config_error_exits_with_the_key(tmp_path):
 
 def test_audit_api_in_memory(tmp_path):
     rng = np.random.default_rng(0)
-    labels = np.repeat([0, 1], 60)
-    images = rng.uniform(0.3, 0.5, size=(120, 3, 16, 16)).astype(np.float32)
+    labels = np.repeat([0, 1], 200)
+    images = rng.uniform(0.3, 0.5, size=(400, 3, 16, 16)).astype(np.float32)
     images[labels == 1, :, 4:12, 4:12] += 0.4  # class 1: a bright square
     dataset = ArrayDataset(images, labels, ["normal", "lesion"], "squares")
     torch.manual_seed(0)
     model = build_model("resnet18", 2, width=0.125, small_stem=True, input_size=16)
+    x, y = torch.from_numpy(images), torch.from_numpy(labels)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(15):  # a briefly trained model: both classes predicted, attacks can flip them
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
     report = audit(
         model,
         dataset,
-        attacks=["fgsm"],
+        attacks=["pgd"],
         detectors=["maha"],
         hfc=False,
-        eps=["8/256"],
-        pool=40,
+        eps=["32/256"],
+        steps=10,
+        pool=60,
         run_dir=tmp_path / "api",
         layers="layer4*relu*",
     )
