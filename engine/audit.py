@@ -69,11 +69,12 @@ def run_audit(config: dict[str, Any], progress: bool = True, workspace: Workspac
         done = {key: (stage, seconds) for key, stage, seconds in store.cells()}
         detect = [(c.inputs, store.payload(c.key)) for c in cells if c.stage == "detect"]
         projections = [store.payload(c.key) for c in cells if c.stage == "projection"]
+        studies = [store.payload(c.key) for c in cells if c.stage == "study"]
     stage_seconds: dict[str, float] = {}
     for stage, seconds in done.values():
         stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
     card = run_card(config, stage_seconds, new_timings, time.time() - started)
-    return _write_outputs(config, run_dir, rows, card, detect, projections)
+    return _write_outputs(config, run_dir, rows, card, detect, projections, studies)
 
 
 def _write_outputs(
@@ -83,13 +84,17 @@ def _write_outputs(
     card: dict[str, Any],
     detect: Sequence[tuple[dict[str, Any], dict[str, Any]]],
     projections: Sequence[dict[str, Any]],
+    studies: Sequence[dict[str, Any]] = (),
 ) -> AuditReport:
     from engine.fileio import atomic_write
     from engine.report.audit_report import build_report, write_tables
 
     write_tables(rows, run_dir)
     atomic_write(run_dir / "run_card.json", lambda p: p.write_text(json.dumps(card, indent=2, default=str)))
-    html = build_report(f"hfc-engine audit: {config['name']}", rows, card, detect, projections)
+    from engine.studies import StudyResult
+
+    extra = [section for s in studies for section in StudyResult(s["study"], [], s["payload"]).sections()]
+    html = build_report(f"hfc-engine audit: {config['name']}", rows, card, detect, projections, extra)
     atomic_write(run_dir / "report.html", lambda p: p.write_text(html))
     return AuditReport(rows=rows, run_dir=run_dir, card=card, html=html)
 
@@ -176,6 +181,7 @@ def audit(
         datasets=[spec],
         attacks=list(attacks),
         detectors=list(detectors),
+        studies=[],
         eps=[str(e) for e in eps],
     )
     config["model"].update(checkpoint=model_key, arch=_arch(model))

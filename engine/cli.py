@@ -70,6 +70,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """Run one of the papers' studies on the embedded data (resumable, with its own report)."""
+    from engine.audit import run_audit
+    from engine.sweep.config import ConfigError, load_config
+
+    overrides = [f"study.{args.name}.{item}" for item in args.overrides]
+    try:
+        config = load_config(overrides=[f"name=study-{args.name}", "datasets=[]", f"studies=[{args.name}]", *overrides])
+    except ConfigError as exc:
+        raise SystemExit(f"config error: {exc}") from None
+    report = run_audit(config, progress=not args.no_progress)
+    frame = report.frame()
+    with pd_options():
+        print(frame[["dataset", "model", "attack", "eps", "metric", "value"]].to_string(index=False))
+    print(f"report: {report.run_dir / 'report.html'}")
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     """Stream a dataset through a model and fitted detectors; write per-image rows."""
     from engine.data import load_dataset
@@ -149,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true", help="fewer images, one eps, BIM/PGD only")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
+
+    study = sub.add_parser("study", help="run one of the papers' studies: stress (paper A) or uap (paper B)")
+    study.add_argument("name", choices=["stress", "uap"])
+    study.add_argument("overrides", nargs="*", help="study settings, e.g. eps=[0.004] (see docs/studies.md)")
+    study.add_argument("--no-progress", action="store_true")
+    study.set_defaults(func=cmd_study)
 
     score = sub.add_parser("score", help="batch-score a dataset with a model and fitted detectors")
     score.add_argument("--model", required=True, help="checkpoint (.pt), TorchScript or ONNX (.onnx) file")

@@ -24,6 +24,7 @@ attack: {{steps: 3, pool: 160, batch_size: 80}}
 hfc: {{layers: "layer4*relu*", n_components: 1}}
 detectors: [kd, lid]
 detector: {{bootstrap: 20}}
+studies: []
 """
 
 
@@ -80,6 +81,19 @@ def test_resume_after_crash_recomputes_only_missing_cells(tiny_run, capsys):
 def test_config_error_exits_with_the_key(tmp_path):
     with pytest.raises(SystemExit, match="'hfc.mode' has value 'exact'"):
         main(["run", "hfc.mode=exact", "--no-progress"])
+
+
+def test_study_command_runs_a_study_with_overrides(tmp_path, monkeypatch):
+    import yaml
+
+    from engine.studies import STRESS_TINY
+
+    monkeypatch.chdir(tmp_path)
+    overrides = [f"{key}={yaml.safe_dump(val, default_flow_style=True).strip()}" for key, val in STRESS_TINY.items()]
+    assert main(["study", "stress", *overrides, "--no-progress"]) == 0
+    frame = pd.read_csv(tmp_path / "runs" / "study-stress" / "results.csv")
+    assert frame["metric"].str.startswith("feature_deviation").any()
+    assert "Stress test" in (tmp_path / "runs" / "study-stress" / "report.html").read_text()
 
 
 def test_audit_api_in_memory(tmp_path):

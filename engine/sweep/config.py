@@ -56,7 +56,8 @@ DEFAULTS: dict[str, Any] = {
     "hfc": {"enabled": True, "layers": "*relu*", "lam": 0.01, "mode": "loglik", "n_components": 2},
     "detectors": list(DETECTORS),
     "detector": {"fit_fraction": 0.7, "bootstrap": 200},
-    "studies": [],
+    "studies": ["stress", "uap"],
+    "study": {"stress": {}, "uap": {}},  # overrides merged over engine.studies' defaults
 }
 
 QUICK: dict[str, Any] = {
@@ -66,6 +67,7 @@ QUICK: dict[str, Any] = {
     "attacks": ["bim", "pgd"],
     "eps": ["2/256"],
     "attack": {"steps": 10, "pool": 160},
+    "studies": [],
 }
 
 # Keys whose values must come from a fixed set (list-valued keys: every element).
@@ -78,7 +80,7 @@ CHOICES: dict[str, Sequence[Any]] = {
     "datasets.name": DATASET_KINDS,
 }
 # Keys that hold free-form mappings (dataset specs) and are not checked against DEFAULTS' keys.
-FREE_FORM = ("datasets",)
+FREE_FORM = ("datasets", "study")
 
 
 class ConfigError(ValueError):
@@ -112,6 +114,9 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any], prefix: str = "") 
     out = copy.deepcopy(dict(base))
     for key, value in update.items():
         dotted = f"{prefix}{key}"
+        if key not in out and dotted.split(".")[0] in FREE_FORM:
+            out[key] = copy.deepcopy(value)
+            continue
         if key not in out:
             raise ConfigError(f"unknown config key {dotted!r}; allowed: {sorted(out)}")
         if isinstance(out[key], dict) and isinstance(value, Mapping):
@@ -148,8 +153,8 @@ def validate(config: Mapping[str, Any]) -> None:
             for item in items:
                 if item not in allowed:
                     raise ConfigError(f"config key {key!r} has value {item!r}; allowed: {list(allowed)}")
-    if not isinstance(config["datasets"], list) or not config["datasets"]:
-        raise ConfigError("config key 'datasets' must be a non-empty list of dataset specs")
+    if not isinstance(config["datasets"], list) or not (config["datasets"] or config["studies"]):
+        raise ConfigError("config key 'datasets' must be a non-empty list of dataset specs (or run a study)")
     for i, spec in enumerate(config["datasets"]):
         if not isinstance(spec, Mapping) or "name" not in spec:
             raise ConfigError(f"config key 'datasets.{i}' must be a mapping with a 'name'")

@@ -273,6 +273,15 @@ def stage_projection(ws: Workspace, inputs: Mapping[str, Any], deps: Mapping[str
     )
 
 
+def stage_study(ws: Workspace, inputs: Mapping[str, Any], deps: Mapping[str, Any], workdir: Path) -> CellOutput:
+    """One of the papers' studies (engine.studies): its rows, and its payload for the report."""
+    from engine.studies import STUDIES
+
+    run, _ = STUDIES[inputs["study"]]
+    result = run(inputs["config"], workdir / "studies" / inputs["study"], progress=ws.progress)
+    return CellOutput({"study": inputs["study"], "payload": result.payload}, result.rows)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Building the cell list from a config
 
@@ -281,6 +290,16 @@ def build_cells(config: Mapping[str, Any], ws: Workspace) -> list[Cell]:
     """Every cell of the audit described by ``config`` (see engine.sweep.config.DEFAULTS)."""
     cells: list[Cell] = []
     seed, attack_cfg, hfc_cfg = config["seed"], config["attack"], config["hfc"]
+    for study in config["studies"]:
+        study_cfg = {"seed": seed, **config["study"].get(study, {})}
+        cells.append(
+            Cell(
+                "study",
+                functools.partial(stage_study, ws),
+                {"study": study, "config": study_cfg},
+                label=f"{study} study",
+            )
+        )
     for spec in config["datasets"]:
         label = slug(spec)
         model_cell = Cell(
