@@ -374,25 +374,8 @@ def build_cells(config: Mapping[str, Any], ws: Workspace) -> list[Cell]:
                         )
                     )
         if gmm_cell is not None and config["attacks"]:
-            attack, eps = config["attacks"][-1], config["eps"][-1]
-            plain = next(
-                c
-                for c in cells
-                if c.stage == "attack"
-                and c.inputs.get("dataset") == spec
-                and c.inputs["attack"] == attack
-                and c.inputs["eps"] == eps
-                and not c.inputs["hfc"]
-            )
-            hfc = next(
-                c
-                for c in cells
-                if c.stage == "attack"
-                and c.inputs.get("dataset") == spec
-                and c.inputs["attack"] == attack
-                and c.inputs["eps"] == eps
-                and c.inputs["hfc"]
-            )
+            attack, eps = config["attacks"][-1], config["eps"][-1]  # the strongest setting: the last of each
+            plain, hfc = sets[False], sets[True]
             inputs = {**common, "attack": attack, "eps": eps, "plain_cell": plain.key, "hfc_cell": hfc.key}
             cells.append(
                 Cell(
