@@ -76,7 +76,7 @@ def roc_section(section: Section, detect_payloads: Sequence[tuple[dict[str, Any]
     """ROC curves (plain vs HFC) of every detector for each (dataset, attack, eps) given."""
     from engine.detectors.metrics import roc_curves
 
-    groups: dict[tuple[str, str, str], list[tuple[str, np.ndarray, np.ndarray]]] = {}
+    groups: dict[tuple[str, str, str], list[tuple[str, str, np.ndarray, np.ndarray]]] = {}
     for inputs, payload in detect_payloads:
         with np.load(payload["scores"]) as data:
             neg = data["negatives"]
@@ -84,8 +84,16 @@ def roc_section(section: Section, detect_payloads: Sequence[tuple[dict[str, Any]
                 if key in data.files and len(data[key]):
                     fpr, tpr = (curve[0] for curve in roc_curves(neg, data[key]))
                     group = (inputs["dataset_label"], inputs["attack"], str(inputs["eps"]))
-                    groups.setdefault(group, []).append((f"{inputs['detector']} {name}", fpr, tpr))
+                    groups.setdefault(group, []).append((inputs["detector"], name, fpr, tpr))
+    from engine.attacks import parse_eps
+
+    largest: dict[tuple[str, str], str] = {}  # one figure per (dataset, attack): its largest budget
+    for dataset, attack, eps in groups:
+        if (dataset, attack) not in largest or parse_eps(eps) > parse_eps(largest[dataset, attack]):
+            largest[dataset, attack] = eps
     for (dataset, attack, eps), curves in groups.items():
+        if largest[dataset, attack] != eps:
+            continue
         section.figure(
             roc_figure(curves, f"{dataset} {attack} eps={eps}"),
             "ROC of each detector on plain and on HFC adversarial examples (negatives: clean + noise).",
@@ -103,6 +111,7 @@ def projection_section(section: Section, payloads: Sequence[dict[str, Any]]) -> 
             projection_figure(panels),
             f"PCA of GAP features ({payload['attack']}, eps={payload['eps']}): clean vs plain vs HFC AEs, "
             "at a shallow and the deepest ReLU layer.",
+            wide=True,
         )
 
 

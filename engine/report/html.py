@@ -28,6 +28,8 @@ td:first-child, th:first-child { text-align: left; }
 .note { color: #555; font-size: 14px; }
 .verdict { background: #f4f6ff; border-left: 4px solid #557; padding: .5em 1em; }
 img { max-width: 100%; }
+.fig { display: inline-block; vertical-align: top; max-width: 49%; margin-right: 1%; }
+.fig.wide { max-width: 100%; }
 .card { font-family: monospace; font-size: 12px; white-space: pre-wrap; background: #f7f7f7; padding: 1em; }
 """
 
@@ -46,13 +48,16 @@ class Section:
         self.blocks.append(cap + body)
         return self
 
-    def figure(self, fig: plt.Figure, caption: str = "") -> Section:
+    def figure(self, fig: plt.Figure, caption: str = "", wide: bool = False) -> Section:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         data = base64.b64encode(buf.getvalue()).decode()
         cap = f"<p class='note'>{html.escape(caption)}</p>" if caption else ""
-        self.blocks.append(f"<img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'/>{cap}")
+        css = "fig wide" if wide else "fig"
+        self.blocks.append(
+            f"<div class='{css}'><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'/>{cap}</div>"
+        )
         return self
 
     def paragraph(self, text: str, css: str = "") -> Section:
@@ -79,14 +84,20 @@ def render(title: str, sections: Sequence[Section], subtitle: str = "") -> str:
     )
 
 
-def roc_figure(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], title: str) -> plt.Figure:
-    """ROC curves from (label, fpr, tpr) triples."""
-    fig, ax = plt.subplots(figsize=(4.2, 4.0))
-    for label, fpr, tpr in curves:
-        ax.plot(fpr, tpr, label=label, lw=1.4)
-    ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--")
+def roc_figure(curves: Sequence[tuple[str, str, np.ndarray, np.ndarray]], title: str) -> plt.Figure:
+    """ROC curves from (name, variant, fpr, tpr): one colour per name, solid for the first variant, dashed after."""
+    fig, ax = plt.subplots(figsize=(5.0, 4.2))
+    colours: dict[str, str] = {}
+    variants: list[str] = []
+    for name, variant, fpr, tpr in curves:
+        colour = colours.setdefault(name, f"C{len(colours) % 10}")
+        if variant not in variants:
+            variants.append(variant)
+        style = "-" if variants.index(variant) == 0 else "--"
+        ax.plot(fpr, tpr, color=colour, ls=style, lw=1.4, label=f"{name} {variant}")
+    ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls=":")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return fig
 
 

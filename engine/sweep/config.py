@@ -36,16 +36,16 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "cpu",
     "datasets": [
-        {"name": "fundus-synth", "task": "binary", "n": 2000, "image_size": 64},
-        {"name": "cxr-synth", "n": 2000, "image_size": 64},
+        {"name": "fundus-synth", "task": "binary", "n": 3000, "image_size": 64},
+        {"name": "cxr-synth", "n": 3000, "image_size": 64},
     ],
     "model": {
         "arch": "resnet18",
         "width": 0.25,
         "dropout": 0.3,
-        "epochs": 8,
+        "epochs": 15,
         "batch_size": 64,
-        "lr": 0.003,
+        "lr": 0.001,
         "checkpoint": None,
     },
     "attacks": ["fgsm", "bim", "pgd", "cw_linf"],
@@ -63,8 +63,8 @@ DEFAULTS: dict[str, Any] = {
 
 QUICK: dict[str, Any] = {
     "name": "quick",
-    "datasets": [{"name": "fundus-synth", "task": "binary", "n": 800, "image_size": 64}],
-    "model": {"epochs": 4},
+    "datasets": [{"name": "fundus-synth", "task": "binary", "n": 1500, "image_size": 64}],
+    "model": {"epochs": 10},
     "attacks": ["bim", "pgd"],
     "eps": ["2/256"],
     "attack": {"steps": 10, "pool": 160},
