@@ -12,7 +12,8 @@ from engine.studies.common import StudyResult
 from engine.studies.finetune import UAP_KINDS, Ensemble, craft_uap, uap_finetune
 from engine.studies.metrics import TiedGaussian, mean_pairwise_cosine, paired_ttest, relative_deviation, resample_kappas
 from engine.studies.stress import STRESS_DEFAULTS, STRESS_TINY, run_stress_study, stress_sections
-from engine.studies.uap import UAP_DEFAULTS, UAP_TINY, run_uap_study, uap_sections
+from engine.studies.uap import UAP_DEFAULTS, UAP_TINY, run_uap_study
+from engine.studies.uap_report import uap_sections
 
 STUDIES = {"stress": (run_stress_study, STRESS_DEFAULTS), "uap": (run_uap_study, UAP_DEFAULTS)}
 

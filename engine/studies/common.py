@@ -36,7 +36,7 @@ class StudyResult:
 
             return stress_sections(self.payload)
         if self.name == "uap":
-            from engine.studies.uap import uap_sections
+            from engine.studies.uap_report import uap_sections
 
             return uap_sections(self.payload)
         raise ValueError(f"unknown study name {self.name!r}; expected 'stress' or 'uap'")

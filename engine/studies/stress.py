@@ -37,16 +37,16 @@ from engine.studies.metrics import TiedGaussian, mean_pairwise_cosine, relative_
 STRESS_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "datasets": [
-        {"name": "fundus-synth", "task": "binary", "n": 1500, "image_size": 32, "group": "medical"},
-        {"name": "cxr-synth", "n": 1500, "image_size": 32, "group": "medical"},
-        {"name": "natural", "n": 1500, "image_size": 32, "group": "natural"},
+        {"name": "fundus-synth", "task": "binary", "n": 3000, "image_size": 64, "group": "medical"},
+        {"name": "cxr-synth", "n": 3000, "image_size": 64, "group": "medical"},
+        {"name": "natural", "n": 3000, "image_size": 64, "group": "natural"},
     ],
     "model": {
         "arch": "resnet18",
         "width": 0.25,
-        "small_stem": True,
+        "small_stem": False,
         "dropout": 0.0,
-        "epochs": 6,
+        "epochs": 8,
         "lr": 0.003,
         "batch_size": 64,
     },
@@ -232,7 +232,13 @@ def stress_verdict(datasets: list[Mapping[str, Any]]) -> dict[str, Any]:
             for d in medical
             for e in per_eps
         )
-    return {"per_eps": per_eps, "medical_more_vulnerable": vulnerable, "binary_shifts_aligned": aligned}
+    accuracy = {d["label"]: d["accuracy"] for d in datasets}
+    return {
+        "per_eps": per_eps,
+        "medical_more_vulnerable": vulnerable,
+        "binary_shifts_aligned": aligned,
+        "clean_accuracy": accuracy,
+    }
 
 
 def _verdict_text(verdict: Mapping[str, Any]) -> str:
@@ -251,8 +257,20 @@ def _verdict_text(verdict: Mapping[str, Any]) -> str:
         f"Claim 'deep features of medical images are more vulnerable than natural ones' "
         f"{word(verdict['medical_more_vulnerable'])} on this data; claim 'attacks on binary medical models shift "
         f"features in one fixed direction' (deepest-layer cosine >= 0.5 and above noise, every eps) "
-        f"{word(verdict['binary_shifts_aligned'])}. " + "; ".join(parts) + "."
+        f"{word(verdict['binary_shifts_aligned'])}. " + "; ".join(parts) + ". " + _accuracy_note(verdict)
     )
+
+
+def _accuracy_note(verdict: Mapping[str, Any]) -> str:
+    """The models' clean accuracies, with a warning when they differ enough to confound the comparison."""
+    accuracy = verdict.get("clean_accuracy", {})
+    text = "Clean test accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()) + "."
+    if accuracy and max(accuracy.values()) - min(accuracy.values()) > 0.1:
+        text += (
+            " The models differ by more than 0.1 in accuracy, which confounds the medical-vs-natural "
+            "comparison (a weaker model has less confident, differently scaled features)."
+        )
+    return text
 
 
 def _depth_figure(datasets: list[Mapping[str, Any]], quantity: str, ylabel: str, log: bool = False) -> Any:

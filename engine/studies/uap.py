@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -37,17 +36,18 @@ from engine.studies.common import (
 )
 from engine.studies.finetune import UAP_KINDS, Ensemble, craft_uap, uap_finetune
 from engine.studies.metrics import paired_ttest, resample_kappas
+from engine.studies.uap_report import is_heldout
 
 UAP_DEFAULTS: dict[str, Any] = {
     "seed": 0,
-    "dataset": {"name": "fundus-synth", "task": "grade", "n": 1500, "image_size": 32},
+    "dataset": {"name": "fundus-synth", "task": "grade", "n": 2000, "image_size": 64},
     "models": [
         {
             "arch": "resnet18",
             "width": 0.25,
-            "small_stem": True,
+            "small_stem": False,
             "dropout": 0.0,
-            "epochs": 8,
+            "epochs": 10,
             "lr": 0.003,
             "batch_size": 64,
         },
@@ -57,7 +57,7 @@ UAP_DEFAULTS: dict[str, Any] = {
             "pool_size": 1,
             "hidden": 128,
             "dropout": 0.3,
-            "epochs": 8,
+            "epochs": 10,
             "lr": 0.003,
             "batch_size": 64,
         },
@@ -80,7 +80,7 @@ UAP_DEFAULTS: dict[str, Any] = {
         "lr": 0.0003,
         "batch_size": 64,
     },
-    "pgd": {"eps": ["2/255"], "steps": 10},
+    "pgd": {"eps": ["2/255"], "steps": 5},
     "eval": 300,
     "ttest": {"resampling": "folds", "n": 10, "alpha": 0.05},
 }
@@ -231,17 +231,13 @@ def run_uap_study(config: Mapping[str, Any] | None, workdir: Path, progress: boo
     return StudyResult("uap", uap_rows(payload), payload, time.perf_counter() - start)
 
 
-def _is_heldout(attack: str, heldout: list[str]) -> bool:
-    return attack == "pgd" or attack.removesuffix("_uap") in heldout
-
-
 def kappa_gains(models: list[Mapping[str, Any]], heldout: list[str]) -> list[dict[str, Any]]:
     """Fine-tuned minus baseline kappa per (model, held-out attack, eps)."""
     gains = []
     for m in models:
         base = {(a["attack"], a["eps"]): a["kappa"] for a in m["baseline"]["attacks"]}
         for a in m["finetuned"]["attacks"]:
-            if _is_heldout(a["attack"], heldout):
+            if is_heldout(a["attack"], heldout):
                 gains.append(
                     {
                         "model": m["name"],
@@ -256,15 +252,20 @@ def kappa_gains(models: list[Mapping[str, Any]], heldout: list[str]) -> list[dic
 
 
 def gain_summary(gains: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean and max kappa gain (NaN-free conditions only) and where the max occurs."""
+    """Mean, max and min kappa gain over the NaN-free conditions, where the max occurs, how many are negative."""
     finite = [g for g in gains if np.isfinite(g["gain"])]
     if not finite:
-        return {"mean_gain": float("nan"), "max_gain": float("nan"), "max_at": None}
+        nan = float("nan")
+        return {"mean_gain": nan, "max_gain": nan, "min_gain": nan, "max_at": None, "n": 0, "n_negative": 0}
     best = max(finite, key=lambda g: g["gain"])
+    values = [g["gain"] for g in finite]
     return {
-        "mean_gain": float(np.mean([g["gain"] for g in finite])),
+        "mean_gain": float(np.mean(values)),
         "max_gain": float(best["gain"]),
+        "min_gain": float(min(values)),
         "max_at": {k: best[k] for k in ("model", "attack", "eps")},
+        "n": len(values),
+        "n_negative": sum(v < 0 for v in values),
     }
 
 
@@ -285,7 +286,7 @@ def uap_rows(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
     add("ensemble(uap-ft)", payload["ensemble"])
     for g in payload["gains"]:
         rows.append(row(ds, g["model"], "kappa_gain", g["gain"], attack=g["attack"], eps=g["eps"]))
-    for metric in ("mean_gain", "max_gain"):
+    for metric in ("mean_gain", "max_gain", "min_gain"):
         rows.append(row(ds, "all", f"kappa_{metric}_heldout", payload["summary"][metric]))
     t = payload["ttest"]
     for metric, value in (
@@ -297,135 +298,4 @@ def uap_rows(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Report
-
-
-def _verdict_text(payload: Mapping[str, Any]) -> str:
-    s, t = payload["summary"], payload["ttest"]
-    base_name = payload["models"][0]["name"]
-    gain = "HOLDS" if s["mean_gain"] > 0 else "does NOT hold"
-    at = s["max_at"] or {}
-    lost = t["significant"] and t["mean_diff"] < 0
-    return (
-        f"Claim 'UAP fine-tuning raises kappa against unseen attacks' {gain} on this data: mean kappa gain "
-        f"{100 * s['mean_gain']:+.2f} and max {100 * s['max_gain']:+.2f} (kappa x 100; max at {at.get('model')}, "
-        f"{at.get('attack')} eps={at.get('eps')}) over {len(payload['gains'])} (model, held-out attack, eps) "
-        f"conditions; paper B reports +3.41 mean and +31.92 max on its data. Claim 'the ensemble loses no "
-        f"statistically significant clean performance' {'does NOT hold' if lost else 'HOLDS'}: clean kappa of "
-        f"the ensemble minus {base_name} baseline {t['mean_diff']:+.4f} averaged over {t['n']} "
-        f"{t['resampling']}, paired t-test t={t['t']:.3f}, p={t['p']:.4g} "
-        f"({'significant' if t['significant'] else 'not significant'} at {t['alpha']})."
-    )
-
-
-def _attack_table(payload: Mapping[str, Any]) -> pd.DataFrame:
-    records = []
-    for m in payload["models"]:
-        tuned = {(a["attack"], a["eps"]): a for a in m["finetuned"]["attacks"]}
-        for a in m["baseline"]["attacks"]:
-            b = tuned[(a["attack"], a["eps"])]
-            records.append(
-                {
-                    "model": m["name"],
-                    "attack": a["attack"],
-                    "eps": a["eps"],
-                    "held out": _is_heldout(a["attack"], payload["heldout_methods"]),
-                    "kappa base": a["kappa"],
-                    "kappa FT": b["kappa"],
-                    "gain": b["kappa"] - a["kappa"],
-                    "fooling base": a["fooling_rate"],
-                    "fooling FT": b["fooling_rate"],
-                }
-            )
-    ens = {(a["attack"], a["eps"]): a for a in payload["ensemble"]["attacks"]}
-    frame = pd.DataFrame(records)
-    frame["kappa ensemble"] = [ens[(a, e)]["kappa"] for a, e in zip(frame["attack"], frame["eps"], strict=True)]
-    return frame.set_index(["model", "attack", "eps"])
-
-
-def _confusion_figure(panels: list[tuple[str, list[list[int]]]], classes: list[str]) -> Any:
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.3), squeeze=False)
-    for ax, (title, cm) in zip(axes[0], panels, strict=True):
-        cm = np.asarray(cm)
-        ax.imshow(cm, cmap="Blues")
-        for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > cm.max() / 2 else "k")
-        ax.set(title=title, xlabel="predicted", ylabel="true", xticks=range(len(classes)), yticks=range(len(classes)))
-        ax.title.set_fontsize(8)
-    fig.tight_layout()
-    return fig
-
-
-def uap_sections(payload: Mapping[str, Any]) -> list[Any]:
-    """Report sections of a UAP-study payload: verdict, tables, confusion matrices."""
-    from engine.report.html import Section
-
-    section = Section(
-        "UAP attacks and UAP fine-tuning defence (paper B)",
-        f"{payload['dataset']}, {payload['n_eval']} test images, quadratic-weighted kappa. UAPs fitted "
-        f"on the validation split against the model evaluated (white-box). Fine-tuning UAP methods: "
-        f"{payload['config']['finetune']['methods']}; held out: {payload['heldout_methods']} and PGD.",
-    )
-    section.paragraph(_verdict_text(payload), css="verdict")
-    clean = [
-        {
-            "model": m["name"],
-            "kappa base": m["baseline"]["clean"]["kappa"],
-            "kappa FT": m["finetuned"]["clean"]["kappa"],
-            "accuracy base": m["baseline"]["clean"]["accuracy"],
-            "accuracy FT": m["finetuned"]["clean"]["accuracy"],
-        }
-        for m in payload["models"]
-    ]
-    clean.append(
-        {
-            "model": "ensemble(uap-ft)",
-            "kappa FT": payload["ensemble"]["clean"]["kappa"],
-            "accuracy FT": payload["ensemble"]["clean"]["accuracy"],
-        }
-    )
-    section.table(pd.DataFrame(clean).set_index("model"), caption="Clean test performance.")
-    section.table(
-        _attack_table(payload),
-        caption="Kappa and fooling rate under each attack, baseline vs UAP "
-        "fine-tuned (FT); gain = kappa FT - kappa base.",
-    )
-    t = payload["ttest"]
-    section.table(
-        pd.DataFrame(
-            [
-                {
-                    "resampling": t["resampling"],
-                    "n": t["n"],
-                    "mean kappa ensemble": float(np.mean(t["kappas_ensemble"])),
-                    "mean kappa baseline": float(np.mean(t["kappas_baseline"])),
-                    "t": t["t"],
-                    "p": t["p"],
-                    "significant": t["significant"],
-                }
-            ]
-        ).set_index("resampling"),
-        caption="Paired t-test (scipy.stats.ttest_rel) of clean kappa, ensemble vs baseline grader.",
-        float_format="{:.4g}",
-    )
-    base = payload["models"][0]
-    worst = min(base["baseline"]["attacks"], key=lambda a: a["kappa"] if np.isfinite(a["kappa"]) else np.inf)
-    tuned = next(a for a in base["finetuned"]["attacks"] if (a["attack"], a["eps"]) == (worst["attack"], worst["eps"]))
-    panels = [
-        (f"{base['name']} clean", base["baseline"]["clean"]["confusion"]),
-        (f"{base['name']} {worst['attack']} {worst['eps']}", worst["confusion"]),
-        (f"{base['name']}+FT {worst['attack']} {worst['eps']}", tuned["confusion"]),
-        ("ensemble clean", payload["ensemble"]["clean"]["confusion"]),
-    ]
-    section.figure(
-        _confusion_figure(panels, payload["classes"]),
-        caption="Confusion matrices (rows true grade, columns predicted); the attack shown is the one that "
-        "hurt the baseline grader most.",
-    )
-    return [section]
-
-
-__all__ = ["UAP_DEFAULTS", "UAP_TINY", "evaluate_model", "run_uap_study", "uap_sections"]
+__all__ = ["UAP_DEFAULTS", "UAP_TINY", "evaluate_model", "gain_summary", "kappa_gains", "run_uap_study", "uap_rows"]
