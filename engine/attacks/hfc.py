@@ -25,6 +25,7 @@ from torch import nn
 
 from engine.attacks._data import iter_batches
 from engine.attacks.base import check_images, eval_mode, model_device, model_dtype
+from engine.fileio import atomic_write
 from engine.mixture import GaussianMixture
 
 MANIFEST = "hfc_gmms.json"
@@ -185,9 +186,7 @@ def save_hfc_gmms(gmms: Mapping[str, Sequence[GaussianMixture]], directory: str 
             gm.save(directory / fname)
             files.append(fname)
         manifest["layers"].append({"name": name, "files": files})
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, directory / MANIFEST)
+    atomic_write(directory / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     return directory
 
 

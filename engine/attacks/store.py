@@ -27,19 +27,21 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from engine.fileio import atomic_write
+
 MANIFEST = "manifest.json"
 FORMATS = ("npz", "pt")
 DTYPES = ("float32", "uint8")
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(file_object)`` on a temporary file, fsync it and rename it to ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Call ``write(file_object)`` on a temporary file and rename it to ``path`` (engine.fileio.atomic_write)."""
+
+    def write_file(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            write(fh)
+
+    atomic_write(path, write_file)
 
 
 def _read_manifest(directory: Path) -> dict[str, Any] | None:

@@ -65,12 +65,9 @@ class Splits:
 
     def save(self, path: str | Path) -> Path:
         """Write the indices (and hash, fingerprint, parameters) as JSON."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        tmp.replace(path)
-        return path
+        from engine.fileio import atomic_write
+
+        return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(self.to_dict())))
 
     @classmethod
     def load(cls, path: str | Path, dataset: ImageDataset, strict: bool = True) -> Splits:
