@@ -276,3 +276,16 @@ def test_config_errors_name_the_key(tmp_path):
         run_stress_study({"datasets": [{"name": "natural", "group": "photo"}]}, tmp_path)
     with pytest.raises(ValueError, match="methods"):
         run_uap_study({"methods": ["fgsm"]}, tmp_path)
+
+
+def test_uap_finetune_is_deterministic_for_a_seed_with_dropout():
+    model = _tiny_model(dropout=0.5)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.rand(12, 3, 16, 16, generator=gen), torch.randint(0, 3, (12,), generator=gen)
+    options = {"sgd": {"epochs": 1}}
+    runs = [
+        uap_finetune(model, (x, y), ["sgd"], "4/255", epochs=1, batch_size=6, fit=6, seed=5, uap_options=options)
+        for _ in range(2)
+    ]
+    for key, value in runs[0][0].state_dict().items():
+        torch.testing.assert_close(value, runs[1][0].state_dict()[key], rtol=0, atol=0)

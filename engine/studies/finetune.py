@@ -91,6 +91,16 @@ def uap_finetune(
     x, y = data
     if len(x) != len(y) or len(x) < 2:
         raise ValueError(f"data must hold >= 2 images with as many labels, got {len(x)} and {len(y)}")
+    with torch.random.fork_rng(devices=[]):  # dropout draws from the global generator: seed it, then restore it
+        torch.manual_seed(seed)
+        return _finetune(
+            model, x, y, methods, eps, epochs, regenerate_every, mix, lr, batch_size, fit, uap_options, seed, progress
+        )
+
+
+def _finetune(
+    model, x, y, methods, eps, epochs, regenerate_every, mix, lr, batch_size, fit, uap_options, seed, progress
+) -> tuple[nn.Module, list[dict[str, Any]]]:
     model = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
