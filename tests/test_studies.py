@@ -289,3 +289,16 @@ def test_uap_finetune_is_deterministic_for_a_seed_with_dropout():
     ]
     for key, value in runs[0][0].state_dict().items():
         torch.testing.assert_close(value, runs[1][0].state_dict()[key], rtol=0, atol=0)
+
+
+def test_trained_model_does_not_depend_on_the_global_generator(tmp_path):
+    from engine.studies.common import load_splits, trained_model
+
+    splits = load_splits({"name": "fundus-synth", "task": "binary", "n": 80, "image_size": 16}, 0)
+    cfg = {"arch": "resnet18", "width": 0.0625, "small_stem": True, "epochs": 1, "batch_size": 32}
+    models = []
+    for i in range(2):
+        torch.manual_seed(100 + i)  # whatever ran before must not change the weights
+        models.append(trained_model(splits, cfg, tmp_path / str(i), seed=0, progress=False))
+    for key, value in models[0].state_dict().items():
+        torch.testing.assert_close(value, models[1].state_dict()[key], rtol=0, atol=0)

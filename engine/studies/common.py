@@ -91,15 +91,17 @@ def trained_model(splits: Any, model_cfg: Mapping[str, Any], workdir: Path, seed
     fit = {k: cfg.pop(k) for k in ("epochs", "lr", "batch_size") if k in cfg}
     image = splits.train[0][0]
     mean, std = channel_stats(splits.train)
-    model = build_model(
-        arch,
-        len(splits.train.classes),
-        in_channels=int(image.shape[0]),
-        input_size=int(image.shape[-1]),
-        mean=mean,
-        std=std,
-        **cfg,
-    )
+    with torch.random.fork_rng(devices=[]):  # weight init from the seed, not from whatever ran before
+        torch.manual_seed(seed)
+        model = build_model(
+            arch,
+            len(splits.train.classes),
+            in_channels=int(image.shape[0]),
+            input_size=int(image.shape[-1]),
+            mean=mean,
+            std=std,
+            **cfg,
+        )
     result = train(
         model, splits.train, splits.val, out_dir=out_dir, seed=seed, progress=progress, split_hash=splits.hash, **fit
     )
