@@ -67,15 +67,15 @@ def render(rng: np.random.Generator, label: int, size: int, contrast: float = 1.
         n_regions = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
         inner = ndimage.binary_erosion(lungs, iterations=int(3 * u) + 1)
         for cy, cx in pick_points(rng, inner if inner.any() else lungs, n_regions):
-            radius = u * rng.uniform(8, 16)
+            radius = u * rng.uniform(9, 18)
             for _ in range(int(rng.integers(4, 9))):
                 dy, dx = rng.normal(0, 0.45 * radius, 2)
                 blob(rng, opacity, cy + dy, cx + dx, radius * rng.uniform(0.35, 0.6))
         texture = 0.5 + 0.5 * smooth_noise(rng, (work, work), 1.5 * u)
         soft_lungs = ndimage.gaussian_filter(lungs.astype(np.float64), 2 * u)
-        alpha = np.clip(opacity, 0, 1) * texture * soft_lungs * contrast * rng.uniform(0.25, 0.5)
+        alpha = np.clip(opacity, 0, 1) * texture * soft_lungs * contrast * rng.uniform(0.35, 0.65)
         img = 1 - (1 - img) * (1 - alpha)
 
-    exposure = (smooth_noise(rng, (work, work), 12 * u) - 0.5) * rng.uniform(0, 0.16)
+    exposure = (smooth_noise(rng, (work, work), 12 * u) - 0.5) * rng.uniform(0, 0.1)
     img = np.clip(img + exposure, 0, 1)
-    return downscale(photometric(rng, img[..., None]).astype(np.float32), size)
+    return downscale(photometric(rng, img[..., None], strength=0.6).astype(np.float32), size)
