@@ -5,10 +5,30 @@ Submodules load on first use, so ``import engine`` (and the CLI's --help) stays 
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+
+
+def _preload_openblas() -> None:
+    """Load OpenBLAS from the installed scipy-openblas32 wheel before engine._C needs it.
+
+    The extension links libscipy_openblas.so; under pip's build isolation the build-time copy (and so the
+    rpath) is gone after installation, so the runtime copy is loaded by path here and matched by its soname.
+    """
+    try:
+        import scipy_openblas32
+    except ImportError:  # engine._C then reports the missing library when first used
+        return
+    path = os.path.join(scipy_openblas32.get_lib_dir(), f"lib{scipy_openblas32.get_library()}.so")
+    if os.path.exists(path):
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+
+
+_preload_openblas()
 
 _LAZY = {
     "ops": ("engine.ops", None),
