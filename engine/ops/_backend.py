@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -75,6 +76,19 @@ def _load(backend: str) -> None:
             importlib.import_module(module)
         except Exception as exc:  # optional backend: remember why it is unavailable
             _LOAD_ERRORS[backend] = f"{type(exc).__name__}: {exc}"
+
+
+def compiled_module() -> Any:
+    """``engine._C``, or None when it cannot be imported: the error is then warned once and named whenever the
+    "cpu" backend is asked for, and ``auto`` falls back to the torch backend."""
+    try:
+        from engine import _C
+    except ImportError as exc:
+        if "cpu" not in _LOAD_ERRORS:
+            _LOAD_ERRORS["cpu"] = f"engine._C failed to import: {exc}"
+            warnings.warn(f"{_LOAD_ERRORS['cpu']}; using the slower torch backend", RuntimeWarning, stacklevel=2)
+        return None
+    return _C
 
 
 def available(op: str, device: torch.device | str | None = None) -> list[str]:

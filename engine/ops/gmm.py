@@ -16,7 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from engine.mixture import GaussianMixture
-from engine.ops._backend import as_tensor, check_finite, check_same, register, resolve, to_output
+from engine.ops._backend import as_tensor, check_finite, check_same, compiled_module, register, resolve, to_output
 
 MODES = ("loglik", "nearest")
 REDUCTIONS = ("sum", "mean", "none")
@@ -32,9 +32,8 @@ LayerResult = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
 
 
 def _register_cpu() -> None:
-    try:
-        from engine import _C
-    except ImportError:
+    _C = compiled_module()
+    if _C is None:
         return
     if not hasattr(_C, "gmm"):
         return

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from engine.ops._backend import register, resolve, to_output
+from engine.ops._backend import compiled_module, register, resolve, to_output
 from engine.ops.knn import validate_pair
 
 # Torch backend tile sizes: query rows per block, references per GEMM tile.
@@ -29,9 +29,8 @@ def log_norm(dim: int, n_ref: int, bandwidth: float) -> float:
 
 
 def _register_cpu() -> None:
-    try:
-        from engine import _C
-    except ImportError:
+    _C = compiled_module()
+    if _C is None:
         return
     if not hasattr(_C, "kde"):
         return

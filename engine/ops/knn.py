@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from engine.ops._backend import as_tensor, check_finite, check_same, register, resolve, to_output
+from engine.ops._backend import as_tensor, check_finite, check_same, compiled_module, register, resolve, to_output
 
 # Candidates kept beyond k before the exact recomputation (as hfc::kKnnExtraCandidates in csrc/include/hfc/knn.h).
 EXTRA_CANDIDATES = 8
@@ -27,9 +27,8 @@ TORCH_TILE_REFS = 4096
 
 
 def _register_cpu() -> None:
-    try:
-        from engine import _C
-    except ImportError:
+    _C = compiled_module()
+    if _C is None:
         return
     if not hasattr(_C, "knn"):
         return

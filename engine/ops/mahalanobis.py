@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from engine.ops._backend import as_tensor, check_finite, check_same, register, resolve, to_output
+from engine.ops._backend import as_tensor, check_finite, check_same, compiled_module, register, resolve, to_output
 
 # Torch backend: rows per tile so one tile's (rows, C, d) difference tensor holds at most this many elements.
 TORCH_TILE_ELEMENTS = 1 << 22
@@ -35,9 +35,8 @@ def not_positive_definite(name: str, minor: int) -> ValueError:
 
 
 def _register_cpu() -> None:
-    try:
-        from engine import _C
-    except ImportError:
+    _C = compiled_module()
+    if _C is None:
         return
     if not hasattr(_C, "mahalanobis"):
         return
