@@ -52,10 +52,10 @@ def render(rng: np.random.Generator, label: int, size: int, task: str = "splice"
             patch = _crop(rng, pics[other], work)
             mask = np.zeros((work, work))
             y, x = rng.uniform(0.2 * work, 0.8 * work, 2)
-            blob(rng, mask, y, x, u * rng.uniform(12, 20), lobes=int(rng.integers(2, 5)))
-            alpha = np.clip(1.5 * mask, 0, 1)[..., None] * (contrast * rng.uniform(0.7, 0.95))
+            blob(rng, mask, y, x, u * rng.uniform(14, 24), lobes=int(rng.integers(2, 5)))
+            alpha = np.clip(2.0 * mask, 0, 1)[..., None] * (contrast * rng.uniform(0.85, 1.0))
             w = alpha / (alpha.sum() + 1e-9)
-            match = rng.uniform(0.2, 0.6)  # shift the patch's mean colour toward what it covers
+            match = rng.uniform(0.0, 0.4)  # shift the patch's mean colour toward what it covers
             patch = patch + match * ((img * w).sum((0, 1)) - (patch * w).sum((0, 1)))
             img = img * (1 - alpha) + np.clip(patch, 0, 1) * alpha
     return downscale(photometric(rng, img).astype(np.float32), size)
