@@ -341,6 +341,7 @@ def train_model(
         options["mean"], options["std"] = channel_stats(train_ds)
     elif normalization == "none":
         options["mean"], options["std"] = [0.0] * image.shape[0], [1.0] * image.shape[0]
+    torch.manual_seed(int(train_options.get("seed", 0)))  # the initial weights depend only on the seed
     model = build_model(arch, num_classes, **options)
     if pretrained is not None:
         load_torchvision_state_dict(
