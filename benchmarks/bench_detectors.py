@@ -17,25 +17,19 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import median_time, record, sgemm_seconds  # noqa: E402
+from harness import Timer, default_timer, median_time, pytest_timer, record, sgemm_seconds  # noqa: E402
 
 from engine import reference  # noqa: E402
 from engine.detectors import BU, DNN, DNR, KD, LID, MAHA, SVM, FeatureCache, Features  # noqa: E402
 
 DIMS = (64, 128, 256, 512)
 N_REF, N_QUERY = 2800, 4000
-Timer = Callable[[Callable[[], object]], tuple[float, float]]
-
-
-def default_timer(repeats: int) -> Timer:
-    return lambda fn: median_time(fn, repeats=repeats)
 
 
 def synthetic_features(n: int, seed: int, shift: float = 0.0) -> Features:
@@ -178,14 +172,6 @@ def run(quick: bool = True) -> list[dict]:
 
 
 # ---- pytest-benchmark entry points ----------------------------------------------------------------------------
-
-
-def pytest_timer(benchmark, repeats: int) -> Timer:
-    def timer(fn: Callable[[], object]) -> tuple[float, float]:
-        benchmark.pedantic(fn, rounds=repeats, warmup_rounds=1, iterations=1)
-        return benchmark.stats.stats.median, benchmark.stats.stats.iqr
-
-    return timer
 
 
 def test_lid_scoring(benchmark):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import median_time, record, sgemm_seconds  # noqa: E402
+from harness import Timer, default_timer, median_time, pytest_timer, record, sgemm_seconds  # noqa: E402
 
 from engine.mixture import GaussianMixture  # noqa: E402
 from engine.ops.gmm import gmm_log_prob, gmm_log_prob_grad, hfc_loss  # noqa: E402
@@ -34,12 +33,6 @@ FULL_SHAPES = [(d, k) for d in (64, 512, 2048) for k in (2, 8, 64)]
 BASELINE_MAX_ELEMENTS = 1 << 28
 HFC_DIMS = (64, 64, 128, 128, 256, 256, 512, 512)
 HFC_N, HFC_K = 64, 64
-
-Timer = Callable[[Callable[[], object]], tuple[float, float]]
-
-
-def default_timer(repeats: int) -> Timer:
-    return lambda fn: median_time(fn, repeats=repeats)
 
 
 def random_mixture(d: int, k: int, seed: int = 0, spread: float = 0.05) -> GaussianMixture:
@@ -148,14 +141,6 @@ def run(quick: bool = True) -> list[dict]:
 
 
 # ---- pytest-benchmark entry points ----------------------------------------------------------------------------
-
-
-def pytest_timer(benchmark, repeats: int) -> Timer:
-    def timer(fn: Callable[[], object]) -> tuple[float, float]:
-        benchmark.pedantic(fn, rounds=repeats, warmup_rounds=1, iterations=1)
-        return benchmark.stats.stats.median, benchmark.stats.stats.iqr
-
-    return timer
 
 
 @pytest.mark.parametrize("d,k", QUICK_SHAPES)

@@ -16,8 +16,7 @@ import numpy as np
 from sklearn.neighbors import KernelDensity
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gmm import Timer, default_timer, pytest_timer  # noqa: E402
-from harness import median_time, record, sgemm_seconds  # noqa: E402
+from harness import Timer, default_timer, median_time, pytest_timer, record, sgemm_seconds  # noqa: E402  # noqa: E402
 
 from engine.ops.kde import kde_log_density  # noqa: E402
 

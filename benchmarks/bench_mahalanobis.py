@@ -18,8 +18,7 @@ import pytest
 from sklearn.covariance import EmpiricalCovariance
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gmm import Timer, default_timer, pytest_timer  # noqa: E402
-from harness import median_time, record, sgemm_seconds  # noqa: E402
+from harness import Timer, default_timer, median_time, pytest_timer, record, sgemm_seconds  # noqa: E402  # noqa: E402
 
 from engine.ops.mahalanobis import mahalanobis  # noqa: E402
 

@@ -49,6 +49,24 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
     return statistics.median(times), quartiles[2] - quartiles[0]
 
 
+Timer = Callable[[Callable[[], object]], tuple[float, float]]
+
+
+def default_timer(repeats: int) -> Timer:
+    """A Timer returning (median, spread) by :func:`median_time`."""
+    return lambda fn: median_time(fn, repeats=repeats)
+
+
+def pytest_timer(benchmark, repeats: int) -> Timer:
+    """A Timer backed by pytest-benchmark's ``benchmark`` fixture (one warm-up round discarded)."""
+
+    def timer(fn: Callable[[], object]) -> tuple[float, float]:
+        benchmark.pedantic(fn, rounds=repeats, warmup_rounds=1, iterations=1)
+        return benchmark.stats.stats.median, benchmark.stats.stats.iqr
+
+    return timer
+
+
 def sgemm_seconds(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
     """Median time of one (m,k) x (k,n) matmul with torch (MKL/OpenBLAS): the CPU floor for GEMM-bound ops."""
     a = torch.randn(m, k, dtype=dtype)

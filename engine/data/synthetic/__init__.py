@@ -145,13 +145,13 @@ def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
 
 
 def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray, grades: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    try:
-        np.savez(tmp, images=images, labels=labels, grades=grades, checksum=_checksum(images, labels, grades))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from engine.fileio import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a path
+            np.savez(fh, images=images, labels=labels, grades=grades, checksum=_checksum(images, labels, grades))
+
+    atomic_write(path, write)
 
 
 def synthetic(
