@@ -186,7 +186,7 @@ def test_box_bounds_rounds_inwards() -> None:
 def test_cw_l2_binary_search_finds_smaller_perturbations(tiny) -> None:
     model, x, y = tiny
     fixed = CWL2(model, c=20.0, steps=60, lr=0.05, search_steps=1)(x, y)
-    search = CWL2(model, c=20.0, steps=60, lr=0.05, search_steps=5)(x, y)
+    search = CWL2(model, c=20.0, steps=60, lr=0.05, search_steps=8)(x, y)  # 5 rounds: ratio 0.80 on AMD EPYC
     assert fixed.success_rate == 1.0 and search.success_rate == 1.0
     assert float(search.norms_l2.mean()) < 0.8 * float(fixed.norms_l2.mean())
     assert float(search.adv.min()) >= 0 and float(search.adv.max()) <= 1
