@@ -50,19 +50,25 @@ struct WorkItem {
 
 // ---- small-d path: register-blocked SIMD triangular products (OpenBLAS trmm is inefficient for small d) ------
 
+// Vector width and rows per register block follow the target ISA: 2 column vectors x kMicroRows accumulators
+// plus the loaded vectors must fit the register file (32 zmm with AVX-512, 16 ymm with AVX2), or the block spills
+// to the stack and runs ~20x slower (measured: 512-bit generic vectors on an AVX2-only EPYC).
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+constexpr int64_t kMicroRows = 8;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+constexpr int64_t kMicroRows = 6;
+#else
+constexpr int kVectorBytes = 16;
+constexpr int64_t kMicroRows = 6;
+#endif
+
 template <typename T>
-struct Simd;
-template <>
-struct Simd<float> {
-  typedef float vec __attribute__((vector_size(64), aligned(4), may_alias));
-  static constexpr int64_t kLanes = 16;
+struct Simd {
+  typedef T vec __attribute__((vector_size(kVectorBytes), aligned(sizeof(T)), may_alias));
+  static constexpr int64_t kLanes = kVectorBytes / sizeof(T);
 };
-template <>
-struct Simd<double> {
-  typedef double vec __attribute__((vector_size(64), aligned(8), may_alias));
-  static constexpr int64_t kLanes = 8;
-};
-constexpr int64_t kMicroRows = 8;  // rows per register block: 8 independent FMA chains per column vector
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
