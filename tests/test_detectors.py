@@ -271,5 +271,5 @@ def test_maha_preprocessing_sign_and_magnitude_selection(cache: FeatureCache, tm
     assert (away > base).mean() > 0.9  # the HFC code's sign increases it
     loaded = Detector.load(det.save(tmp_path / "maha"))
     with pytest.raises(ValueError, match="attach"):
-        loaded.score(clean) if loaded.magnitude_ else loaded._preprocessed_features(clean, 0.01)
+        loaded.score(clean) if loaded.magnitude_ else loaded._preprocessed_features(clean, [0.01])
     np.testing.assert_allclose(loaded.attach(cache).score(adv), det.score(adv), rtol=1e-6)

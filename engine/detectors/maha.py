@@ -81,10 +81,13 @@ class MAHA(Detector):
         parts = [s for s in (clean, noise) if s is not None]
         neg = [s.subset(rng.permutation(len(s))[: self.select_max]) for s in parts]
         pos = adversarial.subset(rng.permutation(len(adversarial))[: self.select_max])
+        nonzero = [m for m in self.magnitudes if m > 0]
+        neg_at = [self._scores_at_each(s, nonzero) for s in neg]
+        pos_at = self._scores_at_each(pos, nonzero)
         best, best_auc = 0.0, -1.0
         for m in sorted(self.magnitudes):
-            neg_s = np.concatenate([self._scores_at(s, m) for s in neg])
-            pos_s = self._scores_at(pos, m)
+            neg_s = np.concatenate([scores[m] for scores in neg_at])
+            pos_s = pos_at[m]
             scores = np.concatenate([neg_s, pos_s])
             labels = np.r_[np.zeros(len(neg_s)), np.ones(len(pos_s))]
             combiner = LayerCombiner().fit(scores, labels)
@@ -104,37 +107,43 @@ class MAHA(Detector):
         return engine.ops.mahalanobis(feats, self.means_, self.precisions_)
 
     def _scores_at(self, x: Features, m: float) -> np.ndarray:
-        if m == 0:
-            feats = [x.layer(name, self.dims_[name]) for name in self.layers_]
-        else:
-            feats = self._preprocessed_features(x, m)
-        return np.stack([0.5 * d.min(1) for d in self._distances(feats)], axis=1)
+        return self._scores_at_each(x, [m] if m > 0 else [])[m]
 
-    def _preprocessed_features(self, x: Features, m: float) -> list[np.ndarray]:
-        """Layer l's feature of x - m * sign(grad_x d_l), for every layer l (one backward per layer)."""
+    def _scores_at_each(self, x: Features, magnitudes: list[float]) -> dict[float, np.ndarray]:
+        """Layer scores (N, L) at m = 0 and at every magnitude in ``magnitudes`` (all > 0)."""
+        feats = {0.0: [x.layer(name, self.dims_[name]) for name in self.layers_]}
+        if magnitudes:
+            feats.update(self._preprocessed_features(x, magnitudes))
+        return {m: np.stack([0.5 * d.min(1) for d in self._distances(f)], axis=1) for m, f in feats.items()}
+
+    def _preprocessed_features(self, x: Features, magnitudes: list[float]) -> dict[float, list[np.ndarray]]:
+        """Layer l's feature of x - m * sign(grad_x d_l) for every layer l and every m: one backward per layer
+        and batch gives the sign, shared by all magnitudes; then one forward per (layer, m)."""
         source = self._model_source()
-        images = x.require_images(f"MAHA with magnitude {m}")
+        images = x.require_images(f"MAHA with magnitudes {magnitudes}")
         sign = 1.0 if self.reference_compat else -1.0
-        out: list[list[np.ndarray]] = [[] for _ in self.layers_]
+        out: dict[float, list[list[np.ndarray]]] = {m: [[] for _ in self.layers_] for m in magnitudes}
         means = [torch.as_tensor(mu, dtype=torch.float32) for mu in self.means_]
         precs = [torch.as_tensor(p, dtype=torch.float32) for p in self.precisions_]
         for start in range(0, len(images), source.batch_size):
             batch = images[start : start + source.batch_size].to(source.device, torch.float32)
             xg = batch.clone().requires_grad_(True)
             _, pooled = source.forward(xg)
-            steps = []
+            directions = []
             for j, name in enumerate(self.layers_):
                 f = pooled[name]
                 diff = f[:, None, :] - means[j].to(f.device)[None]  # (B, C, d): small, only on this batch
                 dist = torch.einsum("bcd,de,bce->bc", diff, precs[j].to(f.device), diff)
                 closest = dist.detach().argmin(1)
                 (grad,) = torch.autograd.grad(dist.gather(1, closest[:, None]).sum(), xg, retain_graph=True)
-                steps.append(sign * m * torch.sign(grad))
+                directions.append(sign * torch.sign(grad))
+            del pooled
             with torch.no_grad():
-                for j, name in enumerate(self.layers_):
-                    _, moved = source.forward(batch + steps[j])
-                    out[j].append(moved[name].float().cpu().numpy())
-        return [np.concatenate(parts) for parts in out]
+                for m in magnitudes:
+                    for j, name in enumerate(self.layers_):
+                        _, moved = source.forward(batch + m * directions[j])
+                        out[m][j].append(moved[name].float().cpu().numpy())
+        return {m: [np.concatenate(parts) for parts in per_layer] for m, per_layer in out.items()}
 
     def _state(self):
         state = {"magnitude": np.array(self.magnitude_)}
