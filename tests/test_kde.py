@@ -14,8 +14,9 @@ from engine.ops.kde import kde_log_density
 BACKENDS = ["cpu", "torch"]
 # Relative tolerance (of max(|log p|, 1)) per dtype; DESIGN.md "Numerics".
 RTOL = {np.float32: 1e-4, np.float64: 1e-10}
-# (N, M, d, bandwidth): single rows/columns, several query tiles (> 256) and reference tiles (> 512).
-SHAPES = [(1, 1, 1, 0.5), (41, 57, 7, 1.0), (300, 700, 17, 2.5), (9, 30, 3, 0.05)]
+# (N, M, d, bandwidth): single rows/columns, several query tiles (> 256) and reference tiles (> 512), and one
+# above kMinParallelMultiplyAdds = 1e7 (N M d), the OpenMP path.
+SHAPES = [(1, 1, 1, 0.5), (41, 57, 7, 1.0), (300, 700, 17, 2.5), (9, 30, 3, 0.05), (300, 700, 50, 5.0)]
 
 
 def sklearn_log_density(x: np.ndarray, ref: np.ndarray, bandwidth: float) -> np.ndarray:

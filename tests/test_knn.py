@@ -16,8 +16,9 @@ from engine.ops.knn import knn_distances, lid
 BACKENDS = ["cpu", "torch"]
 # Distances are recomputed exactly (double accumulation), so float32 output is within a few float32 ulps.
 RTOL = {np.float32: 1e-6, np.float64: 1e-12}
-# (N, M, d, k): single rows/columns, several query tiles (> 256 rows) and reference tiles (> 512 rows).
-SHAPES = [(1, 2, 1, 1), (41, 57, 7, 5), (300, 700, 17, 20), (9, 30, 3, 29)]
+# (N, M, d, k): single rows/columns, several query tiles (> 256 rows) and reference tiles (> 512 rows), and one
+# above kMinParallelMultiplyAdds = 1e7 (N M d), the OpenMP path.
+SHAPES = [(1, 2, 1, 1), (41, 57, 7, 5), (300, 700, 17, 20), (9, 30, 3, 29), (300, 700, 50, 20)]
 
 
 def brute_force(x: np.ndarray, ref: np.ndarray, k: int, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:

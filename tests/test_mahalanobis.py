@@ -17,8 +17,9 @@ from engine.ops.mahalanobis import mahalanobis
 
 BACKENDS = ["cpu", "torch"]
 RTOL = {np.float32: 1e-4, np.float64: 1e-10}
-# (N, C, d): single row/class/column, more rows than one C++ tile (256).
-SHAPES = [(1, 1, 1), (41, 3, 7), (300, 5, 17), (9, 1, 3)]
+# (N, C, d): single row/class/column, more rows than one C++ tile (256), and one above
+# kMinParallelMultiplyAdds = 1e7 (N d (d + C)), the OpenMP path.
+SHAPES = [(1, 1, 1), (41, 3, 7), (300, 5, 17), (9, 1, 3), (3000, 5, 60)]
 
 
 def class_data(rng: np.random.Generator, n: int, c: int, d: int, offset: float = 0.0, cond: float = 10.0):

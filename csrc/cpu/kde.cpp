@@ -40,10 +40,10 @@ void kde_log_density(const KdeParams& p, const T* x, const T* ref, T* out) {
   require(std::isfinite(scale), "bandwidth=" + bandwidth_str(p.bandwidth) +
                                     " is too small for this dtype (1 / (2 h^2) overflows); use float64");
   const double log_norm = kde_log_norm<double>(static_cast<int>(p.d), static_cast<int>(p.m), p.bandwidth);
-  const int64_t tq = query_tile(p.n, p.tile_queries, omp_get_max_threads()), tr = std::min(p.tile_refs, p.m);
+  const int64_t tq = query_tile(p.n, p.tile_queries, pairs.threads()), tr = std::min(p.tile_refs, p.m);
   const int64_t n_tiles = (p.n + tq - 1) / tq;
 
-#pragma omp parallel
+#pragma omp parallel if (pairs.parallel)
   {
     DenormalGuard guard;
     std::vector<T> block(tq * tr);

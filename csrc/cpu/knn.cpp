@@ -88,10 +88,10 @@ void knn(const KnnParams& p, const T* x, const T* ref, T* dist, int64_t* index) 
   if (p.n == 0) return;
   const CentredPairs<T> pairs(x, p.n, ref, p.m, p.d);
   const int64_t cap = std::min(p.k + p.extra_candidates, p.exclude_self ? p.m - 1 : p.m);
-  const int64_t tq = query_tile(p.n, p.tile_queries, omp_get_max_threads()), tr = std::min(p.tile_refs, p.m);
+  const int64_t tq = query_tile(p.n, p.tile_queries, pairs.threads()), tr = std::min(p.tile_refs, p.m);
   const int64_t n_tiles = (p.n + tq - 1) / tq;
 
-#pragma omp parallel
+#pragma omp parallel if (pairs.parallel)
   {
     DenormalGuard guard;
     std::vector<T> block(tq * tr), keys(tq * cap);

@@ -108,12 +108,14 @@ void mahalanobis(const MahalanobisParams<T>& p) {
 
   std::vector<std::pair<int64_t, int64_t>> items;  // (layer, first row)
   int64_t max_d = 0;
+  double multiply_adds = 0;
   for (int64_t l = 0; l < n_layers; ++l) {
     max_d = std::max(max_d, p.layers[l].d);
+    multiply_adds += double(p.layers[l].n) * double(p.layers[l].d) * double(p.layers[l].d + p.layers[l].c);
     for (int64_t r = 0; r < p.layers[l].n; r += p.row_tile) items.emplace_back(l, r);
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
-#pragma omp parallel
+#pragma omp parallel if (n_items > 1 && multiply_adds >= kMinParallelMultiplyAdds)
   {
     DenormalGuard guard;
     std::vector<T> z(p.row_tile * max_d);

@@ -85,15 +85,29 @@ inline int64_t query_tile(int64_t n, int64_t max_tile, int threads) {
   return std::max<int64_t>(1, std::min(max_tile, std::max(kMinQueryTile, balanced)));
 }
 
+// Kernel calls with fewer multiply-adds than this (k-NN/KDE: n * m * d, Mahalanobis: n * d^2) run on one
+// thread: there a parallel region's
+// fork/join and barriers cost more than they save, and far more on a loaded machine (measured under load at LID's
+// minibatch shape 100 x 100 x 512: 6-218 ms on 2 threads vs 2-5 ms on one).
+constexpr double kMinParallelMultiplyAdds = 1e7;
+
 template <typename T>
 struct CentredPairs {
   int64_t n, m, d;
+  bool parallel;  // whether the kernels using these pairs open a parallel region (see kMinParallelMultiplyAdds)
   std::unique_ptr<T[]> x, ref, x_norm, ref_norm;  // uninitialised allocations: filled in parallel below
 
   CentredPairs(const T* x_in, int64_t n_, const T* ref_in, int64_t m_, int64_t d_)
-      : n(n_), m(m_), d(d_), x(new T[n_ * d_]), ref(new T[m_ * d_]), x_norm(new T[n_]), ref_norm(new T[m_]) {
+      : n(n_),
+        m(m_),
+        d(d_),
+        parallel(double(n_) * double(m_) * double(d_) >= kMinParallelMultiplyAdds),
+        x(new T[n_ * d_]),
+        ref(new T[m_ * d_]),
+        x_norm(new T[n_]),
+        ref_norm(new T[m_]) {
     std::vector<double> mean(d, 0.0);
-#pragma omp parallel
+#pragma omp parallel if (parallel)
     {
       std::vector<double> part(d, 0.0);
 #pragma omp for schedule(static) nowait
@@ -108,6 +122,8 @@ struct CentredPairs {
     centre_rows(ref_in, m, centre.data(), ref.get(), ref_norm.get());
   }
 
+  int threads() const { return parallel ? omp_get_max_threads() : 1; }
+
   // out[i * cols + j] = ||r_{r0+j}||^2 - 2 x_{q0+i} . r_{r0+j}; add x_norm[q0+i] for the squared distance.
   void partial_tile(int64_t q0, int64_t rows, int64_t r0, int64_t cols, T* out) const {
     for (int64_t i = 0; i < rows; ++i) std::memcpy(out + i * cols, ref_norm.get() + r0, cols * sizeof(T));
@@ -116,7 +132,7 @@ struct CentredPairs {
 
  private:
   void centre_rows(const T* in, int64_t rows, const T* centre, T* out, T* norm) const {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
     for (int64_t i = 0; i < rows; ++i) {
       double s = 0;
 #pragma omp simd reduction(+ : s)
