@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models import FeatureExtractor, available_layers, build_model, pool_feature, resolve_layers
+from engine.models import (
+    FeatureExtractor,
+    available_layers,
+    build_model,
+    extract_pooled,
+    pool_feature,
+    resolve_layers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +152,21 @@ def test_pool_feature_shapes():
     assert torch.equal(pool_feature(torch.arange(8.0).view(1, 2, 4)), torch.tensor([[1.5, 5.5]]))
     x = torch.rand(2, 3, 4, 5).transpose(2, 3)  # non-contiguous
     assert torch.allclose(pool_feature(x), x.mean(dim=(2, 3)))
+
+
+def test_extract_pooled_batches_equal_one_pass(resnet):
+    extractor = FeatureExtractor(resnet, ["relu", "layer4.1.relu2"], pooled=False)
+    x = torch.rand(7, 3, 16, 16)
+    logits, pooled, raw = extract_pooled(extractor, (x[i : i + 3] for i in range(0, 7, 3)), raw_layers=["relu"])
+    with torch.no_grad():
+        want_logits, want = extractor(x)
+    torch.testing.assert_close(logits, want_logits)
+    for name, f in want.items():
+        torch.testing.assert_close(pooled[name], pool_feature(f))
+    torch.testing.assert_close(raw["relu"], want["relu"])
+    assert list(raw) == ["relu"] and not pooled["relu"].requires_grad
+    with pytest.raises(ValueError, match="raw_layers"):
+        extract_pooled(extractor, [x], raw_layers=["layer1"])
+    with pytest.raises(ValueError, match="empty"):
+        extract_pooled(extractor, [])
+    extractor.remove()

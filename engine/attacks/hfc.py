@@ -114,25 +114,23 @@ def extract_features(
     model: nn.Module, data: Any, layers: Sequence[str], batch_size: int = 64
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """({layer: (N, C_l) GAP features}, logits (N, K), labels (N,)) of ``data`` in one pass, on the CPU."""
-    from engine.models import FeatureExtractor
+    from engine.models import FeatureExtractor, extract_pooled
 
     extractor = FeatureExtractor(model, list(layers), pooled=True)
-    feats: dict[str, list[torch.Tensor]] = {name: [] for name in extractor.layers}
-    logits, labels = [], []
     device, dtype = model_device(model), model_dtype(model)
+    labels: list[torch.Tensor] = []
+
+    def batches() -> Any:
+        for x, y in iter_batches(data, batch_size, "train_dataset"):
+            labels.append(y)
+            yield check_images(x).to(device=device, dtype=dtype)
+
     try:
-        with eval_mode(model), torch.no_grad():
-            for x, y in iter_batches(data, batch_size, "train_dataset"):
-                out, f = extractor(check_images(x).to(device=device, dtype=dtype))
-                logits.append(out.cpu())
-                labels.append(y)
-                for name in extractor.layers:
-                    feats[name].append(f[name].cpu())
+        with eval_mode(model):
+            logits, feats, _ = extract_pooled(extractor, batches())
     finally:
         extractor.remove()
-    if not labels:
-        raise ValueError("train_dataset is empty")
-    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(logits), torch.cat(labels)
+    return feats, logits, torch.cat(labels)
 
 
 def fit_hfc_gmms(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.models import pool_feature
+from engine.models import extract_pooled, pool_feature
 
 Extractor = Callable[[torch.Tensor], tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
 
@@ -161,22 +161,17 @@ class FeatureCache:
     def extract(self, images: Any, labels: Any = None, keep_images: bool = True) -> Features:
         """Features of ``images`` ((N, C, H, W) tensor/array in [0, 1], or a Dataset of (image, label))."""
         images, labels = _as_images(images, labels)
-        logits, pooled, raw = [], {}, {}
-        for start in range(0, len(images), self.batch_size):
-            batch = images[start : start + self.batch_size].to(self.device, torch.float32)
-            out, feats = self.extractor(batch)
-            logits.append(out.float().cpu())
-            for name, f in feats.items():
-                pooled.setdefault(name, []).append(pool_feature(f).float().cpu())
-                if name in self.raw_layers:
-                    raw.setdefault(name, []).append(f.float().cpu())
-        missing = [name for name in self.raw_layers if name not in pooled]
-        if missing:
-            raise ValueError(f"raw_layers {missing} are not among the extracted layers {list(pooled)}")
+        if len(images) == 0:
+            raise ValueError("images is empty: nothing to extract features from")
+        batches = (
+            images[start : start + self.batch_size].to(self.device, torch.float32)
+            for start in range(0, len(images), self.batch_size)
+        )
+        logits, pooled, raw = extract_pooled(self.extractor, batches, self.raw_layers)
         return Features(
-            logits=torch.cat(logits).numpy(),
-            pooled={k: torch.cat(v).numpy() for k, v in pooled.items()},
-            raw={k: torch.cat(v) for k, v in raw.items()},
+            logits=logits.float().numpy(),
+            pooled={k: v.float().numpy() for k, v in pooled.items()},
+            raw={k: v.float() for k, v in raw.items()},
             images=images if keep_images else None,
             labels=labels,
         )

@@ -16,7 +16,7 @@ from engine.models.classifier import (
     set_mc_dropout,
 )
 from engine.models.evaluate import channel_stats, evaluate, iterate_batches, predict_logits
-from engine.models.features import FeatureExtractor, available_layers, pool_feature, resolve_layers
+from engine.models.features import FeatureExtractor, available_layers, extract_pooled, pool_feature, resolve_layers
 from engine.models.train import TrainResult, train, train_model
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "Normalize",
     "TrainResult",
     "available_layers",
+    "extract_pooled",
     "available_models",
     "backbone",
     "build_model",

@@ -9,7 +9,7 @@ Patterns use shell globs (``fnmatch``, ``*`` also matches dots) against :func:`a
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -77,6 +77,36 @@ def resolve_layers(model: nn.Module, layers: str | Iterable[str] | None = None) 
 def pool_feature(feature: torch.Tensor) -> torch.Tensor:
     """Global average pool over every axis after the channel axis: (N,C,H,W) -> (N,C); (N,C) is returned as is."""
     return feature.flatten(2).mean(dim=2) if feature.dim() > 2 else feature
+
+
+@torch.no_grad()
+def extract_pooled(
+    extractor: Callable[[torch.Tensor], tuple[torch.Tensor, Mapping[str, torch.Tensor]]],
+    batches: Iterable[torch.Tensor],
+    raw_layers: Iterable[str] = (),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(logits, {layer: GAP (N, C)}, {layer: raw map})`` over ``batches``, one forward pass per batch, on the CPU.
+
+    ``extractor`` is a :class:`FeatureExtractor` or any callable ``x -> (logits, {layer: feature})``; features
+    keep the model's dtype; raw maps are kept for ``raw_layers`` only. The caller sets eval mode.
+    """
+    raw_layers = set(raw_layers)
+    logits: list[torch.Tensor] = []
+    pooled: dict[str, list[torch.Tensor]] = {}
+    raw: dict[str, list[torch.Tensor]] = {}
+    for batch in batches:
+        out, feats = extractor(batch)
+        logits.append(out.cpu())
+        for name, f in feats.items():
+            pooled.setdefault(name, []).append(pool_feature(f).cpu())
+            if name in raw_layers:
+                raw.setdefault(name, []).append(f.cpu())
+    if not logits:
+        raise ValueError("no batches to extract features from (empty data)")
+    missing = sorted(raw_layers - set(pooled))
+    if missing:
+        raise ValueError(f"raw_layers {missing} are not among the extracted layers {list(pooled)}")
+    return torch.cat(logits), {k: torch.cat(v) for k, v in pooled.items()}, {k: torch.cat(v) for k, v in raw.items()}
 
 
 class FeatureExtractor(nn.Module):

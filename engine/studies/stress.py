@@ -83,13 +83,12 @@ ROW_METRIC = {
 @torch.no_grad()
 def layer_features(extractor: Any, x: torch.Tensor, batch_size: int = 128) -> dict[str, np.ndarray]:
     """GAP features (N, C_l) float64 of every layer of a FeatureExtractor, in eval mode, batched."""
+    from engine.models import extract_pooled
+
     extractor.model.eval()
-    parts: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(x), batch_size):
-        _, feats = extractor(x[start : start + batch_size])
-        for name, f in feats.items():
-            parts.setdefault(name, []).append(f.double().cpu().numpy())
-    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    batches = (x[start : start + batch_size] for start in range(0, len(x), batch_size))
+    _, feats, _ = extract_pooled(extractor, batches)
+    return {name: f.double().numpy() for name, f in feats.items()}
 
 
 def shift_statistics(
