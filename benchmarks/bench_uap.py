@@ -4,14 +4,20 @@ The baseline is a faithful torch port of the reference code (LTS4/universal ``un
 the loop the widely used toolboxes copy): one image at a time, two forwards to test whether f(x+v) == f(x), a
 per-sample DeepFool (one backward per candidate class per iteration) for those not fooled, ``v += dr`` and the
 L-inf projection after every accepted sample, and the fooling rate on the whole fitting set after each pass.
-Ours: :func:`engine.attacks.deepfool_uap` (batched DeepFool over the not-yet-fooled samples of each batch of 32,
-steps summed per batch) and :func:`engine.attacks.sgd_uap` (the fast standard). The DeepFool loops use
-max_iter=10 DeepFool iterations and overshoot 0.02; all three stop at 80% fooling on the fitting set
-(delta 0.2) or after ``max_passes`` passes (SGD-UAP: 10x as many epochs), and clamp x+v to [0,1].
+Ours:
 
-Data: ``fundus-synth`` 5-grade task at 32x32 (600 images: 400 to fit, 200 held out); model: ResNet-18 with
-``width=0.125, small_stem=True`` trained briefly here. Reported: seconds to reach the fooling rate all three reach
-(from the per-pass histories), final fit and held-out fooling rates, and the speed-up.
+* :func:`engine.attacks.deepfool_uap` -- the same algorithm batched (DeepFool over the not-yet-fooled samples of
+  each batch of 32, steps summed per batch); max_iter=10 DeepFool iterations and overshoot 0.02 as the baseline.
+* :func:`engine.attacks.sgd_uap` with ``loss="margin"`` (clamped logit margin of the clean prediction, kappa 1),
+  step eps/5 decaying linearly to 0 over ``max_passes`` epochs -- the method that meets the 10x target.
+* :func:`engine.attacks.sgd_uap` with its defaults (Shafahi et al.: clipped CE on the true labels, fixed step
+  eps/10), 2x ``max_passes`` epochs, for reference: it plateaus where one class absorbs the predictions.
+
+All stop at 80% fooling on the fitting set (delta 0.2) or after ``max_passes`` passes (epochs), and clamp x+v to
+[0,1]. Data: ``fundus-synth`` 5-grade task at 32x32 (600 images: 400 to fit, 200 held out); model: ResNet-18 with
+``width=0.125, small_stem=True`` trained briefly here. Reported, from the per-pass histories: seconds each of ours
+takes to reach the fit-set fooling rate the classic loop ends with (speed-up = classic seconds / ours), the
+DeepFool-UAP's same-algorithm speed-up at the highest rate both DeepFool loops reach, and fit and held-out fooling.
 
 Run: ``python benchmarks/bench_uap.py`` or ``python -m pytest benchmarks/bench_uap.py --benchmark-only``.
 """
@@ -91,8 +97,9 @@ def classic_uap(model, x: torch.Tensor, eps: float, max_passes: int, seed: int =
     return v[0], history
 
 
-def time_to_reach(history: list[dict], rate: float) -> float:
-    return next(h["seconds"] for h in history if h["fit_rate"] >= rate - 1e-9)
+def time_to_reach(history: list[dict], rate: float) -> float | None:
+    """Seconds of the first pass/epoch whose fit-set fooling rate is >= ``rate`` (None if never)."""
+    return next((h["seconds"] for h in history if h["fit_rate"] >= rate - 1e-9), None)
 
 
 def fundus_split(task: str, n: int, n_fit: int, size: int = 32):
@@ -130,31 +137,44 @@ def run(max_passes: int = 5, threads: int = 1) -> list[dict]:
     )
 
     v_classic, hist_classic = classic_uap(model, fit[0], EPS, max_passes)
-    ours = deepfool_uap(model, fit, eps=EPS, heldout=heldout, delta=DELTA, max_passes=max_passes, max_iter=MAX_ITER_DF)
-    sgd = sgd_uap(model, fit, eps=EPS, heldout=heldout, delta=DELTA, epochs=10 * max_passes)
     classic_heldout = evaluate_uap(model, v_classic, heldout)["fooling_rate"]
-    common = min(max(h["fit_rate"] for h in hist) for hist in (hist_classic, ours.history, sgd.history))
-    t_classic = time_to_reach(hist_classic, common)
-    print(f"fit fooling rate all three reach: {common:.3f}")
+    common = dict(eps=EPS, heldout=heldout, delta=DELTA)
+    ours = {  # op name in the CSV rows -> result
+        "deepfool_uap": deepfool_uap(model, fit, max_passes=max_passes, max_iter=MAX_ITER_DF, **common),
+        "sgd_uap_margin": sgd_uap(
+            model, fit, epochs=max_passes, loss="margin", step_size=EPS / 5, schedule="linear", **common
+        ),
+        "sgd_uap_ce": sgd_uap(model, fit, epochs=2 * max_passes, **common),
+    }
+    goal, t_classic = hist_classic[-1]["fit_rate"], hist_classic[-1]["seconds"]
+    print(f"classic per-sample loop: fit fooling {goal:.3f} in {t_classic:.1f} s; held-out {classic_heldout:.3f}")
+    print(f"  per pass (fit rate, s): {curve(hist_classic)}")
     rows = []
-    shape = f"resnet18w0.125 fundus-synth 5-grade 400 fit/200 held-out 32px eps=10/255 fool>={common:.2f}"
-    for name, hist, heldout_rate in (
-        ("classic per-sample", hist_classic, classic_heldout),
-        ("ours DeepFool-UAP", ours.history, ours.fooling_rate),
-        ("ours SGD-UAP", sgd.history, sgd.fooling_rate),
-    ):
-        t = time_to_reach(hist, common)
-        curve = [(round(h["fit_rate"], 3), round(h["seconds"], 1)) for h in hist]
+    shape = f"resnet18w0.125 fundus-synth 5-grade 400 fit/200 held-out 32px eps=10/255 fool>={goal:.3f}"
+    for name, result in ours.items():
+        t = time_to_reach(result.history, goal)
+        final = result.history[-1]
+        reached = f"reaches {goal:.3f} in {t:.1f} s ({t_classic / t:.1f}x faster)" if t else "never reaches it"
         print(
-            f"{name:19s} reaches it in {t:7.1f} s ({t_classic / t:5.1f}x faster than classic); "
-            f"held-out fooling {heldout_rate:.3f}; per pass/epoch (fit rate, s): {curve}"
+            f"ours {name:14s} {reached}; final fit fooling {final['fit_rate']:.3f} at {final['seconds']:.1f} s; "
+            f"held-out fooling {result.fooling_rate:.3f}\n  per pass/epoch (fit rate, s): {curve(result.history)}"
         )
-        if name != "classic per-sample":
-            op = "deepfool_uap" if "DeepFool" in name else "sgd_uap"
-            rows.append(record(op, shape, "float32", (t, 0.0), "classic per-sample loop", t_classic, 0, t))
-    kappas = f"clean {ours.clean_kappa:.3f}, DeepFool-UAP {ours.kappa:.3f}, SGD-UAP {sgd.kappa:.3f}"
-    print(f"held-out quadratic kappa: {kappas}")
+        if t:
+            rows.append(record(name, shape, "float32", (t, 0.0), "classic per-sample loop", t_classic, 0, t))
+    df = ours["deepfool_uap"].history
+    same = min(max(h["fit_rate"] for h in hist) for hist in (hist_classic, df))
+    t_same, t_df = time_to_reach(hist_classic, same), time_to_reach(df, same)
+    print(
+        f"same algorithm batched: DeepFool-UAP reaches {same:.3f} in {t_df:.1f} s, the classic loop in {t_same:.1f} s "
+        f"({t_same / t_df:.1f}x)"
+    )
+    kappas = ", ".join(f"{name} {r.kappa:.3f}" for name, r in ours.items())
+    print(f"held-out quadratic kappa: clean {ours['deepfool_uap'].clean_kappa:.3f}, {kappas}")
     return rows
+
+
+def curve(history: list[dict]) -> list[tuple[float, float]]:
+    return [(round(h["fit_rate"], 3), round(h["seconds"], 1)) for h in history]
 
 
 def test_uap_speed(benchmark):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from torch import nn
 
 from engine.attacks import noise_like
 from engine.attacks.deepfool import deepfool
-from engine.attacks.uap import data_free_uap, deepfool_uap, evaluate_uap, sgd_uap, targeted_uap
+from engine.attacks.uap import _sgd_objective, data_free_uap, deepfool_uap, evaluate_uap, sgd_uap, targeted_uap
 
 EPS = 0.05
 
@@ -38,13 +40,15 @@ def noise_fooling_rate(model: nn.Module, heldout, eps: float) -> float:
     return max(rates)
 
 
-@pytest.mark.parametrize("method", ["deepfool", "sgd", "data_free"])
+@pytest.mark.parametrize("method", ["deepfool", "sgd", "sgd_margin", "data_free"])
 def test_uap_beats_random_noise(graded, method) -> None:
     model, fit, heldout = graded
     if method == "deepfool":
         result = deepfool_uap(model, fit, eps=EPS, heldout=heldout, max_passes=4)
     elif method == "sgd":
         result = sgd_uap(model, fit, eps=EPS, heldout=heldout, epochs=4)
+    elif method == "sgd_margin":
+        result = sgd_uap(model, fit, eps=EPS, heldout=heldout, epochs=4, loss="margin", schedule="linear")
     else:
         result = data_free_uap(model, (1, 8, 8), eps=EPS, heldout=heldout, steps=60)
     noise = noise_fooling_rate(model, heldout, EPS)
@@ -58,7 +62,7 @@ def test_uap_beats_random_noise(graded, method) -> None:
 
 def test_l2_budget_and_binary_model(binary) -> None:
     model, fit, heldout = binary
-    for fn in (deepfool_uap, sgd_uap):
+    for fn in (deepfool_uap, sgd_uap, partial(sgd_uap, loss="margin")):
         result = fn(model, fit, eps=1.2, norm="l2", heldout=heldout)
         assert float(result.perturbation.norm()) <= 1.2 * (1 + 1e-6)
         assert result.fooling_rate >= noise_fooling_rate(model, heldout, 0.15) + 0.3
@@ -70,6 +74,7 @@ def test_targeted_uaps(graded, binary) -> None:
     for result in [
         targeted_uap(model, fit, target=1, eps=0.1, heldout=heldout, max_passes=3),
         sgd_uap(model, fit, target=1, eps=0.1, heldout=heldout, epochs=3),
+        sgd_uap(model, fit, target=1, eps=0.1, heldout=heldout, epochs=3, loss="margin"),
     ]:
         assert result.target == 1 and result.targeted_success_rate >= 0.9
         assert float(result.perturbation.abs().max()) <= 0.1
@@ -85,6 +90,29 @@ def test_delta_stops_early(graded) -> None:
     sgd = sgd_uap(model, fit, eps=0.1, heldout=heldout, delta=0.5, epochs=10)
     assert len(sgd.history) < 10 and sgd.history[-1]["fit_rate"] >= 0.5
     assert all(h["fit_rate"] < 0.5 for h in sgd.history[:-1])
+
+
+def test_margin_objective_and_its_clamp() -> None:
+    logits = torch.tensor([[3.0, 1.0, 0.5], [0.0, 4.0, 1.0], [2.0, 2.5, 0.0]], requires_grad=True)
+    labels = torch.tensor([0, 0, 0])
+    # margins z_0 - max_{k!=0} z_k: 2, -4 (fooled by more than kappa: clamped, no gradient), -0.5
+    value = _sgd_objective(logits, labels, "margin", False, 10.0, 1.0)
+    assert float(value.detach()) == pytest.approx(2.0 - 1.0 - 0.5)
+    (grad,) = torch.autograd.grad(value, logits)
+    torch.testing.assert_close(grad, torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.0, 0.0], [1.0, -1.0, 0.0]]))
+    targeted = _sgd_objective(logits, torch.tensor([1, 1, 1]), "margin", True, 10.0, 1.0)
+    assert float(targeted.detach()) == pytest.approx(2.0 - 1.0 - 0.5)  # max_{k!=1} z_k - z_1, clamped at -1
+
+
+def test_linear_schedule_halves_the_second_step(graded) -> None:
+    model, (x, y), _ = graded
+    fit = (x[:64], y[:64])
+    for schedule, allowed in (("constant", (0.0, 0.01, 0.02)), ("linear", (0.0, 0.005, 0.01, 0.015))):
+        v = sgd_uap(model, fit, eps=0.1, step_size=0.01, batch_size=32, epochs=1, schedule=schedule).perturbation
+        values = torch.tensor(sorted(set(v.abs().flatten().tolist())))
+        near = (values[:, None] - torch.tensor(allowed)[None]).abs().amin(1)
+        assert float(near.max()) < 1e-6, (schedule, values)
+        assert float(v.abs().max()) > 0.012  # both steps taken in the same direction somewhere
 
 
 def test_evaluate_uap_matches_sklearn(graded) -> None:
@@ -117,6 +145,16 @@ def test_deepfool_on_linear_model_is_the_hyperplane_projection() -> None:
     torch.testing.assert_close(r.flatten(1), expected)
 
 
+def test_deepfool_takes_the_clean_logits_from_its_first_iteration() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).double()
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    _, converged, iterations = deepfool(model, torch.rand(5, 3, 2, 2, dtype=torch.float64))
+    assert bool(converged.all()) and bool((iterations == 1).all())  # linear: one step crosses
+    assert calls == [5, 5]  # iteration 0 (the clean logits) and the check after the step; no extra clean pass
+
+
 def test_deepfool_batch_equals_per_sample(graded) -> None:
     model, (x, _), _ = graded
     r, converged, iterations = deepfool(model, x[:12])
@@ -140,5 +178,11 @@ def test_bad_arguments(graded) -> None:
         deepfool_uap(model, fit, batch_size=0)
     with pytest.raises(ValueError, match="data must hold images"):
         sgd_uap(model, (fit[0] * 3, fit[1]), eps=0.1)
+    with pytest.raises(ValueError, match="loss"):
+        sgd_uap(model, fit, eps=0.1, loss="hinge")
+    with pytest.raises(ValueError, match="schedule"):
+        sgd_uap(model, fit, eps=0.1, schedule="cosine")
+    with pytest.raises(ValueError, match="kappa"):
+        sgd_uap(model, fit, eps=0.1, loss="margin", kappa=-1.0)
     with pytest.raises(ValueError, match="max_iter"):
         deepfool(model, fit[0][:2], max_iter=0)

@@ -5,7 +5,8 @@
   the converged steps of a batch are summed into v, which is projected to the eps-ball; stop once the fooling
   rate on the fitting data reaches 1 - delta, or after ``max_passes``.
 * :func:`sgd_uap` -- Shafahi et al. 2020: minibatch projected sign-gradient ascent on v of the clipped
-  cross-entropy min(CE, beta) (targeted: descent on the CE toward ``target``).
+  cross-entropy min(CE, beta) (targeted: descent on the CE toward ``target``); or (``loss="margin"``) descent on
+  the clamped logit margin of the clean prediction, optionally with a linearly decaying step.
 * :func:`targeted_uap` -- Hirano & Takemoto 2020: the DeepFool-UAP loop with a targeted inner step (batched
   targeted BIM from x+v); only steps that reach the target are added.
 * :func:`data_free_uap` -- Fast Feature Fool / GD-UAP (Mopuri et al.): maximise sum_l log ||f_l(base + v)||_2 over
@@ -20,6 +21,7 @@ columns predictions under attack), clean and attacked.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -255,20 +257,34 @@ def sgd_uap(
     delta: float | None = None,
     seed: int = 0,
     progress: bool = False,
+    loss: str = "ce",
+    kappa: float = 1.0,
+    schedule: str = "constant",
 ) -> UAPResult:
-    """SGD-UAP: per minibatch v <- proj(v + step * sign(grad_v sum min(CE(x+v, y), beta))) (L2: unit gradient);
-    targeted: v <- proj(v - step * ...) on CE toward ``target``. ``step_size`` defaults to eps / 10. The fitting
-    set's fooling (targeted: success) rate is recorded after every epoch; with ``delta`` training stops once it
-    reaches 1 - delta (the DeepFool-UAP stopping rule)."""
+    """SGD-UAP: per minibatch v <- proj(v - step * sign(grad_v L)) (L2: unit gradient). ``loss="ce"`` (Shafahi et
+    al.): L = -sum min(CE(x+v, y), beta) on the true labels; targeted: L = CE toward ``target``.
+    ``loss="margin"``: L = sum max(z_c - max_{k!=c} z_k, -kappa) on the clean predictions c (the fooling
+    criterion); targeted: sum max(max_{k!=t} z_k - z_t, -kappa); samples fooled by a margin kappa give no gradient.
+    ``step_size`` defaults to eps / 10; ``schedule="linear"`` decays it linearly to 0 over all steps of ``epochs``.
+    The fitting set's fooling (targeted: success) rate is recorded after every epoch; with ``delta`` training
+    stops once it reaches 1 - delta (the DeepFool-UAP stopping rule)."""
     start = time.perf_counter()
     eps, x, y, device, dtype = _setup(model, data, eps, norm)
     check_batch_size(batch_size)
+    if loss not in ("ce", "margin"):
+        raise ValueError(f"loss must be 'ce' or 'margin', got {loss!r}")
+    if schedule not in ("constant", "linear"):
+        raise ValueError(f"schedule must be 'constant' or 'linear', got {schedule!r}")
+    if not kappa >= 0:
+        raise ValueError(f"kappa must be a margin >= 0, got {kappa!r}")
     target = None if target is None else _check_target(model, x, target)
     step = eps / 10 if step_size is None else parse_eps(step_size, "step_size")
     v = torch.zeros(x.shape[1:], device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(seed)
     history = []
     clean = predict(model, x)
+    labels = clean if loss == "margin" and target is None else y.to(device)
+    total_steps, t = epochs * math.ceil(x.shape[0] / batch_size), 0
 
     def needs_step(pred, idx):
         return pred == clean[idx] if target is None else pred != target
@@ -276,21 +292,32 @@ def sgd_uap(
     with eval_mode(model):
         for epoch in tqdm(range(epochs), desc="SGD-UAP", disable=not progress):
             for idx in torch.randperm(x.shape[0], generator=gen).split(batch_size):
-                xb, yb = x[idx].to(device=device, dtype=dtype), y[idx].to(device)
+                xb = x[idx].to(device=device, dtype=dtype)
                 v_var = v.detach().requires_grad_(True)
                 logits = as_two_logits(model((xb + v_var).clamp(0, 1)))
-                if target is None:
-                    objective = -F.cross_entropy(logits, yb, reduction="none").clamp(max=beta).sum()
-                else:
-                    objective = F.cross_entropy(logits, torch.full_like(yb, target), reduction="sum")
+                yb = labels[idx.to(device)] if target is None else torch.full_like(idx, target).to(device)
+                objective = _sgd_objective(logits, yb, loss, target is not None, beta, kappa)
                 (grad,) = torch.autograd.grad(objective, v_var)
                 direction = grad.sign() if norm == "linf" else grad / grad.norm().clamp_min(1e-12)
-                v = project_universal(v - step * direction, eps, norm)
+                lr = step * (1 - t / total_steps) if schedule == "linear" else step
+                v = project_universal(v - lr * direction, eps, norm)
+                t += 1
             rate = _fit_rate(model, x, v, needs_step)
             history.append({"epoch": epoch + 1, "fit_rate": rate, "seconds": time.perf_counter() - start})
             if delta is not None and rate >= 1 - delta:
                 break
     return _finish(model, v, "sgd_uap", eps, norm, data if heldout is None else heldout, target, history, start)
+
+
+def _sgd_objective(logits, labels, loss, targeted, beta, kappa) -> torch.Tensor:
+    """The SGD-UAP loss to minimise over v (see :func:`sgd_uap`); ``labels``: true/clean labels or the target."""
+    if loss == "ce":
+        ce = F.cross_entropy(logits, labels, reduction="none")
+        return ce.sum() if targeted else -ce.clamp(max=beta).sum()
+    own = logits.gather(1, labels[:, None])[:, 0]
+    other = logits.scatter(1, labels[:, None], -math.inf).amax(1)
+    margin = other - own if targeted else own - other
+    return margin.clamp(min=-kappa).sum()
 
 
 def data_free_uap(
