@@ -170,3 +170,18 @@ def test_extract_pooled_batches_equal_one_pass(resnet):
     with pytest.raises(ValueError, match="empty"):
         extract_pooled(extractor, [])
     extractor.remove()
+
+
+def test_stop_after_ends_the_pass_at_that_layer(resnet):
+    extractor = FeatureExtractor(resnet, ["relu", "layer2.1.relu2", "layer4.1.relu2"])
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        logits, full = extractor(x)
+        none, early = extractor(x, stop_after="layer2.1.relu2")
+    assert none is None and list(early) == ["relu", "layer2.1.relu2"]
+    torch.testing.assert_close(early["layer2.1.relu2"], full["layer2.1.relu2"])
+    with torch.no_grad():  # the next full pass is unaffected
+        torch.testing.assert_close(extractor(x)[0], logits)
+    with pytest.raises(ValueError, match="stop_after"):
+        extractor(x, stop_after="layer1")
+    extractor.remove()

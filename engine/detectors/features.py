@@ -157,6 +157,17 @@ class FeatureCache:
         logits, feats = self.extractor(x)
         return logits, {name: pool_feature(f) for name, f in feats.items()}
 
+    def layer_feature(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """Pooled (N, C) feature of layer ``name`` for one batch on the device; with a FeatureExtractor the pass
+        ends right after that layer."""
+        from engine.models import FeatureExtractor
+
+        if isinstance(self.extractor, FeatureExtractor):
+            _, feats = self.extractor(x, stop_after=name)
+        else:
+            _, feats = self.extractor(x)
+        return pool_feature(feats[name])
+
     @torch.no_grad()
     def extract(self, images: Any, labels: Any = None, keep_images: bool = True) -> Features:
         """Features of ``images`` ((N, C, H, W) tensor/array in [0, 1], or a Dataset of (image, label))."""

@@ -5,7 +5,8 @@ features). Layer score = -max_c -1/2 d_c = 1/2 min_c d_c with d_c = (f - mu_c)^T
 x_hat = x - m * sign(grad_x d_c*(f_l(x))) where c* is the closest class: the step *reduces* the distance
 (clean inputs move closer to their class than adversarial ones do). ``reference_compat`` flips the sign as the
 HFC code did. The magnitude m is chosen on the fit split from ``MAGNITUDES`` by the in-sample AUROC of the LR
-combination (on at most ``select_max`` examples per set). Scoring distances go through ``engine.ops.mahalanobis``.
+combination (on at most ``select_max`` examples per set, whose scores at the chosen m then fit the combiner: no
+second pass over the fit split). Scoring distances go through ``engine.ops.mahalanobis``.
 """
 
 from __future__ import annotations
@@ -64,14 +65,18 @@ class MAHA(Detector):
             cov += RIDGE * max(float(np.trace(cov)) / len(cov), 1e-12) * np.eye(len(cov))
             self.means_.append(means)
             self.precisions_.append(np.linalg.inv(cov))
-        self.magnitude_ = self.magnitude if self.magnitude is not None else self._select(clean, adversarial, noise)
-        return self._fit_scores(clean, adversarial, noise)
+        if self.magnitude is not None or len(self.magnitudes) == 1:
+            self.magnitude_ = self.magnitude if self.magnitude is not None else self.magnitudes[0]
+            return self._fit_scores(clean, adversarial, noise)
+        return self._select(clean, adversarial, noise)
 
-    def _select(self, clean: Features, adversarial: Features, noise: Features | None) -> float:
+    def _select(
+        self, clean: Features, adversarial: Features, noise: Features | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Set ``magnitude_`` to the best of ``magnitudes`` on at most ``select_max`` examples per set and return
+        those examples' layer scores at it (clean, adversarial, noise), on which the combiner is then fitted."""
         from engine.detectors.metrics import auroc
 
-        if len(self.magnitudes) == 1:
-            return self.magnitudes[0]
         if self.source is None or clean.images is None:
             raise ValueError(
                 "MAHA selects its preprocessing magnitude by running the model: fit with a FeatureCache "
@@ -84,7 +89,7 @@ class MAHA(Detector):
         nonzero = [m for m in self.magnitudes if m > 0]
         neg_at = [self._scores_at_each(s, nonzero) for s in neg]
         pos_at = self._scores_at_each(pos, nonzero)
-        best, best_auc = 0.0, -1.0
+        best, best_auc = self.magnitudes[0], -1.0
         for m in sorted(self.magnitudes):
             neg_s = np.concatenate([scores[m] for scores in neg_at])
             pos_s = pos_at[m]
@@ -94,7 +99,9 @@ class MAHA(Detector):
             auc = auroc(combiner(neg_s), combiner(pos_s))
             if auc > best_auc + 1e-12:
                 best, best_auc = m, auc
-        return best
+        self.magnitude_ = best
+        neg_best = [scores[best] for scores in neg_at]
+        return neg_best[0], pos_at[best], neg_best[1] if noise is not None else None
 
     def _layer_scores(self, x: Features) -> np.ndarray:
         return self._scores_at(x, self.magnitude_)
@@ -118,7 +125,7 @@ class MAHA(Detector):
 
     def _preprocessed_features(self, x: Features, magnitudes: list[float]) -> dict[float, list[np.ndarray]]:
         """Layer l's feature of x - m * sign(grad_x d_l) for every layer l and every m: one backward per layer
-        and batch gives the sign, shared by all magnitudes; then one forward per (layer, m)."""
+        and batch gives the sign, shared by all magnitudes; then one forward per (layer, m), up to that layer."""
         source = self._model_source()
         images = x.require_images(f"MAHA with magnitudes {magnitudes}")
         sign = 1.0 if self.reference_compat else -1.0
@@ -141,8 +148,8 @@ class MAHA(Detector):
             with torch.no_grad():
                 for m in magnitudes:
                     for j, name in enumerate(self.layers_):
-                        _, moved = source.forward(batch + m * directions[j])
-                        out[m][j].append(moved[name].float().cpu().numpy())
+                        moved = source.layer_feature(batch + m * directions[j], name)
+                        out[m][j].append(moved.float().cpu().numpy())
         return {m: [np.concatenate(parts) for parts in per_layer] for m, per_layer in out.items()}
 
     def _state(self):

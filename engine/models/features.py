@@ -109,6 +109,10 @@ def extract_pooled(
     return torch.cat(logits), {k: torch.cat(v) for k, v in pooled.items()}, {k: torch.cat(v) for k, v in raw.items()}
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the requested layer has run (see ``stop_after``)."""
+
+
 class FeatureExtractor(nn.Module):
     """``forward(x) -> (logits, {layer: feature})`` in one pass of ``model``.
 
@@ -126,6 +130,7 @@ class FeatureExtractor(nn.Module):
         self.layers = resolve_layers(model, layers)
         self.pooled = pooled
         self._store: dict[str, torch.Tensor] | None = None
+        self._stop_after: str | None = None
         modules = dict(backbone(model).named_modules())
         self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.layers]
 
@@ -138,21 +143,31 @@ class FeatureExtractor(nn.Module):
                     f"layer {name!r} ran twice in one forward pass (a reused module); hook distinct modules instead"
                 )
             self._store[name] = output
+            if name == self._stop_after:
+                raise _StopForward
 
         return hook
 
-    def forward(self, x: torch.Tensor, pooled: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, pooled: bool | None = None, stop_after: str | None = None
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         pooled = self.pooled if pooled is None else pooled
-        self._store = {}
+        if stop_after is not None and stop_after not in self.layers:
+            raise ValueError(f"stop_after must be one of the hooked layers {self.layers}, got {stop_after!r}")
+        self._store, self._stop_after = {}, stop_after
+        logits = None
         try:
             logits = self.model(x)
-            store = self._store
+        except _StopForward:
+            pass
         finally:
-            self._store = None
-        missing = [name for name in self.layers if name not in store]
+            store, self._store, self._stop_after = self._store, None, None
+        expected = self.layers if stop_after is None else [stop_after]
+        missing = [name for name in expected if name not in store]
         if missing:
             raise RuntimeError(f"layers {missing} did not run in the forward pass")
-        return logits, {name: pool_feature(store[name]) if pooled else store[name] for name in self.layers}
+        names = self.layers if stop_after is None else [n for n in self.layers if n in store]
+        return logits, {name: pool_feature(store[name]) if pooled else store[name] for name in names}
 
     def remove(self) -> None:
         """Remove the hooks from ``model``."""
