@@ -200,7 +200,7 @@ def stage_detect(ws: Workspace, inputs: Mapping[str, Any], deps: Mapping[str, An
         splits = ws.splits(inputs["dataset"], inputs["seed"])
         train_x, train_y = _stack(splits.train, limit=inputs["train_limit"], seed=inputs["seed"])
         train = _features(ws, cache, ("train", model_info["checkpoint"]), train_x, train_y)
-    detector = _make_detector(inputs["detector"], inputs["seed"], cache.extractor.layers)
+    detector = _make_detector(inputs["detector"], inputs["seed"], cache.extractor.layers, inputs.get("options", {}))
     result = run_protocol(
         [detector],
         clean,
@@ -364,6 +364,8 @@ def build_cells(config: Mapping[str, Any], ws: Workspace) -> list[Cell]:
                         "bootstrap": config["detector"]["bootstrap"],
                         "train_limit": 1000,
                     }
+                    if isinstance(config["detector"].get(detector), Mapping):
+                        inputs["options"] = dict(config["detector"][detector])
                     cells.append(
                         Cell(
                             "detect",
@@ -458,14 +460,15 @@ def _adv_features(ws: Workspace, cache: Any, directory: str, y: torch.Tensor) ->
     return feats, np.asarray(adv.meta["success"], dtype=bool)[order]
 
 
-def _make_detector(name: str, seed: int, layers: Sequence[str]) -> Any:
-    """A detector with the run's defaults: MAHA (one backward per layer for its input preprocessing) on the
-    output of each stage, as in Lee et al.; every other detector on its own default layers."""
+def _make_detector(name: str, seed: int, layers: Sequence[str], options: Mapping[str, Any]) -> Any:
+    """A detector with the run's settings (``options``: its keyword arguments from ``detector.<name>``): MAHA (one
+    backward per layer for its input preprocessing) on the output of each stage, as in Lee et al.; every other
+    detector on its own default layers."""
     from engine.detectors import DETECTORS
 
     if name == "maha":
-        return DETECTORS[name](layers=stage_outputs(layers), seed=seed)
-    return DETECTORS[name](seed=seed)
+        options = {"layers": stage_outputs(layers), **options}
+    return DETECTORS[name](seed=seed, **options)
 
 
 def stage_outputs(layers: Sequence[str]) -> list[str]:
