@@ -167,8 +167,8 @@ def test_extract_pooled_batches_equal_one_pass(resnet):
     assert list(raw) == ["relu"] and not pooled["relu"].requires_grad
     with pytest.raises(ValueError, match="raw_layers"):
         extract_pooled(extractor, [x], raw_layers=["layer1"])
-    with pytest.raises(ValueError, match="empty"):
-        extract_pooled(extractor, [])
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        extract_pooled(extractor, [], name="train_dataset")
     extractor.remove()
 
 

@@ -127,7 +127,7 @@ def extract_features(
 
     try:
         with eval_mode(model):
-            logits, feats, _ = extract_pooled(extractor, batches())
+            logits, feats, _ = extract_pooled(extractor, batches(), name="train_dataset")
     finally:
         extractor.remove()
     return feats, logits, torch.cat(labels)

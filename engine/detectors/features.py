@@ -172,13 +172,11 @@ class FeatureCache:
     def extract(self, images: Any, labels: Any = None, keep_images: bool = True) -> Features:
         """Features of ``images`` ((N, C, H, W) tensor/array in [0, 1], or a Dataset of (image, label))."""
         images, labels = _as_images(images, labels)
-        if len(images) == 0:
-            raise ValueError("images is empty: nothing to extract features from")
         batches = (
             images[start : start + self.batch_size].to(self.device, torch.float32)
             for start in range(0, len(images), self.batch_size)
         )
-        logits, pooled, raw = extract_pooled(self.extractor, batches, self.raw_layers)
+        logits, pooled, raw = extract_pooled(self.extractor, batches, self.raw_layers, name="images")
         return Features(
             logits=logits.float().numpy(),
             pooled={k: v.float().numpy() for k, v in pooled.items()},

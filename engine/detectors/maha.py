@@ -86,9 +86,8 @@ class MAHA(Detector):
         parts = [s for s in (clean, noise) if s is not None]
         neg = [s.subset(rng.permutation(len(s))[: self.select_max]) for s in parts]
         pos = adversarial.subset(rng.permutation(len(adversarial))[: self.select_max])
-        nonzero = [m for m in self.magnitudes if m > 0]
-        neg_at = [self._scores_at_each(s, nonzero) for s in neg]
-        pos_at = self._scores_at_each(pos, nonzero)
+        neg_at = [self._scores_at_each(s, list(self.magnitudes)) for s in neg]
+        pos_at = self._scores_at_each(pos, list(self.magnitudes))
         best, best_auc = self.magnitudes[0], -1.0
         for m in sorted(self.magnitudes):
             neg_s = np.concatenate([scores[m] for scores in neg_at])
@@ -114,13 +113,14 @@ class MAHA(Detector):
         return engine.ops.mahalanobis(feats, self.means_, self.precisions_)
 
     def _scores_at(self, x: Features, m: float) -> np.ndarray:
-        return self._scores_at_each(x, [m] if m > 0 else [])[m]
+        return self._scores_at_each(x, [m])[m]
 
     def _scores_at_each(self, x: Features, magnitudes: list[float]) -> dict[float, np.ndarray]:
-        """Layer scores (N, L) at m = 0 and at every magnitude in ``magnitudes`` (all > 0)."""
-        feats = {0.0: [x.layer(name, self.dims_[name]) for name in self.layers_]}
-        if magnitudes:
-            feats.update(self._preprocessed_features(x, magnitudes))
+        """Layer scores (N, L) at every magnitude in ``magnitudes`` (0 = the extracted features, no model run)."""
+        moving = [m for m in magnitudes if m > 0]
+        feats = self._preprocessed_features(x, moving) if moving else {}
+        if 0 in magnitudes:
+            feats[0.0] = [x.layer(name, self.dims_[name]) for name in self.layers_]
         return {m: np.stack([0.5 * d.min(1) for d in self._distances(f)], axis=1) for m, f in feats.items()}
 
     def _preprocessed_features(self, x: Features, magnitudes: list[float]) -> dict[float, list[np.ndarray]]:

@@ -84,11 +84,13 @@ def extract_pooled(
     extractor: Callable[[torch.Tensor], tuple[torch.Tensor, Mapping[str, torch.Tensor]]],
     batches: Iterable[torch.Tensor],
     raw_layers: Iterable[str] = (),
+    name: str = "data",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(logits, {layer: GAP (N, C)}, {layer: raw map})`` over ``batches``, one forward pass per batch, on the CPU.
 
     ``extractor`` is a :class:`FeatureExtractor` or any callable ``x -> (logits, {layer: feature})``; features
-    keep the model's dtype; raw maps are kept for ``raw_layers`` only. The caller sets eval mode.
+    keep the model's dtype; raw maps are kept for ``raw_layers`` only. The caller sets eval mode. ``name`` is the
+    argument the batches come from, for the error on empty data.
     """
     raw_layers = set(raw_layers)
     logits: list[torch.Tensor] = []
@@ -102,7 +104,7 @@ def extract_pooled(
             if name in raw_layers:
                 raw.setdefault(name, []).append(f.cpu())
     if not logits:
-        raise ValueError("no batches to extract features from (empty data)")
+        raise ValueError(f"{name} is empty: no images to extract features from")
     missing = sorted(raw_layers - set(pooled))
     if missing:
         raise ValueError(f"raw_layers {missing} are not among the extracted layers {list(pooled)}")

@@ -85,10 +85,9 @@ inline int64_t query_tile(int64_t n, int64_t max_tile, int threads) {
   return std::max<int64_t>(1, std::min(max_tile, std::max(kMinQueryTile, balanced)));
 }
 
-// Kernel calls with fewer multiply-adds than this (k-NN/KDE: n * m * d, Mahalanobis: n * d^2) run on one
-// thread: there a parallel region's
-// fork/join and barriers cost more than they save, and far more on a loaded machine (measured under load at LID's
-// minibatch shape 100 x 100 x 512: 6-218 ms on 2 threads vs 2-5 ms on one).
+// Kernel calls with fewer multiply-adds than this (k-NN/KDE: n m d, Mahalanobis: n d (d + C)) run on one thread:
+// there a parallel region's fork/join and barriers cost more than they save, and far more on a loaded machine
+// (measured under load at LID's minibatch shape 100 x 100 x 512: 6-218 ms on 2 threads vs 2-5 ms on one).
 constexpr double kMinParallelMultiplyAdds = 1e7;
 
 template <typename T>
