@@ -13,11 +13,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext, naive_recompile
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
-ParallelCompile("HFC_ENGINE_JOBS", default=2, needs_recompile=naive_recompile).install()
+HEADERS = [ROOT / p for pat in ("csrc/include/hfc/*.h", "csrc/cuda/*.cuh") for p in glob.glob(pat, root_dir=ROOT)]
+
+
+def _needs_recompile(obj: str, src: str) -> bool:
+    """Incremental builds: recompile when the source or any shared header is newer than the object."""
+    if not os.path.exists(obj):
+        return True
+    newest_input = max(os.stat(p).st_mtime for p in [src, *HEADERS])
+    return os.stat(obj).st_mtime < newest_input
+
+
+ParallelCompile("HFC_ENGINE_JOBS", default=2, needs_recompile=_needs_recompile).install()
 
 
 def _openblas():
@@ -68,12 +79,10 @@ class BuildExt(build_ext):
         nvcc = shutil.which("nvcc") or str(_cuda_home() / "bin" / "nvcc")
         out_dir = Path(self.build_temp) / "cuda"
         out_dir.mkdir(parents=True, exist_ok=True)
-        headers = _sources("csrc/cuda/*.cuh", "csrc/include/hfc/*.h")
         objects = []
         for src in _sources("csrc/cuda/*.cu"):
             obj = out_dir / (Path(src).stem + ".o")
-            newest_input = max((ROOT / p).stat().st_mtime for p in [src, *headers])
-            if not obj.exists() or obj.stat().st_mtime < newest_input:  # incremental, like the C++ sources
+            if _needs_recompile(str(obj), str(ROOT / src)):
                 cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-lineinfo", *_cuda_arch_flags(),
                        "-Xcompiler", "-fPIC", "-Icsrc/include"]
                 print(" ".join(cmd), file=sys.stderr)
@@ -99,6 +108,7 @@ extensions = [
         library_dirs=[blas_lib_dir],
         libraries=[blas_lib],
         runtime_library_dirs=[blas_lib_dir, "$ORIGIN/../scipy_openblas32/lib"],
+        depends=[str(h) for h in HEADERS],
         extra_compile_args=_cpu_flags(),
         extra_link_args=["-fopenmp"],
         cxx_std=17,
@@ -117,6 +127,7 @@ if _want_cuda():
             library_dirs=cuda_libs,
             libraries=["cudart"],
             runtime_library_dirs=cuda_libs,
+            depends=[str(h) for h in HEADERS],
             extra_compile_args=["-O3"],
             cxx_std=17,
         )

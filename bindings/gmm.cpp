@@ -23,15 +23,20 @@ std::string shape_str(const py::array& a) {
 
 template <typename T>
 const T* checked(const py::array& a, const std::string& name, std::vector<py::ssize_t> shape) {
-  hfc::require(a.dtype().is(py::dtype::of<T>()), name + " must have dtype " +
-                                                      std::string(py::str(py::dtype::of<T>())) + " like x, got " +
-                                                      std::string(py::str(a.dtype())));
+  // Messages are built only on failure: this runs for every array of every call (attacks call once per step).
+  if (!a.dtype().is(py::dtype::of<T>())) {
+    throw hfc::ArgumentError(name + " must have dtype " + std::string(py::str(py::dtype::of<T>())) + " like x, got " +
+                             std::string(py::str(a.dtype())));
+  }
   bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
   for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
-  std::string want = "(";
-  for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + (shape[i] < 0 ? "?" : std::to_string(shape[i]));
-  hfc::require(ok, name + " must have shape " + want + (shape.size() == 1 ? ",)" : ")") + ", got " + shape_str(a));
-  hfc::require(a.flags() & py::array::c_style, name + " must be C-contiguous");
+  if (!ok) {
+    std::string want = "(";
+    for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + (shape[i] < 0 ? "?" : std::to_string(shape[i]));
+    throw hfc::ArgumentError(name + " must have shape " + want + (shape.size() == 1 ? ",)" : ")") + ", got " +
+                             shape_str(a));
+  }
+  if (!(a.flags() & py::array::c_style)) throw hfc::ArgumentError(name + " must be C-contiguous");
   return static_cast<const T*>(a.data());
 }
 
@@ -45,7 +50,8 @@ py::list run(const py::list& layers, hfc::GmmMode mode, bool need_grad, int64_t 
   for (size_t l = 0; l < layers.size(); ++l) {
     const std::string where = "layer " + std::to_string(l) + ": ";
     auto entry = layers[l].cast<py::tuple>();
-    hfc::require(entry.size() == 4, where + "expected a tuple (x, means, prec_chol, log_norm)");
+    hfc::require(entry.size() == 4 || entry.size() == 5,
+                 where + "expected a tuple (x, means, prec_chol, log_norm[, packed])");
     auto x = entry[0].cast<py::array>();
     auto means = entry[1].cast<py::array>();
     auto prec = entry[2].cast<py::array>();
@@ -61,6 +67,9 @@ py::list run(const py::list& layers, hfc::GmmMode mode, bool need_grad, int64_t 
     L.n = n;
     L.d = d;
     L.k = k;
+    if (entry.size() == 5 && !entry[4].is_none()) {
+      L.packed = checked<T>(entry[4].cast<py::array>(), where + "packed", {hfc::gmm_packed_size<T>(d, k)});
+    }
     py::array_t<T> value(n);
     py::array_t<int64_t> component(n);
     py::object grad = py::none();
@@ -78,6 +87,22 @@ py::list run(const py::list& layers, hfc::GmmMode mode, bool need_grad, int64_t 
   {
     py::gil_scoped_release release;
     hfc::gmm_forward(params);
+  }
+  return out;
+}
+
+template <typename T>
+py::array pack(const py::array& prec_chol) {
+  hfc::require(prec_chol.ndim() == 3 && prec_chol.shape(1) == prec_chol.shape(2) && prec_chol.shape(0) >= 1 &&
+                   prec_chol.shape(1) >= 1,
+               "prec_chol must have shape (K, d, d) with K, d >= 1, got " + shape_str(prec_chol));
+  const int64_t k = prec_chol.shape(0), d = prec_chol.shape(1);
+  const T* u = checked<T>(prec_chol, "prec_chol", {k, d, d});
+  py::array_t<T> out(hfc::gmm_packed_size<T>(d, k));
+  T* dst = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    hfc::gmm_pack(u, d, k, dst);
   }
   return out;
 }
@@ -106,7 +131,19 @@ void register_gmm(py::module_& m) {
       py::arg("simd_max_dim") = hfc::kGmmSimdMaxDim,
       R"doc(Fused GMM log-likelihood (or nearest-component Mahalanobis) and input gradient, all layers in one call.
 
-layers: list of (x (N,d), means (K,d), prec_chol (K,d,d) upper-triangular, log_norm (K,)), one dtype
-(float32 or float64), C-contiguous. row_tile (0 = automatic) and simd_max_dim (largest d for the SIMD
-triangular products; 0 = OpenBLAS trmm always) are tuning overrides. Returns a list of (value (N,), grad (N,d) or None, component (N,) int64).)doc");
+layers: list of (x (N,d), means (K,d), prec_chol (K,d,d) upper-triangular, log_norm (K,)[, packed]), one dtype
+(float32 or float64), C-contiguous; packed = gmm_pack(prec_chol) (or None) saves repacking a reused mixture.
+row_tile (0 = automatic) and simd_max_dim (largest d for the SIMD triangular products; 0 = OpenBLAS trmm always)
+are tuning overrides. Returns a list of (value (N,), grad (N,d) or None, component (N,) int64).)doc");
+  const char* pack_doc = R"doc(The SIMD kernels' packed copy of prec_chol (K,d,d) (float32 or float64, C-contiguous): pass it as the
+fifth element of a gmm layer entry when the same mixture is evaluated many times.)doc";
+  m.def(
+      "gmm_pack",
+      [](const py::array& prec_chol) {
+        if (prec_chol.dtype().is(py::dtype::of<float>())) return pack<float>(prec_chol);
+        if (prec_chol.dtype().is(py::dtype::of<double>())) return pack<double>(prec_chol);
+        throw hfc::ArgumentError("prec_chol must be float32 or float64, got " + std::string(py::str(prec_chol.dtype())));
+      },
+      py::arg("prec_chol"), pack_doc);
+  m.attr("gmm_simd_max_dim") = hfc::kGmmSimdMaxDim;
 }

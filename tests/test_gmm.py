@@ -220,6 +220,57 @@ def test_cpu_multithreaded_call_matches_reference(simd_max_dim):
     assert_rel(grad, ref_grad, TOL[np.float64][1], "grad", rowwise=True)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", [1, 17, 130])
+def test_cpu_prepacked_factors_agree_with_packing_per_call(dtype, d):
+    """gmm_pack's factors as a fifth layer element give the same answer as packing inside the call."""
+    from engine import _C
+
+    rng = np.random.default_rng(d + 100)
+    gmm = random_mixture(rng, 4, d)
+    entry = tuple(a.astype(dtype) for a in (samples(rng, gmm, 29), gmm.means, gmm.precisions_cholesky, gmm.log_norm))
+    packed = _C.gmm_pack(entry[2])
+    assert packed.dtype == dtype and packed.ndim == 1
+    for mode in ("loglik", "nearest"):
+        ((v0, g0, c0),) = _C.gmm([entry], mode, True, 8, 4096)
+        ((v1, g1, c1),) = _C.gmm([(*entry, packed)], mode, True, 8, 4096)
+        ((v2, g2, c2),) = _C.gmm([(*entry, None)], mode, True, 8, 4096)
+        for v, g, c in ((v1, g1, c1), (v2, g2, c2)):
+            np.testing.assert_array_equal(v, v0)
+            np.testing.assert_array_equal(g, g0)
+            np.testing.assert_array_equal(c, c0)
+
+
+def test_cpu_backend_repacks_factors_modified_in_place():
+    """The CPU backend caches packed factors on the mixture's factor tensor and rebuilds them after an edit."""
+    rng = np.random.default_rng(5)
+    gmm = random_mixture(rng, 3, 6)
+    x = samples(rng, gmm, 11)
+    before = gmm_log_prob(x, gmm, backend="cpu")
+    _, chol, _ = gmm.tensors(torch.float64)
+    chol.mul_(1.5)  # an in-place edit of the cached tensor (both backends read it): the quadratic term changes
+    after = gmm_log_prob(x, gmm, backend="cpu")
+    torch_after = gmm_log_prob(x, gmm, backend="torch")
+    assert not np.allclose(after, before)
+    assert_rel(after, torch_after, 1e-10, "log_prob after in-place edit")
+
+
+def test_gmm_pack_validation():
+    from engine import _C
+
+    with pytest.raises(ValueError, match=r"prec_chol must have shape \(K, d, d\)"):
+        _C.gmm_pack(np.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match="prec_chol must be float32 or float64"):
+        _C.gmm_pack(np.zeros((2, 3, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match="prec_chol must be C-contiguous"):
+        _C.gmm_pack(np.zeros((3, 3, 2)).transpose(2, 0, 1))
+    x, means, chol = np.zeros((2, 3)), np.zeros((2, 3)), np.tile(np.eye(3), (2, 1, 1))
+    with pytest.raises(ValueError, match=r"layer 0: packed must have shape \(\d+,\)"):
+        _C.gmm([(x, means, chol, np.zeros(2), np.zeros(5))], "loglik", True)
+    with pytest.raises(ValueError, match=r"expected a tuple \(x, means, prec_chol, log_norm\[, packed\]\)"):
+        _C.gmm([(x, means, chol)], "loglik", True)
+
+
 # ---- properties -----------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 // CPU implementation of hfc/gmm.h: OpenMP over (layer, row-tile) work items; triangular products by OpenBLAS
-// trmm, or for d <= simd_max_dim by register-blocked SIMD code on zero-padded factors.
+// trmm, or for d <= simd_max_dim by register-blocked SIMD code on packed factors (gmm_pack).
 //
 // Per tile and component k: Y = X - mu_k (centred while loading), Y := Y U_k (d^2/2 multiply-adds per row),
 // q = row norms of Y, logp = log_norm_k - q/2, online logsumexp update per row; for the gradient the rows of Y
@@ -14,6 +14,8 @@
 #include <cblas.h>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -48,7 +50,7 @@ struct WorkItem {
   double cost;
 };
 
-// ---- small-d path: register-blocked SIMD triangular products (OpenBLAS trmm is inefficient for small d) ------
+// ---- SIMD path: register-blocked triangular products on packed factors ----------------------------------------
 
 // Vector width and rows per register block follow the target ISA: 2 column vectors x kMicroRows accumulators
 // plus the loaded vectors must fit the register file (32 zmm with AVX-512, 16 ymm with AVX2), or the block spills
@@ -68,125 +70,235 @@ template <typename T>
 struct Simd {
   typedef T vec __attribute__((vector_size(kVectorBytes), aligned(sizeof(T)), may_alias));
   static constexpr int64_t kLanes = kVectorBytes / sizeof(T);
+  static constexpr int64_t kStrip = 2 * kLanes;  // columns of one packed strip (two vectors)
 };
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// acc[b][r] += a[r, i] * M[i, j0 + b*L : j0 + (b+1)*L] for i in [lo, hi), for NB column vectors and
-// kMicroRows rows: NB loads of M feed NB * kMicroRows FMAs.
+// Row blocks of the left operand are stored as panels: the kMicroRows values of column i are contiguous, at
+// panel[i * kMicroRows + r], so a block streams from one sequential address range (see to_panels).
+//
+// acc[v][r] += a[r, i] * b[i, v] for i in [0, count), r < kMicroRows, v < NB (a: one panel): per i, NB vector
+// loads of the packed strip b (row stride kStrip) feed NB * kMicroRows FMAs.
 template <typename T, int NB>
-inline void fma_rows(typename Simd<T>::vec (&acc)[2][kMicroRows], const T* a, int64_t lda, const T* m, int64_t ld,
-                     int64_t j0, int64_t lo, int64_t hi, int first) {
+inline void fma_rows(typename Simd<T>::vec (&acc)[NB][kMicroRows], const T* a, const T* b, int64_t count) {
   using V = typename Simd<T>::vec;
-  constexpr int64_t kL = Simd<T>::kLanes;
-  for (int64_t i = lo; i < hi; ++i) {
-    V mv[NB];
-    for (int b = 0; b < NB; ++b) mv[b] = *reinterpret_cast<const V*>(m + i * ld + j0 + (first + b) * kL);
+  constexpr int64_t kL = Simd<T>::kLanes, kS = Simd<T>::kStrip;
+  for (int64_t i = 0; i < count; ++i) {
+    V bv[NB];
+    for (int v = 0; v < NB; ++v) bv[v] = *reinterpret_cast<const V*>(b + i * kS + v * kL);
     for (int64_t r = 0; r < kMicroRows; ++r) {
-      const T ar = a[r * lda + i];
-      for (int b = 0; b < NB; ++b) acc[first + b][r] += ar * mv[b];
+      const T ar = a[i * kMicroRows + r];
+      for (int v = 0; v < NB; ++v) acc[v][r] += ar * bv[v];
     }
   }
 }
 
-// y = z U for kMicroRows rows (U upper triangular, d x ld zero-padded), and q[r] = ||y_r||^2. Only the nonzero
-// rows of U are visited for each pair of column vectors, which halves the multiply-adds.
-template <typename T>
-inline void micro_upper(const T* z, const T* u, int64_t d, int64_t ld, T* y, T* q) {
-  using V = typename Simd<T>::vec;
-  constexpr int64_t kL = Simd<T>::kLanes;
-  V qv[kMicroRows] = {};
-  for (int64_t j0 = 0; j0 < d; j0 += 2 * kL) {
-    const bool two = j0 + kL < d;
-    V acc[2][kMicroRows] = {};
-    const int64_t hi_a = std::min(d, j0 + kL);
-    if (two) {
-      fma_rows<T, 2>(acc, z, ld, u, ld, j0, 0, hi_a, 0);
-      fma_rows<T, 1>(acc, z, ld, u, ld, j0, hi_a, std::min(d, j0 + 2 * kL), 1);
-    } else {
-      fma_rows<T, 1>(acc, z, ld, u, ld, j0, 0, hi_a, 0);
-    }
-    for (int b = 0; b < (two ? 2 : 1); ++b) {
-      for (int64_t r = 0; r < kMicroRows; ++r) {
-        *reinterpret_cast<V*>(y + r * ld + j0 + b * kL) = acc[b][r];
-        qv[r] += acc[b][r] * acc[b][r];
-      }
-    }
-  }
-  for (int64_t r = 0; r < kMicroRows; ++r) {
-    T sum = 0;
-    for (int64_t l = 0; l < kL; ++l) sum += qv[r][l];
-    q[r] = sum;
-  }
-}
+// Rows of a packed strip are consumed in chunks of this many bytes (see panels_times_factor).
+constexpr int64_t kStripChunkBytes = 16384;
 
-// acc = acc * scale[r] + weight[r] * (y V) for kMicroRows rows (V = U^T lower triangular, d x ld zero-padded).
-template <typename T>
-inline void micro_lower(const T* y, const T* v, int64_t d, int64_t ld, T* acc_out, const T* scale, const T* weight) {
+// Rows [lo, hi) of one packed strip (columns [j0, j0 + kStrip) of a triangular factor; strip row i = factor row i,
+// offset by begin) times every panel of a, combined into those columns of out (row stride ld): out = acc
+// (kUpper: y = z U) or out = out * scale + weight * acc (the gradient accumulator, U^T), where a chunk other than
+// the strip's first (`first` false) adds to out. The zeros of the strip's diagonal block are multiplied like the
+// rest (one branch-free loop; the zero blocks outside the strip's rows are never visited, which halves the
+// multiply-adds). kVectors = 1 for a last strip of at most one vector.
+template <typename T, bool kUpper, int kVectors>
+void strip_times_panels(const T* a, int64_t rows, int64_t ld, const T* strip, int64_t j0, int64_t begin, int64_t lo,
+                        int64_t hi, bool first, T* out, const T* scale, const T* weight) {
   using V = typename Simd<T>::vec;
-  constexpr int64_t kL = Simd<T>::kLanes;
-  for (int64_t j0 = 0; j0 < d; j0 += 2 * kL) {
-    const bool two = j0 + kL < d;
-    V acc[2][kMicroRows] = {};
-    if (two) {
-      fma_rows<T, 1>(acc, y, ld, v, ld, j0, j0, j0 + kL, 0);
-      fma_rows<T, 2>(acc, y, ld, v, ld, j0, j0 + kL, d, 0);
-    } else {
-      fma_rows<T, 1>(acc, y, ld, v, ld, j0, j0, d, 0);
+  constexpr int64_t kL = Simd<T>::kLanes, kS = Simd<T>::kStrip;
+  const T* b = strip + (lo - begin) * kS;
+  for (int64_t r0 = 0; r0 < rows; r0 += kMicroRows) {
+    V acc[kVectors][kMicroRows];
+    for (int v = 0; v < kVectors; ++v) {
+      for (int64_t r = 0; r < kMicroRows; ++r) acc[v][r] = V{};
     }
-    for (int b = 0; b < (two ? 2 : 1); ++b) {
+    fma_rows<T, kVectors>(acc, a + r0 * ld + lo * kMicroRows, b, hi - lo);
+    for (int v = 0; v < kVectors; ++v) {
       for (int64_t r = 0; r < kMicroRows; ++r) {
-        V* out = reinterpret_cast<V*>(acc_out + r * ld + j0 + b * kL);
-        *out = *out * scale[r] + acc[b][r] * weight[r];
+        V* o = reinterpret_cast<V*>(out + (r0 + r) * ld + j0 + v * kL);
+        if constexpr (kUpper) {
+          *o = first ? acc[v][r] : *o + acc[v][r];
+        } else {
+          *o = (first ? *o * scale[r0 + r] : *o) + acc[v][r] * weight[r0 + r];
+        }
       }
     }
   }
 }
 
-// How one layer's factors are applied: OpenBLAS trmm on U (ld = d), or the SIMD path on zero-padded copies of
-// U and U^T with row stride ld (a multiple of the vector width).
+// a (rows x d in panels, rows a multiple of kMicroRows) times one component's triangular factor (its packed
+// strips: `component` + strip_offset[s]), combined into out (row stride ld): out = a U (upper) or
+// out = out * scale + weight * (a U^T) per row (lower: the gradient accumulator). Loops run chunk of factor rows
+// (outer), strip, row block (inner), so a chunk of a stays in L1 across all strips and each strip chunk is loaded
+// once and reused by every row block.
 template <typename T>
-struct Factors {
-  bool simd = false;
-  int64_t ld = 0;
-  std::vector<T> upper, lower;  // (K, d, ld) each, SIMD path only
-
-  Factors(const GmmLayer<T>& L, bool use_simd) : simd(use_simd), ld(use_simd ? round_up(L.d, Simd<T>::kLanes) : L.d) {
-    if (!simd) return;
-    upper.assign(L.k * L.d * ld, T(0));
-    lower.assign(L.k * L.d * ld, T(0));
+void panels_times_factor(const T* a, int64_t rows, int64_t ld, const T* component,
+                         const std::vector<int64_t>& strip_offset, int64_t d, bool upper, T* out,
+                         const T* scale = nullptr, const T* weight = nullptr) {
+  constexpr int64_t kL = Simd<T>::kLanes, kS = Simd<T>::kStrip;
+  constexpr int64_t kChunk = kStripChunkBytes / (kS * static_cast<int64_t>(sizeof(T)));
+  const int64_t strips = (d + kS - 1) / kS;
+  for (int64_t c0 = 0; c0 < d; c0 += kChunk) {
+    for (int64_t s = 0; s < strips; ++s) {
+      const int64_t j0 = s * kS;
+      const int64_t begin = upper ? 0 : j0, end = upper ? std::min(d, j0 + kS) : d;
+      const int64_t lo = std::max(begin, c0), hi = std::min(end, c0 + kChunk);
+      if (lo >= hi) continue;
+      const T* strip = component + strip_offset[s];
+      const bool first = lo == begin, two = j0 + kL < d;
+      if (upper && two) {
+        strip_times_panels<T, true, 2>(a, rows, ld, strip, j0, begin, lo, hi, first, out, scale, weight);
+      } else if (upper) {
+        strip_times_panels<T, true, 1>(a, rows, ld, strip, j0, begin, lo, hi, first, out, scale, weight);
+      } else if (two) {
+        strip_times_panels<T, false, 2>(a, rows, ld, strip, j0, begin, lo, hi, first, out, scale, weight);
+      } else {
+        strip_times_panels<T, false, 1>(a, rows, ld, strip, j0, begin, lo, hi, first, out, scale, weight);
+      }
+    }
   }
-  void fill(const GmmLayer<T>& L, int64_t k) {  // component k's padded U and U^T (upper triangle of U read only)
-    const T* u = L.prec_chol + k * L.d * L.d;
-    T* up = upper.data() + k * L.d * ld;
-    T* lo = lower.data() + k * L.d * ld;
-    for (int64_t i = 0; i < L.d; ++i) {
-      for (int64_t j = i; j < L.d; ++j) up[i * ld + j] = lo[j * ld + i] = u[i * L.d + j];
+}
+
+// Rows [0, padded) of src - shift (rows x d, row stride src_ld; shift (d,) or nullptr) as panels with block
+// stride kMicroRows * ld; rows from `rows` on are zero.
+template <typename T>
+void to_panels(const T* src, int64_t src_ld, const T* shift, int64_t rows, int64_t padded, int64_t d, int64_t ld,
+               T* panel) {
+  for (int64_t row = 0; row < padded; ++row) {
+    T* p = panel + row / kMicroRows * kMicroRows * ld + row % kMicroRows;
+    const T* x = src + row * src_ld;
+    if (row >= rows) {
+      for (int64_t i = 0; i < d; ++i) p[i * kMicroRows] = T(0);
+    } else if (shift) {
+      for (int64_t i = 0; i < d; ++i) p[i * kMicroRows] = x[i] - shift[i];
+    } else {
+      for (int64_t i = 0; i < d; ++i) p[i * kMicroRows] = x[i];
+    }
+  }
+}
+
+// Packed layout of one component (see gmm_pack): the strips of U, then the strips of U^T. Strip s covers columns
+// [s kStrip, (s+1) kStrip) and holds only its nonzero rows, contiguous with row stride kStrip, so a strip streams
+// from cache and every row block of a tile reuses it.
+template <typename T>
+struct PackedLayout {
+  int64_t strips = 0;
+  std::vector<int64_t> upper, lower;  // per strip: offset within a component; upper[strips] = start of U^T
+  int64_t component = 0;              // elements per component
+
+  explicit PackedLayout(int64_t d) : strips((d + Simd<T>::kStrip - 1) / Simd<T>::kStrip) {
+    constexpr int64_t kS = Simd<T>::kStrip;
+    upper.assign(strips + 1, 0);
+    lower.assign(strips + 1, 0);
+    for (int64_t s = 0; s < strips; ++s) upper[s + 1] = upper[s] + std::min(d, (s + 1) * kS) * kS;
+    lower[0] = upper[strips];
+    for (int64_t s = 0; s < strips; ++s) lower[s + 1] = lower[s] + (d - s * kS) * kS;
+    component = lower[strips];
+  }
+
+  void pack(const T* u, int64_t d, T* out) const {  // one component; only the upper triangle of U is read
+    constexpr int64_t kS = Simd<T>::kStrip;
+    std::fill(out, out + component, T(0));
+    for (int64_t s = 0; s < strips; ++s) {
+      const int64_t j0 = s * kS, j1 = std::min(d, j0 + kS);
+      T* up = out + upper[s];
+      T* lo = out + lower[s];
+      for (int64_t i = 0; i < j1; ++i) {
+        for (int64_t j = std::max(i, j0); j < j1; ++j) up[i * kS + j - j0] = u[i * d + j];  // U[i, j], j >= i
+      }
+      for (int64_t i = j0; i < d; ++i) {
+        for (int64_t j = j0; j < std::min(i + 1, j1); ++j) lo[(i - j0) * kS + j - j0] = u[j * d + i];  // U[j, i]
+      }
     }
   }
 };
 
-// Per-thread scratch, sized for the largest (tile rounded up to kMicroRows) x row stride of the call.
+// How one layer's factors are applied: OpenBLAS trmm on U (ld = d), or the SIMD path on packed factors (the
+// caller's from gmm_pack, or packed here once per call). ld is the row stride of the per-thread scratch rows.
+template <typename T>
+struct Factors {
+  bool simd = false;
+  int64_t ld = 0;
+  PackedLayout<T> layout;
+  std::vector<T> owned;     // packed here when the caller passed none
+  const T* packed = nullptr;
+
+  Factors(const GmmLayer<T>& L, bool use_simd)
+      : simd(use_simd), ld(use_simd ? round_up(L.d, Simd<T>::kLanes) + Simd<T>::kLanes : L.d), layout(use_simd ? L.d : 0) {
+    if (!simd) return;
+    if (!L.packed) owned.resize(L.k * layout.component);  // filled by pack_component
+    packed = L.packed ? L.packed : owned.data();
+  }
+  bool needs_packing() const { return simd && !owned.empty(); }
+  void pack_component(const GmmLayer<T>& L, int64_t k) {
+    layout.pack(L.prec_chol + k * L.d * L.d, L.d, owned.data() + k * layout.component);
+  }
+  const T* component(int64_t k) const { return packed + k * layout.component; }
+};
+
+// Per-thread scratch, grown to the largest (tile rounded up to kMicroRows) x row stride of a call.
 template <typename T>
 struct Workspace {
-  std::vector<T> y, acc, best_y, z;
+  std::vector<T> y, acc, best_y, panel;  // panel: the left operand of the SIMD products
   std::vector<T> q, scale_old, weight_new, best_logp, best_q;
   std::vector<OnlineLse<T>> lse;
   std::vector<int64_t> best_k, group;
 
-  Workspace(int64_t tile, int64_t max_ld, bool nearest)
-      : y(round_up(tile, kMicroRows) * max_ld),
-        acc(round_up(tile, kMicroRows) * max_ld),
-        best_y(nearest ? tile * max_ld : 0),
-        z(kMicroRows * max_ld),
-        q(round_up(tile, kMicroRows)),
-        scale_old(round_up(tile, kMicroRows), T(1)),
-        weight_new(round_up(tile, kMicroRows), T(0)),
-        best_logp(tile),
-        best_q(tile),
-        lse(tile),
-        best_k(tile),
-        group(tile) {}
+  void reserve(int64_t tile, int64_t max_ld, int64_t max_simd_ld, bool nearest) {
+    const int64_t padded = round_up(tile, kMicroRows);
+    for (auto* v : {&y, &acc}) grow(*v, padded * max_ld);
+    grow(panel, padded * max_simd_ld);
+    if (nearest) grow(best_y, tile * max_ld);
+    for (auto* v : {&q, &scale_old, &weight_new, &best_logp, &best_q}) grow(*v, padded);
+    grow(lse, tile);
+    grow(best_k, tile);
+    grow(group, tile);
+  }
+
+ private:
+  template <typename V>
+  static void grow(std::vector<V>& v, int64_t size) {
+    if (static_cast<int64_t>(v.size()) < size) v.resize(size);
+  }
+};
+
+// Workspaces kept between calls: allocating them per call cost a quarter of a small call's time (page faults on
+// fresh buffers of a few hundred KB; measured at N=64, d=512). Concurrent calls lease distinct workspaces, and a
+// lease returns them when it ends, exceptions included.
+template <typename T>
+class WorkspaceLease {
+ public:
+  WorkspaceLease(int count, int64_t tile, int64_t max_ld, int64_t max_simd_ld, bool nearest) {
+    {
+      std::lock_guard<std::mutex> lock(mutex());
+      while (static_cast<int>(spaces_.size()) < count && !pool().empty()) {
+        spaces_.push_back(std::move(pool().back()));
+        pool().pop_back();
+      }
+    }
+    while (static_cast<int>(spaces_.size()) < count) spaces_.push_back(std::make_unique<Workspace<T>>());
+    for (auto& ws : spaces_) ws->reserve(tile, max_ld, max_simd_ld, nearest);
+  }
+  ~WorkspaceLease() {
+    std::lock_guard<std::mutex> lock(mutex());
+    for (auto& ws : spaces_) pool().push_back(std::move(ws));
+  }
+  WorkspaceLease(const WorkspaceLease&) = delete;
+  WorkspaceLease& operator=(const WorkspaceLease&) = delete;
+  Workspace<T>& operator[](int i) { return *spaces_[i]; }
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static std::vector<std::unique_ptr<Workspace<T>>>& pool() {
+    static std::vector<std::unique_ptr<Workspace<T>>> p;
+    return p;
+  }
+  std::vector<std::unique_ptr<Workspace<T>>> spaces_;
 };
 
 // y (rows x F.ld) = (x - mu_k) U_k, centred while loading, and q (rows) = squared row norms of y.
@@ -195,32 +307,22 @@ void first_product(const GmmLayer<T>& L, const Factors<T>& F, int64_t k, const T
   const int64_t d = L.d, ld = F.ld;
   const T* mu = L.means + k * d;
   T* y = ws.y.data();
-  if (!F.simd) {
+  if (F.simd) {
+    const int64_t padded = round_up(rows, kMicroRows);
+    to_panels(x, d, mu, rows, padded, d, ld, ws.panel.data());
+    panels_times_factor(ws.panel.data(), padded, ld, F.component(k), F.layout.upper, d, true, y);
+  } else {  // centred in place, then multiplied in place
     for (int64_t i = 0; i < rows; ++i) {
 #pragma omp simd
       for (int64_t j = 0; j < d; ++j) y[i * d + j] = x[i * d + j] - mu[j];
     }
     trmm_right_upper(false, rows, d, L.prec_chol + k * d * d, y);
-    for (int64_t i = 0; i < rows; ++i) {
-      T q = 0;
-#pragma omp simd reduction(+ : q)
-      for (int64_t j = 0; j < d; ++j) q += y[i * d + j] * y[i * d + j];
-      ws.q[i] = q;
-    }
-    return;
   }
-  T* z = ws.z.data();
-  const T* u = F.upper.data() + k * d * ld;
-  for (int64_t r0 = 0; r0 < rows; r0 += kMicroRows) {
-    for (int64_t r = 0; r < kMicroRows; ++r) {
-      if (r0 + r < rows) {
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) z[r * ld + j] = x[(r0 + r) * d + j] - mu[j];
-      } else {
-        std::fill(z + r * ld, z + r * ld + d, T(0));
-      }
-    }
-    micro_upper(z, u, d, ld, y + r0 * ld, ws.q.data() + r0);
+  for (int64_t i = 0; i < rows; ++i) {
+    T q = 0;
+#pragma omp simd reduction(+ : q)
+    for (int64_t j = 0; j < d; ++j) q += y[i * ld + j] * y[i * ld + j];
+    ws.q[i] = q;
   }
 }
 
@@ -244,10 +346,10 @@ void accumulate_grad(const GmmLayer<T>& L, const Factors<T>& F, int64_t k, int64
     }
     return;
   }
-  const T* v = F.lower.data() + k * d * ld;
-  for (int64_t r0 = 0; r0 < rows; r0 += kMicroRows) {
-    micro_lower(y + r0 * ld, v, d, ld, acc + r0 * ld, ws.scale_old.data() + r0, ws.weight_new.data() + r0);
-  }
+  const int64_t padded = round_up(rows, kMicroRows);
+  to_panels(y, ld, static_cast<const T*>(nullptr), rows, padded, d, ld, ws.panel.data());
+  panels_times_factor(ws.panel.data(), padded, ld, F.component(k), F.layout.lower, d, false, acc,
+                      ws.scale_old.data(), ws.weight_new.data());
 }
 
 template <typename T>
@@ -260,6 +362,10 @@ void loglik_tile(const GmmLayer<T>& L, const Factors<T>& F, int64_t row0, int64_
   std::fill(ws.best_logp.begin(), ws.best_logp.begin() + rows, -std::numeric_limits<T>::infinity());
   std::fill(ws.best_k.begin(), ws.best_k.begin() + rows, 0);
   if (need_grad) std::fill(acc, acc + round_up(rows, kMicroRows) * ld, T(0));
+  // Rows past `rows` (SIMD padding) keep neutral weights: their products are zero, but stale values from an
+  // earlier call must stay finite.
+  std::fill(ws.scale_old.begin() + rows, ws.scale_old.begin() + round_up(rows, kMicroRows), T(1));
+  std::fill(ws.weight_new.begin() + rows, ws.weight_new.begin() + round_up(rows, kMicroRows), T(0));
 
   for (int64_t k = 0; k < L.k; ++k) {
     first_product(L, F, k, x, rows, ws);
@@ -369,14 +475,15 @@ void gmm_forward(const GmmParams<T>& params) {
   const int threads = params.num_threads > 0 ? params.num_threads : omp_get_max_threads();
   std::vector<int64_t> rows_per_layer;
   std::vector<Factors<T>> factors;  // allocated here, outside the parallel region, so bad_alloc propagates
-  std::vector<std::pair<int64_t, int64_t>> fills;  // (layer, component) padded factors to build
-  int64_t max_ld = 1;
+  std::vector<std::pair<int64_t, int64_t>> packs;  // (layer, component) factors to pack for this call
+  int64_t max_ld = 1, max_simd_ld = 0;
   for (size_t l = 0; l < params.layers.size(); ++l) {
     const GmmLayer<T>& L = params.layers[l];
     rows_per_layer.push_back(L.n);
     factors.emplace_back(L, L.n > 0 && L.d <= params.simd_max_dim);
     max_ld = std::max(max_ld, factors.back().ld);
-    for (int64_t k = 0; factors.back().simd && k < L.k; ++k) fills.emplace_back(static_cast<int64_t>(l), k);
+    if (factors.back().simd) max_simd_ld = std::max(max_simd_ld, factors.back().ld);
+    for (int64_t k = 0; factors.back().needs_packing() && k < L.k; ++k) packs.emplace_back(static_cast<int64_t>(l), k);
   }
   const int64_t tile = choose_tile(rows_per_layer, params.row_tile, threads);
 
@@ -392,7 +499,9 @@ void gmm_forward(const GmmParams<T>& params) {
   // Largest first, so dynamic scheduling balances layers of very different d.
   std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
 
-  for (const auto& [layer, k] : fills) factors[layer].fill(params.layers[layer], k);  // O(K d^2): cheap
+  // O(K d^2) memory traffic per call, which dominates calls with few rows: callers that reuse a mixture pass
+  // GmmLayer::packed from gmm_pack instead.
+  for (const auto& [layer, k] : packs) factors[layer].pack_component(params.layers[layer], k);
 
   // One thread for small calls: a parallel region costs more than it saves there (and far more on a loaded
   // machine, where the barrier waits for a descheduled thread).
@@ -402,9 +511,7 @@ void gmm_forward(const GmmParams<T>& params) {
   const int used = work < kGmmMinParallelWork
                        ? 1
                        : static_cast<int>(std::min<int64_t>(threads, static_cast<int64_t>(items.size())));
-  std::vector<Workspace<T>> spaces;
-  spaces.reserve(used);
-  for (int t = 0; t < used; ++t) spaces.emplace_back(tile, max_ld, nearest);
+  WorkspaceLease<T> spaces(used, tile, max_ld, max_simd_ld, nearest);
   auto run_item = [&](const WorkItem& it, Workspace<T>& ws) {
     const GmmLayer<T>& L = params.layers[it.layer];
     if (nearest) {
@@ -427,9 +534,26 @@ void gmm_forward(const GmmParams<T>& params) {
   }
 }
 
+template <typename T>
+int64_t gmm_packed_size(int64_t d, int64_t k) {
+  require(d >= 1 && k >= 1, "gmm_packed_size: d and K must be >= 1");
+  return k * PackedLayout<T>(d).component;
+}
+
+template <typename T>
+void gmm_pack(const T* prec_chol, int64_t d, int64_t k, T* packed) {
+  require(d >= 1 && k >= 1, "gmm_pack: d and K must be >= 1");
+  const PackedLayout<T> layout(d);
+  for (int64_t c = 0; c < k; ++c) layout.pack(prec_chol + c * d * d, d, packed + c * layout.component);
+}
+
 template void gmm_validate<float>(const GmmParams<float>&);
 template void gmm_validate<double>(const GmmParams<double>&);
 template void gmm_forward<float>(const GmmParams<float>&);
 template void gmm_forward<double>(const GmmParams<double>&);
+template int64_t gmm_packed_size<float>(int64_t, int64_t);
+template int64_t gmm_packed_size<double>(int64_t, int64_t);
+template void gmm_pack<float>(const float*, int64_t, int64_t, float*);
+template void gmm_pack<double>(const double*, int64_t, int64_t, double*);
 
 }  // namespace hfc

@@ -38,9 +38,23 @@ def _register_cpu() -> None:
     if not hasattr(_C, "gmm"):
         return
 
+    def packed_factors(prec_chol: torch.Tensor) -> np.ndarray | None:
+        """The SIMD kernels' packed factors, built once per factor tensor (a mixture's cached tensors) and rebuilt
+        if the tensor is modified in place: repacking costs as much as the kernel itself at attack batch sizes."""
+        if prec_chol.shape[-1] > _C.gmm_simd_max_dim:
+            return None
+        cached = getattr(prec_chol, "_hfc_packed", None)
+        if cached is None or cached[0] != prec_chol._version:
+            cached = (prec_chol._version, _C.gmm_pack(prec_chol.numpy()))
+            prec_chol._hfc_packed = cached
+        return cached[1]
+
     @register("gmm", "cpu")
     def gmm_cpu(layers: list[Layer], mode: str, need_grad: bool) -> list[LayerResult]:
-        arrays = [tuple(t.numpy() for t in layer) for layer in layers]
+        arrays = [
+            (x.numpy(), means.numpy(), chol.numpy(), log_norm.numpy(), packed_factors(chol))
+            for x, means, chol, log_norm in layers
+        ]
         out = _C.gmm(arrays, mode, need_grad)
         return [
             (torch.from_numpy(v), None if g is None else torch.from_numpy(g), torch.from_numpy(c)) for v, g, c in out

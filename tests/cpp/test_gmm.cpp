@@ -63,10 +63,10 @@ void brute_force(const Mixture& m, int64_t row, bool nearest, double& value, std
 }
 
 template <typename T>
-void check_against_brute_force(hfc::GmmMode mode, double tol, int64_t simd_max_dim) {
+void check_against_brute_force(hfc::GmmMode mode, double tol, int64_t simd_max_dim, bool pack = false) {
   scipy_openblas_set_num_threads(1);
   const std::vector<Mixture> mixtures = {make_mixture(37, 5, 3, 1), make_mixture(1, 1, 1, 2), make_mixture(20, 9, 4, 3)};
-  std::vector<std::vector<T>> xs, mus, us, lns, values, grads;
+  std::vector<std::vector<T>> xs, mus, us, lns, values, grads, packs;
   std::vector<std::vector<int64_t>> comps;
   hfc::GmmParams<T> params;
   params.mode = mode;
@@ -80,11 +80,13 @@ void check_against_brute_force(hfc::GmmMode mode, double tol, int64_t simd_max_d
     values.emplace_back(m.n);
     grads.emplace_back(m.n * m.d);
     comps.emplace_back(m.n);
+    packs.emplace_back(pack ? hfc::gmm_packed_size<T>(m.d, m.k) : 0);
+    if (pack) hfc::gmm_pack(us.back().data(), m.d, m.k, packs.back().data());
   }
   for (size_t l = 0; l < mixtures.size(); ++l) {
     const Mixture& m = mixtures[l];
     params.layers.push_back({xs[l].data(), mus[l].data(), us[l].data(), lns[l].data(), m.n, m.d, m.k,
-                             values[l].data(), grads[l].data(), comps[l].data()});
+                             values[l].data(), grads[l].data(), comps[l].data(), pack ? packs[l].data() : nullptr});
   }
   hfc::gmm_forward(params);
   const bool nearest = mode == hfc::GmmMode::kNearest;
@@ -112,6 +114,11 @@ TEST(gmm_nearest_double_matches_brute_force) {
 }
 TEST(gmm_loglik_float_matches_brute_force) {
   for (int64_t simd : {0, 4096}) check_against_brute_force<float>(hfc::GmmMode::kLogLik, 2e-3, simd);
+}
+TEST(gmm_prepacked_factors_match_brute_force) {  // GmmLayer::packed from gmm_pack instead of packing per call
+  check_against_brute_force<double>(hfc::GmmMode::kLogLik, 1e-9, 4096, true);
+  check_against_brute_force<double>(hfc::GmmMode::kNearest, 1e-9, 4096, true);
+  check_against_brute_force<float>(hfc::GmmMode::kLogLik, 2e-3, 4096, true);
 }
 
 TEST(gmm_rejects_bad_arguments) {

@@ -29,11 +29,12 @@ constexpr int64_t kGmmItemsPerThread = 2;
 // Calls with less work than this (sum over tiles of rows * K * d * (d + 8)) run on one thread, with no
 // OpenMP parallel region.
 constexpr double kGmmMinParallelWork = 5e7;
-// Layers with d <= this use register-blocked SIMD triangular products instead of OpenBLAS trmm (whose small-d
-// kernels run at about half the sgemm rate). Measured on an AVX2 EPYC (N=4096, K=8, log-prob + grad): SIMD
-// 0.6x the trmm time at d=96, 0.75-0.85x at d=128..192, equal at d=256. Override per call with
+// Layers with d <= this use register-blocked SIMD triangular products on packed factors instead of OpenBLAS
+// trmm (whose small-d and few-row kernels run far below the sgemm rate). Measured on a 2-core AVX-512 Xeon
+// (log-prob + grad, float32, factors pre-packed): N=4096 K=8 SIMD 0.63x the trmm time at d=192, 0.9x at d=256,
+// equal at d=512, 1.3x at d=1024; N=64 K=64 (HFC attack batches) 0.55x at d=512. Override per call with
 // GmmParams::simd_max_dim (0 = always BLAS).
-constexpr int64_t kGmmSimdMaxDim = 192;
+constexpr int64_t kGmmSimdMaxDim = 512;
 
 // One layer entry: inputs (read-only) and outputs (written by gmm_forward).
 template <typename T>
@@ -48,6 +49,9 @@ struct GmmLayer {
   T* value = nullptr;            // (n,) out
   T* grad = nullptr;             // (n, d) out; nullptr = gradient not needed
   int64_t* component = nullptr;  // (n,) out; nullptr = not needed
+  // (gmm_packed_size(d, k),) from gmm_pack(prec_chol), used by the SIMD path; nullptr = packed inside each call,
+  // which costs O(K d^2) memory traffic: pass it when a mixture is reused (an attack calls once per step).
+  const T* packed = nullptr;
 };
 
 template <typename T>
@@ -67,9 +71,20 @@ void gmm_validate(const GmmParams<T>& params);
 template <typename T>
 void gmm_forward(const GmmParams<T>& params);
 
+// The SIMD path's copy of the factors (strips of U and U^T, only their nonzero rows; layout private to this
+// build, since it depends on the vector width): size in elements, and the packing of prec_chol (k, d, d).
+template <typename T>
+int64_t gmm_packed_size(int64_t d, int64_t k);
+template <typename T>
+void gmm_pack(const T* prec_chol, int64_t d, int64_t k, T* packed);
+
 extern template void gmm_validate<float>(const GmmParams<float>&);
 extern template void gmm_validate<double>(const GmmParams<double>&);
 extern template void gmm_forward<float>(const GmmParams<float>&);
 extern template void gmm_forward<double>(const GmmParams<double>&);
+extern template int64_t gmm_packed_size<float>(int64_t, int64_t);
+extern template int64_t gmm_packed_size<double>(int64_t, int64_t);
+extern template void gmm_pack<float>(const float*, int64_t, int64_t, float*);
+extern template void gmm_pack<double>(const double*, int64_t, int64_t, double*);
 
 }  // namespace hfc
