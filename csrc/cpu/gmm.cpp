@@ -75,36 +75,35 @@ struct Simd {
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// Row blocks of the left operand are stored as panels: the kMicroRows values of column i are contiguous, at
-// panel[i * kMicroRows + r], so a block streams from one sequential address range (see to_panels).
-//
-// acc[v][r] += a[r, i] * b[i, v] for i in [0, count), r < kMicroRows, v < NB (a: one panel): per i, NB vector
-// loads of the packed strip b (row stride kStrip) feed NB * kMicroRows FMAs.
+// acc[v][r] += a[r, i] * b[i, v] for i in [0, count), r < kMicroRows (a: row stride lda), v < NB: per i, NB
+// vector loads of the packed strip b (row stride kStrip) feed NB * kMicroRows FMAs.
 template <typename T, int NB>
-inline void fma_rows(typename Simd<T>::vec (&acc)[NB][kMicroRows], const T* a, const T* b, int64_t count) {
+inline void fma_rows(typename Simd<T>::vec (&acc)[NB][kMicroRows], const T* a, int64_t lda, const T* b,
+                     int64_t count) {
   using V = typename Simd<T>::vec;
   constexpr int64_t kL = Simd<T>::kLanes, kS = Simd<T>::kStrip;
   for (int64_t i = 0; i < count; ++i) {
     V bv[NB];
     for (int v = 0; v < NB; ++v) bv[v] = *reinterpret_cast<const V*>(b + i * kS + v * kL);
     for (int64_t r = 0; r < kMicroRows; ++r) {
-      const T ar = a[i * kMicroRows + r];
+      const T ar = a[r * lda + i];
       for (int v = 0; v < NB; ++v) acc[v][r] += ar * bv[v];
     }
   }
 }
 
-// Rows of a packed strip are consumed in chunks of this many bytes (see panels_times_factor).
+// Rows of a packed strip are consumed in chunks of this many bytes (see rows_times_factor).
 constexpr int64_t kStripChunkBytes = 16384;
 
 // Rows [lo, hi) of one packed strip (columns [j0, j0 + kStrip) of a triangular factor; strip row i = factor row i,
-// offset by begin) times every panel of a, combined into those columns of out (row stride ld): out = acc
+// offset by begin) times every row block of a (row stride ld), combined into those columns of out (row stride
+// ld): out = acc
 // (kUpper: y = z U) or out = out * scale + weight * acc (the gradient accumulator, U^T), where a chunk other than
 // the strip's first (`first` false) adds to out. The zeros of the strip's diagonal block are multiplied like the
 // rest (one branch-free loop; the zero blocks outside the strip's rows are never visited, which halves the
 // multiply-adds). kVectors = 1 for a last strip of at most one vector.
 template <typename T, bool kUpper, int kVectors>
-void strip_times_panels(const T* a, int64_t rows, int64_t ld, const T* strip, int64_t j0, int64_t begin, int64_t lo,
+void strip_times_rows(const T* a, int64_t rows, int64_t ld, const T* strip, int64_t j0, int64_t begin, int64_t lo,
                         int64_t hi, bool first, T* out, const T* scale, const T* weight) {
   using V = typename Simd<T>::vec;
   constexpr int64_t kL = Simd<T>::kLanes, kS = Simd<T>::kStrip;
@@ -114,7 +113,7 @@ void strip_times_panels(const T* a, int64_t rows, int64_t ld, const T* strip, in
     for (int v = 0; v < kVectors; ++v) {
       for (int64_t r = 0; r < kMicroRows; ++r) acc[v][r] = V{};
     }
-    fma_rows<T, kVectors>(acc, a + r0 * ld + lo * kMicroRows, b, hi - lo);
+    fma_rows<T, kVectors>(acc, a + r0 * ld + lo, ld, b, hi - lo);
     for (int v = 0; v < kVectors; ++v) {
       for (int64_t r = 0; r < kMicroRows; ++r) {
         V* o = reinterpret_cast<V*>(out + (r0 + r) * ld + j0 + v * kL);
@@ -128,13 +127,13 @@ void strip_times_panels(const T* a, int64_t rows, int64_t ld, const T* strip, in
   }
 }
 
-// a (rows x d in panels, rows a multiple of kMicroRows) times one component's triangular factor (its packed
+// a (rows x d, row stride ld, rows a multiple of kMicroRows) times one component's triangular factor (its packed
 // strips: `component` + strip_offset[s]), combined into out (row stride ld): out = a U (upper) or
 // out = out * scale + weight * (a U^T) per row (lower: the gradient accumulator). Loops run chunk of factor rows
-// (outer), strip, row block (inner), so a chunk of a stays in L1 across all strips and each strip chunk is loaded
+// (outer), strip, row block (inner), so a chunk of a stays in cache across all strips and each strip chunk is loaded
 // once and reused by every row block.
 template <typename T>
-void panels_times_factor(const T* a, int64_t rows, int64_t ld, const T* component,
+void rows_times_factor(const T* a, int64_t rows, int64_t ld, const T* component,
                          const std::vector<int64_t>& strip_offset, int64_t d, bool upper, T* out,
                          const T* scale = nullptr, const T* weight = nullptr) {
   constexpr int64_t kL = Simd<T>::kLanes, kS = Simd<T>::kStrip;
@@ -149,32 +148,14 @@ void panels_times_factor(const T* a, int64_t rows, int64_t ld, const T* componen
       const T* strip = component + strip_offset[s];
       const bool first = lo == begin, two = j0 + kL < d;
       if (upper && two) {
-        strip_times_panels<T, true, 2>(a, rows, ld, strip, j0, begin, lo, hi, first, out, scale, weight);
+        strip_times_rows<T, true, 2>(a, rows, ld, strip, j0, begin, lo, hi, first, out, scale, weight);
       } else if (upper) {
-        strip_times_panels<T, true, 1>(a, rows, ld, strip, j0, begin, lo, hi, first, out, scale, weight);
+        strip_times_rows<T, true, 1>(a, rows, ld, strip, j0, begin, lo, hi, first, out, scale, weight);
       } else if (two) {
-        strip_times_panels<T, false, 2>(a, rows, ld, strip, j0, begin, lo, hi, first, out, scale, weight);
+        strip_times_rows<T, false, 2>(a, rows, ld, strip, j0, begin, lo, hi, first, out, scale, weight);
       } else {
-        strip_times_panels<T, false, 1>(a, rows, ld, strip, j0, begin, lo, hi, first, out, scale, weight);
+        strip_times_rows<T, false, 1>(a, rows, ld, strip, j0, begin, lo, hi, first, out, scale, weight);
       }
-    }
-  }
-}
-
-// Rows [0, padded) of src - shift (rows x d, row stride src_ld; shift (d,) or nullptr) as panels with block
-// stride kMicroRows * ld; rows from `rows` on are zero.
-template <typename T>
-void to_panels(const T* src, int64_t src_ld, const T* shift, int64_t rows, int64_t padded, int64_t d, int64_t ld,
-               T* panel) {
-  for (int64_t row = 0; row < padded; ++row) {
-    T* p = panel + row / kMicroRows * kMicroRows * ld + row % kMicroRows;
-    const T* x = src + row * src_ld;
-    if (row >= rows) {
-      for (int64_t i = 0; i < d; ++i) p[i * kMicroRows] = T(0);
-    } else if (shift) {
-      for (int64_t i = 0; i < d; ++i) p[i * kMicroRows] = x[i] - shift[i];
-    } else {
-      for (int64_t i = 0; i < d; ++i) p[i * kMicroRows] = x[i];
     }
   }
 }
@@ -241,7 +222,7 @@ struct Factors {
 // Per-thread scratch, grown to the largest (tile rounded up to kMicroRows) x row stride of a call.
 template <typename T>
 struct Workspace {
-  std::vector<T> y, acc, best_y, panel;  // panel: the left operand of the SIMD products
+  std::vector<T> y, acc, best_y, z;  // z: the centred rows, left operand of the SIMD path's first product
   std::vector<T> q, scale_old, weight_new, best_logp, best_q;
   std::vector<OnlineLse<T>> lse;
   std::vector<int64_t> best_k, group;
@@ -249,7 +230,7 @@ struct Workspace {
   void reserve(int64_t tile, int64_t max_ld, int64_t max_simd_ld, bool nearest) {
     const int64_t padded = round_up(tile, kMicroRows);
     for (auto* v : {&y, &acc}) grow(*v, padded * max_ld);
-    grow(panel, padded * max_simd_ld);
+    grow(z, padded * max_simd_ld);
     if (nearest) grow(best_y, tile * max_ld);
     for (auto* v : {&q, &scale_old, &weight_new, &best_logp, &best_q}) grow(*v, padded);
     grow(lse, tile);
@@ -307,15 +288,16 @@ void first_product(const GmmLayer<T>& L, const Factors<T>& F, int64_t k, const T
   const int64_t d = L.d, ld = F.ld;
   const T* mu = L.means + k * d;
   T* y = ws.y.data();
+  T* z = F.simd ? ws.z.data() : y;  // the BLAS path multiplies in place
+  for (int64_t i = 0; i < rows; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) z[i * ld + j] = x[i * d + j] - mu[j];
+  }
   if (F.simd) {
     const int64_t padded = round_up(rows, kMicroRows);
-    to_panels(x, d, mu, rows, padded, d, ld, ws.panel.data());
-    panels_times_factor(ws.panel.data(), padded, ld, F.component(k), F.layout.upper, d, true, y);
-  } else {  // centred in place, then multiplied in place
-    for (int64_t i = 0; i < rows; ++i) {
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) y[i * d + j] = x[i * d + j] - mu[j];
-    }
+    std::fill(z + rows * ld, z + padded * ld, T(0));
+    rows_times_factor(z, padded, ld, F.component(k), F.layout.upper, d, true, y);
+  } else {
     trmm_right_upper(false, rows, d, L.prec_chol + k * d * d, y);
   }
   for (int64_t i = 0; i < rows; ++i) {
@@ -346,9 +328,7 @@ void accumulate_grad(const GmmLayer<T>& L, const Factors<T>& F, int64_t k, int64
     }
     return;
   }
-  const int64_t padded = round_up(rows, kMicroRows);
-  to_panels(y, ld, static_cast<const T*>(nullptr), rows, padded, d, ld, ws.panel.data());
-  panels_times_factor(ws.panel.data(), padded, ld, F.component(k), F.layout.lower, d, false, acc,
+  rows_times_factor(y, round_up(rows, kMicroRows), ld, F.component(k), F.layout.lower, d, false, acc,
                       ws.scale_old.data(), ws.weight_new.data());
 }
 
