@@ -135,14 +135,15 @@ layers: list of (x (N,d), means (K,d), prec_chol (K,d,d) upper-triangular, log_n
 (float32 or float64), C-contiguous; packed = gmm_pack(prec_chol) (or None) saves repacking a reused mixture.
 row_tile (0 = automatic) and simd_max_dim (largest d for the SIMD triangular products; 0 = OpenBLAS trmm always)
 are tuning overrides. Returns a list of (value (N,), grad (N,d) or None, component (N,) int64).)doc");
-  const char* pack_doc = R"doc(The SIMD kernels' packed copy of prec_chol (K,d,d) (float32 or float64, C-contiguous): pass it as the
-fifth element of a gmm layer entry when the same mixture is evaluated many times.)doc";
+  const char* pack_doc = R"doc(The SIMD kernels' packed copy of prec_chol (K,d,d) (float32 or float64, C-contiguous):
+pass it as the fifth element of a gmm layer entry when the same mixture is evaluated many times.)doc";
   m.def(
       "gmm_pack",
       [](const py::array& prec_chol) {
         if (prec_chol.dtype().is(py::dtype::of<float>())) return pack<float>(prec_chol);
         if (prec_chol.dtype().is(py::dtype::of<double>())) return pack<double>(prec_chol);
-        throw hfc::ArgumentError("prec_chol must be float32 or float64, got " + std::string(py::str(prec_chol.dtype())));
+        throw hfc::ArgumentError("prec_chol must be float32 or float64, got " +
+                                 std::string(py::str(prec_chol.dtype())));
       },
       py::arg("prec_chol"), pack_doc);
   m.attr("gmm_simd_max_dim") = hfc::kGmmSimdMaxDim;

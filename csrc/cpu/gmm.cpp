@@ -96,15 +96,14 @@ inline void fma_rows(typename Simd<T>::vec (&acc)[NB][kMicroRows], const T* a, i
 constexpr int64_t kStripChunkBytes = 16384;
 
 // Rows [lo, hi) of one packed strip (columns [j0, j0 + kStrip) of a triangular factor; strip row i = factor row i,
-// offset by begin) times every row block of a (row stride ld), combined into those columns of out (row stride
-// ld): out = acc
-// (kUpper: y = z U) or out = out * scale + weight * acc (the gradient accumulator, U^T), where a chunk other than
-// the strip's first (`first` false) adds to out. The zeros of the strip's diagonal block are multiplied like the
-// rest (one branch-free loop; the zero blocks outside the strip's rows are never visited, which halves the
-// multiply-adds). kVectors = 1 for a last strip of at most one vector.
+// offset by begin) times every row block of a, combined into those columns of out (both row stride ld):
+// out = acc (kUpper: y = z U) or out = out * scale + weight * acc (the gradient accumulator, U^T), where a chunk
+// other than the strip's first (`first` false) adds to out. The zeros of the strip's diagonal block are
+// multiplied like the rest (one branch-free loop); the zero blocks outside the strip's rows are never visited,
+// which halves the multiply-adds. kVectors = 1 for a last strip of at most one vector.
 template <typename T, bool kUpper, int kVectors>
 void strip_times_rows(const T* a, int64_t rows, int64_t ld, const T* strip, int64_t j0, int64_t begin, int64_t lo,
-                        int64_t hi, bool first, T* out, const T* scale, const T* weight) {
+                      int64_t hi, bool first, T* out, const T* scale, const T* weight) {
   using V = typename Simd<T>::vec;
   constexpr int64_t kL = Simd<T>::kLanes, kS = Simd<T>::kStrip;
   const T* b = strip + (lo - begin) * kS;
@@ -130,12 +129,12 @@ void strip_times_rows(const T* a, int64_t rows, int64_t ld, const T* strip, int6
 // a (rows x d, row stride ld, rows a multiple of kMicroRows) times one component's triangular factor (its packed
 // strips: `component` + strip_offset[s]), combined into out (row stride ld): out = a U (upper) or
 // out = out * scale + weight * (a U^T) per row (lower: the gradient accumulator). Loops run chunk of factor rows
-// (outer), strip, row block (inner), so a chunk of a stays in cache across all strips and each strip chunk is loaded
-// once and reused by every row block.
+// (outer), strip, row block (inner), so a chunk of a stays in cache across all strips and each strip chunk is
+// loaded once and reused by every row block.
 template <typename T>
 void rows_times_factor(const T* a, int64_t rows, int64_t ld, const T* component,
-                         const std::vector<int64_t>& strip_offset, int64_t d, bool upper, T* out,
-                         const T* scale = nullptr, const T* weight = nullptr) {
+                       const std::vector<int64_t>& strip_offset, int64_t d, bool upper, T* out,
+                       const T* scale = nullptr, const T* weight = nullptr) {
   constexpr int64_t kL = Simd<T>::kLanes, kS = Simd<T>::kStrip;
   constexpr int64_t kChunk = kStripChunkBytes / (kS * static_cast<int64_t>(sizeof(T)));
   const int64_t strips = (d + kS - 1) / kS;
@@ -197,7 +196,8 @@ struct PackedLayout {
 };
 
 // How one layer's factors are applied: OpenBLAS trmm on U (ld = d), or the SIMD path on packed factors (the
-// caller's from gmm_pack, or packed here once per call). ld is the row stride of the per-thread scratch rows.
+// caller's from gmm_pack, or packed here once per call). ld is the row stride of the per-thread scratch rows; the
+// SIMD path's has a spare vector, so rows 2^n bytes apart do not compete for the same cache sets.
 template <typename T>
 struct Factors {
   bool simd = false;
@@ -207,7 +207,9 @@ struct Factors {
   const T* packed = nullptr;
 
   Factors(const GmmLayer<T>& L, bool use_simd)
-      : simd(use_simd), ld(use_simd ? round_up(L.d, Simd<T>::kLanes) + Simd<T>::kLanes : L.d), layout(use_simd ? L.d : 0) {
+      : simd(use_simd),
+        ld(use_simd ? round_up(L.d, Simd<T>::kLanes) + Simd<T>::kLanes : L.d),
+        layout(use_simd ? L.d : 0) {
     if (!simd) return;
     if (!L.packed) owned.resize(L.k * layout.component);  // filled by pack_component
     packed = L.packed ? L.packed : owned.data();
