@@ -17,14 +17,20 @@ from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
-HEADERS = [ROOT / p for pat in ("csrc/include/hfc/*.h", "csrc/cuda/*.cuh") for p in glob.glob(pat, root_dir=ROOT)]
+
+
+def _sources(*patterns: str) -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for pat in patterns for p in ROOT.glob(pat))
+
+
+HEADERS = _sources("csrc/include/hfc/*.h", "csrc/cuda/*.cuh")
 
 
 def _needs_recompile(obj: str, src: str) -> bool:
     """Incremental builds: recompile when the source or any shared header is newer than the object."""
     if not os.path.exists(obj):
         return True
-    newest_input = max(os.stat(p).st_mtime for p in [src, *HEADERS])
+    newest_input = max(os.stat(ROOT / p).st_mtime for p in [src, *HEADERS])
     return os.stat(obj).st_mtime < newest_input
 
 
@@ -42,10 +48,6 @@ def _cpu_flags() -> list[str]:
     if os.environ.get("HFC_ENGINE_PORTABLE", "0") != "1":
         flags.append("-march=native")
     return flags
-
-
-def _sources(*patterns: str) -> list[str]:
-    return sorted(str(p.relative_to(ROOT)) for pat in patterns for p in ROOT.glob(pat))
 
 
 def _cuda_home() -> Path | None:
@@ -82,7 +84,7 @@ class BuildExt(build_ext):
         objects = []
         for src in _sources("csrc/cuda/*.cu"):
             obj = out_dir / (Path(src).stem + ".o")
-            if _needs_recompile(str(obj), str(ROOT / src)):
+            if _needs_recompile(str(obj), src):
                 cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-lineinfo", *_cuda_arch_flags(),
                        "-Xcompiler", "-fPIC", "-Icsrc/include"]
                 print(" ".join(cmd), file=sys.stderr)
@@ -108,7 +110,7 @@ extensions = [
         library_dirs=[blas_lib_dir],
         libraries=[blas_lib],
         runtime_library_dirs=[blas_lib_dir, "$ORIGIN/../scipy_openblas32/lib"],
-        depends=[str(h) for h in HEADERS],
+        depends=HEADERS,
         extra_compile_args=_cpu_flags(),
         extra_link_args=["-fopenmp"],
         cxx_std=17,
@@ -127,7 +129,7 @@ if _want_cuda():
             library_dirs=cuda_libs,
             libraries=["cudart"],
             runtime_library_dirs=cuda_libs,
-            depends=[str(h) for h in HEADERS],
+            depends=HEADERS,
             extra_compile_args=["-O3"],
             cxx_std=17,
         )

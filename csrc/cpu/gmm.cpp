@@ -178,6 +178,10 @@ struct PackedLayout {
     component = lower[strips];
   }
 
+  void pack_all(const T* prec_chol, int64_t d, int64_t k, T* out) const {  // k components of (d, d)
+    for (int64_t c = 0; c < k; ++c) pack(prec_chol + c * d * d, d, out + c * component);
+  }
+
   void pack(const T* u, int64_t d, T* out) const {  // one component; only the upper triangle of U is read
     constexpr int64_t kS = Simd<T>::kStrip;
     std::fill(out, out + component, T(0));
@@ -206,17 +210,18 @@ struct Factors {
   std::vector<T> owned;     // packed here when the caller passed none
   const T* packed = nullptr;
 
+  // Packing here costs O(K d^2) memory traffic per call, which dominates calls with few rows: callers that reuse
+  // a mixture pass GmmLayer::packed from gmm_pack instead.
   Factors(const GmmLayer<T>& L, bool use_simd)
       : simd(use_simd),
         ld(use_simd ? round_up(L.d, Simd<T>::kLanes) + Simd<T>::kLanes : L.d),
         layout(use_simd ? L.d : 0) {
     if (!simd) return;
-    if (!L.packed) owned.resize(L.k * layout.component);  // filled by pack_component
+    if (!L.packed) {
+      owned.resize(L.k * layout.component);
+      layout.pack_all(L.prec_chol, L.d, L.k, owned.data());
+    }
     packed = L.packed ? L.packed : owned.data();
-  }
-  bool needs_packing() const { return simd && !owned.empty(); }
-  void pack_component(const GmmLayer<T>& L, int64_t k) {
-    layout.pack(L.prec_chol + k * L.d * L.d, L.d, owned.data() + k * layout.component);
   }
   const T* component(int64_t k) const { return packed + k * layout.component; }
 };
@@ -457,7 +462,6 @@ void gmm_forward(const GmmParams<T>& params) {
   const int threads = params.num_threads > 0 ? params.num_threads : omp_get_max_threads();
   std::vector<int64_t> rows_per_layer;
   std::vector<Factors<T>> factors;  // allocated here, outside the parallel region, so bad_alloc propagates
-  std::vector<std::pair<int64_t, int64_t>> packs;  // (layer, component) factors to pack for this call
   int64_t max_ld = 1, max_simd_ld = 0;
   for (size_t l = 0; l < params.layers.size(); ++l) {
     const GmmLayer<T>& L = params.layers[l];
@@ -465,7 +469,6 @@ void gmm_forward(const GmmParams<T>& params) {
     factors.emplace_back(L, L.n > 0 && L.d <= params.simd_max_dim);
     max_ld = std::max(max_ld, factors.back().ld);
     if (factors.back().simd) max_simd_ld = std::max(max_simd_ld, factors.back().ld);
-    for (int64_t k = 0; factors.back().needs_packing() && k < L.k; ++k) packs.emplace_back(static_cast<int64_t>(l), k);
   }
   const int64_t tile = choose_tile(rows_per_layer, params.row_tile, threads);
 
@@ -480,10 +483,6 @@ void gmm_forward(const GmmParams<T>& params) {
   if (items.empty()) return;
   // Largest first, so dynamic scheduling balances layers of very different d.
   std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
-
-  // O(K d^2) memory traffic per call, which dominates calls with few rows: callers that reuse a mixture pass
-  // GmmLayer::packed from gmm_pack instead.
-  for (const auto& [layer, k] : packs) factors[layer].pack_component(params.layers[layer], k);
 
   // One thread for small calls: a parallel region costs more than it saves there (and far more on a loaded
   // machine, where the barrier waits for a descheduled thread).
@@ -525,8 +524,7 @@ int64_t gmm_packed_size(int64_t d, int64_t k) {
 template <typename T>
 void gmm_pack(const T* prec_chol, int64_t d, int64_t k, T* packed) {
   require(d >= 1 && k >= 1, "gmm_pack: d and K must be >= 1");
-  const PackedLayout<T> layout(d);
-  for (int64_t c = 0; c < k; ++c) layout.pack(prec_chol + c * d * d, d, packed + c * layout.component);
+  PackedLayout<T>(d).pack_all(prec_chol, d, k, packed);
 }
 
 template void gmm_validate<float>(const GmmParams<float>&);
