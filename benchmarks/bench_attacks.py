@@ -108,7 +108,7 @@ def run(quick: bool = True, threads: int = 1) -> list[dict]:
 def hfc_effect(
     eps: float = 2 / 256, steps: int = 100, lams: tuple[float, ...] = (1.0, 0.1, 0.01), mode: str = "loglik"
 ) -> list[dict[str, float]]:
-    """SPEC.md section 2 check on the embedded data: targeted PGD with and without HFC at the same eps and steps
+    """HFC check on the embedded data (docs/methods.md, HFC): targeted PGD with and without HFC, same eps and steps,
     against a ResNet-18 (width 0.125) trained on fundus-synth binary (32px); mean log-likelihood of the successful
     AEs' features (summed over the 8 block layers) under the target class's mixtures, and success rates."""
     from bench_uap import fundus_split, trained_model

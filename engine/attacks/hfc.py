@@ -1,4 +1,4 @@
-"""The Hierarchical Feature Constraint add-on (Yao et al., MICCAI 2021; SPEC.md section 2).
+"""The Hierarchical Feature Constraint add-on (Yao et al., MICCAI 2021; docs/methods.md, HFC).
 
 Per (layer l, class c) a Gaussian mixture is fitted on GAP features f_l of the training images of class c
 (:func:`fit_hfc_gmms`). ``HFC(gmms)`` passed as ``constraint=`` to any gradient attack adds, per sample,

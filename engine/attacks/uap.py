@@ -1,4 +1,4 @@
-"""Universal adversarial perturbations (SPEC.md section 4): one v (C,H,W) for a whole data distribution.
+"""Universal adversarial perturbations (docs/methods.md, Universal perturbations): one v (C,H,W) for all inputs.
 
 * :func:`deepfool_uap` -- Moosavi-Dezfooli et al. 2017: passes over the data; samples whose prediction at x+v
   still equals the clean one get a DeepFool step from x+v (batched, :func:`engine.attacks.deepfool.deepfool`);

@@ -1,4 +1,4 @@
-"""Loaders for the on-disk layouts users have (SPEC.md section 7) and for in-memory arrays."""
+"""Loaders for the on-disk layouts users have (docs/methods.md, Data layouts) and for in-memory arrays."""
 
 from __future__ import annotations
 

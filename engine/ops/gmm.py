@@ -282,7 +282,7 @@ def hfc_loss(
     reduction: str = "sum",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """HFC feature constraint over many layers, all fused into one kernel call (SPEC.md section 2).
+    """HFC feature constraint over many layers, all fused into one kernel call (docs/methods.md, HFC).
 
     ``features[l]`` is (N, d_l); ``gmms[l]`` is a mixture, or a sequence of per-class mixtures indexed by
     ``classes`` (N,). Layer term: -log p_l(h) (``"loglik"``) or ||(h - mu_k*) L_k*||^2 / d_l (``"nearest"``);
