@@ -1,10 +1,6 @@
-"""Gaussian KDE log density: ours vs sklearn KernelDensity, as a multiple of one N x d x M sgemm.
+"""pytest-benchmark entry point for the KDE row of engine.bench.kde (shapes and baseline described there).
 
-``kde_log_density`` (float32, N=M=4096, d=512, bandwidth 1.0 as in the KD detector code) vs sklearn
-``KernelDensity(kernel="gaussian").fit(ref).score_samples(x)`` (float64, exact with its default atol=rtol=0),
-timed on BASELINE_ROWS query rows and scaled linearly to N (its cost is linear in the number of queries).
-
-Run: ``python -m pytest benchmarks/bench_kde.py --benchmark-only`` or ``run(quick)`` (``hfc-engine bench``).
+Run: ``python -m pytest benchmarks/bench_kde.py --benchmark-only``.
 """
 
 from __future__ import annotations
@@ -12,38 +8,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-from sklearn.neighbors import KernelDensity
-
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import Timer, default_timer, median_time, pytest_timer, record, sgemm_seconds  # noqa: E402  # noqa: E402
+from harness import pytest_timer, save  # noqa: E402
 
-from engine.ops.kde import kde_log_density  # noqa: E402
-
-D, BANDWIDTH = 512, 1.0
-FULL_N, QUICK_N = 4096, 1024
-BASELINE_ROWS = 256
-
-
-def kde_rows(n: int, timer: Timer, repeats: int = 3) -> list[dict]:
-    rng = np.random.default_rng(0)
-    ref = rng.normal(size=(n, D)).astype(np.float32)
-    x = (ref[rng.integers(n, size=n)] + 0.5 * rng.normal(size=(n, D))).astype(np.float32)
-    shape = f"N=M={n} d={D}"
-    flops = 2.0 * n * n * D
-    gemm_s = sgemm_seconds(n, D, n, repeats=repeats)
-    ours = timer(lambda: kde_log_density(x, ref, BANDWIDTH, backend="cpu"))
-    model = KernelDensity(kernel="gaussian", bandwidth=BANDWIDTH).fit(ref)
-    part = x[:BASELINE_ROWS]
-    sk_s = median_time(lambda: model.score_samples(part), repeats=1)[0] * n / BASELINE_ROWS
-    return [record("kde_log_density", shape, "float32", ours, "sklearn KernelDensity (scaled)", sk_s, flops, gemm_s)]
-
-
-def run(quick: bool = True) -> list[dict]:
-    """KDE rows (quick: N=M=1024; full: N=M=4096)."""
-    return kde_rows(QUICK_N if quick else FULL_N, default_timer(3))
+from engine.bench.kde import FULL_N, kde_rows  # noqa: E402
 
 
 def test_kde(benchmark):
-    (row,) = kde_rows(FULL_N, pytest_timer(benchmark, 3))
+    (row,) = save(kde_rows(FULL_N, pytest_timer(benchmark, 3)))
     benchmark.extra_info.update(row)

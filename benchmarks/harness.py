@@ -1,112 +1,41 @@
-"""Shared benchmark helpers: timing medians, this machine's sgemm rate, machine-readable result rows.
+"""The suite's glue around engine.bench.harness: a pytest-benchmark Timer and rows appended to RESULTS_CSV.
 
-Every benchmark times ours and a baseline side by side in one run (ratios, not absolute times, are the claim)
-and reports ours as a multiple of the one GEMM that bounds the op on CPU.
+RESULTS_CSV is $HFC_BENCH_CSV, else benchmarks/results.csv.
 """
 
 from __future__ import annotations
 
-import csv
 import os
-import platform
-import statistics
-import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-import torch
+from engine.bench.harness import Timer, append_csv, default_timer, median_time, result_row, sgemm_seconds
+
+__all__ = ["RESULTS_CSV", "Timer", "default_timer", "median_time", "pytest_timer", "record", "save", "sgemm_seconds"]
 
 RESULTS_CSV = Path(os.environ.get("HFC_BENCH_CSV", Path(__file__).parent / "results.csv"))
-FIELDS = [
-    "timestamp",
-    "op",
-    "shape",
-    "dtype",
-    "ours_s",
-    "ours_spread_s",
-    "baseline",
-    "baseline_s",
-    "speedup",
-    "gflops",
-    "gemm_s",
-    "gemm_multiple",
-    "version",
-    "machine",
-]
 
 
-def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> tuple[float, float]:
-    """(median seconds, interquartile spread) of ``fn()`` over ``repeats`` runs after ``warmup`` discarded ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return statistics.median(times), quartiles[2] - quartiles[0]
-
-
-Timer = Callable[[Callable[[], object]], tuple[float, float]]
-
-
-def default_timer(repeats: int) -> Timer:
-    """A Timer returning (median, spread) by :func:`median_time`."""
-    return lambda fn: median_time(fn, repeats=repeats)
-
-
-def pytest_timer(benchmark, repeats: int) -> Timer:
+def pytest_timer(benchmark: Any, repeats: int) -> Timer:
     """A Timer backed by pytest-benchmark's ``benchmark`` fixture (one warm-up round discarded)."""
 
     def timer(fn: Callable[[], object]) -> tuple[float, float]:
+        if benchmark.disabled:  # --benchmark-disable keeps no stats: one warm-up run through the fixture, one timed
+            benchmark.pedantic(fn)
+            return median_time(fn, repeats=1, warmup=0)
         benchmark.pedantic(fn, rounds=repeats, warmup_rounds=1, iterations=1)
         return benchmark.stats.stats.median, benchmark.stats.stats.iqr
 
     return timer
 
 
-def sgemm_seconds(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
-    """Median time of one (m,k) x (k,n) matmul with torch (MKL/OpenBLAS): the CPU floor for GEMM-bound ops."""
-    a = torch.randn(m, k, dtype=dtype)
-    b = torch.randn(k, n, dtype=dtype)
-    return median_time(lambda: torch.matmul(a, b), repeats=repeats)[0]
+def save(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Append rows to RESULTS_CSV and return them."""
+    append_csv(rows, RESULTS_CSV)
+    return rows
 
 
-def record(
-    op: str,
-    shape: str,
-    dtype: str,
-    ours: tuple[float, float],
-    baseline: str,
-    baseline_s: float | None,
-    flops: float,
-    gemm_s: float,
-) -> dict[str, object]:
-    """Append one result row to RESULTS_CSV and return it."""
-    from engine import __version__
-
-    row = {
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "op": op,
-        "shape": shape,
-        "dtype": dtype,
-        "ours_s": f"{ours[0]:.6g}",
-        "ours_spread_s": f"{ours[1]:.3g}",
-        "baseline": baseline,
-        "baseline_s": "" if baseline_s is None else f"{baseline_s:.6g}",
-        "speedup": "" if baseline_s is None else f"{baseline_s / ours[0]:.2f}",
-        "gflops": f"{flops / ours[0] / 1e9:.2f}",
-        "gemm_s": f"{gemm_s:.6g}",
-        "gemm_multiple": f"{ours[0] / gemm_s:.2f}",
-        "version": __version__,
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()}cpu torch{torch.__version__}",
-    }
-    new = not RESULTS_CSV.exists()
-    with RESULTS_CSV.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-    return row
+def record(*args: Any, **kwargs: Any) -> dict[str, str]:
+    """One :func:`engine.bench.harness.result_row` (same arguments), appended to RESULTS_CSV."""
+    return save([result_row(*args, **kwargs)])[0]
