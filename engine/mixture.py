@@ -4,6 +4,8 @@ A :class:`GaussianMixture` holds float64 numpy arrays: ``means (K,d)``, ``precis
 upper-triangular factors U_k with precision P_k = U_k U_k^T, exactly sklearn's ``precisions_cholesky_`` -- and
 ``weights (K,)``. Any other square-root factor L_k of the precision is canonicalised to that upper factor.
 Parameters are read-only once built, so the per-(dtype, device) tensors handed to the kernels can be cached.
+The log density of points under a mixture (sklearn's ``score_samples``) is ``engine.ops.gmm_log_prob(x, gmm)``;
+this module imports nothing from ``engine.ops`` (which imports it).
 """
 
 from __future__ import annotations
@@ -95,12 +97,6 @@ class GaussianMixture:
                 for a in (self.means, self.precisions_cholesky, self.log_norm)
             )
         return self._cache[key]
-
-    def score_samples(self, x: Any) -> Any:
-        """Per-sample log density (N,), as sklearn ``score_samples``; numpy in -> numpy out."""
-        from engine.ops.gmm import gmm_log_prob
-
-        return gmm_log_prob(x, self)
 
     # ---- construction from sklearn ----------------------------------------------------------------------------
 
