@@ -5,13 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_gmm import random_mixture, ref_args, samples
+from support import TOL, assert_rel, column_major, random_mixture, ref_args, samples, tensor
 
 from engine import reference
 from engine.ops import _backend
 from engine.ops.gmm import hfc_loss
-
-BACKENDS = ["cpu", "torch"]
 
 
 def make_layers(seed: int, n: int, dims=(3, 8, 5), k: int = 3, n_classes: int = 0):
@@ -56,44 +54,46 @@ def expected_terms(feats, gmms, mode, weights, classes=None):
     return total, grads
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "column-major"])
 @pytest.mark.parametrize("mode", ["loglik", "nearest"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_value_and_gradient_match_reference(backend, mode, dtype):
+def test_value_and_gradient_match_reference(backend, mode, dtype, layout):
     feats, gmms = make_layers(1, 23)
     weights = [0.5, 2.0, 1.0]
-    xs = [torch.tensor(f, dtype=dtype, requires_grad=True) for f in feats]
+    xs = [tensor(f, backend, dtype) for f in feats]
+    if layout == "column-major":  # non-contiguous leaves
+        xs = [column_major(x) for x in xs]
+    xs = [x.requires_grad_(True) for x in xs]
     loss = hfc_loss(xs, gmms, mode=mode, weights=weights, backend=backend)
     upstream = 2.5
     (loss * upstream).backward()
-    exact = [x.detach().double().numpy() for x in xs]
+    exact = [x.detach().cpu().double().numpy() for x in xs]
     total, grads = expected_terms(exact, gmms, mode, weights)
-    rtol = 1e-4 if dtype == torch.float32 else 1e-10
-    assert loss.dtype == dtype and loss.shape == ()
-    np.testing.assert_allclose(loss.item(), total.sum(), rtol=rtol)
-    for x, g in zip(xs, grads, strict=True):
-        np.testing.assert_allclose(
-            x.grad.double().numpy(), upstream * g, rtol=10 * rtol, atol=10 * rtol * np.abs(g).max()
-        )
+    rtol = TOL[dtype].value
+    assert loss.dtype == dtype and loss.shape == () and loss.device == xs[0].device
+    assert_rel(loss, total.sum(), rtol, what="loss")
+    for i, (x, g) in enumerate(zip(xs, grads, strict=True)):
+        assert x.grad.shape == x.shape and x.grad.device == x.device
+        assert_rel(x.grad, upstream * g, 10 * rtol, atol=10 * rtol * np.abs(g).max(), what=f"grad of layer {i}")
+        assert_rel(x.grad, upstream * g, TOL[dtype].grad, scale="max", floor=1e-300, what=f"grad {i}, max-norm")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 def test_per_class_mixtures_and_reductions(backend, reduction):
     feats, gmms = make_layers(2, 17, dims=(4, 6), n_classes=3)
     classes = np.random.default_rng(0).integers(3, size=17)
     classes[0] = 2  # class 1 may be absent; class 2 present
-    xs = [torch.tensor(f, requires_grad=True) for f in feats]
-    out = hfc_loss(xs, gmms, classes=torch.from_numpy(classes), reduction=reduction, backend=backend)
+    xs = [tensor(f, backend, requires_grad=True) for f in feats]
+    out = hfc_loss(xs, gmms, classes=tensor(classes, backend), reduction=reduction, backend=backend)
     total, grads = expected_terms(feats, gmms, "loglik", [1.0, 1.0], classes)
     upstream = torch.linspace(-1.0, 3.0, 17, dtype=torch.float64) if reduction == "none" else torch.tensor(-0.7)
-    out.backward(upstream if reduction == "none" else upstream.double())
+    out.backward(tensor(upstream, backend, torch.float64))
     scale = {"sum": 1.0, "mean": 1.0 / 17, "none": 1.0}[reduction]
     expected_value = total if reduction == "none" else total.sum() * scale
-    np.testing.assert_allclose(out.detach().numpy(), expected_value, rtol=1e-10)
+    assert_rel(out, expected_value, 1e-10, what="loss")
     row_scale = upstream.numpy()[:, None] if reduction == "none" else upstream.item() * scale
-    for x, g in zip(xs, grads, strict=True):
-        np.testing.assert_allclose(x.grad.numpy(), row_scale * g, rtol=1e-8, atol=1e-12)
+    for i, (x, g) in enumerate(zip(xs, grads, strict=True)):
+        assert_rel(x.grad, row_scale * g, 1e-8, atol=1e-12, what=f"grad of layer {i}")
 
 
 @pytest.mark.parametrize("mode", ["loglik", "nearest"])
@@ -120,15 +120,15 @@ def test_all_layers_and_classes_in_one_kernel_call(monkeypatch):
     assert calls == [(4, True), (4, False)]  # 2 layers x 2 classes per call; no gradient work without autograd
 
 
-def test_only_layers_requiring_grad_get_gradients_and_empty_batch():
+def test_only_layers_requiring_grad_get_gradients_and_empty_batch(backend):
     feats, gmms = make_layers(5, 6, dims=(3, 4))
-    a = torch.tensor(feats[0], requires_grad=True)
-    b = torch.tensor(feats[1])
-    hfc_loss([a, b], gmms).backward()
+    a = tensor(feats[0], backend, requires_grad=True)
+    b = tensor(feats[1], backend)
+    hfc_loss([a, b], gmms, backend=backend).backward()
     assert a.grad is not None and b.grad is None
-    empty = [torch.zeros(0, 3, dtype=torch.float64, requires_grad=True), torch.zeros(0, 4, dtype=torch.float64)]
-    assert hfc_loss(empty, gmms, reduction="mean").item() == 0.0
-    assert hfc_loss(empty, gmms, reduction="none").shape == (0,)
+    empty = [tensor(np.zeros((0, 3)), backend, requires_grad=True), tensor(np.zeros((0, 4)), backend)]
+    assert hfc_loss(empty, gmms, reduction="mean", backend=backend).item() == 0.0
+    assert hfc_loss(empty, gmms, reduction="none", backend=backend).shape == (0,)
 
 
 @pytest.mark.parametrize(
