@@ -7,29 +7,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from numpy.testing import assert_allclose
 from scipy.spatial.distance import cdist
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from sklearn.covariance import EmpiricalCovariance
+from support import TOL, assert_output, assert_rel, class_data, put, skip_slow, tensor, to_numpy
 
 from engine import reference
 from engine.ops.mahalanobis import mahalanobis
 
-BACKENDS = ["cpu", "torch"]
-RTOL = {np.float32: 1e-4, np.float64: 1e-10}
 # (N, C, d): single row/class/column, more rows than one C++ tile (256), and one above
 # kMinParallelMultiplyAdds = 1e7 (N d (d + C)), the OpenMP path.
 SHAPES = [(1, 1, 1), (41, 3, 7), (300, 5, 17), (9, 1, 3), (3000, 5, 60)]
-
-
-def class_data(rng: np.random.Generator, n: int, c: int, d: int, offset: float = 0.0, cond: float = 10.0):
-    """Features of C classes, their means, and the tied precision (eigenvalues log-spaced over [1, cond])."""
-    means = offset + 3 * rng.normal(size=(c, d))
-    basis, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    covariance = (basis / np.logspace(0, np.log10(cond), d)) @ basis.T
-    labels = rng.integers(c, size=n)
-    x = means[labels] + rng.multivariate_normal(np.zeros(d), covariance, size=n)
-    return x, means, np.linalg.inv(covariance)
 
 
 def sklearn_per_class(x: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -43,69 +31,87 @@ def sklearn_per_class(x: np.ndarray, means: np.ndarray, precision: np.ndarray) -
     return np.stack(columns, axis=1)
 
 
-def assert_rel(actual, expected, rtol: float) -> None:
-    """|a - e| <= rtol * max(|e|, 1) elementwise."""
-    assert_allclose(actual, expected, rtol=0, atol=rtol * max(1.0, float(np.abs(expected).max())))
+def assert_distances(actual, expected, rtol: float, what: str = "squared distances") -> None:
+    """|a - e| <= rtol * max(max|e|, 1): relative to the largest distance (DESIGN.md "Numerics")."""
+    assert_rel(actual, expected, rtol, floor=1.0, scale="max", what=what)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def xfail_on_triton(request: pytest.FixtureRequest, backend: str) -> None:
+    """Known bug of backend "triton" (kernels/mahalanobis.py): it factorises the raw precision instead of its
+    symmetric part, and its not-positive-definite error lacks the layer name and leading minor. Strict: a fix
+    makes the test XPASS and fail, so the mark gets removed."""
+    if backend == "triton":
+        reason = "kernels/mahalanobis.py: Cholesky of the raw precision, not of its symmetric part"
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=True, raises=(ValueError, AssertionError)))
+
+
+def reference_of(*arrays: np.ndarray) -> np.ndarray:
+    """engine.reference.mahalanobis of numpy ``(x, means, precision)``."""
+    return reference.mahalanobis(*(torch.from_numpy(a) for a in arrays)).numpy()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n,c,d", SHAPES)
 def test_matches_sklearn_scipy_and_reference(backend, dtype, n, c, d):
+    skip_slow(backend, n * d * (d + c))
     rng = np.random.default_rng(n + c + d)
     x, means, precision = (a.astype(dtype) for a in class_data(rng, n, c, d))
-    got = mahalanobis(x, means, precision, backend=backend)
-    assert isinstance(got, np.ndarray) and got.dtype == dtype and got.shape == (n, c)
-    assert_rel(got, sklearn_per_class(x, means, precision), RTOL[dtype])
-    want = reference.mahalanobis(*(torch.from_numpy(a) for a in (x, means, precision))).numpy()
-    assert_rel(got, want, RTOL[dtype])
+    xin = put(x, backend)
+    got = mahalanobis(xin, put(means, backend), put(precision, backend), backend=backend)
+    assert_output(got, xin, dtype, (n, c))
+    assert_distances(got, sklearn_per_class(x, means, precision), TOL[dtype].value, "vs sklearn")
+    assert_distances(got, reference_of(x, means, precision), TOL[dtype].value, "vs reference")
     p64 = precision.astype(np.float64)
-    assert_rel(got[0, 0], scipy_mahalanobis(x[0], means[0], p64) ** 2, RTOL[dtype])
+    assert_distances(to_numpy(got)[0, 0], scipy_mahalanobis(x[0], means[0], p64) ** 2, TOL[dtype].value, "vs scipy")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_offset_ill_conditioned_float32(backend):
     """ReLU-like features ~100 away from the origin, condition number 1e4: float32 within 1e-4 of float64."""
     rng = np.random.default_rng(1)
-    x, means, precision = class_data(rng, 200, 5, 24, offset=100.0, cond=1e4)
-    want = reference.mahalanobis(*(torch.from_numpy(a.astype(np.float32)) for a in (x, means, precision))).numpy()
-    got = mahalanobis(*(a.astype(np.float32) for a in (x, means, precision)), backend=backend)
-    assert_rel(got, want, RTOL[np.float32])
+    x, means, precision = (a.astype(np.float32) for a in class_data(rng, 200, 5, 24, offset=100.0, cond=1e4))
+    got = mahalanobis(*(put(a, backend) for a in (x, means, precision)), backend=backend)
+    assert_distances(got, reference_of(x, means, precision), TOL[np.float32].value)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_several_layers_in_one_call(backend):
     rng = np.random.default_rng(2)
-    layers = [class_data(rng, n, c, d) for n, c, d in ((30, 2, 5), (0, 3, 4), (7, 1, 9))]
+    shapes = ((30, 2, 5), (0, 3, 4), (7, 1, 9))
+    layers = [tuple(put(a, backend) for a in class_data(rng, n, c, d)) for n, c, d in shapes]
     xs, ms, ps = (list(a) for a in zip(*layers, strict=True))
     got = mahalanobis(xs, ms, ps, backend=backend)
-    assert isinstance(got, list) and [g.shape for g in got] == [(30, 2), (0, 3), (7, 1)]
-    for g, (x, m, p) in zip(got, layers, strict=True):
-        assert_allclose(g, mahalanobis(x, m, p, backend=backend), rtol=1e-12)
-    assert mahalanobis([], [], []) == []
+    assert isinstance(got, list) and [tuple(g.shape) for g in got] == [(30, 2), (0, 3), (7, 1)]
+    for i, (g, (x, m, p)) in enumerate(zip(got, layers, strict=True)):
+        assert_rel(g, mahalanobis(x, m, p, backend=backend), 1e-12, what=f"layer {i}")
+    assert mahalanobis([], [], [], backend=backend) == []
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_symmetric_precision_uses_its_symmetric_part(backend):
+def test_non_symmetric_precision_uses_its_symmetric_part(request, backend):
+    xfail_on_triton(request, backend)
     rng = np.random.default_rng(3)
     x, means, precision = class_data(rng, 20, 2, 6)
     skew = rng.normal(size=(6, 6))
     lopsided = precision + skew - skew.T  # same quadratic form
-    want = reference.mahalanobis(*(torch.from_numpy(a) for a in (x, means, lopsided))).numpy()
-    assert_rel(mahalanobis(x, means, lopsided, backend=backend), want, 1e-10)
+    got = mahalanobis(*(put(a, backend) for a in (x, means, lopsided)), backend=backend)
+    assert_distances(got, reference_of(x, means, lopsided), 1e-10)
 
 
-def test_input_kinds_strides_and_empty():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_input_kinds_strides_and_empty(backend, dtype):
     rng = np.random.default_rng(4)
-    x, means, precision = class_data(rng, 40, 3, 10)
-    wide = np.repeat(x, 2, axis=1)[:, ::2]  # non-contiguous view equal to x
-    assert not wide.flags.c_contiguous
+    x, means, precision = (a.astype(dtype) for a in class_data(rng, 40, 3, 10))
+    wide = put(np.repeat(x, 2, axis=1), backend)[:, ::2]  # non-contiguous view equal to x
+    assert not (wide.flags.c_contiguous if isinstance(wide, np.ndarray) else wide.is_contiguous())
     want = sklearn_per_class(x, means, precision)
-    assert_rel(mahalanobis(wide, means, precision), want, 1e-10)
-    out = mahalanobis(torch.from_numpy(x), torch.from_numpy(means), torch.from_numpy(precision.T.copy()).T)
-    assert isinstance(out, torch.Tensor) and out.dtype == torch.float64
-    assert_rel(out.numpy(), want, 1e-10)
-    assert mahalanobis(x[:0], means, precision).shape == (0, 3)
+    got = mahalanobis(wide, put(means, backend), put(precision, backend), backend=backend)
+    assert_output(got, wide, dtype, (40, 3))
+    assert_distances(got, want, TOL[dtype].value)
+    xt = tensor(x, backend)
+    out = mahalanobis(xt, tensor(means, backend), tensor(precision.T, backend).T, backend=backend)
+    assert_output(out, xt, dtype, (40, 3))
+    assert_distances(out, want, TOL[dtype].value)
+    empty = put(x[:0], backend)
+    got = mahalanobis(empty, put(means, backend), put(precision, backend), backend=backend)
+    assert_output(got, empty, dtype, (0, 3))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -113,42 +119,48 @@ def test_cpu_and_torch_backends_agree(dtype):
     rng = np.random.default_rng(5)
     x, means, precision = (a.astype(dtype) for a in class_data(rng, 270, 4, 33, offset=20.0, cond=100.0))
     cpu = mahalanobis(x, means, precision, backend="cpu")
-    assert_rel(cpu, mahalanobis(x, means, precision, backend="torch"), RTOL[dtype])
+    assert_distances(cpu, mahalanobis(x, means, precision, backend="torch"), TOL[dtype].value)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_match_float64_autograd(backend):
     rng = np.random.default_rng(6)
     x, means, precision = class_data(rng, 25, 3, 6)
     precision = precision + 0.1 * rng.normal(size=precision.shape)  # non-symmetric, still positive definite
-    upstream = torch.from_numpy(rng.normal(size=(25, 3)))
-    ours = [torch.tensor(a, requires_grad=True) for a in (x, means, precision)]
-    (mahalanobis(*ours, backend=backend) * upstream).sum().backward()
+    upstream = rng.normal(size=(25, 3))
+    ours = [tensor(a, backend, requires_grad=True) for a in (x, means, precision)]
+    (mahalanobis(*ours, backend=backend) * tensor(upstream, backend)).sum().backward()
     theirs = [torch.tensor(a, requires_grad=True) for a in (x, means, precision)]
     diff = theirs[0][:, None] - theirs[1][None]
-    (torch.einsum("ncd,de,nce->nc", diff, theirs[2], diff) * upstream).sum().backward()
-    for a, b in zip(ours, theirs, strict=True):
-        assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=1e-10, atol=1e-10)
+    (torch.einsum("ncd,de,nce->nc", diff, theirs[2], diff) * torch.from_numpy(upstream)).sum().backward()
+    for name, a, b in zip(("x", "means", "precision"), ours, theirs, strict=True):
+        assert_rel(a.grad, b.grad, 1e-10, atol=1e-10, what=f"gradient of {name}")
 
 
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 12), c=st.integers(1, 4), d=st.integers(1, 9), seed=st.integers(0, 2**16))
-def test_identity_precision_is_squared_euclidean(n, c, d, seed):
+def test_identity_precision_is_squared_euclidean(backend, n, c, d, seed):
     rng = np.random.default_rng(seed)
     x, means = rng.normal(size=(n, d)), 5 * rng.normal(size=(c, d))
-    for backend in BACKENDS:
-        assert_rel(mahalanobis(x, means, np.eye(d), backend=backend), cdist(x, means, "sqeuclidean"), 1e-10)
+    got = mahalanobis(put(x, backend), put(means, backend), put(np.eye(d), backend), backend=backend)
+    assert_distances(got, cdist(x, means, "sqeuclidean"), 1e-10)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_input(backend):
+def test_not_positive_definite_precision_raises(request, backend):
+    xfail_on_triton(request, backend)
     rng = np.random.default_rng(7)
-    x, means, precision = class_data(rng, 10, 2, 4)
-    singular = np.diag([1.0, 1.0, 0.0, 1.0])
+    x, means, precision = (put(a, backend) for a in class_data(rng, 10, 2, 4))
+    singular = put(np.diag([1.0, 1.0, 0.0, 1.0]), backend)
     with pytest.raises(ValueError, match=r"precision is not positive definite \(leading minor 3"):
         mahalanobis(x, means, singular, backend=backend)
     with pytest.raises(ValueError, match=r"precision\[1\] is not positive definite"):
         mahalanobis([x, x], [means, means], [precision, -precision], backend=backend)
+
+
+def test_bad_input(backend):
+    rng = np.random.default_rng(7)
+    x, means, precision = class_data(rng, 10, 2, 4)
+    means32 = put(means.astype(np.float32), backend)
+    x, means, precision = (put(a, backend) for a in (x, means, precision))
     with pytest.raises(ValueError, match=r"means must have shape \(C, 4\)"):
         mahalanobis(x, means[:, :3], precision, backend=backend)
     with pytest.raises(ValueError, match=r"precision must have shape \(4, 4\)"):
@@ -157,12 +169,12 @@ def test_bad_input(backend):
         mahalanobis([x, x], [means, means[:, :2]], [precision, precision], backend=backend)
     with pytest.raises(ValueError, match="precision must be a list with one entry per layer"):
         mahalanobis([x, x], [means, means], [precision], backend=backend)
-    nan = precision.copy()
+    nan = to_numpy(precision).copy()
     nan[0, 1] = np.nan
     with pytest.raises(ValueError, match="precision contains NaN or inf"):
-        mahalanobis(x, means, nan, backend=backend)
+        mahalanobis(x, means, put(nan, backend), backend=backend)
     with pytest.raises(TypeError, match="has dtype"):
-        mahalanobis(x, means.astype(np.float32), precision, backend=backend)
+        mahalanobis(x, means32, precision, backend=backend)
     with pytest.raises(ValueError, match="means must have shape"):
         mahalanobis(x, means[:0], precision, backend=backend)
 
