@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from engine.detectors.metrics import (
+from engine.metrics.roc import (
     BOOT_CHUNK,
     auroc,
     bootstrap_metrics,

@@ -24,10 +24,10 @@ from engine.detectors import (
     Features,
     NotFittedError,
     SafetyNet,
-    auroc,
 )
 from engine.detectors.bu import mc_dropout_logits
 from engine.detectors.svm import RBFSVM
+from engine.metrics import auroc
 from engine.models import FeatureExtractor
 
 DIMS = {"a": 6, "b": 5, "c": 4}

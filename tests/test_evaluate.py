@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.detectors import KD, LID, MAHA, Features, ProtocolSplit, auroc, run_protocol
+from engine.detectors import KD, LID, MAHA, Features, ProtocolSplit, run_protocol
+from engine.metrics import auroc
 
 N = 240
 

@@ -11,8 +11,8 @@ import sklearn.metrics as skm
 import torch
 from torch.utils.data import Dataset
 
+from engine import metrics as M
 from engine.models import Augment, build_model, evaluate, load_checkpoint, load_model, train, train_model
-from engine.models import metrics as M
 
 train_mod = importlib.import_module("engine.models.train")  # the package re-exports train()
 
@@ -119,7 +119,7 @@ def test_early_stopping_restores_best_weights(tmp_path, data, monkeypatch):
 
     def fake_val_loss(model, ds, batch_size):
         out = real_evaluate(model, ds, batch_size)
-        if len(snapshots) < 6 and ds is val_ds and model.training is False and batch_size == 128:
+        if len(snapshots) < 6 and ds is val_ds and batch_size == 128:
             snapshots.append(_weights(model))
             out["loss"] = next(scripted, out["loss"])
         return out
@@ -204,8 +204,8 @@ def test_metrics_match_sklearn(n):
         assert M.quadratic_weighted_kappa(t5, p5, 5) == pytest.approx(want, abs=1e-12)
         t2 = np.r_[0, 1, rng.integers(0, 2, n - 2)]
         scores = np.round(rng.normal(size=n) + t2, 1)  # rounding creates ties
-        assert M.roc_auc(t2, scores) == pytest.approx(skm.roc_auc_score(t2, scores), abs=1e-12)
-        assert M.roc_auc(t2, scores.astype(np.float32)) == pytest.approx(skm.roc_auc_score(t2, scores), abs=1e-6)
+        auc = M.classification_metrics(t2, np.stack([-scores, scores], 1))["auc"]
+        assert auc == pytest.approx(skm.roc_auc_score(t2, scores), abs=1e-12)
 
 
 def test_classification_metrics_and_degenerate_cases():
@@ -216,7 +216,7 @@ def test_classification_metrics_and_degenerate_cases():
     assert out["auc"] == pytest.approx(skm.roc_auc_score(y, probs[:, 1]))
     three = M.classification_metrics(np.array([0, 1, 2]), np.eye(3))
     assert three["kappa"] == pytest.approx(1.0) and "auc" not in three
-    assert np.isnan(M.roc_auc([1, 1], [0.2, 0.3]))
+    assert np.isnan(M.classification_metrics(np.array([1, 1]), probs[:2])["auc"])  # one class: AUC undefined
     assert np.isnan(M.quadratic_weighted_kappa([2, 2], [2, 2]))
     with pytest.raises(ValueError, match="same length"):
         M.accuracy([0, 1], [0])
@@ -224,9 +224,7 @@ def test_classification_metrics_and_degenerate_cases():
         M.accuracy([0.5, 1], [0, 1])
     with pytest.raises(ValueError, match="out of range"):
         M.confusion_matrix([0, 3], [0, 1], num_classes=2)
-    with pytest.raises(ValueError, match="binary"):
-        M.roc_auc([0, 2], [0.1, 0.2])
     with pytest.raises(ValueError, match="NaN"):
-        M.roc_auc([0, 1], [0.1, np.nan])
+        M.auroc([0.1], [np.nan])
     with pytest.raises(ValueError, match="probs"):
         M.classification_metrics([0, 1], np.ones((2, 1)))

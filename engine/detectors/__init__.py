@@ -9,17 +9,9 @@ from engine.detectors.base import Detector, LayerCombiner, NotFittedError
 from engine.detectors.bu import BU
 from engine.detectors.density import KD, LID
 from engine.detectors.dnn import DNN
-from engine.detectors.evaluate import DetectionResult, ProtocolSplit, run_protocol
+from engine.detectors.evaluate import DetectionResult, ProtocolSplit, TooFewExamples, run_protocol
 from engine.detectors.features import FeatureCache, Features
-from engine.detectors.maha import MAHA
-from engine.detectors.metrics import (
-    auroc,
-    bootstrap_metrics,
-    detection_accuracy,
-    partial_auroc,
-    tnr_at_tpr,
-    tpr_at_tnr,
-)
+from engine.detectors.maha import MAHA, TiedGaussian
 from engine.detectors.svm import DNR, SVM, SafetyNet
 
 DETECTORS = {cls.name: cls for cls in (KD, BU, LID, MAHA, SVM, SafetyNet, DNN, DNR)}
@@ -42,12 +34,8 @@ __all__ = [
     "NotFittedError",
     "ProtocolSplit",
     "SafetyNet",
-    "auroc",
-    "bootstrap_metrics",
-    "detection_accuracy",
+    "TiedGaussian",
+    "TooFewExamples",
     "load",
-    "partial_auroc",
     "run_protocol",
-    "tnr_at_tpr",
-    "tpr_at_tnr",
 ]

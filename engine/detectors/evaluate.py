@@ -11,7 +11,7 @@ attack) and ``adversarial[i]`` its adversarial example, ``success[i]`` whether t
 4. Score the evaluation split: negatives = clean + noise; positives = successful AEs, failed AEs and all AEs,
    reported separately, for the attack the detectors were fitted on and for every ``transfer`` set (e.g. HFC AEs
    of the same images, scored by detectors fitted on plain AEs).
-Metrics (see ``engine.detectors.metrics``) with stratified bootstrap 95% CIs; per-sample scores are kept.
+Metrics (see ``engine.metrics.roc``) with stratified bootstrap 95% CIs; per-sample scores are kept.
 """
 
 from __future__ import annotations
@@ -24,9 +24,13 @@ import numpy as np
 
 from engine.detectors.base import Detector
 from engine.detectors.features import FeatureCache, Features
-from engine.detectors.metrics import bootstrap_metrics
+from engine.metrics import bootstrap_metrics
 
 SUBSETS = ("successful", "failed", "all")
+
+
+class TooFewExamples(ValueError):
+    """The data cannot feed the protocol: too few correctly classified images, or no successful AE to fit on."""
 
 
 @dataclass
@@ -105,11 +109,14 @@ def run_protocol(
         raise ValueError(f"noise must align with clean ({len(clean)} rows), got {len(noise)}")
     split = ProtocolSplit.make(clean.preds == labels, fit_fraction, seed)
     if len(split.fit) == 0 or len(split.eval) == 0:
-        raise ValueError(f"the correctly classified pool ({len(split.pool)} images) is too small to split")
+        raise TooFewExamples(
+            f"only {len(split.pool)} of {len(clean)} images are classified correctly, too few to split into fit and "
+            "evaluation parts"
+        )
     success = sets[attack_name][1]
     fit_pos = split.fit[success[split.fit]]
     if len(fit_pos) == 0:
-        raise ValueError("no successful adversarial examples in the fit split")
+        raise TooFewExamples(f"the attack succeeded on none of the {len(split.fit)} images of the fit split")
 
     index = {"negatives": np.r_[split.eval, split.eval] if noise is not None else split.eval}
     for name, (_, succ) in sets.items():

@@ -11,14 +11,58 @@ second pass over the fit split). Scoring distances go through ``engine.ops.mahal
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 from engine.detectors.base import Detector, LayerCombiner, class_labels
 from engine.detectors.features import Features
+from engine.metrics import auroc
+from engine.ops import mahalanobis
 
 MAGNITUDES = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)
-RIDGE = 1e-6  # covariance regulariser, relative to its mean diagonal (keeps P positive definite)
+RIDGE = 1e-6  # MAHA's covariance regulariser, relative to its mean diagonal (keeps P positive definite)
+
+
+class TiedGaussian:
+    """Class means and one tied precision (Lee et al.'s Mahalanobis model) fitted on (N, d) features.
+
+    The covariance is that of the class-centred features plus ``reg`` times its mean variance on the diagonal;
+    ``min_distance`` is the squared Mahalanobis distance to the nearest class mean (engine.ops.mahalanobis).
+    """
+
+    def __init__(self, reg: float = RIDGE) -> None:
+        if not reg > 0:
+            raise ValueError(f"reg must be > 0, got {reg!r}")
+        self.reg = float(reg)
+        self.means: np.ndarray | None = None
+        self.precision: np.ndarray | None = None
+
+    def fit(self, features: Any, labels: Any) -> TiedGaussian:
+        x = np.asarray(features, dtype=np.float64)
+        y = np.asarray(labels)
+        if x.ndim != 2 or not len(x) or not np.isfinite(x).all():
+            raise ValueError(f"features must be a finite, non-empty (N, d) array, got shape {x.shape}")
+        if y.shape != (len(x),):
+            raise ValueError(f"labels must have shape ({len(x)},), got {y.shape}")
+        classes = np.unique(y)
+        self.means = np.stack([x[y == c].mean(0) for c in classes])
+        centred = x - self.means[np.searchsorted(classes, y)]
+        cov = centred.T @ centred / len(x)
+        scale = max(float(np.trace(cov)) / cov.shape[0], 1e-12)
+        precision = np.linalg.inv(cov + self.reg * scale * np.eye(cov.shape[0]))
+        self.precision = 0.5 * (precision + precision.T)
+        return self
+
+    def min_distance(self, features: Any) -> np.ndarray:
+        """(N,) squared Mahalanobis distance of each row to the nearest class mean."""
+        if self.means is None:
+            raise ValueError("TiedGaussian is not fitted; call fit(features, labels) first")
+        x = np.asarray(features, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.means.shape[1]:
+            raise ValueError(f"features must have {self.means.shape[1]} columns, got shape {x.shape}")
+        return np.asarray(mahalanobis(x, self.means, self.precision)).min(axis=1)
 
 
 class MAHA(Detector):
@@ -35,10 +79,14 @@ class MAHA(Detector):
         magnitude: float | None = None,
         magnitudes: tuple[float, ...] = MAGNITUDES,
         select_max: int = 200,
+        reg: float = RIDGE,
         reference_compat: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__(layers, reference_compat, seed)
+        if not reg > 0:
+            raise ValueError(f"reg must be > 0, got {reg!r}")
+        self.reg = float(reg)
         if magnitude is not None and magnitude < 0:
             raise ValueError(f"magnitude must be >= 0, got {magnitude}")
         if not magnitudes or min(magnitudes) < 0:
@@ -55,16 +103,9 @@ class MAHA(Detector):
 
     def _fit(self, clean, adversarial, noise, train):
         labels = class_labels(train)
-        self.means_, self.precisions_ = [], []
-        classes = np.unique(labels)
-        for name in self.layers_:
-            feats = train.layer(name, self.dims_[name]).astype(np.float64)
-            means = np.stack([feats[labels == c].mean(0) for c in classes])
-            centred = feats - means[np.searchsorted(classes, labels)]
-            cov = centred.T @ centred / len(feats)
-            cov += RIDGE * max(float(np.trace(cov)) / len(cov), 1e-12) * np.eye(len(cov))
-            self.means_.append(means)
-            self.precisions_.append(np.linalg.inv(cov))
+        gaussians = [TiedGaussian(self.reg).fit(train.layer(name, self.dims_[name]), labels) for name in self.layers_]
+        self.means_ = [g.means for g in gaussians]
+        self.precisions_ = [g.precision for g in gaussians]
         if self.magnitude is not None or len(self.magnitudes) == 1:
             self.magnitude_ = self.magnitude if self.magnitude is not None else self.magnitudes[0]
             return self._fit_scores(clean, adversarial, noise)
@@ -75,8 +116,6 @@ class MAHA(Detector):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Set ``magnitude_`` to the best of ``magnitudes`` on at most ``select_max`` examples per set and return
         those examples' layer scores at it (clean, adversarial, noise), on which the combiner is then fitted."""
-        from engine.detectors.metrics import auroc
-
         if self.source is None or clean.images is None:
             raise ValueError(
                 "MAHA selects its preprocessing magnitude by running the model: fit with a FeatureCache "
@@ -106,11 +145,9 @@ class MAHA(Detector):
         return self._scores_at(x, self.magnitude_)
 
     def _distances(self, feats: list[np.ndarray]) -> list[np.ndarray]:
-        import engine.ops
-
         dtype = self.precisions_[0].dtype
         feats = [np.ascontiguousarray(f, dtype=dtype) for f in feats]
-        return engine.ops.mahalanobis(feats, self.means_, self.precisions_)
+        return mahalanobis(feats, self.means_, self.precisions_)
 
     def _scores_at(self, x: Features, m: float) -> np.ndarray:
         return self._scores_at_each(x, [m])[m]

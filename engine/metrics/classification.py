@@ -1,7 +1,7 @@
-"""Classification metrics in numpy: accuracy, binary ROC-AUC, quadratic-weighted kappa, confusion matrix.
+"""Classification metrics in numpy: accuracy, quadratic-weighted kappa, confusion matrix, and the per-task summary.
 
-Each equals its scikit-learn counterpart (tests compare them); they live here so evaluation needs no sklearn
-import on the hot path and handles degenerate cases (one class present) with NaN instead of raising.
+Each equals its scikit-learn counterpart (tests compare them); degenerate cases (one class present) give NaN
+instead of raising. Binary ROC-AUC comes from the one AUROC of :mod:`engine.metrics.roc`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
+
+from engine.metrics.roc import auroc
 
 
 def _labels(y: Any, name: str) -> np.ndarray:
@@ -47,27 +48,6 @@ def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int | None = None) -
     return np.bincount(t * k + p, minlength=k * k).reshape(k, k).astype(np.int64)
 
 
-def roc_auc(y_true: Any, scores: Any) -> float:
-    """Binary ROC-AUC of ``scores`` (higher = class 1), ties counted half (sklearn ``roc_auc_score``).
-
-    NaN when only one class is present.
-    """
-    t = _labels(y_true, "y_true")
-    s = np.asarray(scores, dtype=np.float64)
-    if s.shape != t.shape:
-        raise ValueError(f"scores must have shape {t.shape} like y_true, got {s.shape}")
-    if not np.all(np.isin(t, (0, 1))):
-        raise ValueError("roc_auc needs binary labels 0/1 in y_true")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("scores contain NaN or inf")
-    n_pos = int(t.sum())
-    n_neg = t.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(s)  # average ranks handle ties (Mann-Whitney U)
-    return float((ranks[t == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def quadratic_weighted_kappa(y_true: Any, y_pred: Any, num_classes: int | None = None) -> float:
     """Cohen's kappa with quadratic weights (sklearn ``cohen_kappa_score(weights="quadratic")``), the DR-grading
     convention. NaN when it is undefined (a single class everywhere)."""
@@ -98,7 +78,9 @@ def classification_metrics(y_true: Any, probs: Any) -> dict[str, Any]:
         "confusion": confusion_matrix(t, pred, k).tolist(),
     }
     if k == 2:
-        out["auc"] = roc_auc(t, pr[:, 1] - pr[:, 0])
+        score = pr[:, 1] - pr[:, 0]
+        both = (t == 0).any() and (t == 1).any()
+        out["auc"] = auroc(score[t == 0], score[t == 1]) if both else float("nan")
     else:
         out["kappa"] = quadratic_weighted_kappa(t, pred, k)
     return out

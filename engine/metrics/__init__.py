@@ -1,0 +1,35 @@
+"""Statistics shared by every layer: ROC-based detection metrics with bootstrap CIs, classification metrics,
+paired significance tests and feature-shift measures. Plain numpy/scipy; each equals an independent reference
+(sklearn, scipy) in the tests.
+"""
+
+from engine.metrics.classification import accuracy, classification_metrics, confusion_matrix, quadratic_weighted_kappa
+from engine.metrics.roc import (
+    auroc,
+    bootstrap_metrics,
+    detection_accuracy,
+    partial_auroc,
+    roc_curves,
+    tnr_at_tpr,
+    tpr_at_tnr,
+)
+from engine.metrics.shift import mean_pairwise_cosine, relative_deviation
+from engine.metrics.significance import paired_ttest, resample_kappas
+
+__all__ = [
+    "accuracy",
+    "auroc",
+    "bootstrap_metrics",
+    "classification_metrics",
+    "confusion_matrix",
+    "detection_accuracy",
+    "mean_pairwise_cosine",
+    "paired_ttest",
+    "partial_auroc",
+    "quadratic_weighted_kappa",
+    "relative_deviation",
+    "resample_kappas",
+    "roc_curves",
+    "tnr_at_tpr",
+    "tpr_at_tnr",
+]
