@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from engine.data import iter_batches
 from engine.models.checkpoint import load_model
 from engine.models.classifier import ImageClassifier
-from engine.models.evaluate import iterate_batches
 from engine.models.features import FeatureExtractor
 
 EXPORTERS = ("torchscript", "dynamo")
@@ -46,7 +46,7 @@ class _Outputs(nn.Module):
 
 def _example_inputs(model: nn.Module, example: Any, input_shape: Sequence[int] | None) -> torch.Tensor:
     if example is not None:
-        batches = iterate_batches(example, 8)
+        batches = iter_batches(example, 8, name="example")
         x = next(batches, None)
         if x is None:
             raise ValueError("example must hold at least one image")
@@ -217,7 +217,7 @@ class OnnxModel:
         self, data: Dataset | np.ndarray | torch.Tensor, batch_size: int = 256, outputs: Sequence[str] | None = None
     ) -> Iterator[dict[str, np.ndarray]]:
         """Stream output dicts batch by batch; only one batch of images is in memory at a time."""
-        for x in iterate_batches(data, batch_size):
+        for x in iter_batches(data, batch_size):
             yield self.run(x, outputs)
 
     def predict(

@@ -16,9 +16,9 @@ Conventions:
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine.models import eval_mode, model_device, model_dtype
 
 NORMS = ("linf", "l2")
 TARGET_MODES = ("random", "least_likely")
@@ -78,16 +80,6 @@ class AttackResult:
         return float(self.success.float().mean()) if self.success.numel() else float("nan")
 
 
-def model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    param = next(model.parameters(), None)
-    return param.dtype if param is not None and param.is_floating_point() else torch.float32
-
-
 def as_two_logits(logits: torch.Tensor) -> torch.Tensor:
     """(N,1) logits z become [0, z]; (N,K>=2) pass through."""
     if logits.ndim != 2:
@@ -95,17 +87,6 @@ def as_two_logits(logits: torch.Tensor) -> torch.Tensor:
     if logits.shape[1] == 1:
         return torch.cat([torch.zeros_like(logits), logits], dim=1)
     return logits
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode inside the block, restoring its previous mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def check_images(x: Any, name: str = "x") -> torch.Tensor:
@@ -234,6 +215,25 @@ class Attack:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(eps={self.eps}, norm={self.norm!r}, targeted={self.targeted!r})"
 
+    @classmethod
+    def parameters(cls) -> list[str]:
+        """The keyword arguments the constructor accepts besides ``model``, following ``**kwargs`` up the class
+        hierarchy (how runs build any registered attack)."""
+        names: list[str] = []
+        for klass in cls.__mro__:
+            if "__init__" not in vars(klass):
+                continue
+            params = inspect.signature(vars(klass)["__init__"]).parameters.values()
+            names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                break
+        return [n for n in dict.fromkeys(names) if n not in ("self", "model")]
+
+    @classmethod
+    def budgeted(cls) -> bool:
+        """Whether the attack takes an ``eps`` budget (CW-L2, a minimal-perturbation attack, does not)."""
+        return "eps" in cls.parameters()
+
     # ---- public API -------------------------------------------------------------------------------------------
     def __call__(self, x: Any, y: Any) -> AttackResult:
         """Attack the batch ``x`` (N, C, H, W) in [0,1]; ``y`` = targets if ``targeted=True``, else true labels."""
@@ -331,4 +331,4 @@ class Attack:
         raise NotImplementedError
 
 
-__all__ = ["Attack", "AttackResult", "parse_eps", "box_bounds", "logit_gap", "as_two_logits", "eval_mode"]
+__all__ = ["Attack", "AttackResult", "parse_eps", "box_bounds", "logit_gap", "as_two_logits"]

@@ -2,7 +2,7 @@
 
 Per sample, as in the reference code (LTS4/deepfool): candidates are the ``candidates`` classes with the highest
 clean logits (the first is the original label); each iteration linearises the candidates' logit differences
-f_k = z_k - z_0 at x + (1 + overshoot) r, steps (|f_k| + 1e-4) w_k / ||w_k||^2 toward the closest boundary
+f_k = z_k - z_0 at x + (1 + overshoot) r, steps (|f_k| / ||w_k|| + 1e-4) w_k / ||w_k|| toward the closest boundary
 (w_k = grad f_k), and stops once the label at x + (1 + overshoot) r changes. All samples advance together; the
 gradients of the C'-1 differences come from C'-1 backward passes over the whole batch (inputs only; one vmapped
 backward with ``is_grads_batched`` measured no faster on CPU), and the clean logits from the first iteration's
@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.attacks.base import as_two_logits, eval_mode
+from engine.attacks.base import as_two_logits
+from engine.models import eval_mode
 
 
 def deepfool(

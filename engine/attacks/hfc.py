@@ -23,12 +23,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.attacks._data import iter_batches
-from engine.attacks.base import check_images, eval_mode, model_device, model_dtype
+from engine.attacks.base import check_images
+from engine.data import iter_batches
 from engine.fileio import atomic_write
 from engine.mixture import GaussianMixture
+from engine.models import FeatureExtractor, eval_mode, extract_pooled, model_device, model_dtype
+from engine.models.features import resolve_layers
+from engine.ops import gmm_log_prob, hfc_loss
 
 MANIFEST = "hfc_gmms.json"
+HFC_MODES = ("nearest", "loglik")
 
 
 class HFC:
@@ -56,8 +60,8 @@ class HFC:
         unknown = [name for name in layers if name not in gmms]
         if not layers or unknown:
             raise ValueError(f"layers must be a non-empty subset of the fitted layers {list(gmms)}, got {layers}")
-        if mode not in ("nearest", "loglik"):
-            raise ValueError(f"mode must be 'nearest' or 'loglik', got {mode!r}")
+        if mode not in HFC_MODES:
+            raise ValueError(f"mode must be one of {HFC_MODES}, got {mode!r}")
         if not np.isfinite(lam) or lam < 0:
             raise ValueError(f"lam must be a finite float >= 0, got {lam!r}")
         self.gmms = {name: list(gmms[name]) for name in layers}
@@ -73,16 +77,12 @@ class HFC:
 
     def extractor(self, model: nn.Module) -> nn.Module:
         """The (cached) FeatureExtractor returning logits and the constrained layers' GAP features in one pass."""
-        from engine.models import FeatureExtractor
-
         if model not in self._extractors:
             self._extractors[model] = FeatureExtractor(model, self.layers, pooled=True)
         return self._extractors[model]
 
     def loss(self, features: Mapping[str, torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
         """(N,) ``lam *`` the weighted sum of the layer terms under the mixtures of ``classes``."""
-        from engine.ops import hfc_loss
-
         per_sample = hfc_loss(
             [features[name] for name in self.layers],
             [self.gmms[name] for name in self.layers],
@@ -96,8 +96,6 @@ class HFC:
 
     def log_likelihood(self, features: Mapping[str, torch.Tensor], classes: Any) -> dict[str, np.ndarray]:
         """Per layer, the (N,) float64 log-likelihood of each feature under its class's mixture (for evaluation)."""
-        from engine.ops import gmm_log_prob
-
         classes = np.asarray(torch.as_tensor(classes).cpu())
         out = {}
         for name in self.layers:
@@ -114,14 +112,12 @@ def extract_features(
     model: nn.Module, data: Any, layers: Sequence[str], batch_size: int = 64
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """({layer: (N, C_l) GAP features}, logits (N, K), labels (N,)) of ``data`` in one pass, on the CPU."""
-    from engine.models import FeatureExtractor, extract_pooled
-
     extractor = FeatureExtractor(model, list(layers), pooled=True)
     device, dtype = model_device(model), model_dtype(model)
     labels: list[torch.Tensor] = []
 
     def batches() -> Any:
-        for x, y in iter_batches(data, batch_size, "train_dataset"):
+        for x, y in iter_batches(data, batch_size, with_labels=True, name="train_dataset"):
             labels.append(y)
             yield check_images(x).to(device=device, dtype=dtype)
 
@@ -150,8 +146,6 @@ def fit_hfc_gmms(
     (e.g. ``reg_covar``, ``n_init=2, max_iter=1000`` as in the reference). Every class must have at least
     ``n_components`` training images.
     """
-    from engine.models.features import resolve_layers
-
     names = resolve_layers(model, layers)
     feats, logits, labels = extract_features(model, train_dataset, names, batch_size)
     num_classes = max(int(logits.shape[1]), 2) if num_classes is None else num_classes
@@ -200,4 +194,4 @@ def load_hfc_gmms(directory: str | os.PathLike) -> dict[str, list[GaussianMixtur
     }
 
 
-__all__ = ["HFC", "fit_hfc_gmms", "save_hfc_gmms", "load_hfc_gmms", "extract_features"]
+__all__ = ["HFC", "HFC_MODES", "fit_hfc_gmms", "save_hfc_gmms", "load_hfc_gmms", "extract_features"]

@@ -32,19 +32,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from engine.attacks._data import check_batch_size, load_all
-from engine.attacks.base import (
-    as_two_logits,
-    check_images,
-    check_norm,
-    eval_mode,
-    model_device,
-    model_dtype,
-    parse_eps,
-    project_l2,
-)
+from engine.attacks.base import as_two_logits, check_images, check_norm, parse_eps, project_l2
 from engine.attacks.deepfool import deepfool
 from engine.attacks.gradient import BIM
+from engine.data import as_tensors, check_batch_size
+from engine.models import FeatureExtractor, eval_mode, model_device, model_dtype, predict_logits
 
 
 @dataclass
@@ -77,16 +69,10 @@ def project_universal(v: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     return v.clamp(-float(bound), float(bound))
 
 
-@torch.no_grad()
 def predict(model: torch.nn.Module, x: torch.Tensor, v: torch.Tensor | None = None, batch_size: int = 256):
-    """Predicted classes (N,) of clamp(x + v, 0, 1) (x on any device; v on the model's device)."""
-    device, dtype = model_device(model), model_dtype(model)
-    out = []
-    with eval_mode(model):
-        for start in range(0, x.shape[0], batch_size):
-            xb = x[start : start + batch_size].to(device=device, dtype=dtype)
-            out.append(as_two_logits(model(xb if v is None else (xb + v).clamp(0, 1))).argmax(1))
-    return torch.cat(out)
+    """Predicted classes (N,) of clamp(x + v, 0, 1), on the model's device (1-logit models as [0, z])."""
+    logits = torch.from_numpy(predict_logits(model, x, batch_size, perturbation=v))
+    return as_two_logits(logits).argmax(1).to(model_device(model))
 
 
 def evaluate_uap(
@@ -95,7 +81,7 @@ def evaluate_uap(
     """Fooling rate, targeted success, accuracy, quadratic kappa and confusion matrix of v on ``data``."""
     from sklearn.metrics import cohen_kappa_score, confusion_matrix
 
-    x, y = load_all(data, "heldout")
+    x, y = as_tensors(data, name="heldout")
     v = perturbation.to(device=model_device(model), dtype=model_dtype(model))
     clean = predict(model, x, None, batch_size).cpu().numpy()
     adv = predict(model, x, v, batch_size).cpu().numpy()
@@ -117,7 +103,7 @@ def evaluate_uap(
 def _setup(model, data, eps, norm, name="data"):
     eps = parse_eps(eps)
     check_norm(norm)
-    x, y = load_all(data, name)
+    x, y = as_tensors(data, name=name)
     check_images(x, name)
     return eps, x, y, model_device(model), model_dtype(model)
 
@@ -326,7 +312,7 @@ def data_free_uap(
     eps: float | str = "10/255",
     norm: str = "linf",
     heldout: Any = None,
-    layers: str | Sequence[str] = "*relu*",
+    layers: str | Sequence[str] = "activations",
     steps: int = 200,
     lr: float | None = None,
     base: float = 0.5,
@@ -336,8 +322,6 @@ def data_free_uap(
     """Fast Feature Fool / GD-UAP (data-free): maximise sum_l log ||f_l(base + v)||_2 over v (Adam with learning
     rate ``lr``, default eps / 10, projected after every step) from a uniform random start. ``heldout`` (required)
     only scores the result."""
-    from engine.models import FeatureExtractor
-
     if heldout is None:
         raise ValueError("heldout data is required to measure the fooling rate of a data-free UAP")
     start = time.perf_counter()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.data.base import ArrayDataset, FileDataset, ImageDataset, SubsetDataset
+from engine.data.batches import as_tensors, check_batch_size, iter_batches, to_unit_float
 from engine.data.loaders import aptos, arrays, chest_xray, detect_kind, dicom, image_folder, medmnist
 from engine.data.splits import Splits, split_dataset
 from engine.data.synthetic import SPECS as SYNTHETIC
@@ -38,13 +39,17 @@ __all__ = [
     "SubsetDataset",
     "aptos",
     "arrays",
+    "as_tensors",
+    "check_batch_size",
     "chest_xray",
     "dicom",
     "image_folder",
+    "iter_batches",
     "load_dataset",
     "medmnist",
     "split_dataset",
     "synthetic",
+    "to_unit_float",
 ]
 
 

@@ -15,11 +15,22 @@ from engine.models.classifier import (
     mc_dropout,
     set_mc_dropout,
 )
-from engine.models.evaluate import channel_stats, evaluate, iterate_batches, predict_logits
-from engine.models.features import FeatureExtractor, available_layers, extract_pooled, pool_feature, resolve_layers
+from engine.models.evaluate import channel_stats, eval_mode, evaluate, model_device, model_dtype, predict_logits
+from engine.models.features import (
+    STAGE_OUTPUTS,
+    FeatureExtractor,
+    available_layers,
+    extract_pooled,
+    layer_shapes,
+    pool_feature,
+    resolve_layers,
+    spatial_layers,
+    stage_outputs,
+)
 from engine.models.train import TrainResult, train, train_model
 
 __all__ = [
+    "STAGE_OUTPUTS",
     "Augment",
     "FeatureExtractor",
     "ImageClassifier",
@@ -31,17 +42,22 @@ __all__ = [
     "backbone",
     "build_model",
     "channel_stats",
+    "eval_mode",
     "evaluate",
-    "iterate_batches",
     "load_checkpoint",
     "load_model",
     "load_torchvision_state_dict",
     "mc_dropout",
+    "model_device",
+    "model_dtype",
     "pool_feature",
     "predict_logits",
     "resolve_layers",
     "save_checkpoint",
     "set_mc_dropout",
+    "layer_shapes",
+    "spatial_layers",
+    "stage_outputs",
     "train",
     "train_model",
 ]
