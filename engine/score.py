@@ -8,6 +8,7 @@ re-run the model differentiably or stochastically (BU, MAHA with input preproces
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -20,6 +21,10 @@ import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from engine.detectors import Detector, FeatureCache
+from engine.export import FEATURE_PREFIX, LOGITS_NAME, OnnxModel
+from engine.models import load_model
 
 
 @dataclass
@@ -40,8 +45,6 @@ class OnnxClassifier(nn.Module):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__()
-        from engine.export import FEATURE_PREFIX, LOGITS_NAME, OnnxModel
-
         self.onnx = OnnxModel(path)
         self.logits_name = LOGITS_NAME
         self.layers = [n.removeprefix(FEATURE_PREFIX) for n in self.onnx.output_names if n.startswith(FEATURE_PREFIX)]
@@ -76,9 +79,6 @@ def score_dataset(
     progress: bool = True,
 ) -> ScoreSummary:
     """Score every image of ``dataset``; write rows to ``output`` (.csv or .parquet) as batches finish."""
-    from engine.detectors import Detector, FeatureCache
-    from engine.models import load_model
-
     output = Path(output)
     if output.suffix not in (".csv", ".parquet"):
         raise ValueError(f"output must end in .csv or .parquet, got {str(output)!r}")
@@ -123,8 +123,6 @@ def score_dataset(
 
 
 def _layers_needed(dirs: Sequence[Path]) -> list[str] | None:
-    import json
-
     layers: list[str] = []
     for d in dirs:
         for name in json.loads((d / "config.json").read_text()).get("layers") or []:

@@ -5,11 +5,11 @@ perturbations (:mod:`engine.attacks.uap`), noise controls and incremental storag
     result = attack(x, target)        # AttackResult(adv, success, logits, target, norms_linf, norms_l2, ...)
 """
 
-from engine.attacks.base import Attack, AttackResult, parse_eps
+from engine.attacks.base import TARGET_MODES, Attack, AttackResult, parse_eps
 from engine.attacks.cw import CWL2
 from engine.attacks.gradient import BIM, FGSM, MIFGSM, PGD, CWLinf, IterativeAttack
-from engine.attacks.hfc import HFC, extract_features, fit_hfc_gmms, load_hfc_gmms, save_hfc_gmms
-from engine.attacks.noise import noise_like
+from engine.attacks.hfc import HFC, HFC_MODES, extract_features, fit_hfc_gmms, load_hfc_gmms, save_hfc_gmms
+from engine.attacks.noise import NOISE_KINDS, noise_like
 from engine.attacks.store import AdvDataset, AdvWriter, load_adversarial
 from engine.attacks.uap import UAPResult, data_free_uap, deepfool_uap, evaluate_uap, sgd_uap, targeted_uap
 
@@ -17,6 +17,9 @@ ATTACKS = {"fgsm": FGSM, "bim": BIM, "pgd": PGD, "mifgsm": MIFGSM, "cw_l2": CWL2
 
 __all__ = [
     "ATTACKS",
+    "HFC_MODES",
+    "NOISE_KINDS",
+    "TARGET_MODES",
     "AdvDataset",
     "AdvWriter",
     "Attack",

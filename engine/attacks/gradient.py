@@ -11,6 +11,7 @@ and 1.0 for MI-FGSM (Dong et al.: alpha = eps / T) and FGSM (one step of size ep
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -94,8 +95,18 @@ class FGSM(IterativeAttack):
 
     step_factor = 1.0
 
-    def __init__(self, model: nn.Module, eps: float | str = "8/255", norm: str = "linf", **kwargs: object) -> None:
-        super().__init__(model, eps, steps=1, norm=norm, **kwargs)
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float | str = "8/255",
+        norm: str = "linf",
+        targeted: bool | str = False,
+        loss: str | None = None,
+        kappa: float = 0.0,
+        constraint: object = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(model, eps, 1, None, norm, targeted, loss, kappa, constraint, seed)
 
 
 class BIM(IterativeAttack):
@@ -113,7 +124,9 @@ class MIFGSM(IterativeAttack):
 
     step_factor = 1.0
 
-    def __init__(self, model: nn.Module, eps: float | str = "8/255", steps: int = 10, momentum: float = 1.0, **kwargs):
+    def __init__(
+        self, model: nn.Module, eps: float | str = "8/255", steps: int = 10, momentum: float = 1.0, **kwargs: Any
+    ) -> None:
         super().__init__(model, eps, steps, **kwargs)
         if not (isinstance(momentum, (int, float)) and math.isfinite(momentum) and momentum >= 0):
             raise ValueError(f"momentum must be a finite float >= 0, got {momentum!r}")

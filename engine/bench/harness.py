@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine import __version__
+
 FIELDS = [
     "timestamp",
     "op",
@@ -82,8 +84,6 @@ def result_row(
     gemm_s: float,
 ) -> dict[str, str]:
     """One result row (the FIELDS columns, formatted): ours (median, spread) vs the baseline and the GEMM floor."""
-    from engine import __version__
-
     return {
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "op": op,

@@ -17,6 +17,7 @@ from torch import nn
 
 from engine.data.base import ImageDataset
 from engine.data.splits import split_dataset
+from engine.data.synthetic import synthetic
 
 
 def contact_sheet(
@@ -96,8 +97,6 @@ def learnability(ds: ImageDataset, epochs: int = 8, seed: int = 0, batch_size: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    from engine.data.synthetic import synthetic
-
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("name")
     p.add_argument("--task")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.data.base import ImageDataset, SubsetDataset
+from engine.fileio import atomic_write
 
 PARTS = ("train", "val", "test")
 
@@ -65,8 +66,6 @@ class Splits:
 
     def save(self, path: str | Path) -> Path:
         """Write the indices (and hash, fingerprint, parameters) as JSON."""
-        from engine.fileio import atomic_write
-
         return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(self.to_dict())))
 
     @classmethod

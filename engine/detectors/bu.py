@@ -16,12 +16,11 @@ from torch import nn
 
 from engine.detectors.base import Detector
 from engine.detectors.features import Features
+from engine.models import mc_dropout
 
 
 def mc_dropout_logits(model: nn.Module, x: torch.Tensor, passes: int, seed: int) -> torch.Tensor:
     """(T, N, K) logits of ``passes`` MC-dropout forward passes of ``model`` on ``x`` (eval mode, dropout on)."""
-    from engine.models import mc_dropout
-
     dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
     if not dropouts:
         raise ValueError("BU needs a model with dropout layers (build it with dropout > 0, e.g. 0.3)")

@@ -9,14 +9,10 @@ import numpy as np
 
 from engine.detectors.base import Detector, class_labels
 from engine.detectors.features import Features
+from engine.ops import kde_log_density, knn_distances, lid
 
 BANDWIDTH_FACTORS = tuple(np.geomspace(0.25, 4.0, 9))  # KD CV grid, times the median within-class 1-NN distance
 
-
-def _ops():
-    import engine.ops
-
-    return engine.ops
 
 
 class KD(Detector):
@@ -62,9 +58,8 @@ class KD(Detector):
         return self._fit_scores(clean, adversarial, noise)
 
     def _cv_bandwidth(self, feats: np.ndarray, labels: np.ndarray) -> float:
-        ops = _ops()
         nn1 = [
-            ops.knn_distances(feats[labels == c], feats[labels == c], 1, exclude_self=True)[:, 0]
+            knn_distances(feats[labels == c], feats[labels == c], 1, exclude_self=True)[:, 0]
             for c in np.unique(labels)
             if (labels == c).sum() > 1
         ]
@@ -79,13 +74,12 @@ class KD(Detector):
                 for c in np.unique(labels):
                     held, kept = (fold == f) & (labels == c), (fold != f) & (labels == c)
                     if held.any() and kept.any():
-                        ll += float(ops.kde_log_density(feats[held], feats[kept], h).sum())
+                        ll += float(kde_log_density(feats[held], feats[kept], h).sum())
             if ll > best_ll:
                 best, best_ll = h, ll
         return best
 
     def _layer_scores(self, x: Features) -> np.ndarray:
-        ops = _ops()
         preds = x.preds
         out = np.empty((len(x), len(self.layers_)))
         for j, name in enumerate(self.layers_):
@@ -94,7 +88,7 @@ class KD(Detector):
             for c in np.unique(preds):
                 rows = preds == c
                 ref_c = ref[self.ref_labels_ == c] if (self.ref_labels_ == c).any() else ref
-                out[rows, j] = -ops.kde_log_density(np.ascontiguousarray(feats[rows]), ref_c, h)
+                out[rows, j] = -kde_log_density(np.ascontiguousarray(feats[rows]), ref_c, h)
         return out
 
     def _state(self):
@@ -157,12 +151,11 @@ class LID(Detector):
         return clean_scores, self._layer_scores(adversarial), noise_scores
 
     def _lid(self, queries: np.ndarray, ref: np.ndarray, member: bool) -> np.ndarray:
-        ops = _ops()
         queries = np.ascontiguousarray(queries, dtype=ref.dtype)
         if self.reference_compat:
-            dist = ops.knn_distances(queries, ref, self.k + 1)[:, 1:].astype(np.float64)
+            dist = knn_distances(queries, ref, self.k + 1)[:, 1:].astype(np.float64)
             return -1.0 / np.log(dist / dist[:, -1:]).mean(1)
-        return np.asarray(ops.lid(queries, ref, k=self.k, exclude_self=member), dtype=np.float64)
+        return np.asarray(lid(queries, ref, k=self.k, exclude_self=member), dtype=np.float64)
 
     def _layer_scores(self, x: Features) -> np.ndarray:
         out = np.empty((len(x), len(self.layers_)))

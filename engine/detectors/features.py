@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.models import extract_pooled, pool_feature
+from engine.models import FeatureExtractor, extract_pooled, pool_feature
 
 Extractor = Callable[[torch.Tensor], tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
 
@@ -147,8 +147,6 @@ class FeatureCache:
         self.batch_size = int(batch_size)
         self.raw_layers = tuple(raw_layers)
         if extractor is None:
-            from engine.models import FeatureExtractor
-
             extractor = FeatureExtractor(model, layers=list(layers) if layers is not None else None, pooled=False)
         self.extractor = extractor
 
@@ -160,8 +158,6 @@ class FeatureCache:
     def layer_feature(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """Pooled (N, C) feature of layer ``name`` for one batch on the device; with a FeatureExtractor the pass
         ends right after that layer."""
-        from engine.models import FeatureExtractor
-
         if isinstance(self.extractor, FeatureExtractor):
             _, feats = self.extractor(x, stop_after=name)
         else:

@@ -11,6 +11,7 @@ import numpy as np
 
 from engine.detectors.base import Detector, class_labels
 from engine.detectors.features import Features
+from engine.ops import mahalanobis
 
 
 class RBFSVM:
@@ -33,11 +34,9 @@ class RBFSVM:
         return self
 
     def decision(self, X: np.ndarray) -> np.ndarray:
-        import engine.ops
-
         X = np.ascontiguousarray(X, dtype=np.float64)
         eye = np.eye(X.shape[1])
-        sq = engine.ops.mahalanobis(X, self.support, eye)
+        sq = mahalanobis(X, self.support, eye)
         return np.exp(-self.gamma_ * np.maximum(sq, 0.0)) @ self.coef + self.intercept
 
     def state(self, prefix: str) -> dict[str, np.ndarray]:

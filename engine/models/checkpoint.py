@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+import engine
+from engine.fileio import atomic_write
 from engine.models.classifier import ImageClassifier, build_model, load_torchvision_state_dict
 
 FORMAT = "hfc-engine.checkpoint"
@@ -31,8 +33,6 @@ FORMAT_VERSION = 1
 
 def versions() -> dict[str, str]:
     """Versions of the software that produced a result."""
-    import engine
-
     return {
         "engine": str(engine.__version__),
         "torch": str(torch.__version__),
@@ -43,8 +43,6 @@ def versions() -> dict[str, str]:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same directory, then rename it over ``path``."""
-    from engine.fileio import atomic_write
-
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 

@@ -33,6 +33,7 @@ def _check_hookable(model: nn.Module) -> None:
 
 
 LAYER_KINDS = ("all", "activations", "blocks")
+STAGE_OUTPUTS = "stage_outputs"  # a layer selection (e.g. detector.maha.layers) meaning :func:`stage_outputs`
 
 
 def available_layers(model: nn.Module, kind: str = "all") -> list[str]:
@@ -51,11 +52,12 @@ def available_layers(model: nn.Module, kind: str = "all") -> list[str]:
 def resolve_layers(model: nn.Module, layers: str | Iterable[str] | None = None) -> list[str]:
     """Expand exact names and glob patterns to a duplicate-free list of layer names in forward order.
 
-    ``None`` means every activation output (``available_layers(model, "activations")``).
+    ``None`` or ``"activations"`` means every activation output, ``"blocks"`` every residual block, ``"all"``
+    both (:func:`available_layers`): selections that work on any architecture.
     """
     _check_hookable(model)
-    if layers is None:
-        return available_layers(model, "activations")
+    if layers is None or layers in LAYER_KINDS:
+        return available_layers(model, layers or "activations")
     patterns = [layers] if isinstance(layers, str) else list(layers)
     if not patterns or not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"layers must be a non-empty name/pattern or list of them, got {layers!r}")
@@ -72,6 +74,32 @@ def resolve_layers(model: nn.Module, layers: str | Iterable[str] | None = None) 
         chosen.update(matches)
     order = {name: i for i, name in enumerate(modules)}
     return sorted(chosen, key=order.__getitem__)
+
+
+def spatial_layers(model: nn.Module, layers: Sequence[str], input_shape: Sequence[int]) -> list[str]:
+    """The layers among ``layers`` whose outputs are (C, H, W) maps (not the flat vectors of a dense head)."""
+    return [name for name, shape in layer_shapes(model, layers, input_shape).items() if len(shape) == 3]
+
+
+def layer_shapes(model: nn.Module, layers: Sequence[str], input_shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """Output shape (without batch) of each of ``layers`` for one input of ``input_shape`` (C, H, W)."""
+    extractor = FeatureExtractor(model, list(layers), pooled=False)
+    try:
+        return extractor.feature_dims(input_shape)
+    finally:
+        extractor.remove()
+
+
+def stage_outputs(model: nn.Module, layers: Sequence[str], input_shape: Sequence[int]) -> list[str]:
+    """The deepest of ``layers`` at each spatial resolution, in forward order: for a ResNet the stem and the last
+    ReLU of every stage, for a VGG the last ReLU before each max-pool (Lee et al.'s choice of layers for MAHA).
+    Resolutions come from one forward pass of a zero image of ``input_shape`` (C, H, W)."""
+    shapes = layer_shapes(model, layers, input_shape)
+    last: dict[tuple[int, ...], str] = {}
+    for name, shape in shapes.items():
+        last[tuple(shape[1:])] = name
+    order = list(shapes)
+    return sorted(set(last.values()), key=order.index)
 
 
 def pool_feature(feature: torch.Tensor) -> torch.Tensor:

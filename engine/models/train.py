@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from engine.models.augment import Augment
 from engine.models.checkpoint import load_checkpoint, save_checkpoint
-from engine.models.classifier import ImageClassifier, build_model, load_torchvision_state_dict
+from engine.models.classifier import ARCHITECTURES, ImageClassifier, build_model, load_torchvision_state_dict
 from engine.models.evaluate import channel_stats, evaluate
 
 SCHEDULES = ("cosine", "onecycle")
@@ -303,19 +303,18 @@ def train_model(
     arch: str = "resnet18",
     out_dir: str | os.PathLike = "runs/train",
     *,
-    width: float = 1.0,
-    small_stem: bool = False,
-    dropout: float = 0.0,
     normalization: str = "dataset",
     pretrained: str | os.PathLike | None = None,
-    **train_options: Any,
+    **options: Any,
 ) -> TrainResult:
     """Build ``arch`` for ``splits`` (``.train``, ``.val``, optional ``.test`` and ``.hash``) and :func:`train` it.
 
     ``num_classes``, ``in_channels`` and ``input_size`` come from the data; ``normalization`` is ``"dataset"``
     (per-channel mean/std of the training images), ``"imagenet"`` or ``"none"`` (mean 0, std 1); ``pretrained``
-    is a torchvision state_dict file loaded into the backbone except its classifier head. Other keyword
-    arguments go to :func:`train`. Returns the TrainResult; ``.checkpoint`` is the model file.
+    is a torchvision state_dict file loaded into the backbone except its classifier head. ``options`` are the
+    architecture's build options (``width``, ``dropout``, ``small_stem``, ``pool_size``, ...; see build_model) and
+    :func:`train`'s keyword arguments (``epochs``, ``lr``, ``seed``, ...). Returns the TrainResult; ``.checkpoint``
+    is the model file. The initial weights depend only on ``seed``.
     """
     train_ds, val_ds = getattr(splits, "train", None), getattr(splits, "val", None)
     if train_ds is None or val_ds is None:
@@ -326,27 +325,24 @@ def train_model(
         normalization in ("dataset", "imagenet", "none"),
         "'dataset', 'imagenet' or 'none'",
     )
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
+    build = {k: options.pop(k) for k in list(options) if k in ARCHITECTURES[arch][1]}
     image = train_ds[0][0]
     classes = getattr(train_ds, "classes", None)
     num_classes = len(classes) if classes is not None else int(_targets(train_ds).max()) + 1
-    options: dict[str, Any] = {
-        "in_channels": int(image.shape[0]),
-        "width": width,
-        "dropout": dropout,
-        "input_size": int(image.shape[-1]),
-    }
-    if arch.startswith("resnet"):
-        options["small_stem"] = small_stem
+    build.update(in_channels=int(image.shape[0]), input_size=int(image.shape[-1]))
     if normalization == "dataset":
-        options["mean"], options["std"] = channel_stats(train_ds)
+        build["mean"], build["std"] = channel_stats(train_ds)
     elif normalization == "none":
-        options["mean"], options["std"] = [0.0] * image.shape[0], [1.0] * image.shape[0]
-    torch.manual_seed(int(train_options.get("seed", 0)))  # the initial weights depend only on the seed
-    model = build_model(arch, num_classes, **options)
+        build["mean"], build["std"] = [0.0] * image.shape[0], [1.0] * image.shape[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(options.get("seed", 0)))
+        model = build_model(arch, num_classes, **build)
     if pretrained is not None:
         load_torchvision_state_dict(
             model, torch.load(pretrained, map_location="cpu", weights_only=True), skip_classifier=True
         )
-    train_options.setdefault("split_hash", getattr(splits, "hash", None))
-    train_options.setdefault("test_ds", getattr(splits, "test", None))
-    return train(model, train_ds, val_ds, out_dir=out_dir, **train_options)
+    options.setdefault("split_hash", getattr(splits, "hash", None))
+    options.setdefault("test_ds", getattr(splits, "test", None))
+    return train(model, train_ds, val_ds, out_dir=out_dir, **options)

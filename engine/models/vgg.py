@@ -9,6 +9,8 @@ use 1 for 32-64 px inputs). ``dropout`` is the probability of the classifier's t
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -82,8 +84,8 @@ class VGG(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
+            elif isinstance(m, nn.Linear):  # torchvision's N(0, 0.01) at 4096 wide; scaled up for narrow heads
+                nn.init.normal_(m.weight, 0, 0.01 * math.sqrt(4096 / hidden))
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from engine.data.base import ArrayDataset
 from engine.data.image import to_uint8
 from engine.data.synthetic import cxr, fundus, natural
 from engine.data.synthetic.common import balanced_labels
+from engine.fileio import atomic_write
 
 log = logging.getLogger("engine.data")
 GENERATOR_VERSION = 1
@@ -145,8 +146,6 @@ def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
 
 
 def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray, grades: np.ndarray) -> None:
-    from engine.fileio import atomic_write
-
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a path
             np.savez(fh, images=images, labels=labels, grades=grades, checksum=_checksum(images, labels, grades))

@@ -56,9 +56,7 @@ def source(side: int) -> dict[str, np.ndarray]:
     """The retina photo at ``side`` pixels with its fundus mask, vessel map and optic-disc centre."""
     from skimage.data import retina
 
-    from engine.data.synthetic.common import downscale as _down
-
-    rgb = _down(retina().astype(np.float32) / 255.0, side)
+    rgb = downscale(retina().astype(np.float32) / 255.0, side)
     grey = rgb.max(axis=2)
     mask = ndimage.median_filter(grey, 5) > 0.08
     mask = ndimage.binary_erosion(mask, iterations=max(1, side // 60))
