@@ -7,44 +7,46 @@ report.table(); report.to_csv("results.csv"); report.save_html("report.html")
 from __future__ import annotations
 
 import copy
-import json
+import hashlib
 import os
-import platform
-import subprocess
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from torch import nn
 
-from engine.sweep.config import DEFAULTS, validate
-from engine.sweep.executor import LocalExecutor
-from engine.sweep.pipeline import Workspace, build_cells
-from engine.sweep.store import ResultStore
+from engine.data import ImageDataset
+from engine.report import build_report, detection_table, write_report
+from engine.runs import DEFAULTS, ROW_COLUMNS, Artifacts, RunContext, RunResult, execute
 
 
 @dataclass
 class AuditReport:
-    """The outcome of an audit: long-format metric rows, the run directory and its run card."""
+    """The outcome of an audit: long-format metric rows, the run directory, its run card and the HTML report."""
 
-    rows: list[dict[str, Any]]
-    run_dir: Path
-    card: dict[str, Any] = field(default_factory=dict)
-    html: str = ""
+    result: RunResult
+    html: str
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.result.rows
+
+    @property
+    def run_dir(self) -> Path:
+        return self.result.run_dir
+
+    @property
+    def card(self) -> dict[str, Any]:
+        return self.result.card
 
     def table(self) -> pd.DataFrame:
         """The paper-style detection table (AUROC and TPR@90%TNR, plain vs HFC, with attack success rates)."""
-        from engine.report.audit_report import detection_table
-
         return detection_table(self.rows)
 
     def frame(self) -> pd.DataFrame:
         """All rows as a long-format DataFrame."""
-        from engine.sweep.store import ROW_COLUMNS
-
         return pd.DataFrame(self.rows, columns=list(ROW_COLUMNS))
 
     def to_csv(self, path: str | os.PathLike[str]) -> Path:
@@ -56,96 +58,16 @@ class AuditReport:
         return Path(path)
 
 
-def run_audit(config: dict[str, Any], progress: bool = True, workspace: Workspace | None = None) -> AuditReport:
+def run_audit(config: dict[str, Any], progress: bool = True, context: RunContext | None = None) -> AuditReport:
     """Run (or resume) the audit described by ``config``; write results, run card and report into its run dir."""
-    validate(config)
-    run_dir = Path(config["output_dir"]) / config["name"]
-    ws = workspace or Workspace(device=config["device"], progress=progress)
-    started = time.time()
-    with ResultStore(run_dir) as store:
-        cells = build_cells(config, ws)
-        new_timings = LocalExecutor(progress=progress).run(cells, store)
-        rows = store.rows()
-        done = {key: (stage, seconds) for key, stage, seconds in store.cells()}
-        detect = [(c.inputs, store.payload(c.key)) for c in cells if c.stage == "detect"]
-        projections = [store.payload(c.key) for c in cells if c.stage == "projection"]
-        studies = [store.payload(c.key) for c in cells if c.stage == "study"]
-    stage_seconds: dict[str, float] = {}
-    for stage, seconds in done.values():
-        stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
-    card = run_card(config, stage_seconds, new_timings, time.time() - started)
-    return _write_outputs(config, run_dir, rows, card, detect, projections, studies)
-
-
-def _write_outputs(
-    config: dict[str, Any],
-    run_dir: Path,
-    rows: list[dict[str, Any]],
-    card: dict[str, Any],
-    detect: Sequence[tuple[dict[str, Any], dict[str, Any]]],
-    projections: Sequence[dict[str, Any]],
-    studies: Sequence[dict[str, Any]] = (),
-) -> AuditReport:
-    from engine.fileio import atomic_write
-    from engine.report.audit_report import build_report, write_tables
-
-    write_tables(rows, run_dir)
-    atomic_write(run_dir / "run_card.json", lambda p: p.write_text(json.dumps(card, indent=2, default=str)))
-    from engine.studies import StudyResult
-
-    extra = [section for s in studies for section in StudyResult(s["study"], [], s["payload"]).sections()]
-    html = build_report(f"hfc-engine audit: {config['name']}", rows, card, detect, projections, extra)
-    atomic_write(run_dir / "report.html", lambda p: p.write_text(html))
-    return AuditReport(rows=rows, run_dir=run_dir, card=card, html=html)
-
-
-def run_card(
-    config: dict[str, Any], stage_seconds: dict[str, float], new_timings: dict[str, float], wall_seconds: float
-) -> dict[str, Any]:
-    """Config, seeds, versions, git commit, machine and timings of a run."""
-    import numpy
-    import sklearn
-    import torch
-
-    from engine import __version__
-
-    return {
-        "version": __version__,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": config,
-        "seed": config["seed"],
-        "git_commit": _git_commit(),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": numpy.__version__,
-            "scikit-learn": sklearn.__version__,
-        },
-        "machine": {
-            "node": platform.node(),
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-            "system": platform.platform(),
-        },
-        "seconds_per_stage": {k: round(v, 2) for k, v in stage_seconds.items()},
-        "seconds_this_invocation": {k: round(v, 2) for k, v in new_timings.items()},
-        "wall_seconds_this_invocation": round(wall_seconds, 2),
-    }
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    result = execute(config, progress=progress, context=context)
+    write_report(result)
+    return AuditReport(result, build_report(result))
 
 
 def audit(
-    model: Any,
-    dataset: Any,
+    model: nn.Module,
+    dataset: ImageDataset,
     attacks: Sequence[str] = ("pgd",),
     detectors: Sequence[str] = ("lid", "maha", "kd"),
     hfc: bool = True,
@@ -155,28 +77,28 @@ def audit(
     run_dir: str | os.PathLike[str] | None = None,
     seed: int = 0,
     progress: bool = False,
+    name: str | None = None,
     **hfc_options: Any,
 ) -> AuditReport:
     """Audit a trained ``model`` (nn.Module taking [0,1] images) on ``dataset`` (an engine dataset).
 
     The dataset is split as in every run (seeded, stratified 70/15/15): HFC mixtures are fitted on its train
-    split, attacks and detectors use up to ``pool`` images of its test split. Results go to ``run_dir``
-    (default: a fresh directory under runs/); re-running with the same arguments resumes.
+    split, attacks and detectors use up to ``pool`` images of its test split. Rows carry ``name`` (default: the
+    architecture of an engine model, else the model's class name) and the dataset's name. Results go to ``run_dir``
+    (default: a directory under runs/
+    named by the model's weights); re-running with the same arguments resumes. ``hfc_options`` set ``hfc.*``.
     """
-    from engine.data.base import ImageDataset
-
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(dataset, ImageDataset):
         raise TypeError(f"dataset must be an engine dataset (engine.data), got {type(dataset).__name__}")
-    model_key = f"memory:{_module_fingerprint(model)}"
-    spec = {"name": "memory", "fingerprint": dataset.fingerprint}
-    ws = Workspace(progress=progress)
-    ws.models[model_key] = model.eval()
-    ws.datasets[_spec_key(spec)] = dataset
+    weights = _module_fingerprint(model)
+    directory = Path(run_dir) if run_dir is not None else Path("runs") / f"audit-{weights[:8]}"
     config = copy.deepcopy(DEFAULTS)
-    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"audit-{model_key[7:15]}"
+    spec = {"name": "memory", "fingerprint": dataset.fingerprint, "label": dataset.name}
     config.update(
-        name=run_dir.name,
-        output_dir=str(run_dir.parent),
+        name=directory.name,
+        output_dir=str(directory.parent),
         seed=seed,
         datasets=[spec],
         attacks=list(attacks),
@@ -184,28 +106,20 @@ def audit(
         studies=[],
         eps=[str(e) for e in eps],
     )
-    config["model"].update(checkpoint=model_key, arch=_arch(model))
+    context = RunContext(Artifacts(directory / "artifacts"), device=config["device"], progress=progress)
+    context.register_dataset(spec, dataset)
+    engine_config = getattr(model, "config", None)
+    arch = engine_config.get("name") if isinstance(engine_config, dict) else None
+    label = name or arch or type(model).__name__
+    config["model"].update(checkpoint=context.register_model(model, weights), name=label)
     config["attack"].update(steps=steps, pool=pool)
     config["hfc"].update(enabled=bool(hfc), **hfc_options)
-    return run_audit(config, progress=progress, workspace=ws)
+    return run_audit(config, progress=progress, context=context)
 
 
-def _spec_key(spec: dict[str, Any]) -> str:
-    from engine.sweep.pipeline import _fingerprint
-
-    return _fingerprint(spec)
-
-
-def _arch(model: Any) -> str:
-    arch = getattr(model, "config", {}).get("arch") if isinstance(getattr(model, "config", None), dict) else None
-    return arch if arch in ("resnet18", "resnet50", "vgg16") else "resnet18"
-
-
-def _module_fingerprint(model: Any) -> str:
-    import hashlib
-
+def _module_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha1()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]

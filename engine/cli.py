@@ -1,68 +1,42 @@
-"""The ``hfc-engine`` command line: a thin layer over the Python API."""
+"""The ``hfc-engine`` command line: a thin layer over the Python API.
+
+A user error (a bad config key, a missing dataset root, data too small for the protocol...) prints one line on
+stderr saying what was wrong and exits with status 2; ``--debug`` shows the traceback instead. Ctrl-C keeps every
+finished cell: rerunning the same command resumes.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-BENCH_MODULES = ("bench_gmm", "bench_mahalanobis", "bench_knn", "bench_kde")
+import pandas as pd
+
+from engine.audit import run_audit
+from engine.bench import OPS, run_table
+from engine.data import load_dataset, split_dataset
+from engine.export import export_onnx
+from engine.models import train_model
+from engine.models.classifier import ARCHITECTURES
+from engine.report import summary_lines
+from engine.runs import STUDIES, CellFailed, ConfigError, load_config
+from engine.score import score_dataset
+
 BENCH_COLUMNS = ("op", "shape", "ours_s", "baseline", "baseline_s", "speedup", "gflops", "gemm_multiple")
-
-
-def _benchmarks_dir() -> Path:
-    here = Path(__file__).resolve().parent.parent / "benchmarks"
-    if not (here / "harness.py").exists():
-        raise SystemExit(
-            "hfc-engine bench needs a source checkout (benchmarks/ beside engine/); "
-            "install with `pip install -e .` from the repository"
-        )
-    return here
-
-
-def _load_bench(name: str):
-    path = _benchmarks_dir() / f"{name}.py"
-    sys.path.insert(0, str(path.parent))  # so the module can import its sibling harness.py
-    spec = importlib.util.spec_from_file_location(f"hfc_benchmarks.{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Run the kernel benchmark suite and print its table."""
-    import pandas as pd
-
-    rows = []
-    for name in args.ops or BENCH_MODULES:
-        if name not in BENCH_MODULES:
-            raise SystemExit(f"--ops: unknown benchmark {name!r}; choose from {list(BENCH_MODULES)}")
-        rows.extend(_load_bench(name).run(quick=args.quick))
-    table = pd.DataFrame(rows)
-    cols = [c for c in BENCH_COLUMNS if c in table.columns]
-    print(table[cols].to_string(index=False))
-    return 0
+USER_ERRORS = (ConfigError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run (or resume) an audit and print its summary."""
-    from engine.audit import run_audit
-    from engine.report.audit_report import summary_lines
-    from engine.sweep.config import ConfigError, load_config
-
     path, overrides = args.config, list(args.overrides)
     if path is not None and "=" in path and not Path(path).exists():  # `hfc-engine run key=value ...`
         path, overrides = None, [path, *overrides]
-    try:
-        config = load_config(path, overrides, quick=args.quick)
-    except ConfigError as exc:
-        raise SystemExit(f"config error: {exc}") from None
-    report = run_audit(config, progress=not args.no_progress)
+    report = run_audit(load_config(path, overrides, quick=args.quick), progress=not args.no_progress)
     table = report.table()
     if not table.empty:
-        with pd_options():
+        with _wide():
             print(table.round(3).to_string())
     for line in summary_lines(report.rows):
         print(line)
@@ -72,27 +46,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     """Run one of the papers' studies on the embedded data (resumable, with its own report)."""
-    from engine.audit import run_audit
-    from engine.sweep.config import ConfigError, load_config
-
     overrides = [f"study.{args.name}.{item}" for item in args.overrides]
-    try:
-        config = load_config(overrides=[f"name=study-{args.name}", "datasets=[]", f"studies=[{args.name}]", *overrides])
-    except ConfigError as exc:
-        raise SystemExit(f"config error: {exc}") from None
+    config = load_config(overrides=[f"name=study-{args.name}", "datasets=[]", f"studies=[{args.name}]", *overrides])
     report = run_audit(config, progress=not args.no_progress)
-    frame = report.frame()
-    with pd_options():
-        print(frame[["dataset", "model", "attack", "eps", "metric", "value"]].to_string(index=False))
+    with _wide():
+        print(report.frame()[["dataset", "model", "attack", "eps", "metric", "value"]].to_string(index=False))
     print(f"report: {report.run_dir / 'report.html'}")
     return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Stream a dataset through a model and fitted detectors; write per-image rows."""
-    from engine.data import load_dataset
-    from engine.score import score_dataset
-
     dataset = load_dataset(args.data, **_dataset_options(args))
     summary = score_dataset(
         args.model, args.detectors, dataset, args.out, batch_size=args.batch_size, progress=not args.no_progress
@@ -108,9 +72,6 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a model on a dataset's seeded train/val split and save a checkpoint."""
-    from engine.data import load_dataset, split_dataset
-    from engine.models import train_model
-
     dataset = load_dataset(args.data, **_dataset_options(args))
     splits = split_dataset(dataset, val=0.15, test=0.15, seed=args.seed)
     out_dir = Path(args.out)
@@ -118,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train_model(
         splits,
         args.arch,
-        out_dir=out_dir,
+        out_dir,
         width=args.width,
         dropout=args.dropout,
         epochs=args.epochs,
@@ -128,17 +89,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         balanced=args.balanced,
         progress=not args.no_progress,
     )
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
-    print(f"checkpoint: {result.checkpoint} (best epoch {result.best_epoch}); {metrics}")
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics["val"].items() if isinstance(v, float))
+    print(f"checkpoint: {result.checkpoint} (best epoch {result.best_epoch}); validation {metrics}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a model to ONNX (verified against PyTorch with onnxruntime)."""
-    from engine.export import export_onnx
-
     path = export_onnx(args.model, args.out, layers=args.layers, pooled=not args.raw_features)
     print(f"exported and verified: {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the kernel benchmark suite and print its table."""
+    table = pd.DataFrame(run_table(args.ops, quick=args.quick))
+    print(table[[c for c in BENCH_COLUMNS if c in table.columns]].to_string(index=False))
     return 0
 
 
@@ -151,30 +117,34 @@ def _dataset_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def pd_options():
-    import pandas as pd
-
+def _wide() -> pd.option_context:
     return pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 500)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hfc-engine", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser = argparse.ArgumentParser(prog="hfc-engine", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run (or resume) an audit; no config = the default audit on embedded data")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, parents=[common])
+
+    run = command("run", "run (or resume) an audit; no config = the default audit on embedded data")
     run.add_argument("config", nargs="?", help="YAML config (merged over the defaults)")
-    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. attack.steps=40")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. attack.steps=40 (see docs/runs.md)")
     run.add_argument("--quick", action="store_true", help="fewer images, one eps, BIM/PGD only")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 
-    study = sub.add_parser("study", help="run one of the papers' studies: stress (paper A) or uap (paper B)")
-    study.add_argument("name", choices=["stress", "uap"])
+    titles = "; ".join(f"{n}: {s.title}" for n, s in STUDIES.items())
+    study = command("study", f"run one of the papers' studies: {titles}")
+    study.add_argument("name", choices=list(STUDIES))
     study.add_argument("overrides", nargs="*", help="study settings, e.g. eps=[0.004] (see docs/studies.md)")
     study.add_argument("--no-progress", action="store_true")
     study.set_defaults(func=cmd_study)
 
-    score = sub.add_parser("score", help="batch-score a dataset with a model and fitted detectors")
+    score = command("score", "batch-score a dataset with a model and fitted detectors")
     score.add_argument("--model", required=True, help="checkpoint (.pt), TorchScript or ONNX (.onnx) file")
     score.add_argument("--detectors", required=True, nargs="+", help="fitted detector dir(s), searched recursively")
     score.add_argument("--data", required=True, help="dataset spec, e.g. fundus-synth:binary or chest_xray:/path")
@@ -184,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--no-progress", action="store_true")
     score.set_defaults(func=cmd_score)
 
-    train = sub.add_parser("train", help="train a classifier on a dataset")
+    train = command("train", "train a classifier on a dataset")
     train.add_argument("--data", required=True, help="dataset spec, e.g. fundus-synth:grade or aptos:/path")
-    train.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50", "vgg16", "vgg16_bn"])
+    train.add_argument("--arch", default="resnet18", choices=list(ARCHITECTURES))
     train.add_argument("--out", default="runs/train", help="output directory (resumes if it holds last.pt)")
     train.add_argument("--width", type=float, default=0.25)
     train.add_argument("--dropout", type=float, default=0.3)
@@ -200,23 +170,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(func=cmd_train)
 
-    export = sub.add_parser("export", help="export a model to ONNX, verified with onnxruntime")
+    export = command("export", "export a model to ONNX, verified with onnxruntime")
     export.add_argument("--model", required=True)
     export.add_argument("--out", required=True, help="output .onnx path")
     export.add_argument("--layers", nargs="*", help="also output these layers' features (names or globs)")
     export.add_argument("--raw-features", action="store_true", help="raw feature maps instead of GAP vectors")
     export.set_defaults(func=cmd_export)
 
-    bench = sub.add_parser("bench", help="run the kernel benchmark suite and print the table")
+    bench = command("bench", "run the kernel benchmark suite and print the table")
     bench.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
-    bench.add_argument("--ops", nargs="*", help=f"subset of {list(BENCH_MODULES)}")
+    bench.add_argument("--ops", nargs="*", choices=OPS, help=f"subset of {list(OPS)} (default: all)")
     bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("hfc-engine: interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user errors become one line; anything else keeps its traceback
+        cause = exc.error if isinstance(exc, CellFailed) else exc
+        if args.debug or not isinstance(cause, USER_ERRORS):
+            raise
+        print(f"hfc-engine: error: {exc} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from engine.audit import audit
 from engine.cli import main
 from engine.data import ArrayDataset
 from engine.models import build_model
-from engine.sweep.store import ROW_COLUMNS
+from engine.runs import ROW_COLUMNS
 
 TINY = """
 name: tiny
@@ -78,15 +78,18 @@ def test_resume_after_crash_recomputes_only_missing_cells(tiny_run, capsys):
     assert not after.duplicated(key).any()
 
 
-def test_config_error_exits_with_the_key(tmp_path):
-    with pytest.raises(SystemExit, match="'hfc.mode' has value 'exact'"):
-        main(["run", "hfc.mode=exact", "--no-progress"])
+def test_config_error_is_one_line_and_exit_2(capsys):
+    assert main(["run", "hfc.mode=exact", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'hfc.mode' has value 'exact'" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="'hfc.mode' has value 'exact'"):
+        main(["run", "hfc.mode=exact", "--no-progress", "--debug"])
 
 
 def test_study_command_runs_a_study_with_overrides(tmp_path, monkeypatch):
     import yaml
 
-    from engine.studies import STRESS_TINY
+    from engine.runs.studies import STRESS_TINY
 
     monkeypatch.chdir(tmp_path)
     overrides = [f"{key}={yaml.safe_dump(val, default_flow_style=True).strip()}" for key, val in STRESS_TINY.items()]

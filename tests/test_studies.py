@@ -10,24 +10,20 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from scipy.stats import ttest_rel
 from sklearn.metrics import cohen_kappa_score
 
-from engine.models import build_model
-from engine.studies import (
+from engine.detectors import TiedGaussian
+from engine.metrics import mean_pairwise_cosine, paired_ttest, relative_deviation, resample_kappas
+from engine.models import build_model, load_model
+from engine.runs import ROW_COLUMNS, STUDIES, Artifacts, ResultStore, RunContext
+from engine.runs.overrides import merge
+from engine.runs.studies import (
     STRESS_TINY,
     UAP_TINY,
     Ensemble,
-    StudyResult,
-    TiedGaussian,
     craft_uap,
-    mean_pairwise_cosine,
-    paired_ttest,
-    relative_deviation,
-    resample_kappas,
     run_stress_study,
     run_uap_study,
     uap_finetune,
 )
-from engine.studies.common import merge_config
-from engine.sweep.store import ROW_COLUMNS, ResultStore
 
 # ---------------------------------------------------------------------------------------------------------------
 # Stress metrics on a linear model: f(x) = W x, so f(x + d) - f(x) = W d for every x.
@@ -243,7 +239,7 @@ def test_stress_study_end_to_end_and_resume(tmp_path):
     assert {r["attack"] for r in result.rows} == {"", "pgd", "noise"}
     verdict = result.payload["verdict"]
     assert isinstance(verdict["medical_more_vulnerable"], bool) and isinstance(verdict["binary_shifts_aligned"], bool)
-    html = "".join(s.render() for s in StudyResult("stress", result.rows, result.payload).sections())
+    html = "".join(s.render() for s in STUDIES["stress"].sections(result.payload))
     assert "does NOT hold" in html or "HOLDS" in html
     with ResultStore(tmp_path / "store") as store:
         store.commit("stress", "study", result.payload, result.rows)
@@ -264,14 +260,16 @@ def test_uap_study_end_to_end(tmp_path):
     assert attacks == {"deepfool_uap", "sgd_uap", "targeted_uap", "data_free_uap", "pgd"}
     assert {g["attack"] for g in payload["gains"]} == {"deepfool_uap", "targeted_uap", "pgd"}  # held out only
     assert 0.0 <= payload["ttest"]["p"] <= 1.0 or np.isnan(payload["ttest"]["p"])
-    assert len(list((tmp_path / "finetuned").glob("*.pt"))) == 2
-    html = "".join(s.render() for s in result.sections())
+    assert len(list((tmp_path / "models").glob("*-uap-finetuned-*/finetuned.pt"))) == 2
+    html = "".join(s.render() for s in STUDIES["uap"].sections(payload))
     assert "paired t-test" in html and "<img" in html
 
 
 def test_config_errors_name_the_key(tmp_path):
-    with pytest.raises(ValueError, match="unknown key 'epoch'"):
-        merge_config({"epochs": 1}, {"epoch": 2}, "stress")
+    with pytest.raises(ValueError, match="unknown stress config key 'epoch'"):
+        merge({"epochs": 1}, {"epoch": 2}, name="stress config")
+    with pytest.raises(ValueError, match="unknown stress config key 'model.widht'"):
+        run_stress_study({"model": {"widht": 0.5}}, tmp_path)
     with pytest.raises(ValueError, match="group"):
         run_stress_study({"datasets": [{"name": "natural", "group": "photo"}]}, tmp_path)
     with pytest.raises(ValueError, match="methods"):
@@ -292,13 +290,13 @@ def test_uap_finetune_is_deterministic_for_a_seed_with_dropout():
 
 
 def test_trained_model_does_not_depend_on_the_global_generator(tmp_path):
-    from engine.studies.common import load_splits, trained_model
-
-    splits = load_splits({"name": "fundus-synth", "task": "binary", "n": 80, "image_size": 16}, 0)
+    spec = {"name": "fundus-synth", "task": "binary", "n": 80, "image_size": 16}
     cfg = {"arch": "resnet18", "width": 0.0625, "small_stem": True, "epochs": 1, "batch_size": 32}
     models = []
     for i in range(2):
+        ctx = RunContext(Artifacts(tmp_path / str(i)), progress=False)
+        splits = ctx.splits(spec, {"val": 0.15, "test": 0.15}, 0)
         torch.manual_seed(100 + i)  # whatever ran before must not change the weights
-        models.append(trained_model(splits, cfg, tmp_path / str(i), seed=0, progress=False))
+        models.append(load_model(ctx.artifacts.path(ctx.trained(splits, cfg, seed=0))))
     for key, value in models[0].state_dict().items():
         torch.testing.assert_close(value, models[1].state_dict()[key], rtol=0, atol=0)

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from engine.html import Section, plt
+
 
 def is_heldout(attack: str, heldout: list[str]) -> bool:
     """Whether an attack name ("deepfool_uap", "pgd", ...) was unseen during fine-tuning (PGD always is)."""
@@ -60,8 +62,6 @@ def _attack_table(payload: Mapping[str, Any]) -> pd.DataFrame:
 
 
 def _confusion_figure(panels: list[tuple[str, list[list[int]]]], classes: list[str]) -> Any:
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.3), squeeze=False)
     for ax, (title, cm) in zip(axes[0], panels, strict=True):
         cm = np.asarray(cm)
@@ -76,8 +76,6 @@ def _confusion_figure(panels: list[tuple[str, list[list[int]]]], classes: list[s
 
 def uap_sections(payload: Mapping[str, Any]) -> list[Any]:
     """Report sections of a UAP-study payload: verdict, tables, confusion matrices."""
-    from engine.report.html import Section
-
     section = Section(
         "UAP attacks and UAP fine-tuning defence (paper B)",
         f"{payload['dataset']}, {payload['n_eval']} test images, quadratic-weighted kappa. UAPs fitted "

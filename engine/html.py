@@ -1,4 +1,7 @@
-"""Self-contained HTML reports: tables from long-format rows, matplotlib figures embedded as base64 PNG."""
+"""Self-contained HTML pages: sections of paragraphs, tables and matplotlib figures embedded as base64 PNG.
+
+Presentation only (no engine imports), shared by the run report (engine.report) and the studies' report sections.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +10,11 @@ import html
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")
+matplotlib.use("Agg")  # figures are rendered to PNG only; import pyplot from here so this runs first
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 _CSS = """
@@ -84,60 +85,4 @@ def render(title: str, sections: Sequence[Section], subtitle: str = "") -> str:
     )
 
 
-def roc_figure(curves: Sequence[tuple[str, str, np.ndarray, np.ndarray]], title: str) -> plt.Figure:
-    """ROC curves from (name, variant, fpr, tpr): one colour per name, solid for the first variant, dashed after."""
-    fig, ax = plt.subplots(figsize=(5.0, 4.2))
-    colours: dict[str, str] = {}
-    variants: list[str] = []
-    for name, variant, fpr, tpr in curves:
-        colour = colours.setdefault(name, f"C{len(colours) % 10}")
-        if variant not in variants:
-            variants.append(variant)
-        style = "-" if variants.index(variant) == 0 else "--"
-        ax.plot(fpr, tpr, color=colour, ls=style, lw=1.4, label=f"{name} {variant}")
-    ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls=":")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    return fig
-
-
-def projection_figure(panels: Sequence[tuple[str, dict[str, np.ndarray]]]) -> plt.Figure:
-    """2-D PCA scatter per panel; each panel maps group name ("clean", "plain AE", "HFC AE") to (n, d) features.
-
-    The projection is fitted on the clean features of the panel, so AEs that leave the clean distribution show
-    as outliers and AEs hidden by HFC fall inside it.
-    """
-    colours = {"clean": "#3a7", "plain AE": "#d33", "HFC AE": "#36c"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.0), squeeze=False)
-    for ax, (title, groups) in zip(axes[0], panels, strict=True):
-        clean = groups["clean"]
-        mean = clean.mean(0)
-        _, _, vt = np.linalg.svd(clean - mean, full_matrices=False)
-        basis = vt[:2].T if vt.shape[0] >= 2 else np.pad(vt.T, ((0, 0), (0, 1)))
-        for name, feats in groups.items():
-            xy = (feats - mean) @ basis
-            ax.scatter(xy[:, 0], xy[:, 1], s=8, alpha=0.6, label=name, color=colours.get(name))
-        ax.set(title=title, xlabel="PC 1 (of clean)", ylabel="PC 2")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def line_figure(frame: pd.DataFrame, x: str, y: str, hue: str, title: str, ylabel: str = "") -> plt.Figure:
-    """One line per ``hue`` value of ``y`` against ``x``."""
-    fig, ax = plt.subplots(figsize=(5.0, 3.6))
-    for name, group in frame.groupby(hue, sort=False):
-        group = group.sort_values(x)
-        ax.plot(group[x], group[y], marker="o", ms=3, label=str(name))
-    ax.set(title=title, xlabel=x, ylabel=ylabel or y)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def pivot(rows: Sequence[dict[str, Any]], index: Sequence[str], columns: Sequence[str], metric: str) -> pd.DataFrame:
-    """Wide table of ``metric`` values from long-format rows."""
-    frame = pd.DataFrame([r for r in rows if r["metric"] == metric])
-    if frame.empty:
-        return frame
-    return frame.pivot_table(index=list(index), columns=list(columns), values="value", aggfunc="first")
+__all__ = ["Section", "plt", "render"]

@@ -1,4 +1,4 @@
-"""Run machinery: config loading/overrides/errors, the SQLite store, cell execution and crash-resume."""
+"""Run machinery: config loading/overrides/errors, the SQLite store, cell execution, the ETA and crash-resume."""
 
 import os
 import signal
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from engine.sweep import Cell, CellOutput, ConfigError, LocalExecutor, ResultStore, load_config
-from engine.sweep.executor import topological
+from engine.runs import Cell, CellOutput, ConfigError, LocalExecutor, ResultStore, Stage, load_config, topological
+from engine.runs.progress import CostModel
 
 
 def test_defaults_and_dotted_override(tmp_path):
@@ -28,8 +28,12 @@ def test_defaults_and_dotted_override(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["attack.stepz=3"], "unknown config key 'attack.stepz'; allowed: ['batch_size', 'pool', 'steps'"),
+        (["attack.stepz=3"], "unknown config key 'attack.stepz'; allowed: ['batch_size', 'bim'"),
         (["attacks=[pgd, deepfool]"], "'attacks' has value 'deepfool'; allowed: ['fgsm'"),
+        (["detectors=[kd, odin]"], "'detectors' has value 'odin'; allowed: ['kd'"),
+        (["attack.pgd.stepz=3"], "'attack.pgd' has unknown options ['stepz']"),
+        (["detector.dnn.widht=3"], "'detector.dnn' has unknown options ['widht']"),
+        (["split.test=1.5"], "'split.test' must be a fraction"),
         (["hfc.mode=exact"], "'hfc.mode' has value 'exact'; allowed: ['nearest', 'loglik']"),
         (["attack.steps=0"], "'attack.steps' must be a positive integer"),
         (["steps"], "must look like key.sub=value"),
@@ -53,35 +57,54 @@ def test_config_file_errors(tmp_path):
 CALLS = []
 
 
-def _square(inputs, deps, workdir):
+def _square(context, inputs, deps):
     CALLS.append(inputs["x"])
     base = sum(p["value"] for p in deps.values())
     value = inputs["x"] ** 2 + base
     return CellOutput({"value": value}, [{"metric": "square", "value": value, "eps": inputs["x"], "hfc": True}])
 
 
+STAGES = {"sq": Stage("sq", _square, lambda cell, machine: ("sq", 1.0))}
+
+
+def _run(cells, store):
+    costs = CostModel({c.key: STAGES[c.stage].cost(c, None) for c in cells})
+    return LocalExecutor(progress=False).run(cells, store, None, STAGES, costs)
+
+
 def test_store_commit_resume_and_rows(tmp_path):
-    a = Cell("sq", _square, {"x": 2})
-    b = Cell("sq", _square, {"x": 3}, deps=(a.key,))
+    a = Cell("sq", {"x": 2})
+    b = Cell("sq", {"x": 3}, deps=(a.key,))
     with ResultStore(tmp_path) as store:
-        LocalExecutor(progress=False).run([b, a], store)
+        _run([b, a], store)
         assert store.payload(b.key) == {"value": 13}
         rows = store.rows()
+        assert store.rows([b.key]) == rows[1:]
     assert [r["value"] for r in rows] == [4.0, 13.0]
     assert rows[0]["hfc"] is True and rows[0]["eps"] == "2"
     assert sorted(CALLS) == [2, 3]
     CALLS.clear()
     with ResultStore(tmp_path) as store:  # re-run: nothing recomputed
-        LocalExecutor(progress=False).run([a, b], store)
+        _run([a, b], store)
         store.commit(a.key, "sq", {"value": 4}, [{"metric": "square", "value": 4}])  # replace, not duplicate
         assert len(store.rows()) == 2
     assert CALLS == []
 
 
 def test_topological_errors():
-    a = Cell("sq", _square, {"x": 1}, deps=("nope",))
+    a = Cell("sq", {"x": 1}, deps=("nope",))
     with pytest.raises(ValueError, match="unknown cell nope"):
         topological([a])
+
+
+def test_cost_model_refines_from_finished_cells():
+    costs = CostModel({"a": ("model", 10.0), "b": ("model", 10.0), "c": ("attack", 2.0), "d": ("attack", 2.0)})
+    assert costs.remaining(["a", "b", "c", "d"]) == pytest.approx(24.0)
+    costs.finished("a", 30.0)  # the model class runs 3x slower than estimated; unseen classes follow all cells
+    assert costs.remaining(["b", "c", "d"]) == pytest.approx(30.0 + 3 * 4.0)
+    costs.finished("c", 1.0)  # the attack class has its own factor now
+    assert costs.remaining(["b", "d"]) == pytest.approx(30.0 + 1.0)
+    assert costs.remaining(["b", "d"], running="b", running_for=25.0) == pytest.approx(5.0 + 1.0)
 
 
 def test_row_columns_are_checked(tmp_path):
@@ -92,15 +115,18 @@ def test_row_columns_are_checked(tmp_path):
 CRASH_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from engine.sweep import Cell, CellOutput, LocalExecutor, ResultStore
+    from engine.runs import Cell, CellOutput, LocalExecutor, ResultStore, Stage
+    from engine.runs.progress import CostModel
 
-    def slow(inputs, deps, workdir):
+    def slow(context, inputs, deps):
         time.sleep(0.05)
         return CellOutput({"i": inputs["i"]}, [{"metric": "m", "value": inputs["i"]}])
 
-    cells = [Cell("slow", slow, {"i": i}) for i in range(40)]
+    cells = [Cell("slow", {"i": i}) for i in range(40)]
+    stages = {"slow": Stage("slow", slow, lambda cell, machine: ("slow", 0.05))}
     with ResultStore(sys.argv[1]) as store:
-        LocalExecutor(progress=False).run(cells, store)
+        costs = CostModel({c.key: ("slow", 0.05) for c in cells})
+        LocalExecutor(progress=False).run(cells, store, None, stages, costs)
     """
 )
 
@@ -128,3 +154,31 @@ def test_kill_9_loses_at_most_the_cell_in_flight(tmp_path):
     with ResultStore(run_dir) as store:
         rows = store.rows()
         assert sorted(r["value"] for r in rows) == list(range(40))  # no duplicates, nothing missing
+
+
+def test_every_config_key_is_documented():
+    """docs/runs.md has a row for every key of the defaults (per-method option mappings as `<attack>` etc.)."""
+    from pathlib import Path
+
+    from engine.attacks import ATTACKS
+    from engine.detectors import DETECTORS
+    from engine.runs import DEFAULTS
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "runs.md").read_text()
+    methods = {name: "<attack>" for name in ATTACKS} | {name: "<detector>" for name in DETECTORS}
+
+    def keys(node, prefix=""):
+        for key, value in node.items():
+            dotted = prefix + key
+            if isinstance(value, dict) and value and key not in ("study", "options"):
+                yield from keys(value, dotted + ".")
+            else:
+                yield dotted
+
+    missing = []
+    for key in keys(DEFAULTS):
+        head, _, rest = key.partition(".")
+        generic = f"{head}.{methods[rest]}" if head in ("attack", "detector") and rest in methods else key
+        if f"`{key}`" not in doc and f"`{generic}`" not in doc:
+            missing.append(key)
+    assert not missing, f"undocumented config keys in docs/runs.md: {missing}"

@@ -1,25 +1,24 @@
 """The run's results store: one SQLite database per run, every finished cell committed atomically.
 
-A cell is identified by a key (a stable string built from its inputs). ``done(key)`` tells whether it has
-finished; ``commit(key, rows, payload)`` writes its metric rows and its JSON payload in ONE transaction, so a
-process killed at any moment (kill -9 included) leaves either the whole cell or nothing. Large artifacts (models,
-GMMs, adversarial sets, fitted detectors) live as files under ``artifacts/`` written with :func:`atomic_write`
-(engine.fileio: write to a temporary name, fsync, rename) and are referenced from payloads by relative path.
+A cell is identified by its key. ``done(key)`` tells whether it has finished; ``commit(key, stage, payload, rows,
+seconds)`` writes its payload, its metric rows and its duration in ONE transaction, so a process killed at any
+moment (kill -9 included) leaves either the whole cell or nothing. Large artifacts (models, mixtures, adversarial
+sets, fitted detectors) live as files in the run's artifact location (engine.runs.artifacts) and are referenced
+from payloads. Only the process driving the run writes the store.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-ROW_COLUMNS = ("dataset", "model", "attack", "eps", "hfc", "detector", "metric", "value", "ci_low", "ci_high")
+from engine.runs.schema import ROW_COLUMNS, normalise_row
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
@@ -39,12 +38,11 @@ CREATE INDEX IF NOT EXISTS rows_cell ON rows(cell);
 
 
 class ResultStore:
-    """SQLite-backed store of finished cells and their long-format metric rows."""
+    """SQLite-backed store of finished cells, their payloads, durations and long-format metric rows."""
 
     def __init__(self, run_dir: str | os.PathLike[str]) -> None:
         self.run_dir = Path(run_dir)
-        self.artifacts = self.run_dir / "artifacts"
-        self.artifacts.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "store.sqlite"
         self._db = sqlite3.connect(self.path, isolation_level=None, timeout=60)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -73,7 +71,7 @@ class ResultStore:
         self, key: str, stage: str, payload: dict[str, Any], rows: Iterable[dict[str, Any]] = (), seconds: float = 0.0
     ) -> None:
         """Record a finished cell, its payload and its metric rows in one transaction (replacing any old ones)."""
-        records = [_row_tuple(key, row) for row in rows]
+        records = [(key, *(r[c] for c in ROW_COLUMNS)) for r in map(normalise_row, rows)]
         with self._transaction() as db:
             db.execute("DELETE FROM rows WHERE cell = ?", (key,))
             db.execute(
@@ -82,13 +80,20 @@ class ResultStore:
             )
             db.executemany(f"INSERT INTO rows VALUES (?, {', '.join('?' * len(ROW_COLUMNS))})", records)
 
-    def rows(self) -> list[dict[str, Any]]:
-        """All metric rows, in a stable order."""
-        cursor = self._db.execute(f"SELECT {', '.join(ROW_COLUMNS)} FROM rows ORDER BY rowid")
-        return [_decode_row(dict(zip(ROW_COLUMNS, r, strict=True))) for r in cursor]
+    def rows(self, keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Metric rows in commit order: of the cells ``keys`` (in that order), or of every cell when None."""
+        columns = ", ".join(ROW_COLUMNS)
+        if keys is None:
+            cursor = self._db.execute(f"SELECT {columns} FROM rows ORDER BY rowid")
+            return [normalise_row(dict(zip(ROW_COLUMNS, r, strict=True))) for r in cursor]
+        out = []
+        for key in keys:
+            cursor = self._db.execute(f"SELECT {columns} FROM rows WHERE cell = ? ORDER BY rowid", (key,))
+            out += [normalise_row(dict(zip(ROW_COLUMNS, r, strict=True))) for r in cursor]
+        return out
 
     def cells(self, stage: str | None = None) -> list[tuple[str, str, float]]:
-        """(key, stage, seconds) of finished cells, optionally of one stage."""
+        """(key, stage, seconds) of finished cells, optionally of one stage, in the order they finished."""
         query = "SELECT key, stage, seconds FROM cells"
         args: tuple[str, ...] = ()
         if stage is not None:
@@ -104,31 +109,3 @@ class ResultStore:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
-
-
-def _row_tuple(key: str, row: dict[str, Any]) -> tuple[Any, ...]:
-    unknown = set(row) - set(ROW_COLUMNS)
-    if unknown:
-        raise ValueError(f"result row has unknown columns {sorted(unknown)}; allowed: {ROW_COLUMNS}")
-    if "metric" not in row:
-        raise ValueError("result row needs a 'metric'")
-    values = []
-    for col in ROW_COLUMNS:
-        value = row.get(col)
-        if col == "hfc" and value is not None:
-            value = int(bool(value))
-        elif col in ("value", "ci_low", "ci_high") and value is not None:
-            value = float(value)
-        elif col == "eps" and value is not None:
-            value = str(value)
-        values.append(value)
-    return (key, *values)
-
-
-def _decode_row(row: dict[str, Any]) -> dict[str, Any]:
-    if row["hfc"] is not None:
-        row["hfc"] = bool(row["hfc"])
-    for col in ("value", "ci_low", "ci_high"):
-        if row[col] is None:
-            row[col] = math.nan
-    return row

@@ -1,4 +1,5 @@
-"""The audit report: the paper-style detection table, attack success, ROC curves, feature projections, run card."""
+"""The run report: the paper-style detection table, attack success, ROC curves, feature projections, the studies'
+sections and the run card, built from a :class:`engine.runs.RunResult`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.report.html import Section, projection_figure, render, roc_figure
+from engine.attacks import parse_eps
+from engine.fileio import atomic_write
+from engine.html import Section, render
+from engine.metrics import roc_curves
+from engine.report.figures import projection_figure, roc_figure
+from engine.runs import STUDIES, DetectorScores, Projection, RunResult
 
 TABLE_METRICS = ("auroc", "tpr_at_tnr90")
 
@@ -72,58 +78,52 @@ def summary_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def roc_section(section: Section, detect_payloads: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> None:
-    """ROC curves (plain vs HFC) of every detector for each (dataset, attack, eps) given."""
-    from engine.detectors.metrics import roc_curves
-
+def roc_section(section: Section, result: RunResult) -> None:
+    """ROC curves (plain vs HFC) of every detector, one figure per (dataset, attack) at its largest budget."""
     groups: dict[tuple[str, str, str], list[tuple[str, str, np.ndarray, np.ndarray]]] = {}
-    for inputs, payload in detect_payloads:
-        with np.load(payload["scores"]) as data:
-            neg = data["negatives"]
-            for key, name in (("plain__successful", "plain"), ("hfc__successful", "HFC")):
-                if key in data.files and len(data[key]):
-                    fpr, tpr = (curve[0] for curve in roc_curves(neg, data[key]))
-                    group = (inputs["dataset_label"], inputs["attack"], str(inputs["eps"]))
-                    groups.setdefault(group, []).append((inputs["detector"], name, fpr, tpr))
-    from engine.attacks import parse_eps
-
-    largest: dict[tuple[str, str], str] = {}  # one figure per (dataset, attack): its largest budget
+    for cell, payload in result.payloads.get("detect", []):
+        scores = DetectorScores.load(result.artifacts.path(payload["directory"]))
+        for attack_set, name in (("plain", "plain"), ("hfc", "HFC")):
+            positives = scores.positives(attack_set)
+            if len(positives):
+                fpr, tpr = (curve[0] for curve in roc_curves(scores.scores["negatives"], positives))
+                group = (cell.inputs["dataset_label"], cell.inputs["attack"], str(cell.inputs["eps"]))
+                groups.setdefault(group, []).append((cell.inputs["detector"], name, fpr, tpr))
+    largest: dict[tuple[str, str], str] = {}
     for dataset, attack, eps in groups:
-        if (dataset, attack) not in largest or parse_eps(eps) > parse_eps(largest[dataset, attack]):
+        if (dataset, attack) not in largest or _budget(eps) > _budget(largest[dataset, attack]):
             largest[dataset, attack] = eps
     for (dataset, attack, eps), curves in groups.items():
         if largest[dataset, attack] != eps:
             continue
         section.figure(
-            roc_figure(curves, f"{dataset} {attack} eps={eps}"),
+            roc_figure(curves, f"{dataset} {attack}" + ("" if eps == "None" else f" eps={eps}")),
             "ROC of each detector on plain and on HFC adversarial examples (negatives: clean + noise).",
         )
 
 
-def projection_section(section: Section, payloads: Sequence[dict[str, Any]]) -> None:
-    for payload in payloads:
-        with np.load(payload["file"]) as data:
-            panels = []
-            for layer in payload["layers"]:
-                groups = {g: data[f"{g}|{layer}"] for g in ("clean", "plain AE", "HFC AE")}
-                panels.append((f"{payload['dataset']} {layer}", groups))
+def _budget(eps: str) -> float:
+    return -1.0 if eps == "None" else parse_eps(eps)
+
+
+def projection_section(section: Section, result: RunResult) -> None:
+    for cell, payload in result.payloads.get("projection", []):
+        projection = Projection.load(result.artifacts.path(payload["directory"]))
+        panels = [
+            (f"{cell.inputs['dataset_label']} {layer}", {g: projection.features[g][layer] for g in Projection.GROUPS})
+            for layer in projection.layers
+        ]
         section.figure(
             projection_figure(panels),
-            f"PCA of GAP features ({payload['attack']}, eps={payload['eps']}): clean vs plain vs HFC AEs, "
-            "at a shallow and the deepest ReLU layer.",
+            f"PCA of GAP features ({cell.inputs['attack']}, eps={cell.inputs['eps']}): clean vs plain vs HFC AEs, "
+            "at a shallow and a deep layer.",
             wide=True,
         )
 
 
-def build_report(
-    title: str,
-    rows: Sequence[dict[str, Any]],
-    card: dict[str, Any],
-    detect_payloads: Sequence[tuple[dict[str, Any], dict[str, Any]]] = (),
-    projections: Sequence[dict[str, Any]] = (),
-    extra: Sequence[Section] = (),
-) -> str:
-    """The complete self-contained HTML page."""
+def build_report(result: RunResult) -> str:
+    """The complete self-contained HTML page of a run."""
+    rows, card = result.rows, result.card
     sections = []
     findings = Section("Findings")
     for line in summary_lines(rows):
@@ -142,25 +142,22 @@ def build_report(
                 "Success rates are attack success on the correctly classified pool.",
             ).table(table)
         )
-    if detect_payloads:
+    if result.payloads.get("detect"):
         roc = Section("ROC curves")
-        roc_section(roc, detect_payloads)
+        roc_section(roc, result)
         sections.append(roc)
-    if projections:
+    if result.payloads.get("projection"):
         proj = Section("Where adversarial features lie")
-        projection_section(proj, projections)
+        projection_section(proj, result)
         sections.append(proj)
-    sections.extend(extra)
+    for _, payload in result.payloads.get("study", []):
+        sections.extend(STUDIES[payload["study"]].sections(payload["payload"]))
     sections.append(Section("Run card").preformatted(json.dumps(card, indent=2, default=str)))
+    title = f"hfc-engine audit: {result.config['name']}"
     return render(title, sections, subtitle=f"hfc-engine {card.get('version', '')} — {card.get('finished', '')}")
 
 
-def write_tables(rows: Sequence[dict[str, Any]], run_dir: Path) -> tuple[Path, Path]:
-    """results.csv and results.parquet (long format, one row per cell and metric)."""
-    from engine.fileio import atomic_write
-    from engine.sweep.store import ROW_COLUMNS
-
-    frame = pd.DataFrame(list(rows), columns=list(ROW_COLUMNS))
-    csv_path = atomic_write(run_dir / "results.csv", lambda p: frame.to_csv(p, index=False))
-    parquet_path = atomic_write(run_dir / "results.parquet", lambda p: frame.to_parquet(p, index=False))
-    return csv_path, parquet_path
+def write_report(result: RunResult) -> Path:
+    """``report.html`` in the run directory."""
+    html = build_report(result)
+    return atomic_write(result.run_dir / "report.html", lambda p: p.write_text(html))

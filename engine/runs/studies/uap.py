@@ -1,4 +1,4 @@
-"""Paper B's UAP study on 5-grade fundus-synth (SPEC.md section 4) as one study run.
+"""Paper B's UAP study on 5-grade fundus-synth (docs/methods.md, Studies) as one study run.
 
 1. Baseline graders (ResNet-18 and VGG-16, small) trained on the train split; the first is "the baseline".
 2. Against every model: UAPs of each kind (DeepFool-UAP, SGD-UAP, targeted toward "no DR", data-free) at each
@@ -14,8 +14,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +24,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.studies.common import (
-    StudyResult,
-    cached_finetune,
-    dataset_label,
-    load_splits,
-    merge_config,
-    predict_proba,
-    row,
-    stack,
-    trained_model,
-)
-from engine.studies.finetune import UAP_KINDS, Ensemble, craft_uap, uap_finetune
-from engine.studies.metrics import paired_ttest, resample_kappas
-from engine.studies.uap_report import is_heldout
+from engine.attacks import PGD
+from engine.attacks.uap import predict
+from engine.data import as_tensors
+from engine.metrics import confusion_matrix, paired_ttest, quadratic_weighted_kappa, resample_kappas
+from engine.models import predict_logits
+from engine.models.checkpoint import atomic_save
+from engine.runs.artifacts import Artifacts
+from engine.runs.context import RunContext
+from engine.runs.overrides import merge
+from engine.runs.schema import dataset_label, fingerprint
+from engine.runs.studies.base import StudyResult, study_row
+from engine.runs.studies.finetune import UAP_KINDS, Ensemble, craft_uap, uap_finetune
+from engine.runs.studies.uap_report import is_heldout
 
 UAP_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "dataset": {"name": "fundus-synth", "task": "grade", "n": 2000, "image_size": 64},
+    "split": {"val": 0.15, "test": 0.15},
     "models": [
         {
             "arch": "resnet18",
@@ -107,8 +108,6 @@ UAP_TINY: dict[str, Any] = {
 
 
 def _scores(y: np.ndarray, pred: np.ndarray, clean_pred: np.ndarray, k: int) -> dict[str, Any]:
-    from engine.models.metrics import confusion_matrix, quadratic_weighted_kappa
-
     return {
         "kappa": quadratic_weighted_kappa(y, pred, k),
         "accuracy": float((pred == y).mean()),
@@ -125,9 +124,6 @@ def evaluate_model(
     num_classes: int,
 ) -> dict[str, Any]:
     """Clean scores and scores under every UAP kind x eps (white-box, fitted on ``fit``) and PGD on ``pool``."""
-    from engine.attacks import PGD
-    from engine.attacks.uap import predict
-
     x, y = pool
     y_np = y.numpy()
     clean_pred = predict(model, x).cpu().numpy()
@@ -144,52 +140,85 @@ def evaluate_model(
     return out
 
 
+def cached_finetune(
+    ctx: RunContext, label: str, key: Any, model: nn.Module, run: Callable[[], tuple[nn.Module, list[dict[str, Any]]]]
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """(model, history) of a fine-tuning: loaded into ``model`` when an earlier run saved it under
+    ``models/<label>-<hash(key)>/finetuned.pt``, else ``run()``, then saved atomically."""
+    path = ctx.artifacts.directory("models", label, fingerprint(key)) / "finetuned.pt"
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        return model.eval(), json.loads(saved["history"])
+    tuned, history = run()
+    atomic_save({"state_dict": tuned.state_dict(), "history": json.dumps(history)}, path)
+    return tuned.eval(), history
+
+
+def _finetuned(
+    ctx: RunContext,
+    cfg: Mapping[str, Any],
+    name: str,
+    model_cfg: Mapping[str, Any],
+    base: nn.Module,
+    split_hash: str,
+    train: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """A copy of ``base`` after UAP fine-tuning with the training methods (cached by what determines it)."""
+    ft = cfg["finetune"]
+    options = {key: v for key, v in ft.items() if key not in ("methods", "eps")}
+    key = {"model": model_cfg, "split": split_hash, "finetune": ft, "uap": cfg["uap"], "seed": cfg["seed"]}
+
+    def run() -> tuple[nn.Module, list[dict[str, Any]]]:
+        return uap_finetune(
+            base, train, ft["methods"], ft["eps"], fit=cfg["uap"]["fit"], uap_options=cfg["uap"], seed=cfg["seed"],
+            progress=ctx.progress, **options,
+        )  # fmt: skip
+
+    return cached_finetune(ctx, f"{name}-uap-finetuned", key, copy.deepcopy(base), run)
+
+
+def _ttest(cfg: Mapping[str, Any], y: np.ndarray, ensemble: np.ndarray, baseline: np.ndarray, k: int) -> dict:
+    """Paired t-test of the clean kappa of the ensemble's and the baseline grader's predictions on shared resamples."""
+    tt = cfg["ttest"]
+    kappas = resample_kappas(y, {"ensemble": ensemble, "baseline": baseline}, tt["resampling"], tt["n"], cfg["seed"], k)
+    return {
+        **paired_ttest(kappas["ensemble"], kappas["baseline"], tt["alpha"]),
+        "resampling": tt["resampling"],
+        "kappas_ensemble": kappas["ensemble"].tolist(),
+        "kappas_baseline": kappas["baseline"].tolist(),
+    }
+
+
 def _names(models: list[Mapping[str, Any]]) -> list[str]:
     archs = [m["arch"] for m in models]
     return [a if archs.count(a) == 1 else f"{a}#{i}" for i, a in enumerate(archs)]
 
 
-def run_uap_study(config: Mapping[str, Any] | None, workdir: Path, progress: bool = False) -> StudyResult:
+def run_uap_study(config: Mapping[str, Any] | None, workdir: Path, context: RunContext | None = None) -> StudyResult:
     """Baselines, UAPs of every kind, UAP fine-tuning, ensemble and t-test (see the module docstring).
 
     ``config`` is merged over :data:`UAP_DEFAULTS` (unknown keys raise); trained and fine-tuned weights are cached
-    in ``workdir`` and reused by a resumed run.
+    under ``workdir`` (or the artifact location of ``context``) and reused by a resumed run.
     """
     start = time.perf_counter()
-    cfg = merge_config(UAP_DEFAULTS, config, "uap")
+    cfg = merge(UAP_DEFAULTS, config or {}, name="uap config")
+    ctx = context or RunContext(Artifacts(workdir), progress=False)
     unknown = [m for m in [*cfg["methods"], *cfg["finetune"]["methods"]] if m not in UAP_KINDS]
     if unknown or not cfg["models"]:
         raise ValueError(f"uap config: methods must come from {UAP_KINDS} (got {unknown}) and models be non-empty")
-    workdir, seed = Path(workdir), cfg["seed"]
-    splits = load_splits(cfg["dataset"], seed)
+    seed = cfg["seed"]
+    splits = ctx.splits(cfg["dataset"], cfg["split"], seed)
     classes = list(splits.train.classes)
     k = len(classes)
-    train = stack(splits.train)
-    fit = stack(splits.val, cfg["uap"]["fit"])
-    pool = stack(splits.test, cfg["eval"])
-    ft = cfg["finetune"]
-    ft_options = {key: v for key, v in ft.items() if key not in ("methods", "eps")}
-    heldout = [m for m in cfg["methods"] if m not in ft["methods"]]
+    train = as_tensors(splits.train)
+    fit = as_tensors(splits.val, cfg["uap"]["fit"])
+    pool = as_tensors(splits.test, cfg["eval"])
+    heldout = [m for m in cfg["methods"] if m not in cfg["finetune"]["methods"]]
     models, tuned = [], []
     for name, model_cfg in zip(_names(cfg["models"]), cfg["models"], strict=True):
-        base = trained_model(splits, model_cfg, workdir, seed, progress)
-        key = {"model": model_cfg, "split": splits.hash, "finetune": ft, "uap": cfg["uap"], "seed": seed}
-        tuned_model, history = cached_finetune(
-            workdir,
-            key,
-            copy.deepcopy(base),
-            lambda base=base: uap_finetune(
-                base,
-                train,
-                ft["methods"],
-                ft["eps"],
-                fit=cfg["uap"]["fit"],
-                uap_options=cfg["uap"],
-                seed=seed,
-                progress=progress,
-                **ft_options,
-            ),
-        )
+        base = ctx.model(ctx.trained(splits, model_cfg, seed))
+        tuned_model, history = _finetuned(ctx, cfg, name, model_cfg, base, splits.hash, train)
         tuned.append(tuned_model)
         models.append(
             {
@@ -197,24 +226,13 @@ def run_uap_study(config: Mapping[str, Any] | None, workdir: Path, progress: boo
                 "baseline": evaluate_model(base, cfg, fit, pool, k),
                 "finetuned": evaluate_model(tuned_model, cfg, fit, pool, k),
                 "history": history,
-                "baseline_proba": predict_proba(base, pool[0]),
             }
         )
     ensemble = Ensemble(tuned).eval()
     ens_eval = evaluate_model(ensemble, cfg, fit, pool, k)
     y = pool[1].numpy()
-    ens_pred = predict_proba(ensemble, pool[0]).argmax(1)
-    base_pred = models[0].pop("baseline_proba").argmax(1)
-    for m in models[1:]:
-        m.pop("baseline_proba")
-    tt = cfg["ttest"]
-    kappas = resample_kappas(y, {"ensemble": ens_pred, "baseline": base_pred}, tt["resampling"], tt["n"], seed, k)
-    ttest = {
-        **paired_ttest(kappas["ensemble"], kappas["baseline"], tt["alpha"]),
-        "resampling": tt["resampling"],
-        "kappas_ensemble": kappas["ensemble"].tolist(),
-        "kappas_baseline": kappas["baseline"].tolist(),
-    }
+    baseline = ctx.model(ctx.trained(splits, cfg["models"][0], seed))
+    ttest = _ttest(cfg, y, *(predict_logits(m, pool[0]).argmax(1) for m in (ensemble, baseline)), k)
     gains = kappa_gains(models, heldout)
     payload = {
         "config": cfg,
@@ -275,26 +293,26 @@ def uap_rows(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
 
     def add(model: str, evaluation: Mapping[str, Any]) -> None:
         for metric in ("kappa", "accuracy"):
-            rows.append(row(ds, model, metric, evaluation["clean"][metric]))
+            rows.append(study_row(ds, model, metric, evaluation["clean"][metric]))
         for a in evaluation["attacks"]:
             for metric in ("kappa", "accuracy", "fooling_rate"):
-                rows.append(row(ds, model, metric, a[metric], attack=a["attack"], eps=a["eps"]))
+                rows.append(study_row(ds, model, metric, a[metric], attack=a["attack"], eps=a["eps"]))
 
     for m in payload["models"]:
         add(m["name"], m["baseline"])
         add(f"{m['name']}+uap-ft", m["finetuned"])
     add("ensemble(uap-ft)", payload["ensemble"])
     for g in payload["gains"]:
-        rows.append(row(ds, g["model"], "kappa_gain", g["gain"], attack=g["attack"], eps=g["eps"]))
+        rows.append(study_row(ds, g["model"], "kappa_gain", g["gain"], attack=g["attack"], eps=g["eps"]))
     for metric in ("mean_gain", "max_gain", "min_gain"):
-        rows.append(row(ds, "all", f"kappa_{metric}_heldout", payload["summary"][metric]))
+        rows.append(study_row(ds, "all", f"kappa_{metric}_heldout", payload["summary"][metric]))
     t = payload["ttest"]
     for metric, value in (
         ("ttest_p_clean_kappa", t["p"]),
         ("ttest_t_clean_kappa", t["t"]),
         ("clean_kappa_diff_vs_baseline", t["mean_diff"]),
     ):
-        rows.append(row(ds, "ensemble(uap-ft)", metric, value))
+        rows.append(study_row(ds, "ensemble(uap-ft)", metric, value))
     return rows
 
 

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from engine.attacks import data_free_uap, deepfool_uap, sgd_uap, targeted_uap
+
 UAP_KINDS = ("deepfool", "sgd", "targeted", "data_free")
 
 
@@ -32,8 +34,6 @@ def craft_uap(
     """One universal perturbation of kind ``method`` (see UAP_KINDS) fitted on ``fit`` against ``model``; its
     metrics (engine.attacks.uap.evaluate_uap) are measured on ``heldout`` (default ``fit``). ``options`` go to the
     method (``targeted`` needs ``target``). Returns the UAPResult."""
-    from engine.attacks import data_free_uap, deepfool_uap, sgd_uap, targeted_uap
-
     if method not in UAP_KINDS:
         raise ValueError(f"method must be one of {UAP_KINDS}, got {method!r}")
     opts = dict(options or {})
@@ -47,10 +47,6 @@ def craft_uap(
         if target is None:
             raise ValueError("the targeted UAP needs options['target'] (a class index)")
         return targeted_uap(model, fit, target, eps=eps, heldout=heldout, seed=seed, **opts)
-    if "layers" not in opts:  # every activation of any architecture (VGG's ReLUs are not named *relu*)
-        from engine.models import available_layers
-
-        opts["layers"] = available_layers(model, "activations")
     return data_free_uap(model, tuple(fit[0].shape[1:]), eps=eps, heldout=heldout, seed=seed, **opts)
 
 

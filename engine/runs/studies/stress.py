@@ -1,4 +1,4 @@
-"""Paper A's stress test and fixed-direction analysis (SPEC.md section 6) as one study run.
+"""Paper A's stress test and fixed-direction analysis (docs/methods.md, Studies) as one study run.
 
 For models of one architecture trained on medical data (fundus-synth binary, cxr-synth) and natural photos
 (`natural`), and for each L-inf eps of a small grid, on the correctly classified images of a test pool:
@@ -23,16 +23,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from engine.studies.common import (
-    StudyResult,
-    dataset_label,
-    load_splits,
-    merge_config,
-    row,
-    stack,
-    trained_model,
-)
-from engine.studies.metrics import TiedGaussian, mean_pairwise_cosine, relative_deviation
+from engine.attacks import PGD, noise_like
+from engine.data import as_tensors
+from engine.detectors import TiedGaussian
+from engine.html import Section, plt
+from engine.metrics import auroc, mean_pairwise_cosine, relative_deviation
+from engine.models import FeatureExtractor, extract_pooled, predict_logits
+from engine.runs.artifacts import Artifacts
+from engine.runs.context import RunContext
+from engine.runs.overrides import merge
+from engine.runs.schema import dataset_label
+from engine.runs.studies.base import StudyResult, study_row
 
 STRESS_DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -50,7 +51,8 @@ STRESS_DEFAULTS: dict[str, Any] = {
         "lr": 0.003,
         "batch_size": 64,
     },
-    "layers": "*relu*",
+    "split": {"val": 0.15, "test": 0.15},
+    "layers": "activations",
     "eps": ["1/256", "2/256", "4/256"],
     "pgd_steps": 10,
     "pool": 200,
@@ -83,8 +85,6 @@ ROW_METRIC = {
 @torch.no_grad()
 def layer_features(extractor: Any, x: torch.Tensor, batch_size: int = 128) -> dict[str, np.ndarray]:
     """GAP features (N, C_l) float64 of every layer of a FeatureExtractor, in eval mode, batched."""
-    from engine.models import extract_pooled
-
     extractor.model.eval()
     batches = (x[start : start + batch_size] for start in range(0, len(x), batch_size))
     _, feats, _ = extract_pooled(extractor, batches)
@@ -99,38 +99,31 @@ def shift_statistics(
 ) -> dict[str, list[float]]:
     """Per layer (in the order of ``clean``): mean relative deviation, within-class shift cosine, Mahalanobis
     AUROC (shifted = positive vs clean) and mean-score ratio shifted / clean."""
-    from engine.models.metrics import roc_auc
-
     out: dict[str, list[float]] = {q: [] for q in QUANTITIES}
     for layer, c in clean.items():
         s = shifted[layer]
         out["deviation"].append(float(np.nanmean(relative_deviation(c, s))))
         out["cosine"].append(mean_pairwise_cosine(s - c, labels))
         d_clean, d_shift = gaussians[layer].min_distance(c), gaussians[layer].min_distance(s)
-        truth = np.r_[np.zeros(len(c), np.int64), np.ones(len(s), np.int64)]
-        out["maha_auroc"].append(roc_auc(truth, np.r_[d_clean, d_shift]))
+        out["maha_auroc"].append(auroc(d_clean, d_shift))
         out["maha_ratio"].append(float(d_shift.mean() / max(d_clean.mean(), 1e-12)))
     return out
 
 
-def _study_dataset(spec: Mapping[str, Any], cfg: Mapping[str, Any], workdir: Path, progress: bool) -> dict[str, Any]:
-    from engine.attacks import PGD, noise_like
-    from engine.models import FeatureExtractor
-
+def _study_dataset(spec: Mapping[str, Any], cfg: Mapping[str, Any], ctx: RunContext) -> dict[str, Any]:
     seed = cfg["seed"]
     data_spec = {k: v for k, v in spec.items() if k != "group"}
-    splits = load_splits(data_spec, seed)
-    model = trained_model(splits, cfg["model"], workdir, seed, progress)
+    splits = ctx.splits(data_spec, cfg["split"], seed)
+    model = ctx.model(ctx.trained(splits, cfg["model"], seed))
     extractor = FeatureExtractor(model, cfg["layers"])
     try:
-        x, y = stack(splits.test, cfg["pool"])
-        with torch.no_grad():
-            correct = (model(x).argmax(1) == y).numpy()
+        x, y = as_tensors(splits.test, cfg["pool"])
+        correct = predict_logits(model, x).argmax(1) == y.numpy()
         accuracy = float(correct.mean())
         if correct.sum() < 2:  # an (almost) untrained model: measure on the whole pool rather than on nothing
             correct[:] = True
         x, y = x[correct], y[correct]
-        train_x, train_y = stack(splits.train, cfg["train_features"])
+        train_x, train_y = as_tensors(splits.train, cfg["train_features"])
         train_feats = layer_features(extractor, train_x)
         gaussians = {n: TiedGaussian(cfg["reg"]).fit(f, train_y.numpy()) for n, f in train_feats.items()}
         clean = layer_features(extractor, x)
@@ -157,31 +150,34 @@ def _study_dataset(spec: Mapping[str, Any], cfg: Mapping[str, Any], workdir: Pat
     }
 
 
-def run_stress_study(config: Mapping[str, Any] | None, workdir: Path, progress: bool = False) -> StudyResult:
-    """Train (or reuse from ``workdir``) one model per dataset and measure the stress-test quantities.
+def run_stress_study(
+    config: Mapping[str, Any] | None, workdir: Path, context: RunContext | None = None
+) -> StudyResult:
+    """Train (or reuse) one model per dataset and measure the stress-test quantities.
 
     ``config`` is merged over :data:`STRESS_DEFAULTS` (unknown keys raise). Each dataset spec may carry
-    ``group`` ("medical" or "natural"; default medical). Returns rows, a JSON payload and report sections.
+    ``group`` ("medical" or "natural"; default medical). Models are cached under ``workdir`` (or the artifact
+    location of ``context``). Returns rows and a JSON payload (report: :func:`stress_sections`).
     """
     start = time.perf_counter()
-    cfg = merge_config(STRESS_DEFAULTS, config, "stress")
+    cfg = merge(STRESS_DEFAULTS, config or {}, name="stress config")
+    ctx = context or RunContext(Artifacts(workdir), progress=False)
     groups = {spec.get("group", "medical") for spec in cfg["datasets"]}
     if not groups <= {"medical", "natural"}:
         raise ValueError(f"stress config: datasets[].group must be 'medical' or 'natural', got {sorted(groups)}")
-    workdir = Path(workdir)
-    datasets = [_study_dataset(spec, cfg, workdir, progress) for spec in cfg["datasets"]]
+    datasets = [_study_dataset(spec, cfg, ctx) for spec in cfg["datasets"]]
     payload = {"config": cfg, "datasets": datasets, "verdict": stress_verdict(datasets)}
     rows = []
     arch = cfg["model"]["arch"]
     for d in datasets:
-        rows.append(row(d["label"], arch, "clean_accuracy", d["accuracy"]))
+        rows.append(study_row(d["label"], arch, "clean_accuracy", d["accuracy"]))
         for r in d["results"]:
             base = {"attack": r["attack"], "eps": r["eps"]}
             if r["success_rate"] is not None:
-                rows.append(row(d["label"], arch, "attack_success_rate", r["success_rate"], **base))
+                rows.append(study_row(d["label"], arch, "attack_success_rate", r["success_rate"], **base))
             for q in QUANTITIES:
                 for layer, value in zip(d["layers"], r[q], strict=True):
-                    rows.append(row(d["label"], arch, f"{ROW_METRIC[q]}@{layer}", value, **base))
+                    rows.append(study_row(d["label"], arch, f"{ROW_METRIC[q]}@{layer}", value, **base))
     return StudyResult("stress", rows, payload, time.perf_counter() - start)
 
 
@@ -273,8 +269,6 @@ def _accuracy_note(verdict: Mapping[str, Any]) -> str:
 
 
 def _depth_figure(datasets: list[Mapping[str, Any]], quantity: str, ylabel: str, log: bool = False) -> Any:
-    import matplotlib.pyplot as plt
-
     eps_grid = [r["eps"] for r in datasets[0]["results"] if r["attack"] == "pgd"]
     fig, axes = plt.subplots(1, len(eps_grid), figsize=(4.2 * len(eps_grid), 3.5), squeeze=False, sharey=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -303,8 +297,6 @@ def _depth_figure(datasets: list[Mapping[str, Any]], quantity: str, ylabel: str,
 
 def stress_sections(payload: Mapping[str, Any]) -> list[Any]:
     """Report sections of a stress-study payload: verdict, summary table, depth plots."""
-    from engine.report.html import Section
-
     datasets = payload["datasets"]
     section = Section(
         "Stress test and fixed-direction analysis (paper A)",

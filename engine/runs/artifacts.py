@@ -1,0 +1,144 @@
+"""The run's artifact location and every artifact one stage writes and another reads, named once, here.
+
+All artifacts live under one root (``<run dir>/artifacts`` by default). A directory is named by what it holds,
+``<kind>/<readable label>-<key>`` (e.g. ``adversarial/fundus-synth_binary-pgd-2_256-hfc-3f2a9c01``), and payloads
+refer to it by its path relative to the root (:meth:`Artifacts.ref`), so a run directory can be moved or mounted
+elsewhere. Writes go through engine.fileio.atomic_write (write, fsync, rename).
+
+Formats owned here: per-sample detector scores (:class:`DetectorScores`) and feature projections
+(:class:`Projection`); adversarial sets, HFC mixtures, fitted detectors and checkpoints keep the formats of the
+packages that define them and are opened through the readers below.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.attacks import load_adversarial, load_hfc_gmms
+from engine.fileio import atomic_write
+from engine.mixture import GaussianMixture
+
+KINDS = ("splits", "models", "gmms", "adversarial", "detectors", "projections", "studies")
+_SEP = "__"  # replaces "/" in npz member names
+
+
+class Artifacts:
+    """The artifact root of a run: where stages write files and how payloads name them."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def directory(self, kind: str, label: str, key: str) -> Path:
+        """A (created) directory ``<root>/<kind>/<label>-<key>`` for one cell's artifact of ``kind``."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        path = self.root / kind / f"{slug(label)}-{key}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def ref(self, path: str | os.PathLike[str]) -> str:
+        """How a payload names ``path``: relative to the root (absolute paths outside it stay absolute)."""
+        path = Path(path)
+        try:
+            return path.resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
+    def path(self, ref: str) -> Path:
+        """The file or directory a payload names (relative refs resolve against the root)."""
+        path = Path(ref)
+        return path if path.is_absolute() else self.root / path
+
+    # -- readers of the formats other packages own ------------------------------------------------------------
+    def adversarial(self, ref: str) -> tuple[torch.Tensor, np.ndarray]:
+        """The adversarial set a payload names, in pool order: (images (N, C, H, W), success (N,) bool)."""
+        stored = load_adversarial(self.path(ref))
+        order = np.argsort(np.asarray(stored.meta["index"]))
+        return stored.images[torch.as_tensor(order)], np.asarray(stored.meta["success"], dtype=bool)[order]
+
+    def gmms(self, ref: str) -> dict[str, list[GaussianMixture]]:
+        return load_hfc_gmms(self.path(ref))
+
+
+def slug(label: str) -> str:
+    """A file-name-safe version of a label: runs of anything but letters, digits, '.', '-' become '_'."""
+    return re.sub(r"[^A-Za-z0-9.\-]+", "_", label).strip("_") or "artifact"
+
+
+def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+    return atomic_write(path, write)
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+@dataclass
+class DetectorScores:
+    """Per-sample scores of one fitted detector on the evaluation split.
+
+    ``scores["negatives"]`` (clean then noise) and ``scores["<set>/<subset>"]`` (e.g. ``"plain/successful"``,
+    ``"hfc/failed"``); ``index[key]`` gives the pool rows behind each array (engine.detectors.run_protocol).
+    """
+
+    scores: dict[str, np.ndarray]
+    index: dict[str, np.ndarray]
+
+    FILE = "scores.npz"
+
+    def save(self, directory: Path) -> Path:
+        arrays = {f"score{_SEP}{k.replace('/', _SEP)}": v for k, v in self.scores.items()}
+        arrays.update({f"index{_SEP}{k.replace('/', _SEP)}": v for k, v in self.index.items()})
+        return _save_npz(directory / self.FILE, arrays)
+
+    @classmethod
+    def load(cls, directory: Path) -> DetectorScores:
+        arrays = _load_npz(directory / cls.FILE)
+        parts: dict[str, dict[str, np.ndarray]] = {"score": {}, "index": {}}
+        for name, value in arrays.items():
+            kind, _, key = name.partition(_SEP)
+            parts[kind][key.replace(_SEP, "/")] = value
+        return cls(parts["score"], parts["index"])
+
+    def positives(self, attack_set: str, subset: str = "successful") -> np.ndarray:
+        return self.scores.get(f"{attack_set}/{subset}", np.zeros(0))
+
+
+@dataclass
+class Projection:
+    """GAP features of clean images, plain AEs and HFC AEs at a few layers: ``features[group][layer]`` (n, d)."""
+
+    layers: list[str]
+    features: dict[str, dict[str, np.ndarray]]
+
+    GROUPS = ("clean", "plain AE", "HFC AE")
+    FILE = "projection.npz"
+
+    def save(self, directory: Path) -> Path:
+        arrays: dict[str, Any] = {"layers": np.array(self.layers)}
+        for g, group in enumerate(self.GROUPS):
+            for j, layer in enumerate(self.layers):
+                arrays[f"g{g}l{j}"] = self.features[group][layer]
+        return _save_npz(directory / self.FILE, arrays)
+
+    @classmethod
+    def load(cls, directory: Path) -> Projection:
+        arrays = _load_npz(directory / cls.FILE)
+        layers = [str(name) for name in arrays["layers"]]
+        features = {
+            group: {layer: arrays[f"g{g}l{j}"] for j, layer in enumerate(layers)} for g, group in enumerate(cls.GROUPS)
+        }
+        return cls(layers, features)

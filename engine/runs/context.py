@@ -1,0 +1,116 @@
+"""What one process shares across the cells it runs: datasets, splits, test pools, models, memoised features.
+
+Nothing here is persisted: a resumed run (or another worker) re-creates these objects from the cells' inputs and
+the artifacts. Trained models are cached on disk by what determines them, (model settings, split, seed), so the
+audit and the studies never train the same model twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from engine.data import ImageDataset, Splits, as_tensors, load_dataset, split_dataset
+from engine.models import load_model, train_model
+from engine.runs.artifacts import Artifacts
+from engine.runs.schema import dataset_label, fingerprint
+
+log = logging.getLogger("engine.runs")
+MEMORY = "memory:"  # prefix of the references of models handed over in memory (engine.audit)
+SPEC_ONLY_KEYS = ("label",)  # dataset-spec keys that name the data in rows and are not loader options
+
+
+class RunContext:
+    """Live objects of one process; ``artifacts`` is where cells read and write files."""
+
+    def __init__(self, artifacts: Artifacts, device: str = "cpu", progress: bool = True) -> None:
+        self.artifacts = artifacts
+        self.device = device
+        self.progress = progress
+        self._datasets: dict[str, ImageDataset] = {}
+        self._models: dict[str, nn.Module] = {}
+        self._memo: dict[Any, Any] = {}
+
+    # -- data -------------------------------------------------------------------------------------------------
+    def register_dataset(self, spec: Mapping[str, Any], dataset: ImageDataset) -> None:
+        """Serve ``dataset`` for ``spec`` (an in-memory dataset handed to engine.audit)."""
+        self._datasets[fingerprint(dict(spec))] = dataset
+
+    def dataset(self, spec: Mapping[str, Any]) -> ImageDataset:
+        key = fingerprint(dict(spec))
+        if key not in self._datasets:
+            self._datasets[key] = load_dataset({k: v for k, v in spec.items() if k not in SPEC_ONLY_KEYS})
+        return self._datasets[key]
+
+    def splits(self, spec: Mapping[str, Any], split: Mapping[str, float], seed: int) -> Splits:
+        """The seeded, stratified train/val/test split of ``spec`` (fractions from the ``split`` settings)."""
+        return self.memo(
+            ("splits", fingerprint([spec, split, seed])),
+            lambda: split_dataset(self.dataset(spec), val=split["val"], test=split["test"], seed=seed),
+        )
+
+    def pool(self, spec: Mapping[str, Any], split: Mapping[str, float], seed: int, size: int) -> Any:
+        """The first ``size`` test images as (x, y) tensors; warns once when the test split holds fewer."""
+
+        def build() -> Any:
+            test = self.splits(spec, split, seed).test
+            if len(test) < size:
+                log.warning(
+                    "%s: the attack pool asks for %d test images but the test split holds %d (split.test=%s of "
+                    "%d images); using %d. Raise split.test or use more data to get more.",
+                    dataset_label(spec), size, len(test), split["test"], len(self.dataset(spec)), len(test),
+                )  # fmt: skip
+            return as_tensors(test, limit=size, name=f"the test split of {dataset_label(spec)}")
+
+        return self.memo(("pool", fingerprint([spec, split, seed, size])), build)
+
+    # -- models -----------------------------------------------------------------------------------------------
+    def register_model(self, model: nn.Module, key: str) -> str:
+        """Serve an in-memory ``model`` (engine.audit); returns its reference for payloads."""
+        ref = MEMORY + key
+        self._models[ref] = model.to(self.device).eval()
+        return ref
+
+    def model(self, ref: str) -> nn.Module:
+        """The model a payload names: an in-memory reference, an artifact-relative or an absolute checkpoint path."""
+        if ref not in self._models:
+            if ref.startswith(MEMORY):
+                raise KeyError(f"model {ref!r} was handed over in memory to another process; rerun engine.audit()")
+            self._models[ref] = load_model(self.artifacts.path(ref)).to(self.device).eval()
+        return self._models[ref]
+
+    def trained(self, splits: Splits, settings: Mapping[str, Any], seed: int) -> str:
+        """Reference to the checkpoint of ``settings`` (arch, build options, epochs, lr, batch_size...) trained on
+        ``splits`` with ``seed``: trained once, then found again in ``models/`` by (settings, split, seed).
+
+        Training writes ``last.pt`` after every epoch (an interrupted run resumes from it) and ``model.pt`` at
+        the end, both atomically.
+        """
+        settings = dict(settings)
+        key = fingerprint({"model": settings, "split": splits.hash, "seed": seed})
+        directory = self.artifacts.directory("models", f"{settings['arch']}-{splits.dataset.name}", key)
+        final = directory / "model.pt"
+        if not final.is_file():
+            arch = settings.pop("arch")
+            train_model(splits, arch, directory, seed=seed, progress=self.progress, device=self.device, **settings)
+        return self.artifacts.ref(final)
+
+    # -- memo -------------------------------------------------------------------------------------------------
+    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` once per key in this process (features, pools, splits)."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+    def clear(self) -> None:
+        """Drop memoised features and pools (keeps datasets and models)."""
+        self._memo.clear()
+
+
+def checkpoint_ref(path: str | Path) -> str:
+    """An absolute reference to a user's checkpoint file (so it resolves from any working directory)."""
+    return str(Path(path).expanduser().resolve())

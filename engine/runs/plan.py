@@ -1,0 +1,162 @@
+"""From a validated config to the run's cells (engine.runs.config.DEFAULTS documents every key).
+
+Per dataset: one ``model`` cell (train or take the checkpoint, clean metrics), one ``gmms`` cell (HFC's mixtures)
+when HFC is on, one ``attack`` cell per (attack, eps, plain/HFC) -- one per (attack, plain/HFC) for attacks
+without a budget --, one ``detect`` cell per (attack, eps, detector) fitting on plain AEs and scoring plain and
+HFC AEs, and one ``projection`` cell at the strongest setting for the report's PCA plot. Then one ``study`` cell
+per study. Cells carry only JSON-able inputs; labels name what they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from engine.attacks import ATTACKS
+from engine.runs.cells import Cell
+from engine.runs.context import MEMORY, checkpoint_ref
+from engine.runs.schema import dataset_label
+
+
+def model_label(model_cfg: Mapping[str, Any]) -> str:
+    """The ``model`` column: ``model.name``, else the checkpoint's file name, else the architecture."""
+    if model_cfg.get("name"):
+        return str(model_cfg["name"])
+    checkpoint = model_cfg.get("checkpoint")
+    if checkpoint and not str(checkpoint).startswith(MEMORY):
+        return Path(str(checkpoint)).stem
+    return str(model_cfg["arch"])
+
+
+def _model_hint(config: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+    """What a cost estimate needs to count the model's FLOPs per image."""
+    model = config["model"]
+    return {
+        "arch": model["arch"],
+        "image_size": int(spec.get("image_size", 224)),
+        "channels": 3,
+        "width": model["width"],
+        **model.get("options", {}),
+    }
+
+
+def build_cells(config: Mapping[str, Any]) -> list[Cell]:
+    """Every cell of the run described by ``config`` (dependencies before dependants)."""
+    cells: list[Cell] = []
+    for spec in config["datasets"]:
+        cells += _dataset_cells(config, spec)
+    for name in config["studies"]:
+        settings = {"seed": config["seed"], **config["study"].get(name, {})}
+        cells.append(Cell("study", {"study": name, "config": settings}, label=f"{name} study"))
+    return cells
+
+
+def _dataset_cells(config: Mapping[str, Any], spec: Mapping[str, Any]) -> list[Cell]:
+    label, model = dataset_label(spec), model_label(config["model"])
+    seed, split, attack_cfg = config["seed"], config["split"], config["attack"]
+    hint = {"model": _model_hint(config, spec), "n": int(spec.get("n", 1000))}
+    common = {"dataset": spec, "dataset_label": label, "model_label": model, "seed": seed, "split": split}
+    model_cfg = dict(config["model"])
+    if model_cfg["checkpoint"] and not str(model_cfg["checkpoint"]).startswith(MEMORY):
+        model_cfg["checkpoint"] = checkpoint_ref(model_cfg["checkpoint"])
+    model_cell = Cell("model", {**common, "model": model_cfg}, label=f"{label} {model} model", hint=hint)
+    cells = [model_cell]
+    gmm_cell = None
+    if config["hfc"]["enabled"]:
+        hfc = {k: config["hfc"][k] for k in ("layers", "n_components", "reg_covar")}
+        gmm_cell = Cell(
+            "gmms",
+            {**common, "hfc": hfc, "model_cell": model_cell.key},
+            (model_cell.key,),
+            label=f"{label} {model} HFC mixtures",
+            hint=hint,
+        )
+        cells.append(gmm_cell)
+    common = {**common, "pool": attack_cfg["pool"], "model_cell": model_cell.key}
+    sets: dict[bool, Cell] = {}
+    for attack in config["attacks"]:
+        for eps in config["eps"] if ATTACKS[attack].budgeted() else [None]:
+            setting = f"{label} {model} {attack}" + ("" if eps is None else f" eps={eps}")
+            sets = _attack_cells(config, common, attack, eps, setting, gmm_cell, hint)
+            cells += [*sets.values(), *_detect_cells(config, common, attack, eps, setting, sets, hint)]
+    if gmm_cell is not None and config["attacks"]:  # the strongest setting: the last attack at its last budget
+        plain, hfc_set = sets[False], sets[True]
+        inputs = {
+            **common,
+            "attack": plain.inputs["attack"],
+            "eps": plain.inputs["eps"],
+            "layers": config["detector"]["layers"],
+            "projection_layers": config["projection"]["layers"],
+            "plain_cell": plain.key,
+            "hfc_cell": hfc_set.key,
+            "label": f"{label} {model} projection",
+        }
+        deps = (model_cell.key, plain.key, hfc_set.key)
+        cells.append(Cell("projection", inputs, deps, label=inputs["label"], hint=hint))
+    return cells
+
+
+def _attack_cells(
+    config: Mapping[str, Any],
+    common: Mapping[str, Any],
+    attack: str,
+    eps: str | None,
+    setting: str,
+    gmm_cell: Cell | None,
+    hint: Mapping[str, Any],
+) -> dict[bool, Cell]:
+    """The plain attack cell and, when HFC is on, the HFC one, keyed by whether HFC is on."""
+    attack_cfg = config["attack"]
+    sets = {}
+    for use_hfc in (False, True) if gmm_cell is not None else (False,):
+        inputs = {
+            **common,
+            "attack": attack,
+            "eps": eps,
+            "hfc": use_hfc,
+            "steps": attack_cfg["steps"],
+            "targeted": attack_cfg["targeted"],
+            "batch_size": attack_cfg["batch_size"],
+            "options": dict(attack_cfg[attack]),
+            "label": setting + (" +HFC" if use_hfc else ""),
+        }
+        deps: tuple[str, ...] = (common["model_cell"],)
+        if use_hfc:
+            inputs.update(hfc_config=config["hfc"], gmms_cell=gmm_cell.key)
+            deps += (gmm_cell.key,)
+        sets[use_hfc] = Cell("attack", inputs, deps, label=inputs["label"], hint=hint)
+    return sets
+
+
+def _detect_cells(
+    config: Mapping[str, Any],
+    common: Mapping[str, Any],
+    attack: str,
+    eps: str | None,
+    setting: str,
+    sets: Mapping[bool, Cell],
+    hint: Mapping[str, Any],
+) -> list[Cell]:
+    """One cell per detector: fitted on the plain set, scoring the plain and the HFC set of (attack, eps); the noise
+    control has the attack's L-inf budget (for an attack without one, the largest budget of the run)."""
+    detector_cfg = config["detector"]
+    plain, hfc = sets[False], sets.get(True, sets[False])
+    settings = ("fit_fraction", "bootstrap", "train_limit", "layers", "raw_layers", "noise")
+    cells = []
+    for detector in config["detectors"]:
+        inputs = {
+            **common,
+            "attack": attack,
+            "eps": eps,
+            "detector": detector,
+            **{k: detector_cfg[k] for k in settings},
+            "noise_eps": eps if eps is not None else config["eps"][-1],
+            "options": dict(detector_cfg[detector]),
+            "plain_cell": plain.key,
+            "hfc_cell": hfc.key,
+            "label": f"{setting} {detector}",
+        }
+        deps = tuple(dict.fromkeys((common["model_cell"], plain.key, hfc.key)))
+        cells.append(Cell("detect", inputs, deps, label=inputs["label"], hint=hint))
+    return cells

@@ -1,0 +1,151 @@
+"""Run (or resume) a config: plan the cells, execute them, write the tables and the run card.
+
+``execute(config)`` is what ``hfc-engine run`` and ``engine.audit`` call; it returns a :class:`RunResult` with the
+rows and payloads of this config's cells, from which engine.report builds the HTML page. Outputs in
+``<output_dir>/<name>/``: ``store.sqlite`` (the results store), ``artifacts/``, ``results.csv`` and
+``results.parquet`` (long format, :data:`engine.runs.schema.ROW_COLUMNS`) and ``run_card.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy
+import pandas as pd
+import sklearn
+import torch
+
+from engine import __version__
+from engine.fileio import atomic_write
+from engine.runs.artifacts import Artifacts
+from engine.runs.cells import Cell
+from engine.runs.config import validate
+from engine.runs.context import RunContext
+from engine.runs.executor import LocalExecutor
+from engine.runs.plan import build_cells
+from engine.runs.progress import CostModel, Machine
+from engine.runs.schema import ROW_COLUMNS
+from engine.runs.stages import STAGES
+from engine.runs.store import ResultStore
+
+
+@dataclass
+class RunResult:
+    """A finished run: its rows, the (cell, payload) pairs per stage, the run card and where it all lives."""
+
+    config: dict[str, Any]
+    run_dir: Path
+    artifacts: Artifacts
+    rows: list[dict[str, Any]]
+    payloads: dict[str, list[tuple[Cell, dict[str, Any]]]] = field(default_factory=dict)
+    card: dict[str, Any] = field(default_factory=dict)
+
+    def frame(self) -> pd.DataFrame:
+        """All rows as a long-format DataFrame."""
+        return pd.DataFrame(self.rows, columns=list(ROW_COLUMNS))
+
+
+def run_dir(config: Mapping[str, Any]) -> Path:
+    return Path(config["output_dir"]) / config["name"]
+
+
+def execute(config: dict[str, Any], progress: bool = True, context: RunContext | None = None) -> RunResult:
+    """Run (or resume) the run described by ``config``; write results.csv/.parquet and run_card.json."""
+    validate(config)
+    directory = run_dir(config)
+    artifacts = Artifacts(directory / "artifacts")
+    ctx = context or RunContext(artifacts, device=config["device"], progress=progress)
+    started = time.perf_counter()
+    cells = build_cells(config)
+    machine = Machine()
+    costs = CostModel({c.key: STAGES[c.stage].cost(c, machine) for c in cells})
+    executor = LocalExecutor(progress=progress)
+    with ResultStore(directory) as store:
+        timings = executor.run(cells, store, ctx, STAGES, costs)
+        rows = store.rows([c.key for c in cells])
+        payloads: dict[str, list[tuple[Cell, dict[str, Any]]]] = {}
+        for cell in cells:
+            payloads.setdefault(cell.stage, []).append((cell, store.payload(cell.key)))
+        seconds = {key: s for key, _, s in store.cells()}
+    stage_seconds: dict[str, float] = {}
+    for cell in cells:
+        stage_seconds[cell.stage] = stage_seconds.get(cell.stage, 0.0) + seconds[cell.key]
+    wall = time.perf_counter() - started
+    card = run_card(config, stage_seconds, timings, wall, executor.trace, costs)
+    result = RunResult(dict(config), directory, artifacts, rows, payloads, card)
+    write_tables(result)
+    atomic_write(directory / "run_card.json", lambda p: p.write_text(json.dumps(card, indent=2, default=str)))
+    return result
+
+
+def write_tables(result: RunResult) -> None:
+    """results.csv and results.parquet (long format, one row per cell and metric)."""
+    frame = result.frame()
+    atomic_write(result.run_dir / "results.csv", lambda p: frame.to_csv(p, index=False))
+    atomic_write(result.run_dir / "results.parquet", lambda p: frame.to_parquet(p, index=False))
+
+
+def run_card(
+    config: Mapping[str, Any],
+    stage_seconds: Mapping[str, float],
+    new_timings: Mapping[str, float],
+    wall_seconds: float,
+    trace: list[tuple[float, float]],
+    costs: CostModel,
+) -> dict[str, Any]:
+    """Config, seeds, versions, git commit, machine, timings of a run, and how good its ETA was."""
+    return {
+        "version": __version__,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": config,
+        "seed": config["seed"],
+        "git_commit": _git_commit(),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": numpy.__version__,
+            "scikit-learn": sklearn.__version__,
+        },
+        "machine": {
+            "node": platform.node(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "system": platform.platform(),
+        },
+        "seconds_per_stage": {k: round(v, 2) for k, v in stage_seconds.items()},
+        "seconds_this_invocation": {k: round(v, 2) for k, v in new_timings.items()},
+        "wall_seconds_this_invocation": round(wall_seconds, 2),
+        "eta": eta_quality(trace, wall_seconds, costs),
+    }
+
+
+def eta_quality(trace: list[tuple[float, float]], wall_seconds: float, costs: CostModel) -> dict[str, Any]:
+    """The predicted total at the first finished cell after 10% of the wall time, as a ratio to the truth."""
+    after = [(t, total) for t, total in trace if t >= 0.1 * wall_seconds]
+    at_10 = after[0] if after else None
+    return {
+        "initial_estimate_seconds": round(sum(est for _, est in costs.estimates.values()), 1),
+        "predicted_total_after_10pct": None if at_10 is None else round(at_10[1], 1),
+        "ratio_to_actual_after_10pct": None if at_10 is None else round(at_10[1] / max(wall_seconds, 1e-9), 3),
+        "trace": [[round(t, 1), round(total, 1)] for t, total in trace],
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

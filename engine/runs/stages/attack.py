@@ -1,0 +1,84 @@
+"""The ``attack`` stage: attack the test pool (plain or with the HFC add-on) and store the adversarial set.
+
+Any attack of the registry (engine.attacks.ATTACKS) runs here with no special case: the run's settings (budget,
+steps, targets, seed, HFC constraint) and the attack's own options (``attack.<name>``) are passed as far as the
+attack's constructor accepts them (:meth:`engine.attacks.Attack.parameters`). Attacks without a budget (CW-L2)
+get one cell per dataset instead of one per eps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from engine.attacks import ATTACKS, HFC, AdvWriter, Attack
+from engine.models import predict_logits
+from engine.runs.cells import Cell, CellOutput
+from engine.runs.context import RunContext
+from engine.runs.schema import fingerprint
+
+ATTACK_EFFICIENCY = 0.35  # attack steps (large batches, input gradients only) vs training steps, seconds per FLOP
+
+
+def make_attack(name: str, model: nn.Module, settings: Mapping[str, Any], constraint: Any = None) -> Attack:
+    """Attack ``name`` on ``model`` with the run's ``settings`` (eps, steps, targeted, seed, the attack's options),
+    keeping those its constructor accepts."""
+    cls = ATTACKS[name]
+    targeted = settings["targeted"]
+    options = {
+        "eps": settings["eps"],
+        "steps": settings["steps"],
+        "targeted": "random" if targeted is True else targeted,
+        "seed": settings["seed"],
+        "constraint": constraint,
+        **settings.get("options", {}),
+    }
+    return cls(model, **{k: v for k, v in options.items() if k in cls.parameters()})
+
+
+def run_attack(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any]) -> CellOutput:
+    """Attack the pool in batches, appending each to the adversarial set (a resumed cell skips stored batches)."""
+    model_info = deps[inputs["model_cell"]]
+    model = ctx.model(model_info["checkpoint"])
+    x, y = ctx.pool(inputs["dataset"], inputs["split"], inputs["seed"], inputs["pool"])
+    constraint = None
+    if inputs["hfc"]:
+        hfc = inputs["hfc_config"]
+        constraint = HFC(ctx.artifacts.gmms(deps[inputs["gmms_cell"]]["directory"]), lam=hfc["lam"], mode=hfc["mode"])
+    attack = make_attack(inputs["attack"], model, inputs, constraint)
+    directory = ctx.artifacts.directory("adversarial", inputs["label"], fingerprint(dict(inputs)))
+    writer = AdvWriter(directory, classes=model_info["classes"], name=inputs["label"])
+    done = set(writer.stored_indices().tolist())
+    batch = inputs["batch_size"]
+    for start in range(0, len(x), batch):
+        index = np.arange(start, min(start + batch, len(x)))
+        if set(index.tolist()) <= done:
+            continue
+        result = attack(x[index], y[index])
+        writer.append(result.adv, y[index], index=index, target=result.target, success=result.success)
+    _, success = ctx.artifacts.adversarial(ctx.artifacts.ref(directory))
+    correct = predict_logits(model, x, batch).argmax(1) == y.numpy()
+    row = {
+        "dataset": inputs["dataset_label"],
+        "model": inputs["model_label"],
+        "attack": inputs["attack"],
+        "eps": inputs["eps"],
+        "hfc": inputs["hfc"],
+        "detector": "",
+        "metric": "attack_success_rate",
+        "value": float(success[correct].mean()) if correct.any() else float("nan"),
+    }
+    return CellOutput({"directory": ctx.artifacts.ref(directory), "n": len(x)}, [row])
+
+
+def attack_cost(cell: Cell, machine: Any) -> tuple[str, float]:
+    """Per pool image: (steps + 2) forward-backward passes (x 1.3 with the HFC feature term); batched attack
+    steps run at ATTACK_EFFICIENCY x the nominal training rate (measured on the quick audit)."""
+    inputs = cell.inputs
+    steps = inputs["options"].get("steps", inputs["steps"]) if "steps" in ATTACKS[inputs["attack"]].parameters() else 1
+    passes = 3 * (steps + 2) * (1.3 if inputs["hfc"] else 1.0) * inputs["pool"]
+    flops = passes * machine.model_flops(**cell.hint["model"])
+    return f"attack/{inputs['attack']}", ATTACK_EFFICIENCY * machine.seconds(flops)

@@ -1,0 +1,160 @@
+"""The ``detect`` stage (fit a detector on plain AEs, score plain and HFC AEs: the HFC paper's protocol) and the
+``projection`` stage (features of clean, plain and HFC images for the report's PCA plot).
+
+Features are extracted once per process and image set (one forward pass per batch for every hooked layer) and
+memoised in the run context, so the seven detectors of one (attack, eps) share them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.attacks import extract_features, noise_like
+from engine.data import as_tensors
+from engine.detectors import DETECTORS, Detector, FeatureCache, Features, TooFewExamples, run_protocol
+from engine.models import STAGE_OUTPUTS, resolve_layers, spatial_layers, stage_outputs
+from engine.runs.artifacts import DetectorScores, Projection
+from engine.runs.cells import Cell, CellOutput
+from engine.runs.context import RunContext
+from engine.runs.schema import fingerprint
+
+HEADLINE_SUBSET = "successful"
+DETECTOR_COST = {  # seconds per pool image beside the model passes (measured on the quick audit; refined live)
+    "kd": 3e-3, "lid": 1e-3, "svm": 1e-3, "safetynet": 1e-3, "dnr": 5e-3, "dnn": 5e-3, "bu": 1e-3, "maha": 1.1e-2,
+}  # fmt: skip
+MODEL_PASSES = {"bu": 2.5, "maha": 7.0}  # forward passes per pool image (feature sets; MC-dropout heads; steps)
+
+
+def feature_layers(
+    model: nn.Module, inputs: Mapping[str, Any], input_shape: Sequence[int]
+) -> tuple[list[str], list[str]]:
+    """(pooled layers, raw-map layers) of the detectors: ``detector.layers``, and ``raw_layers`` (patterns, or a
+    count: the deepest of those layers whose outputs are spatial maps)."""
+    layers = resolve_layers(model, inputs["layers"])
+    raw = inputs["raw_layers"]
+    if isinstance(raw, (str, list)):
+        return layers, resolve_layers(model, raw)
+    maps = spatial_layers(model, layers, input_shape)
+    return layers, maps[len(maps) - raw :] if raw > 0 else []
+
+
+def _cache(ctx: RunContext, checkpoint: str, inputs: Mapping[str, Any], input_shape: Sequence[int]) -> FeatureCache:
+    def build() -> FeatureCache:
+        model = ctx.model(checkpoint)
+        layers, raw_layers = feature_layers(model, inputs, input_shape)
+        return FeatureCache(model, layers=layers, raw_layers=raw_layers, device=ctx.device)
+
+    return ctx.memo(("cache", checkpoint, inputs["layers"], str(inputs["raw_layers"])), build)
+
+
+def _features(ctx: RunContext, cache: FeatureCache, key: Sequence[Any], x: torch.Tensor, y: torch.Tensor) -> Features:
+    return ctx.memo(("features", id(cache), *key), lambda: cache.extract(x, y.numpy()))
+
+
+def _train_sample(train: Any, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most ``limit`` training images, a seeded random subset in index order."""
+    index = np.arange(len(train))
+    if len(train) > limit:
+        index = np.sort(np.random.default_rng(seed).choice(len(train), limit, replace=False))
+    return as_tensors(torch.utils.data.Subset(train, index.tolist()), name="the training split")
+
+
+def make_detector(name: str, options: Mapping[str, Any], seed: int, model: nn.Module, cache: FeatureCache,
+                  input_shape: Sequence[int]) -> Detector:  # fmt: skip
+    """Detector ``name`` with its ``detector.<name>`` options; ``layers: stage_outputs`` becomes the deepest
+    extracted layer at each spatial resolution."""
+    options = dict(options)
+    if options.get("layers") == STAGE_OUTPUTS:
+        options["layers"] = stage_outputs(model, cache.extractor.layers, input_shape)
+    return DETECTORS[name](seed=seed, **options)
+
+
+def run_detect(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any]) -> CellOutput:
+    """Fit one detector on plain AEs (``fit_fraction`` of the pool) and score plain and HFC AEs on the rest."""
+    checkpoint = deps[inputs["model_cell"]]["checkpoint"]
+    spec, split, seed = inputs["dataset"], inputs["split"], inputs["seed"]
+    x, y = ctx.pool(spec, split, seed, inputs["pool"])
+    cache = _cache(ctx, checkpoint, inputs, tuple(x.shape[1:]))
+    pool_key = fingerprint([spec, split, seed, inputs["pool"]])
+    clean = _features(ctx, cache, ("clean", pool_key), x, y)
+    noise_x = noise_like(x, inputs["noise_eps"], kind=inputs["noise"], seed=seed)
+    noise = _features(ctx, cache, ("noise", pool_key, str(inputs["noise_eps"]), inputs["noise"]), noise_x, y)
+    plain_ref, hfc_ref = deps[inputs["plain_cell"]]["directory"], deps[inputs["hfc_cell"]]["directory"]
+    plain, plain_success = _adversarial_features(ctx, cache, plain_ref, y)
+    transfer = None
+    if inputs["hfc_cell"] != inputs["plain_cell"]:
+        transfer = {"hfc": _adversarial_features(ctx, cache, hfc_ref, y)}
+    train = None
+    if inputs["detector"] in ("kd", "maha", "dnr"):
+        splits = ctx.splits(spec, split, seed)
+        train_x, train_y = _train_sample(splits.train, inputs["train_limit"], seed)
+        train = _features(ctx, cache, ("train", pool_key, inputs["train_limit"]), train_x, train_y)
+    model = ctx.model(checkpoint)
+    detector = make_detector(inputs["detector"], inputs["options"], seed, model, cache, tuple(x.shape[1:]))
+    protocol = {"fit_fraction": inputs["fit_fraction"], "seed": seed, "n_boot": inputs["bootstrap"]}
+    try:
+        result = run_protocol(
+            [detector], clean, plain, plain_success, noise=noise, labels=y.numpy(), source=cache,
+            transfer=transfer, train=train, attack_name="plain", **protocol,
+        )  # fmt: skip
+    except TooFewExamples as exc:
+        raise TooFewExamples(
+            f"{exc} (pool of {len(x)} test images): raise attack.pool (now {inputs['pool']}), the budget or "
+            "attack.steps, or train the model longer"
+        ) from exc
+    directory = ctx.artifacts.directory("detectors", inputs["label"], fingerprint(dict(inputs)))
+    detector.save(directory / "fitted")
+    DetectorScores(result.scores[detector.name], result.index).save(directory)
+    base = {k: inputs[k] for k in ("attack", "eps", "detector")}
+    base.update(dataset=inputs["dataset_label"], model=inputs["model_label"])
+    rows = []
+    for r in result.to_rows():
+        metric = r["metric"] if r["subset"] == HEADLINE_SUBSET else f"{r['metric']}@{r['subset']}"
+        rows.append(
+            {**base, "hfc": r["attack"] == "hfc", "metric": metric, **{k: r[k] for k in ("value", "ci_low", "ci_high")}}
+        )
+    payload = {"directory": ctx.artifacts.ref(directory), "fitted": ctx.artifacts.ref(directory / "fitted")}
+    return CellOutput(payload, rows)
+
+
+def _adversarial_features(
+    ctx: RunContext, cache: FeatureCache, ref: str, y: torch.Tensor
+) -> tuple[Features, np.ndarray]:
+    images, success = ctx.artifacts.adversarial(ref)
+    return _features(ctx, cache, ("adversarial", ref), images, y), success
+
+
+def run_projection(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any]) -> CellOutput:
+    """GAP features of clean, plain-AE and HFC-AE images at the projection layers (default: the second and the
+    last detector layer), for the report's PCA plot."""
+    model = ctx.model(deps[inputs["model_cell"]]["checkpoint"])
+    layers = resolve_layers(model, inputs["layers"])
+    chosen = resolve_layers(model, inputs["projection_layers"]) if inputs["projection_layers"] else None
+    chosen = chosen or [layers[min(1, len(layers) - 1)], layers[-1]]
+    x, y = ctx.pool(inputs["dataset"], inputs["split"], inputs["seed"], inputs["pool"])
+    sets = {"clean": x}
+    for group, cell in (("plain AE", inputs["plain_cell"]), ("HFC AE", inputs["hfc_cell"])):
+        sets[group] = ctx.artifacts.adversarial(deps[cell]["directory"])[0]
+    features = {}
+    for group, images in sets.items():
+        feats, _, _ = extract_features(model, (images, y), chosen)
+        features[group] = {layer: feats[layer].numpy() for layer in chosen}
+    directory = ctx.artifacts.directory("projections", inputs["label"], fingerprint(dict(inputs)))
+    Projection(chosen, features).save(directory)
+    return CellOutput({"directory": ctx.artifacts.ref(directory), "layers": chosen})
+
+
+def detect_cost(cell: Cell, machine: Any) -> tuple[str, float]:
+    """Feature passes over the pool's sets plus the detector's own work (per image and layer) and model passes."""
+    name, pool = cell.inputs["detector"], cell.inputs["pool"]
+    model_s = machine.seconds(pool * machine.model_flops(**cell.hint["model"]) * MODEL_PASSES.get(name, 1.0))
+    return f"detect/{name}", model_s + pool * DETECTOR_COST.get(name, 1e-2)
+
+
+def projection_cost(cell: Cell, machine: Any) -> tuple[str, float]:
+    return "projection", 0.6 * machine.seconds(3 * cell.inputs["pool"] * machine.model_flops(**cell.hint["model"]))

@@ -1,0 +1,76 @@
+"""The ``model`` stage (train or load the model, clean metrics) and the ``gmms`` stage (HFC's mixtures)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from engine.attacks import fit_hfc_gmms, save_hfc_gmms
+from engine.models import evaluate
+from engine.runs.cells import Cell, CellOutput
+from engine.runs.context import RunContext
+from engine.runs.schema import dataset_label, fingerprint
+
+EM_FACTOR = 1.35  # the feature pass plus sklearn's EM, relative to the pass alone (measured on the quick audit)
+TRAINING_KEYS = ("arch", "width", "dropout", "epochs", "lr", "batch_size")  # model.* keys that shape training
+
+
+def training_settings(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What determines a trained model: arch, build options and training hyper-parameters (cache key too)."""
+    return {**{k: model_cfg[k] for k in TRAINING_KEYS}, **model_cfg.get("options", {})}
+
+
+def run_model(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any]) -> CellOutput:
+    """Train the model on the dataset's train split (or take the given checkpoint) and report clean test metrics."""
+    spec, cfg, seed, split = inputs["dataset"], inputs["model"], inputs["seed"], inputs["split"]
+    splits = ctx.splits(spec, split, seed)
+    split_dir = ctx.artifacts.directory("splits", dataset_label(spec), fingerprint([spec, split, seed]))
+    splits.save(split_dir / "splits.json")
+    checkpoint = cfg["checkpoint"] or ctx.trained(splits, training_settings(cfg), seed)
+    metrics = {k: v for k, v in evaluate(ctx.model(checkpoint), splits.test).items() if _is_number(v)}
+    base = {"dataset": dataset_label(spec), "model": inputs["model_label"]}
+    rows = [{**base, "metric": f"clean_{k}", "value": v} for k, v in metrics.items()]
+    payload = {
+        "checkpoint": checkpoint,
+        "split_file": ctx.artifacts.ref(split_dir / "splits.json"),
+        "split_hash": splits.hash,
+        "classes": list(splits.train.classes),
+        "metrics": metrics,
+    }
+    return CellOutput(payload, rows)
+
+
+def run_gmms(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any]) -> CellOutput:
+    """Fit the per-(layer, class) mixtures of HFC on training features."""
+    model = ctx.model(deps[inputs["model_cell"]]["checkpoint"])
+    splits = ctx.splits(inputs["dataset"], inputs["split"], inputs["seed"])
+    hfc = inputs["hfc"]
+    gmms = fit_hfc_gmms(
+        model,
+        splits.train,
+        hfc["layers"],
+        n_components=hfc["n_components"],
+        seed=inputs["seed"],
+        reg_covar=hfc["reg_covar"],
+    )
+    label = f"{dataset_label(inputs['dataset'])}-{inputs['model_label']}"
+    directory = save_hfc_gmms(gmms, ctx.artifacts.directory("gmms", label, fingerprint(dict(inputs))))
+    return CellOutput({"directory": ctx.artifacts.ref(directory), "layers": list(gmms)})
+
+
+def model_cost(cell: Cell, machine: Any) -> tuple[str, float]:
+    """Training: 3x forward FLOPs per training image per epoch, plus the validation and test passes."""
+    cfg, n = cell.inputs["model"], cell.hint["n"]
+    flops = machine.model_flops(**cell.hint["model"])
+    epochs = 0 if cfg["checkpoint"] else cfg["epochs"]
+    return "model", machine.seconds((epochs * (3 * 0.7 + 0.15) + 0.3) * n * flops)
+
+
+def gmms_cost(cell: Cell, machine: Any) -> tuple[str, float]:
+    """One feature pass over the training split, plus sklearn's EM per (layer, class)."""
+    flops = machine.model_flops(**cell.hint["model"])
+    return "gmms", EM_FACTOR * machine.seconds(0.7 * cell.hint["n"] * flops)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
