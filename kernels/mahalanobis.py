@@ -20,6 +20,7 @@ import triton.language as tl
 from engine.kernels.gmm import check_dtype, project_tile
 
 from engine.ops._backend import register
+from engine.ops.mahalanobis import not_positive_definite
 
 BLOCK_N = 32  # rows per program
 BLOCK_D = 16  # feature tile (tl.dot needs >= 16)
@@ -44,16 +45,14 @@ def _mahalanobis_kernel(
     tl.store(out_ptr + rows[:, None] * n_cls + cls[None, :], acc, mask=row_mask[:, None] & (cls < n_cls)[None, :])
 
 
-def _mahalanobis_layer(x: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+def _mahalanobis_layer(x: torch.Tensor, means: torch.Tensor, precision: torch.Tensor, name: str) -> torch.Tensor:
     check_dtype(x, "x")
     n, d = x.shape
     n_cls = means.shape[0]
     out = torch.empty((n, n_cls), dtype=x.dtype, device=x.device)
-    chol, info = torch.linalg.cholesky_ex(precision)
+    chol, info = torch.linalg.cholesky_ex(0.5 * (precision + precision.T))  # only the symmetric part matters
     if int(info) != 0:
-        raise ValueError(
-            "precision must be symmetric positive definite (Cholesky failed); regularise it or use float64"
-        )
+        raise not_positive_definite(name, int(info))
     if n == 0:
         return out
     centre = means.mean(dim=0)
@@ -77,4 +76,5 @@ def _mahalanobis_layer(x: torch.Tensor, means: torch.Tensor, precision: torch.Te
 @register("mahalanobis", "triton")
 def mahalanobis(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
     """Per layer the (N, C) squared distances; see engine.ops._backend for the contract."""
-    return [_mahalanobis_layer(*layer) for layer in layers]
+    names = [f"precision[{i}]" if len(layers) > 1 else "precision" for i in range(len(layers))]
+    return [_mahalanobis_layer(*layer, name) for layer, name in zip(layers, names, strict=True)]

@@ -36,15 +36,6 @@ def assert_distances(actual, expected, rtol: float, what: str = "squared distanc
     assert_rel(actual, expected, rtol, floor=1.0, scale="max", what=what)
 
 
-def xfail_on_triton(request: pytest.FixtureRequest, backend: str) -> None:
-    """Known bug of backend "triton" (kernels/mahalanobis.py): it factorises the raw precision instead of its
-    symmetric part, and its not-positive-definite error lacks the layer name and leading minor. Strict: a fix
-    makes the test XPASS and fail, so the mark gets removed."""
-    if backend == "triton":
-        reason = "kernels/mahalanobis.py: Cholesky of the raw precision, not of its symmetric part"
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=True, raises=(ValueError, AssertionError)))
-
-
 def reference_of(*arrays: np.ndarray) -> np.ndarray:
     """engine.reference.mahalanobis of numpy ``(x, means, precision)``."""
     return reference.mahalanobis(*(torch.from_numpy(a) for a in arrays)).numpy()
@@ -85,8 +76,7 @@ def test_several_layers_in_one_call(backend):
     assert mahalanobis([], [], [], backend=backend) == []
 
 
-def test_non_symmetric_precision_uses_its_symmetric_part(request, backend):
-    xfail_on_triton(request, backend)
+def test_non_symmetric_precision_uses_its_symmetric_part(backend):
     rng = np.random.default_rng(3)
     x, means, precision = class_data(rng, 20, 2, 6)
     skew = rng.normal(size=(6, 6))
@@ -145,8 +135,7 @@ def test_identity_precision_is_squared_euclidean(backend, n, c, d, seed):
     assert_distances(got, cdist(x, means, "sqeuclidean"), 1e-10)
 
 
-def test_not_positive_definite_precision_raises(request, backend):
-    xfail_on_triton(request, backend)
+def test_not_positive_definite_precision_raises(backend):
     rng = np.random.default_rng(7)
     x, means, precision = (put(a, backend) for a in class_data(rng, 10, 2, 4))
     singular = put(np.diag([1.0, 1.0, 0.0, 1.0]), backend)
