@@ -98,9 +98,12 @@ def test_topological_errors():
 
 
 def test_cost_model_refines_from_finished_cells():
-    costs = CostModel({"a": ("model", 10.0), "b": ("model", 10.0), "c": ("attack", 2.0), "d": ("attack", 2.0)})
+    estimates = {"a": ("model", 10.0), "b": ("model", 10.0), "c": ("attack", 2.0), "d": ("attack", 2.0)}
+    costs = CostModel({**estimates, "x": ("data", 5.0)})
     assert costs.remaining(["a", "b", "c", "d"]) == pytest.approx(24.0)
-    costs.finished("a", 30.0)  # the model class runs 3x slower than estimated; unseen classes follow all cells
+    costs.finished("x", 0.5)  # a cached dataset loads fast: says nothing about the compute classes
+    assert costs.remaining(["a", "b", "c", "d"]) == pytest.approx(24.0)
+    costs.finished("a", 30.0)  # the model class runs 3x slower than estimated; unseen classes follow the median
     assert costs.remaining(["b", "c", "d"]) == pytest.approx(30.0 + 3 * 4.0)
     costs.finished("c", 1.0)  # the attack class has its own factor now
     assert costs.remaining(["b", "d"]) == pytest.approx(30.0 + 1.0)

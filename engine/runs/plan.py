@@ -1,6 +1,7 @@
 """From a validated config to the run's cells (engine.runs.config.DEFAULTS documents every key).
 
-Per dataset: one ``model`` cell (train or take the checkpoint, clean metrics), one ``gmms`` cell (HFC's mixtures)
+Per dataset: one ``data`` cell (load or generate, split), one ``model`` cell (train or take the checkpoint, clean
+metrics), one ``gmms`` cell (HFC's mixtures)
 when HFC is on, one ``attack`` cell per (attack, eps, plain/HFC) -- one per (attack, plain/HFC) for attacks
 without a budget --, one ``detect`` cell per (attack, eps, detector) fitting on plain AEs and scoring plain and
 HFC AEs, and one ``projection`` cell at the strongest setting for the report's PCA plot. Then one ``study`` cell
@@ -60,8 +61,11 @@ def _dataset_cells(config: Mapping[str, Any], spec: Mapping[str, Any]) -> list[C
     model_cfg = dict(config["model"])
     if model_cfg["checkpoint"] and not str(model_cfg["checkpoint"]).startswith(MEMORY):
         model_cfg["checkpoint"] = checkpoint_ref(model_cfg["checkpoint"])
-    model_cell = Cell("model", {**common, "model": model_cfg}, label=f"{label} {model} model", hint=hint)
-    cells = [model_cell]
+    data_cell = Cell("data", common, label=f"{label} data", hint=hint)
+    model_cell = Cell(
+        "model", {**common, "model": model_cfg}, (data_cell.key,), label=f"{label} {model} model", hint=hint
+    )
+    cells = [data_cell, model_cell]
     gmm_cell = None
     if config["hfc"]["enabled"]:
         hfc = {k: config["hfc"][k] for k in ("layers", "n_components", "reg_covar")}

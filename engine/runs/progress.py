@@ -4,8 +4,8 @@ Each stage estimates a cell's cost in seconds (:attr:`engine.runs.cells.Stage.co
 model it runs (:meth:`Machine.model_flops`) at a nominal rate, with per-stage constants measured on the quick
 audit (see each stage's cost function). Estimates are then refined from real timings: every finished cell, in this
 invocation or an earlier one (the store keeps each cell's seconds), sets a correction factor for its cost class
-(stage, plus the method for attack/detect cells); classes with no finished cell yet use the factor over all
-finished cells. The ETA is the corrected cost of the cells not yet done. ``trace`` records (elapsed, predicted
+(stage, plus the method for attack/detect cells); classes with no finished cell yet use the median factor of the
+classes seen so far. The ETA is the corrected cost of the cells not yet done. ``trace`` records (elapsed, predicted
 total) at every finished cell, so a run card can show how good the ETA was.
 """
 
@@ -17,12 +17,14 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from engine.models import build_model
 
+IO_CLASSES = ("data",)  # cost classes whose speed says nothing about the model computations of the others
 NOMINAL_FLOPS_PER_SECOND = 3e10  # effective training throughput of a small CNN on 2 cores (the prior)
 
 
@@ -63,15 +65,19 @@ class CostModel:
         self.actual[key] = float(seconds)
 
     def factor(self, cost_class: str) -> float:
-        """Measured / estimated seconds over the finished cells of ``cost_class`` (else of every class, else 1)."""
-        finished = [(self.estimates[k], s) for k, s in self.actual.items() if k in self.estimates]
-        same = [(est, s) for (cls, est), s in finished if cls == cost_class]
-        every = [(est, s) for (_, est), s in finished]
-        for pairs in (same, every):
-            estimated = sum(est for est, _ in pairs)
-            if estimated > 0:
-                return sum(s for _, s in pairs) / estimated
-        return 1.0
+        """Measured / estimated seconds over the finished cells of ``cost_class``; for a class with none yet, the
+        median factor of the compute classes seen so far (one slow class does not rescale all the others); else 1."""
+        sums: dict[str, list[float]] = {}
+        for key, seconds in self.actual.items():
+            if key in self.estimates:
+                cls, est = self.estimates[key]
+                total = sums.setdefault(cls, [0.0, 0.0])
+                total[0], total[1] = total[0] + est, total[1] + seconds
+        factors = {cls: s / est for cls, (est, s) in sums.items() if est > 0}
+        if cost_class in factors:
+            return factors[cost_class]
+        compute = [f for cls, f in factors.items() if cls not in IO_CLASSES]
+        return float(np.median(compute)) if compute else 1.0
 
     def remaining(self, pending: Sequence[str], running: str | None = None, running_for: float = 0.0) -> float:
         """Expected seconds for the ``pending`` cells; the ``running`` one has already run ``running_for``."""

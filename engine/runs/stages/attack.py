@@ -21,6 +21,7 @@ from engine.runs.context import RunContext
 from engine.runs.schema import fingerprint
 
 ATTACK_EFFICIENCY = 0.35  # attack steps (large batches, input gradients only) vs training steps, seconds per FLOP
+ATTACK_OVERHEAD = 15  # forward-pass equivalents per image besides the steps (checks, prediction, storage; measured)
 
 
 def make_attack(name: str, model: nn.Module, settings: Mapping[str, Any], constraint: Any = None) -> Attack:
@@ -79,6 +80,6 @@ def attack_cost(cell: Cell, machine: Any) -> tuple[str, float]:
     steps run at ATTACK_EFFICIENCY x the nominal training rate (measured on the quick audit)."""
     inputs = cell.inputs
     steps = inputs["options"].get("steps", inputs["steps"]) if "steps" in ATTACKS[inputs["attack"]].parameters() else 1
-    passes = 3 * (steps + 2) * (1.3 if inputs["hfc"] else 1.0) * inputs["pool"]
+    passes = (3 * (steps + 2) * (1.3 if inputs["hfc"] else 1.0) + ATTACK_OVERHEAD) * inputs["pool"]
     flops = passes * machine.model_flops(**cell.hint["model"])
     return f"attack/{inputs['attack']}", ATTACK_EFFICIENCY * machine.seconds(flops)

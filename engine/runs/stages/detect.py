@@ -24,8 +24,8 @@ from engine.runs.context import RunContext
 from engine.runs.schema import fingerprint
 
 HEADLINE_SUBSET = "successful"
-DETECTOR_COST = {  # seconds per pool image beside the model passes (measured on the quick audit; refined live)
-    "kd": 3e-3, "lid": 1e-3, "svm": 1e-3, "safetynet": 1e-3, "dnr": 5e-3, "dnn": 5e-3, "bu": 1e-3, "maha": 1.1e-2,
+DETECTOR_COST = {  # seconds per pool image beside the model passes (measured on the audits; refined live)
+    "kd": 2.3e-3, "lid": 6e-4, "svm": 5e-4, "safetynet": 5e-4, "dnr": 2e-3, "dnn": 7.5e-3, "bu": 1e-3, "maha": 1.2e-2,
 }  # fmt: skip
 MODEL_PASSES = {"bu": 2.5, "maha": 7.0}  # forward passes per pool image (feature sets; MC-dropout heads; steps)
 
