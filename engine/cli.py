@@ -21,7 +21,7 @@ from engine.export import export_onnx
 from engine.models import train_model
 from engine.models.classifier import ARCHITECTURES
 from engine.report import summary_lines
-from engine.runs import STUDIES, CellFailed, ConfigError, load_config
+from engine.runs import STUDIES, CellFailed, ConfigError, choices, load_config
 from engine.score import score_dataset
 
 BENCH_COLUMNS = ("op", "shape", "ours_s", "baseline", "baseline_s", "speedup", "gflops", "gemm_multiple")
@@ -33,6 +33,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     path, overrides = args.config, list(args.overrides)
     if path is not None and "=" in path and not Path(path).exists():  # `hfc-engine run key=value ...`
         path, overrides = None, [path, *overrides]
+    if args.executor or args.address:  # --address alone means a Ray run
+        overrides.append(f"executor={args.executor or 'ray'}")
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
     report = run_audit(load_config(path, overrides, quick=args.quick), progress=not args.no_progress)
     table = report.table()
     if not table.empty:
@@ -135,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. attack.steps=40 (see docs/runs.md)")
     run.add_argument("--quick", action="store_true", help="fewer images, one eps, BIM/PGD only")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--executor", choices=choices()["executor"], help="where cells run (default: the config's)")
+    run.add_argument("--address", help="Ray cluster to run on: auto or <head host>:<port> (implies --executor ray)")
     run.set_defaults(func=cmd_run)
 
     titles = "; ".join(f"{n}: {s.title}" for n, s in STUDIES.items())

@@ -57,6 +57,11 @@ class Artifacts:
         path = Path(ref)
         return path if path.is_absolute() else self.root / path
 
+    def publish(self) -> None:
+        """Make the files written so far reachable from every worker; called when a cell finishes, before it is
+        committed. A directory needs nothing (on a cluster it is a shared filesystem); an fsspec location uploads
+        them (engine.runs.staging.StagedArtifacts)."""
+
     # -- readers of the formats other packages own ------------------------------------------------------------
     def adversarial(self, ref: str) -> tuple[torch.Tensor, np.ndarray]:
         """The adversarial set a payload names, in pool order: (images (N, C, H, W), success (N,) bool)."""

@@ -22,10 +22,11 @@ from engine.data import LOADERS, SYNTHETIC
 from engine.detectors import DETECTORS
 from engine.models import STAGE_OUTPUTS
 from engine.models.classifier import ARCHITECTURES
+from engine.runs.cluster import check_executor_settings
 from engine.runs.overrides import ConfigError, merge, set_dotted, values_at
 from engine.runs.studies import STUDIES
 
-EXECUTORS = ("local",)
+EXECUTORS = ("local", "ray")
 MEMORY_DATASET = "memory"  # an in-memory dataset handed to engine.audit(); not loadable from a config file
 
 DEFAULTS: dict[str, Any] = {
@@ -34,6 +35,10 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "cpu",
     "executor": "local",
+    "artifacts": None,  # the artifact location: None is <run dir>/artifacts; a directory or an fsspec URL
+    # executor: ray (docs/clusters.md): which cluster, and what a cell of each stage claims there
+    "ray": {"address": None, "cpus": None, "retries": 3},
+    "resources": {},
     "datasets": [
         {"name": "fundus-synth", "task": "binary", "n": 3000, "image_size": 64},
         {"name": "cxr-synth", "n": 3000, "image_size": 64},
@@ -144,7 +149,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), q
 def _free_form(dotted: str) -> bool:
     """Keys whose contents are not checked against DEFAULTS (dataset specs, study and per-method options)."""
     head, _, rest = dotted.partition(".")
-    return head in ("datasets", "study") or dotted.startswith("model.options") or (
+    return head in ("datasets", "study", "resources") or dotted.startswith("model.options") or (
         head in ("attack", "detector") and rest.split(".")[0] in (*ATTACKS, *DETECTORS) and "." in rest
     )
 
@@ -178,6 +183,7 @@ def validate(config: Mapping[str, Any]) -> None:
     targeted = config["attack"]["targeted"]
     if not (isinstance(targeted, bool) or targeted in TARGET_MODES):
         raise ConfigError(f"config key 'attack.targeted' must be true, false or one of {TARGET_MODES}")
+    check_executor_settings(config)
     _method_options(config, "attack", ATTACKS, lambda cls: cls.parameters())
     _method_options(config, "detector", DETECTORS, lambda cls: list(inspect.signature(cls.__init__).parameters))
 

@@ -8,10 +8,13 @@ audit and the studies never train the same model twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from engine.data import ImageDataset, Splits, as_tensors, load_dataset, split_dataset
@@ -109,6 +112,23 @@ class RunContext:
     def clear(self) -> None:
         """Drop memoised features and pools (keeps datasets and models)."""
         self._memo.clear()
+
+
+@contextmanager
+def threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` threads in torch and in every BLAS and OpenMP pool loaded, then restore them.
+
+    engine.ops' C++ kernels take ``omp_get_max_threads()`` of the OpenMP runtime they share with torch (both load
+    ``libgomp.so.1``, torch's copy first), so ``torch.set_num_threads`` sets theirs too; threadpoolctl covers the
+    BLAS behind numpy, scipy and scikit-learn (the HFC mixtures' EM, the detectors).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        with threadpool_limits(limits=count):
+            yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def checkpoint_ref(path: str | Path) -> str:

@@ -1,9 +1,11 @@
-"""Executors decide where cells run; :class:`LocalExecutor` runs them in this process, in dependency order.
+"""Executors decide where cells run; :class:`LocalExecutor` runs them in this process, in dependency order
+(engine.runs.cluster.RayExecutor runs them as Ray tasks).
 
-Contract for every executor: run each unfinished cell after its dependencies, commit each result to the store
-as it arrives (the driver alone writes the store), report progress, and return the seconds spent per stage.
-A cell that raises stops the run with :class:`CellFailed`, which names the cell; finished cells stay committed,
-so rerunning the same command resumes.
+Contract for every executor: run each unfinished cell after its dependencies (through :func:`run_cell`, which
+publishes the cell's artifacts before its result counts), commit each result to the store as it arrives (the
+driver alone writes the store), report progress, and return the seconds spent per stage. A cell that raises stops
+the run with :class:`CellFailed`, which names the cell; finished cells stay committed, so rerunning the same
+command resumes.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from engine.runs.cells import Cell, Stage, topological
+from engine.runs.cells import Cell, CellOutput, Stage, topological
 from engine.runs.progress import CostModel, Progress
 from engine.runs.store import ResultStore
 
@@ -26,11 +28,37 @@ class CellFailed(Exception):
 
 
 class Executor(Protocol):
+    trace: list[tuple[float, float]]  # (elapsed, predicted total) at every finished cell of the last run
+
     def run(
         self, cells: Sequence[Cell], store: ResultStore, context: Any, stages: Mapping[str, Stage], costs: CostModel
     ) -> dict[str, float]:
         """Run every unfinished cell (dependencies first); return seconds spent per stage in this invocation."""
         ...
+
+
+def run_cell(
+    stage: Stage, context: Any, inputs: Mapping[str, Any], deps: Mapping[str, dict[str, Any]]
+) -> tuple[CellOutput, float]:
+    """Run one cell, then publish the files it wrote (engine.runs.artifacts.Artifacts.publish); returns its output
+    and seconds. ``context`` may be None for stages that need none."""
+    start = time.perf_counter()
+    out = stage.run(context, inputs, deps)
+    if context is not None:
+        context.artifacts.publish()
+    return out, time.perf_counter() - start
+
+
+def resume(
+    cells: Sequence[Cell], store: ResultStore, costs: CostModel, show: bool
+) -> tuple[list[Cell], set[str], Progress]:
+    """Where a run stands: its cells in dependency order, the keys of those already finished (their seconds go to
+    the cost model) and the progress display."""
+    order = topological(cells)
+    finished = {key: seconds for key, _, seconds in store.cells()}
+    for key, seconds in finished.items():
+        costs.finished(key, seconds)
+    return order, set(finished), Progress(order, set(finished), costs, enabled=show)
 
 
 class LocalExecutor:
@@ -43,11 +71,7 @@ class LocalExecutor:
     def run(
         self, cells: Sequence[Cell], store: ResultStore, context: Any, stages: Mapping[str, Stage], costs: CostModel
     ) -> dict[str, float]:
-        order = topological(cells)
-        finished = {key: seconds for key, _, seconds in store.cells()}
-        for key, seconds in finished.items():
-            costs.finished(key, seconds)
-        progress = Progress(order, set(finished), costs, enabled=self.progress)
+        order, finished, progress = resume(cells, store, costs, self.progress)
         timings: dict[str, float] = {}
         try:
             for cell in order:
@@ -55,12 +79,10 @@ class LocalExecutor:
                     continue
                 deps = {key: store.payload(key) for key in cell.deps}
                 progress.begin(cell.key)
-                start = time.perf_counter()
                 try:
-                    out = stages[cell.stage].run(context, cell.inputs, deps)
+                    out, seconds = run_cell(stages[cell.stage], context, cell.inputs, deps)
                 except Exception as exc:
                     raise CellFailed(cell.label or cell.key, exc) from exc
-                seconds = time.perf_counter() - start
                 store.commit(cell.key, cell.stage, out.payload, out.rows, seconds)
                 progress.end(cell.key, seconds)
                 timings[cell.stage] = timings.get(cell.stage, 0.0) + seconds

@@ -28,13 +28,15 @@ from engine import __version__
 from engine.fileio import atomic_write
 from engine.runs.artifacts import Artifacts
 from engine.runs.cells import Cell
+from engine.runs.cluster import RayExecutor
 from engine.runs.config import validate
 from engine.runs.context import RunContext
-from engine.runs.executor import LocalExecutor
+from engine.runs.executor import Executor, LocalExecutor
 from engine.runs.plan import build_cells
 from engine.runs.progress import CostModel, Machine
 from engine.runs.schema import ROW_COLUMNS
 from engine.runs.stages import STAGES
+from engine.runs.staging import is_url, open_artifacts
 from engine.runs.store import ResultStore
 
 
@@ -62,13 +64,13 @@ def execute(config: dict[str, Any], progress: bool = True, context: RunContext |
     """Run (or resume) the run described by ``config``; write results.csv/.parquet and run_card.json."""
     validate(config)
     directory = run_dir(config)
-    artifacts = Artifacts(directory / "artifacts")
-    ctx = context or RunContext(artifacts, device=config["device"], progress=progress)
+    ctx = context or RunContext(open_artifacts(artifact_location(config)), device=config["device"], progress=progress)
+    artifacts = ctx.artifacts
     started = time.perf_counter()
     cells = build_cells(config)
     machine = Machine()
     costs = CostModel({c.key: STAGES[c.stage].cost(c, machine) for c in cells})
-    executor = LocalExecutor(progress=progress)
+    executor = make_executor(config, progress)
     with ResultStore(directory) as store:
         timings = executor.run(cells, store, ctx, STAGES, costs)
         rows = store.rows([c.key for c in cells])
@@ -85,6 +87,20 @@ def execute(config: dict[str, Any], progress: bool = True, context: RunContext |
     write_tables(result)
     atomic_write(directory / "run_card.json", lambda p: p.write_text(json.dumps(card, indent=2, default=str)))
     return result
+
+
+def artifact_location(config: Mapping[str, Any]) -> str:
+    """Where the run's artifacts live: ``artifacts`` (a directory or an fsspec URL), else ``<run dir>/artifacts``;
+    a directory as an absolute path, so that workers started elsewhere find it."""
+    location = str(config["artifacts"] or run_dir(config) / "artifacts")
+    return location if is_url(location) else str(Path(location).expanduser().resolve())
+
+
+def make_executor(config: Mapping[str, Any], progress: bool = True) -> Executor:
+    """The executor ``config["executor"]`` names."""
+    if config["executor"] == "ray":
+        return RayExecutor(config, artifact_location(config), progress=progress)
+    return LocalExecutor(progress=progress)
 
 
 def write_tables(result: RunResult) -> None:
