@@ -7,11 +7,22 @@ import numpy as np
 import pytest
 import torch
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+from scipy.stats import t as student_t
 from scipy.stats import ttest_rel
 from sklearn.metrics import cohen_kappa_score
+from statsmodels.stats.weightstats import DescrStatsW, ttost_paired
 
 from engine.detectors import TiedGaussian
-from engine.metrics import mean_pairwise_cosine, paired_ttest, relative_deviation, resample_kappas
+from engine.metrics import (
+    mean_ci,
+    mean_pairwise_cosine,
+    paired_ttest,
+    relative_deviation,
+    resample_kappas,
+    tost_paired,
+    weighted_pairwise_cosine,
+)
+from engine.metrics.roc import bootstrap_weights
 from engine.models import build_model, load_model
 from engine.runs import ROW_COLUMNS, STUDIES, Artifacts, ResultStore, RunContext
 from engine.runs.overrides import merge
@@ -94,6 +105,30 @@ def test_mean_pairwise_cosine_matches_a_double_loop(n, d):
         mean_pairwise_cosine(s, groups[:-1])
 
 
+def test_weighted_pairwise_cosine_is_the_cosine_of_the_resample_without_self_pairs():
+    rng = np.random.default_rng(5)
+    s, groups = rng.normal(size=(11, 4)), rng.integers(0, 3, 11)
+    s[3] = 0.0
+    weights = bootstrap_weights(rng, 11, 6)
+    weights[0] = 1.0  # the sample itself
+    weights[1] = 0.0
+    weights[1, [0, 0, 0]] = 3.0  # one row drawn three times: no pair of distinct rows
+    out = weighted_pairwise_cosine(s, groups, weights)
+    assert out[0] == pytest.approx(mean_pairwise_cosine(s, groups), abs=1e-12) and np.isnan(out[1])
+    for b in range(2, 6):  # expand the resample and drop pairs of two draws of the same row
+        rows = np.repeat(np.arange(11), weights[b].astype(int))
+        total = pairs = 0.0
+        for i in range(len(rows)):
+            for j in range(len(rows)):
+                a, c = rows[i], rows[j]
+                if a != c and groups[a] == groups[c] and a != 3 and c != 3:
+                    total += s[a] @ s[c] / (np.linalg.norm(s[a]) * np.linalg.norm(s[c]))
+                    pairs += 1
+        assert out[b] == pytest.approx(total / pairs, abs=1e-12)
+    with pytest.raises(ValueError, match="weights"):
+        weighted_pairwise_cosine(s, groups, np.ones(11))
+
+
 @pytest.mark.parametrize("d", [1, 6])
 def test_tied_gaussian_distance_matches_scipy_and_outliers_score_higher(d):
     rng = np.random.default_rng(d)
@@ -155,6 +190,47 @@ def test_paired_ttest_matches_scipy_and_drops_nan_pairs():
         paired_ttest(a, b[:-1])
     with pytest.raises(ValueError, match="at least 2"):
         paired_ttest([1.0], [2.0])
+
+
+@pytest.mark.parametrize(
+    ("shift", "sd", "n", "margin"),
+    [(0.0, 0.01, 10, 0.02), (0.03, 0.01, 10, 0.02), (-0.05, 0.01, 7, 0.02), (0.005, 0.05, 3, 0.02), (0.1, 1.0, 40, 0.5)],
+)
+def test_tost_paired_matches_statsmodels(shift, sd, n, margin):
+    rng = np.random.default_rng(n)
+    b = rng.normal(0.8, 0.05, n)
+    a = b + shift + rng.normal(0, sd, n)
+    out = tost_paired(a, b, margin)
+    p, lower, upper = ttost_paired(a, b, -margin, margin)
+    assert out["p"] == pytest.approx(p, rel=1e-10)
+    assert out["p_lower"] == pytest.approx(lower[1], rel=1e-10) and out["p_upper"] == pytest.approx(upper[1], rel=1e-10)
+    low, high = DescrStatsW(a - b).tconfint_mean(alpha=0.10)  # TOST at 0.05 <=> the 90% interval inside the margin
+    assert (out["ci_low"], out["ci_high"]) == pytest.approx((low, high), rel=1e-10)
+    assert out["decision"] == ("equivalent" if p < 0.05 else out["decision"])
+    assert (out["decision"] == "equivalent") == (-margin < low and high < margin)
+    assert (out["decision"] == "lower") == (high < -margin) and (out["decision"] == "higher") == (low > margin)
+
+
+def test_tost_known_cases_and_bad_input():
+    b = np.linspace(0.7, 0.9, 12)
+    assert tost_paired(b + 0.001 * np.sin(np.arange(12)), b, 0.02)["decision"] == "equivalent"
+    assert tost_paired(b - 0.1 + 0.001 * np.sin(np.arange(12)), b, 0.02)["decision"] == "lower"
+    assert tost_paired(b + 0.1 * np.sin(np.arange(12)), b, 0.02)["decision"] == "inconclusive"  # too noisy
+    with pytest.raises(ValueError, match="margin"):
+        tost_paired(b, b, 0.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        tost_paired([1.0, np.nan], [1.0, 2.0], 0.1)
+
+
+@pytest.mark.parametrize("n", [2, 5, 17])
+def test_mean_ci_is_the_student_t_interval(n):
+    x = np.random.default_rng(n).normal(3.0, 2.0, n)
+    out = mean_ci(np.r_[x, np.nan])  # NaN (a condition without a value) is left out
+    low, high = student_t.interval(0.95, n - 1, loc=x.mean(), scale=x.std(ddof=1) / np.sqrt(n))
+    assert (out["mean"], out["low"], out["high"], out["n"]) == pytest.approx((x.mean(), low, high, n), rel=1e-12)
+    assert (out["low"], out["high"]) == pytest.approx(DescrStatsW(x).tconfint_mean(alpha=0.05), rel=1e-12)
+    one = mean_ci([0.4])
+    assert one["mean"] == 0.4 and np.isnan(one["low"]) and np.isnan(one["high"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

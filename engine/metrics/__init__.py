@@ -1,6 +1,6 @@
 """Statistics shared by every layer: ROC-based detection metrics with bootstrap CIs, classification metrics,
-paired significance tests and feature-shift measures. Plain numpy/scipy; each equals an independent reference
-(sklearn, scipy) in the tests.
+paired significance and equivalence tests, confidence intervals over seeds, feature-shift measures. Plain
+numpy/scipy; each equals an independent reference (sklearn, scipy, statsmodels) in the tests.
 """
 
 from engine.metrics.classification import accuracy, classification_metrics, confusion_matrix, quadratic_weighted_kappa
@@ -13,8 +13,8 @@ from engine.metrics.roc import (
     tnr_at_tpr,
     tpr_at_tnr,
 )
-from engine.metrics.shift import mean_pairwise_cosine, relative_deviation
-from engine.metrics.significance import paired_ttest, resample_kappas
+from engine.metrics.shift import mean_pairwise_cosine, relative_deviation, weighted_pairwise_cosine
+from engine.metrics.significance import mean_ci, paired_ttest, resample_kappas, tost_paired
 
 __all__ = [
     "accuracy",
@@ -23,6 +23,7 @@ __all__ = [
     "classification_metrics",
     "confusion_matrix",
     "detection_accuracy",
+    "mean_ci",
     "mean_pairwise_cosine",
     "paired_ttest",
     "partial_auroc",
@@ -31,5 +32,7 @@ __all__ = [
     "resample_kappas",
     "roc_curves",
     "tnr_at_tpr",
+    "tost_paired",
     "tpr_at_tnr",
+    "weighted_pairwise_cosine",
 ]

@@ -42,17 +42,29 @@ def mean_pairwise_cosine(shifts: Any, groups: Any = None) -> float:
     Zero rows have no direction and are left out. NaN when fewer than one pair remains.
     """
     s = _matrix(shifts, "shifts")
+    return float(weighted_pairwise_cosine(s, groups, np.ones((1, len(s))))[0])
+
+
+def weighted_pairwise_cosine(shifts: Any, groups: Any, weights: Any) -> np.ndarray:
+    """:func:`mean_pairwise_cosine` of resamples given as counts: ``weights`` (B, N) says how often each row is
+    drawn in each of B resamples (engine.metrics.roc.bootstrap_weights); returns (B,).
+
+    A pair of draws of the same row is not a pair (it would add a cosine of 1): in a group, the sum over pairs of
+    distinct rows is ||sum_i w_i u_i||^2 - sum_i w_i^2 over (sum_i w_i)^2 - sum_i w_i^2 pairs.
+    """
+    s = _matrix(shifts, "shifts")
+    w = np.asarray(weights, dtype=np.float64)
     g = np.zeros(len(s), dtype=np.int64) if groups is None else np.asarray(groups)
-    if g.shape != (len(s),):
-        raise ValueError(f"groups must have shape ({len(s)},), got {g.shape}")
+    if g.shape != (len(s),) or w.ndim != 2 or w.shape[1] != len(s):
+        raise ValueError(f"groups must have shape ({len(s)},) and weights (B, {len(s)}), got {g.shape}, {w.shape}")
     norm = np.linalg.norm(s, axis=1)
     keep = norm > 0
-    unit, g = s[keep] / norm[keep, None], g[keep]
-    total, pairs = 0.0, 0
+    unit, g, w = s[keep] / norm[keep, None], g[keep], w[:, keep]
+    total, pairs = np.zeros(len(w)), np.zeros(len(w))
     for value in np.unique(g):
-        u = unit[g == value]
-        n = len(u)
-        if n >= 2:  # sum_{i != j} u_i . u_j = ||sum_i u_i||^2 - n
-            total += float(np.sum(u.sum(0) ** 2)) - n
-            pairs += n * (n - 1)
-    return total / pairs if pairs else float("nan")
+        wg, ug = w[:, g == value], unit[g == value]
+        squares = (wg**2).sum(1)
+        total += ((wg @ ug) ** 2).sum(1) - squares
+        pairs += wg.sum(1) ** 2 - squares
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(pairs > 0, total / np.where(pairs > 0, pairs, 1.0), np.nan)
