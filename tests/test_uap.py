@@ -1,4 +1,5 @@
-"""Universal perturbations on tiny 2- and 5-class models: fooling vs noise, budgets, targets, metrics, DeepFool."""
+"""Universal perturbations on tiny 2- and 5-class models: fooling vs noise, budgets, targets, metrics, DeepFool;
+the classic DeepFool-UAP against a direct per-image loop."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from torch import nn
 
 from engine.attacks import noise_like
 from engine.attacks.deepfool import deepfool
-from engine.attacks.uap import _sgd_objective, data_free_uap, deepfool_uap, evaluate_uap, sgd_uap, targeted_uap
+from engine.attacks.uap import (
+    _sgd_objective,
+    data_free_uap,
+    deepfool_uap,
+    deepfool_uap_batched,
+    evaluate_uap,
+    sgd_uap,
+    targeted_uap,
+)
 
 EPS = 0.05
 
@@ -40,11 +49,13 @@ def noise_fooling_rate(model: nn.Module, heldout, eps: float) -> float:
     return max(rates)
 
 
-@pytest.mark.parametrize("method", ["deepfool", "sgd", "sgd_margin", "data_free"])
+@pytest.mark.parametrize("method", ["deepfool", "deepfool_batched", "sgd", "sgd_margin", "data_free"])
 def test_uap_beats_random_noise(graded, method) -> None:
     model, fit, heldout = graded
     if method == "deepfool":
         result = deepfool_uap(model, fit, eps=EPS, heldout=heldout, max_passes=4)
+    elif method == "deepfool_batched":
+        result = deepfool_uap_batched(model, fit, eps=EPS, heldout=heldout, max_passes=4)
     elif method == "sgd":
         result = sgd_uap(model, fit, eps=EPS, heldout=heldout, epochs=4)
     elif method == "sgd_margin":
@@ -62,7 +73,7 @@ def test_uap_beats_random_noise(graded, method) -> None:
 
 def test_l2_budget_and_binary_model(binary) -> None:
     model, fit, heldout = binary
-    for fn in (deepfool_uap, sgd_uap, partial(sgd_uap, loss="margin")):
+    for fn in (deepfool_uap, deepfool_uap_batched, sgd_uap, partial(sgd_uap, loss="margin")):
         result = fn(model, fit, eps=1.2, norm="l2", heldout=heldout)
         assert float(result.perturbation.norm()) <= 1.2 * (1 + 1e-6)
         assert result.fooling_rate >= noise_fooling_rate(model, heldout, 0.15) + 0.3
@@ -81,6 +92,47 @@ def test_targeted_uaps(graded, binary) -> None:
     model2, fit2, heldout2 = binary
     result = targeted_uap(model2, fit2, target=0, eps=0.1, heldout=heldout2)
     assert result.targeted_success_rate >= 0.95
+
+
+def direct_deepfool_uap(model, x, eps, max_passes, delta, seed, max_iter=50):
+    """Moosavi-Dezfooli et al.'s loop written out: one image at a time, a DeepFool step from x + v for each image
+    v does not fool (kept when DeepFool converged), projection after each step, fit-set fooling after each pass."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.zeros(x.shape[1:])
+    with torch.no_grad():
+        clean = model(x).argmax(1)
+    rates = []
+    for _ in range(max_passes):
+        for k in torch.randperm(len(x), generator=gen).tolist():
+            start = (x[k : k + 1] + v).clamp(0, 1)
+            with torch.no_grad():
+                fooled = int(model(start).argmax(1)) != int(clean[k])
+            if not fooled:
+                r, converged, _ = deepfool(model, start, max_iter=max_iter)
+                if bool(converged[0]):
+                    v = (v + r[0]).clamp(-eps, eps)
+        with torch.no_grad():
+            rates.append(float((model((x + v).clamp(0, 1)).argmax(1) != clean).float().mean()))
+        if rates[-1] >= 1 - delta:
+            break
+    return v, rates
+
+
+@pytest.mark.filterwarnings("ignore:.*only one label in common")  # kappa of a single held-out image
+@pytest.mark.parametrize(("n", "delta", "eps"), [(1, 0.2, 0.0625), (13, 0.2, 0.0625), (40, 0.05, 0.03125)])
+def test_classic_deepfool_uap_is_the_per_image_loop(graded, n, delta, eps) -> None:
+    model, (x, y), _ = graded
+    v, rates = direct_deepfool_uap(model, x[:n], eps, max_passes=3, delta=delta, seed=4)
+    result = deepfool_uap(model, (x[:n], y[:n]), eps=eps, delta=delta, max_passes=3, seed=4)
+    torch.testing.assert_close(result.perturbation, v, rtol=0, atol=0)
+    assert [h["fit_rate"] for h in result.history] == pytest.approx(rates)
+    one = deepfool_uap_batched(model, (x[:n], y[:n]), eps=eps, delta=delta, max_passes=3, seed=4, batch_size=1)
+    torch.testing.assert_close(one.perturbation, v, rtol=0, atol=0)  # batches of one: the same loop
+    if n == 40:  # the batched variant sums a batch's steps from one v: a different perturbation
+        batched = deepfool_uap_batched(model, (x[:n], y[:n]), eps=eps, delta=delta, max_passes=3, seed=4)
+        assert not torch.equal(batched.perturbation, v)
+    again = deepfool_uap(model, (x[:n], y[:n]), eps=eps, delta=delta, max_passes=3, seed=5)
+    assert n == 1 or not torch.equal(again.perturbation, v)  # the seed orders the images
 
 
 def test_delta_stops_early(graded) -> None:
@@ -175,7 +227,7 @@ def test_bad_arguments(graded) -> None:
     with pytest.raises(ValueError, match="norm"):
         deepfool_uap(model, fit, norm="l1")
     with pytest.raises(ValueError, match="batch_size"):
-        deepfool_uap(model, fit, batch_size=0)
+        deepfool_uap_batched(model, fit, batch_size=0)
     with pytest.raises(ValueError, match="data must hold images"):
         sgd_uap(model, (fit[0] * 3, fit[1]), eps=0.1)
     with pytest.raises(ValueError, match="loss"):

@@ -11,7 +11,15 @@ from engine.attacks.gradient import BIM, FGSM, MIFGSM, PGD, CWLinf, IterativeAtt
 from engine.attacks.hfc import HFC, HFC_MODES, extract_features, fit_hfc_gmms, load_hfc_gmms, save_hfc_gmms
 from engine.attacks.noise import NOISE_KINDS, noise_like
 from engine.attacks.store import AdvDataset, AdvWriter, load_adversarial
-from engine.attacks.uap import UAPResult, data_free_uap, deepfool_uap, evaluate_uap, sgd_uap, targeted_uap
+from engine.attacks.uap import (
+    UAPResult,
+    data_free_uap,
+    deepfool_uap,
+    deepfool_uap_batched,
+    evaluate_uap,
+    sgd_uap,
+    targeted_uap,
+)
 
 ATTACKS = {"fgsm": FGSM, "bim": BIM, "pgd": PGD, "mifgsm": MIFGSM, "cw_l2": CWL2, "cw_linf": CWLinf}
 
@@ -35,6 +43,7 @@ __all__ = [
     "UAPResult",
     "data_free_uap",
     "deepfool_uap",
+    "deepfool_uap_batched",
     "evaluate_uap",
     "extract_features",
     "fit_hfc_gmms",

@@ -1,14 +1,16 @@
 """Universal adversarial perturbations (docs/methods.md, Universal perturbations): one v (C,H,W) for all inputs.
 
-* :func:`deepfool_uap` -- Moosavi-Dezfooli et al. 2017: passes over the data; samples whose prediction at x+v
-  still equals the clean one get a DeepFool step from x+v (batched, :func:`engine.attacks.deepfool.deepfool`);
-  the converged steps of a batch are summed into v, which is projected to the eps-ball; stop once the fooling
-  rate on the fitting data reaches 1 - delta, or after ``max_passes``.
+* :func:`deepfool_uap` -- Moosavi-Dezfooli et al. 2017, the classic algorithm: passes over the shuffled data one
+  image at a time; an image whose prediction at x+v still equals the clean one gets the minimal DeepFool step
+  from x+v (:func:`engine.attacks.deepfool.deepfool`), which is added to v, and v is projected to the eps-ball
+  before the next image; stop once the fooling rate on the fitting data reaches 1 - delta, or after ``max_passes``.
+* :func:`deepfool_uap_batched` -- a different, cheaper variant: the not-yet-fooled images of a whole batch get
+  their DeepFool steps from the same v, the converged steps are summed and v is projected once per batch.
 * :func:`sgd_uap` -- Shafahi et al. 2020: minibatch projected sign-gradient ascent on v of the clipped
   cross-entropy min(CE, beta) (targeted: descent on the CE toward ``target``); or (``loss="margin"``) descent on
   the clamped logit margin of the clean prediction, optionally with a linearly decaying step.
-* :func:`targeted_uap` -- Hirano & Takemoto 2020: the DeepFool-UAP loop with a targeted inner step (batched
-  targeted BIM from x+v); only steps that reach the target are added.
+* :func:`targeted_uap` -- Hirano & Takemoto 2020: the batched DeepFool-UAP loop with a targeted inner step
+  (targeted BIM from x+v, sign-gradient steps); only steps that reach the target are added.
 * :func:`data_free_uap` -- Fast Feature Fool / GD-UAP (Mopuri et al.): maximise sum_l log ||f_l(base + v)||_2 over
   v alone (raw feature maps of the chosen layers, Adam, projection), no images; ``base`` is a uniform grey image,
   the [0,1] analogue of feeding v to a mean-subtracted network.
@@ -126,33 +128,64 @@ def _finish(model, v, method, eps, norm, heldout, target, history, start) -> UAP
 def _universal_loop(
     model, x, eps, norm, needs_step: Callable, inner: Callable, delta, max_passes, batch_size, seed, progress, desc
 ):
-    """The classic UAP loop, batched: ``needs_step(pred_adv, idx) -> mask``; ``inner(x_adv, idx) -> (dr, ok)``."""
+    """The UAP loop: ``needs_step(pred_adv, idx) -> mask``; ``inner(x_adv, idx) -> (dr, ok)``. Each pass visits
+    the data in the order ``torch.randperm(n, generator=torch.Generator().manual_seed(seed))`` draws (one draw per
+    pass, same generator); ``batch_size=None`` steps one image at a time (the classic loop), an int sums the steps
+    of each batch. Returns (v, history of the fit-set rate of images needing no step after each pass)."""
     v = torch.zeros(x.shape[1:], device=model_device(model), dtype=model_dtype(model))
     gen = torch.Generator().manual_seed(seed)
-    with eval_mode(model):
-        return _passes(model, x, v, eps, norm, needs_step, inner, delta, max_passes, batch_size, gen, progress, desc)
-
-
-def _passes(model, x, v, eps, norm, needs_step, inner, delta, max_passes, batch_size, gen, progress, desc):
-    device, dtype = v.device, v.dtype
     history = []
     start = time.perf_counter()
-    for p in tqdm(range(max_passes), desc=desc, disable=not progress):
-        for idx in torch.randperm(x.shape[0], generator=gen).split(batch_size):
-            xb = x[idx].to(device=device, dtype=dtype)
-            with torch.no_grad():
-                adv_pred = as_two_logits(model((xb + v).clamp(0, 1))).argmax(1)
-            mask = needs_step(adv_pred, idx.to(device))
-            if not bool(mask.any()):
-                continue
-            dr, ok = inner((xb[mask] + v).clamp(0, 1), idx.to(device)[mask])
+    with eval_mode(model):
+        for p in tqdm(range(max_passes), desc=desc, disable=not progress):
+            order = torch.randperm(x.shape[0], generator=gen)
+            if batch_size is None:
+                v = _sequential_pass(model, x, v, order, eps, norm, needs_step, inner)
+            else:
+                v = _batched_pass(model, x, v, order, eps, norm, needs_step, inner, batch_size)
+            rate = _fit_rate(model, x, v, needs_step)
+            history.append({"pass": p + 1, "fit_rate": rate, "seconds": time.perf_counter() - start})
+            if rate >= 1 - delta:
+                break
+    return v, history
+
+
+def _needs(model, x, v, idx, needs_step) -> torch.Tensor:
+    xb = x[idx].to(device=v.device, dtype=v.dtype)
+    with torch.no_grad():
+        return needs_step(as_two_logits(model((xb + v).clamp(0, 1))).argmax(1), idx.to(v.device))
+
+
+def _batched_pass(model, x, v, order, eps, norm, needs_step, inner, batch_size):
+    for idx in order.split(batch_size):
+        mask = _needs(model, x, v, idx, needs_step)
+        if bool(mask.any()):
+            xb = x[idx[mask.cpu()]].to(device=v.device, dtype=v.dtype)
+            dr, ok = inner((xb + v).clamp(0, 1), idx.to(v.device)[mask])
             if bool(ok.any()):
                 v = project_universal(v + dr[ok].sum(0), eps, norm)
-        rate = _fit_rate(model, x, v, needs_step)
-        history.append({"pass": p + 1, "fit_rate": rate, "seconds": time.perf_counter() - start})
-        if rate >= 1 - delta:
-            break
-    return v, history
+    return v
+
+
+def _sequential_pass(model, x, v, order, eps, norm, needs_step, inner, max_ahead: int = 64):
+    """One image at a time, exactly: the images after the last step are checked against the current v in one
+    batch (``ahead`` of them, doubled while none needs a step and halved when the first one does); the first that
+    needs a step gets it, v changes, and checking resumes after it."""
+    i, ahead = 0, 1
+    while i < len(order):
+        idx = order[i : i + ahead]
+        mask = _needs(model, x, v, idx, needs_step).cpu()
+        if not bool(mask.any()):
+            i, ahead = i + len(idx), min(2 * ahead, max_ahead)
+            continue
+        j = int(mask.nonzero()[0, 0])
+        ahead = max(1, ahead // 2) if j == 0 else ahead
+        k = idx[j : j + 1]
+        dr, ok = inner((x[k].to(device=v.device, dtype=v.dtype) + v).clamp(0, 1), k.to(v.device))
+        if bool(ok[0]):
+            v = project_universal(v + dr[0], eps, norm)
+        i += j + 1
+    return v
 
 
 def _fit_rate(model, x, v, needs_step) -> float:
@@ -169,17 +202,46 @@ def deepfool_uap(
     heldout: Any = None,
     delta: float = 0.2,
     max_passes: int = 10,
+    overshoot: float = 0.02,
+    max_iter: int = 50,
+    seed: int = 0,
+    progress: bool = False,
+) -> UAPResult:
+    """Classic DeepFool-UAP (Moosavi-Dezfooli et al. 2017) on ``data`` (Dataset or (images, labels)): one image at
+    a time, a DeepFool step (kept when DeepFool changed the label within ``max_iter``) for each image v does not
+    fool yet, projection after each step; passes until the fit-set fooling rate reaches 1 - ``delta`` or
+    ``max_passes``. Metrics on ``heldout`` (default: ``data``)."""
+    return _deepfool_uap(model, data, eps, norm, heldout, delta, max_passes, None, overshoot, max_iter, seed, progress)
+
+
+def deepfool_uap_batched(
+    model: torch.nn.Module,
+    data: Any,
+    eps: float | str = "10/255",
+    norm: str = "linf",
+    heldout: Any = None,
+    delta: float = 0.2,
+    max_passes: int = 10,
     batch_size: int = 32,
     overshoot: float = 0.02,
     max_iter: int = 50,
     seed: int = 0,
     progress: bool = False,
 ) -> UAPResult:
-    """DeepFool-UAP on ``data`` (Dataset or (images, labels)); metrics on ``heldout`` (default: ``data``)."""
-    start = time.perf_counter()
-    eps, x, _, device, _ = _setup(model, data, eps, norm)
+    """Batched variant of :func:`deepfool_uap` (not the same algorithm): DeepFool runs from the same v for all
+    not-yet-fooled images of a batch of ``batch_size``; their converged steps are summed into v, then v is
+    projected once. Cheaper per pass, and the sum of many steps overshoots the ball (benchmarks/bench_uap.py)."""
     check_batch_size(batch_size)
+    return _deepfool_uap(
+        model, data, eps, norm, heldout, delta, max_passes, batch_size, overshoot, max_iter, seed, progress
+    )
+
+
+def _deepfool_uap(model, data, eps, norm, heldout, delta, max_passes, batch_size, overshoot, max_iter, seed, progress):
+    start = time.perf_counter()
+    eps, x, _, _, _ = _setup(model, data, eps, norm)
     clean = predict(model, x)
+    method = "deepfool_uap" if batch_size is None else "deepfool_uap_batched"
 
     def needs_step(pred, idx):
         return pred == clean[idx]
@@ -189,9 +251,9 @@ def deepfool_uap(
         return r, converged
 
     v, history = _universal_loop(
-        model, x, eps, norm, needs_step, inner, delta, max_passes, batch_size, seed, progress, "DeepFool-UAP"
+        model, x, eps, norm, needs_step, inner, delta, max_passes, batch_size, seed, progress, method
     )
-    return _finish(model, v, "deepfool_uap", eps, norm, data if heldout is None else heldout, None, history, start)
+    return _finish(model, v, method, eps, norm, data if heldout is None else heldout, None, history, start)
 
 
 def targeted_uap(
@@ -210,9 +272,11 @@ def targeted_uap(
     progress: bool = False,
 ) -> UAPResult:
     """Targeted UAP toward class ``target``: inner step = targeted BIM from x+v with budget ``inner_eps``
-    (default eps); only inner steps that reach the target are added to v."""
+    (default eps), run on the not-yet-targeted images of each batch; only inner steps that reach the target are
+    added to v (summed per batch, as in :func:`deepfool_uap_batched`)."""
     start = time.perf_counter()
     eps, x, _, device, _ = _setup(model, data, eps, norm)
+    check_batch_size(batch_size)
     target = _check_target(model, x, target)
     inner_attack = BIM(model, eps=eps if inner_eps is None else inner_eps, steps=inner_steps, norm=norm, targeted=True)
 
@@ -361,6 +425,21 @@ def _check_target(model, x, target) -> int:
     return int(target)
 
 
-UAP_METHODS = {"deepfool": deepfool_uap, "sgd": sgd_uap, "targeted": targeted_uap, "data_free": data_free_uap}
+UAP_METHODS = {
+    "deepfool": deepfool_uap,
+    "deepfool_batched": deepfool_uap_batched,
+    "sgd": sgd_uap,
+    "targeted": targeted_uap,
+    "data_free": data_free_uap,
+}
 
-__all__ = ["UAPResult", "deepfool_uap", "sgd_uap", "targeted_uap", "data_free_uap", "evaluate_uap", "UAP_METHODS"]
+__all__ = [
+    "UAPResult",
+    "deepfool_uap",
+    "deepfool_uap_batched",
+    "sgd_uap",
+    "targeted_uap",
+    "data_free_uap",
+    "evaluate_uap",
+    "UAP_METHODS",
+]

@@ -14,7 +14,7 @@ from engine.metrics.roc import (
     tpr_at_tnr,
 )
 from engine.metrics.shift import mean_pairwise_cosine, relative_deviation, weighted_pairwise_cosine
-from engine.metrics.significance import mean_ci, paired_ttest, resample_kappas, tost_paired
+from engine.metrics.significance import mean_ci, paired_ttest, percentile_ci, resample_kappas, tost_paired
 
 __all__ = [
     "accuracy",
@@ -27,6 +27,7 @@ __all__ = [
     "mean_pairwise_cosine",
     "paired_ttest",
     "partial_auroc",
+    "percentile_ci",
     "quadratic_weighted_kappa",
     "relative_deviation",
     "resample_kappas",

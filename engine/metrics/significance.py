@@ -84,6 +84,16 @@ def mean_ci(values: Any, level: float = 0.95) -> dict[str, Any]:
     return {"mean": mean, "low": float(low), "high": float(high), "n": len(x), "level": float(level)}
 
 
+def percentile_ci(replicates: Any, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the finite ``replicates`` (NaN, NaN when there are none)."""
+    x = np.asarray(replicates, dtype=np.float64).ravel()
+    x = x[np.isfinite(x)]
+    if not len(x):
+        return float("nan"), float("nan")
+    low, high = np.quantile(x, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
 def tost_paired(a: Any, b: Any, margin: float, alpha: float = 0.05) -> dict[str, Any]:
     """Paired equivalence test (two one-sided t-tests) of the mean difference d = a - b against +-``margin``.
 

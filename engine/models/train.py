@@ -98,12 +98,15 @@ def train(
     test_ds: Dataset | None = None,
     split_hash: str | None = None,
     max_steps_per_epoch: int | None = None,
+    snapshots: bool = False,
 ) -> TrainResult:
     """Train ``model`` (from build_model) on ``train_ds``, early-stopping on ``monitor`` over ``val_ds``.
 
     ``patience`` epochs without improvement stop training; the best weights are restored and saved with metadata
     to ``out_dir/model.pt`` (``TrainResult.checkpoint``). ``test_ds`` (optional) is evaluated with the best
     weights. With ``resume=True`` an existing ``out_dir/last.pt`` of the same configuration is continued.
+    ``snapshots=True`` also keeps every epoch's weights as ``out_dir/epochs/<epoch>.pt`` (epochs from 1, their
+    validation metrics in the metadata), e.g. to pick a checkpoint by validation accuracy.
     """
     if not isinstance(model, ImageClassifier):
         raise TypeError(f"model must be an ImageClassifier from build_model, got {type(model).__name__}")
@@ -144,6 +147,7 @@ def train(
         "n_val": len(val_ds),
         "split_hash": split_hash,
         "max_steps_per_epoch": max_steps_per_epoch,
+        **({"snapshots": True} if snapshots else {}),  # absent when off: older last.pt files still resume
     }
     meta: dict[str, Any] = {
         "input_size": list(train_ds[0][0].shape),
@@ -216,6 +220,8 @@ def train(
                     **state,
                 }
                 save_checkpoint(last_path, model, meta, train_state=train_state)
+                if snapshots:
+                    save_checkpoint(out_dir / "epochs" / f"{epoch + 1}.pt", model, {**meta, "epoch_metrics": record})
     finally:
         torch.use_deterministic_algorithms(deterministic)
 

@@ -9,7 +9,8 @@ carries its run function, defaults, tiny test settings, report sections and cost
 from engine.runs.studies.base import Study, StudyResult
 from engine.runs.studies.costs import stress_cost, uap_cost
 from engine.runs.studies.finetune import UAP_KINDS, Ensemble, craft_uap, uap_finetune
-from engine.runs.studies.stress import STRESS_DEFAULTS, STRESS_TINY, run_stress_study, stress_sections
+from engine.runs.studies.stress import STRESS_DEFAULTS, STRESS_TINY, matched_models, run_stress_study
+from engine.runs.studies.stress_report import stress_sections
 from engine.runs.studies.uap import UAP_DEFAULTS, UAP_TINY, run_uap_study
 from engine.runs.studies.uap_report import uap_sections
 
@@ -48,6 +49,7 @@ __all__ = [
     "Study",
     "StudyResult",
     "craft_uap",
+    "matched_models",
     "run_stress_study",
     "run_uap_study",
     "stress_sections",

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from engine.attacks import data_free_uap, deepfool_uap, sgd_uap, targeted_uap
+from engine.attacks.uap import UAP_METHODS
 
-UAP_KINDS = ("deepfool", "sgd", "targeted", "data_free")
+UAP_KINDS = ("deepfool", "sgd", "targeted", "data_free")  # the UAP algorithms a study evaluates and fine-tunes on
 
 
 def craft_uap(
@@ -30,24 +30,19 @@ def craft_uap(
     heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
     options: Mapping[str, Any] | None = None,
     seed: int = 0,
+    norm: str = "linf",
 ) -> Any:
-    """One universal perturbation of kind ``method`` (see UAP_KINDS) fitted on ``fit`` against ``model``; its
-    metrics (engine.attacks.uap.evaluate_uap) are measured on ``heldout`` (default ``fit``). ``options`` go to the
-    method (``targeted`` needs ``target``). Returns the UAPResult."""
+    """One universal perturbation of kind ``method`` (see UAP_KINDS) and ``norm`` fitted on ``fit`` against
+    ``model``; its metrics (engine.attacks.uap.evaluate_uap) are measured on ``heldout`` (default ``fit``).
+    ``options`` go to the method (``targeted`` needs ``target``). Returns the UAPResult."""
     if method not in UAP_KINDS:
         raise ValueError(f"method must be one of {UAP_KINDS}, got {method!r}")
     opts = dict(options or {})
-    heldout = fit if heldout is None else heldout
-    if method == "deepfool":
-        return deepfool_uap(model, fit, eps=eps, heldout=heldout, seed=seed, **opts)
-    if method == "sgd":
-        return sgd_uap(model, fit, eps=eps, heldout=heldout, seed=seed, **opts)
-    if method == "targeted":
-        target = opts.pop("target", None)
-        if target is None:
-            raise ValueError("the targeted UAP needs options['target'] (a class index)")
-        return targeted_uap(model, fit, target, eps=eps, heldout=heldout, seed=seed, **opts)
-    return data_free_uap(model, tuple(fit[0].shape[1:]), eps=eps, heldout=heldout, seed=seed, **opts)
+    common = {"eps": eps, "norm": norm, "heldout": fit if heldout is None else heldout, "seed": seed, **opts}
+    if method == "targeted" and "target" not in opts:
+        raise ValueError("the targeted UAP needs options['target'] (a class index)")
+    data = tuple(fit[0].shape[1:]) if method == "data_free" else fit  # the data-free UAP needs only the shape
+    return UAP_METHODS[method](model, data, **common)
 
 
 def uap_finetune(

@@ -1,15 +1,19 @@
 """Paper A's stress test and fixed-direction analysis (docs/methods.md, Studies) as one study run.
 
 For models of one architecture trained on medical data (fundus-synth binary, cxr-synth) and natural photos
-(`natural`), and for each L-inf eps of a small grid, on the correctly classified images of a test pool:
+(`natural`), compared at matched clean accuracy (each model's epoch whose *validation* accuracy is closest to the
+weakest model's), and for each L-inf eps of a small grid, on the test images the model classifies correctly and
+the untargeted PGD attack *fools* (failed AEs are left out; the noise control uses the same images):
 
-* relative feature deviation ||f_l(x') - f_l(x)|| / ||f_l(x)|| per layer (GAP of every hooked layer), for x' an
-  untargeted PGD example and for x' = x + uniform noise of the same budget (the control);
+* relative feature deviation ||f_l(x') - f_l(x)|| / ||f_l(x)|| per layer (GAP of every hooked layer), for x' the
+  PGD example and for x' = x + uniform noise of the same budget (the control);
 * alignment of the feature shifts f_l(x') - f_l(x): mean pairwise cosine over samples of the same clean class
   (near 1 = one fixed direction; an untargeted attack on a binary model pushes the two classes oppositely);
 * Mahalanobis outlier score of the shifted features: squared distance to the nearest class mean under a tied
   covariance fitted on clean training features; reported as the AUROC of shifted vs clean features and as the
   ratio of their mean scores.
+
+Percentile bootstrap intervals (images resampled) for the quantities the verdicts use (stress_report.py).
 """
 
 from __future__ import annotations
@@ -20,20 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from engine.attacks import PGD, noise_like
 from engine.data import as_tensors
 from engine.detectors import TiedGaussian
-from engine.html import Section, plt
-from engine.metrics import auroc, mean_pairwise_cosine, relative_deviation
+from engine.metrics import auroc, mean_pairwise_cosine, relative_deviation, weighted_pairwise_cosine
+from engine.metrics.roc import bootstrap_weights
 from engine.models import FeatureExtractor, extract_pooled, predict_logits
 from engine.runs.artifacts import Artifacts
 from engine.runs.context import RunContext
 from engine.runs.overrides import merge
 from engine.runs.schema import dataset_label
 from engine.runs.studies.base import StudyResult, study_row
+from engine.runs.studies.stress_report import stress_verdict
 
 STRESS_DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -52,25 +56,28 @@ STRESS_DEFAULTS: dict[str, Any] = {
         "batch_size": 64,
     },
     "split": {"val": 0.15, "test": 0.15},
+    "match_accuracy": True,
     "layers": "activations",
     "eps": ["1/256", "2/256", "4/256"],
     "pgd_steps": 10,
     "pool": 200,
     "train_features": 600,
     "reg": 1e-3,
+    "bootstrap": 1000,
 }
 
 STRESS_TINY: dict[str, Any] = {
     "datasets": [
-        {"name": "fundus-synth", "task": "binary", "n": 80, "image_size": 16, "group": "medical"},
-        {"name": "natural", "n": 80, "image_size": 16, "group": "natural"},
+        {"name": "fundus-synth", "task": "binary", "n": 160, "image_size": 16, "group": "medical"},
+        {"name": "natural", "n": 160, "image_size": 16, "group": "natural"},
     ],
-    "model": {"width": 0.125, "epochs": 1, "batch_size": 32},
+    "model": {"width": 0.125, "epochs": 3, "batch_size": 32},
     "layers": ["relu", "layer2.1.relu2", "layer4.1.relu2"],
     "eps": ["4/256"],
     "pgd_steps": 2,
-    "pool": 16,
+    "pool": 24,
     "train_features": 40,
+    "bootstrap": 50,
 }
 
 QUANTITIES = ("deviation", "cosine", "maha_auroc", "maha_ratio")
@@ -96,68 +103,106 @@ def shift_statistics(
     shifted: Mapping[str, np.ndarray],
     labels: np.ndarray,
     gaussians: Mapping[str, TiedGaussian],
-) -> dict[str, list[float]]:
+    weights: np.ndarray,
+) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
     """Per layer (in the order of ``clean``): mean relative deviation, within-class shift cosine, Mahalanobis
-    AUROC (shifted = positive vs clean) and mean-score ratio shifted / clean."""
+    AUROC (shifted = positive vs clean) and mean-score ratio shifted / clean; and the bootstrap replicates
+    (resampling counts ``weights`` (B, N)) of the layer-mean and deepest-layer deviation and deepest cosine."""
     out: dict[str, list[float]] = {q: [] for q in QUANTITIES}
+    deviations = []
     for layer, c in clean.items():
         s = shifted[layer]
-        out["deviation"].append(float(np.nanmean(relative_deviation(c, s))))
+        deviations.append(relative_deviation(c, s))
+        out["deviation"].append(float(np.nanmean(deviations[-1])))
         out["cosine"].append(mean_pairwise_cosine(s - c, labels))
         d_clean, d_shift = gaussians[layer].min_distance(c), gaussians[layer].min_distance(s)
         out["maha_auroc"].append(auroc(d_clean, d_shift))
         out["maha_ratio"].append(float(d_shift.mean() / max(d_clean.mean(), 1e-12)))
-    return out
+    per_sample = np.nan_to_num(np.stack(deviations))  # (layers, N); a zero clean feature has no relative deviation
+    deep = list(clean)[-1]
+    replicates = {
+        "deviation_mean": weights @ per_sample.mean(0) / weights.sum(1),
+        "deviation_deep": weights @ per_sample[-1] / weights.sum(1),
+        "cosine_deep": weighted_pairwise_cosine(shifted[deep] - clean[deep], labels, weights),
+    }
+    return out, replicates
 
 
-def _study_dataset(spec: Mapping[str, Any], cfg: Mapping[str, Any], ctx: RunContext) -> dict[str, Any]:
-    seed = cfg["seed"]
-    data_spec = {k: v for k, v in spec.items() if k != "group"}
-    splits = ctx.splits(data_spec, cfg["split"], seed)
-    model = ctx.model(ctx.trained(splits, cfg["model"], seed))
+def matched_models(cfg: Mapping[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
+    """Per dataset: its splits and the model to measure. With ``match_accuracy`` every model is trained keeping
+    its epoch snapshots; the target is the lowest validation accuracy among the final models, and each model is
+    replaced by its snapshot whose validation accuracy is closest to it (the latest on ties). Test data is never
+    used for the choice."""
+    settings = {**cfg["model"], "snapshots": True} if cfg["match_accuracy"] else cfg["model"]
+    chosen = []
+    for spec in cfg["datasets"]:
+        splits = ctx.splits({k: v for k, v in spec.items() if k != "group"}, cfg["split"], cfg["seed"])
+        ref = ctx.trained(splits, settings, cfg["seed"])
+        meta = ctx.model(ref).meta
+        val = [h["val_accuracy"] for h in meta["history"]]
+        chosen.append({"splits": splits, "ref": ref, "epoch": meta["best_epoch"] + 1, "val_accuracy": val})
+    if cfg["match_accuracy"]:
+        target = min(c["val_accuracy"][c["epoch"] - 1] for c in chosen)
+        for c in chosen:
+            gaps = [abs(a - target) for a in c["val_accuracy"]]
+            c["epoch"] = max(e + 1 for e, gap in enumerate(gaps) if gap == min(gaps))
+            c["ref"] = ctx.artifacts.ref(ctx.artifacts.path(c["ref"]).parent / "epochs" / f"{c['epoch']}.pt")
+    return chosen
+
+
+def _study_dataset(spec: Mapping[str, Any], cfg: Mapping[str, Any], ctx: RunContext, chosen: Mapping[str, Any]):
+    """The payload entry of one dataset and the bootstrap replicates of its PGD and noise results."""
+    seed, splits = cfg["seed"], chosen["splits"]
+    model = ctx.model(chosen["ref"])
     extractor = FeatureExtractor(model, cfg["layers"])
     try:
         x, y = as_tensors(splits.test, cfg["pool"])
         correct = predict_logits(model, x).argmax(1) == y.numpy()
         accuracy = float(correct.mean())
-        if correct.sum() < 2:  # an (almost) untrained model: measure on the whole pool rather than on nothing
-            correct[:] = True
         x, y = x[correct], y[correct]
         train_x, train_y = as_tensors(splits.train, cfg["train_features"])
-        train_feats = layer_features(extractor, train_x)
-        gaussians = {n: TiedGaussian(cfg["reg"]).fit(f, train_y.numpy()) for n, f in train_feats.items()}
-        clean = layer_features(extractor, x)
-        results = []
-        for eps in cfg["eps"]:
-            attack = PGD(model, eps=eps, steps=cfg["pgd_steps"], seed=seed)
-            adv = attack(x, y)
-            for name, images, success in (
-                ("pgd", adv.adv.detach(), adv.success_rate),
-                ("noise", noise_like(x, eps, kind="uniform", seed=seed), None),
-            ):
-                stats = shift_statistics(clean, layer_features(extractor, images), y.numpy(), gaussians)
-                results.append({"attack": name, "eps": eps, "success_rate": success, **stats})
-        layers = list(clean)
+        gaussians = {
+            n: TiedGaussian(cfg["reg"]).fit(f, train_y.numpy()) for n, f in layer_features(extractor, train_x).items()
+        }
+        results, replicates = [], {}
+        layers = list(gaussians)
+        for i, eps in enumerate(cfg["eps"]):
+            adv = PGD(model, eps=eps, steps=cfg["pgd_steps"], seed=seed)(x, y)
+            ok = adv.success.cpu().numpy()
+            n = int(ok.sum())
+            for name in ("pgd", "noise"):
+                stats = {q: [float("nan")] * len(layers) for q in QUANTITIES}
+                replicates[(name, eps)] = {}
+                if n >= 2:  # at least one pair of successful AEs to measure
+                    images = adv.adv.detach()[ok] if name == "pgd" else noise_like(x[ok], eps, seed=seed)
+                    weights = bootstrap_weights(np.random.default_rng([seed, i]), n, cfg["bootstrap"])
+                    stats, replicates[(name, eps)] = shift_statistics(
+                        layer_features(extractor, x[ok]), layer_features(extractor, images), y[ok].numpy(),
+                        gaussians, weights,
+                    )  # fmt: skip
+                rate = adv.success_rate if name == "pgd" else None
+                results.append({"attack": name, "eps": eps, "success_rate": rate, "n": n, **stats})
     finally:
         extractor.remove()
-    return {
+    entry = {
         "label": dataset_label(spec),
         "group": spec.get("group", "medical"),
+        "epoch": chosen["epoch"],
+        "val_accuracy": chosen["val_accuracy"][chosen["epoch"] - 1],
         "accuracy": accuracy,
-        "n_pool": int(len(x)),
+        "n_correct": int(correct.sum()),
         "layers": layers,
         "results": results,
     }
+    return entry, replicates
 
 
-def run_stress_study(
-    config: Mapping[str, Any] | None, workdir: Path, context: RunContext | None = None
-) -> StudyResult:
-    """Train (or reuse) one model per dataset and measure the stress-test quantities.
+def run_stress_study(config: Mapping[str, Any] | None, workdir: Path, context: RunContext | None = None) -> StudyResult:
+    """Train (or reuse) one model per dataset, match their accuracies, measure the stress-test quantities.
 
     ``config`` is merged over :data:`STRESS_DEFAULTS` (unknown keys raise). Each dataset spec may carry
     ``group`` ("medical" or "natural"; default medical). Models are cached under ``workdir`` (or the artifact
-    location of ``context``). Returns rows and a JSON payload (report: :func:`stress_sections`).
+    location of ``context``). Returns rows and a JSON payload (report: stress_report.stress_sections).
     """
     start = time.perf_counter()
     cfg = merge(STRESS_DEFAULTS, config or {}, name="stress config")
@@ -165,8 +210,12 @@ def run_stress_study(
     groups = {spec.get("group", "medical") for spec in cfg["datasets"]}
     if not groups <= {"medical", "natural"}:
         raise ValueError(f"stress config: datasets[].group must be 'medical' or 'natural', got {sorted(groups)}")
-    datasets = [_study_dataset(spec, cfg, ctx) for spec in cfg["datasets"]]
-    payload = {"config": cfg, "datasets": datasets, "verdict": stress_verdict(datasets)}
+    measured = [
+        _study_dataset(spec, cfg, ctx, chosen)
+        for spec, chosen in zip(cfg["datasets"], matched_models(cfg, ctx), strict=True)
+    ]
+    datasets = [entry for entry, _ in measured]
+    payload = {"config": cfg, "datasets": datasets, "verdict": stress_verdict(measured)}
     rows = []
     arch = cfg["model"]["arch"]
     for d in datasets:
@@ -181,166 +230,4 @@ def run_stress_study(
     return StudyResult("stress", rows, payload, time.perf_counter() - start)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Verdict and report
-
-
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if v is not None and np.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
-def _pick(d: Mapping[str, Any], attack: str, eps: str) -> Mapping[str, Any]:
-    return next(r for r in d["results"] if r["attack"] == attack and r["eps"] == eps)
-
-
-def stress_verdict(datasets: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """Whether the paper's two claims hold on these models, with the numbers behind the decision.
-
-    Vulnerability: at every eps, the medical models' PGD feature deviation (mean over layers, and at the
-    deepest layer) exceeds the natural models'. Alignment: at every eps, the deepest layer's within-class shift
-    cosine under PGD is >= 0.5 and above the noise control for every binary medical model.
-    """
-    medical = [d for d in datasets if d["group"] == "medical"]
-    natural = [d for d in datasets if d["group"] == "natural"]
-    eps_grid = [r["eps"] for r in datasets[0]["results"] if r["attack"] == "pgd"] if datasets else []
-    per_eps = []
-    for eps in eps_grid:
-        entry: dict[str, Any] = {"eps": eps}
-        for group, members in (("medical", medical), ("natural", natural)):
-            entry[f"{group}_mean_deviation"] = _mean([_mean(_pick(d, "pgd", eps)["deviation"]) for d in members])
-            entry[f"{group}_deep_deviation"] = _mean([_pick(d, "pgd", eps)["deviation"][-1] for d in members])
-            entry[f"{group}_deep_cosine"] = _mean([_pick(d, "pgd", eps)["cosine"][-1] for d in members])
-        entry["medical_deep_cosine_noise"] = _mean([_pick(d, "noise", eps)["cosine"][-1] for d in medical])
-        per_eps.append(entry)
-    vulnerable = aligned = None
-    if medical and natural and per_eps:
-        vulnerable = all(
-            e["medical_mean_deviation"] > e["natural_mean_deviation"]
-            and e["medical_deep_deviation"] > e["natural_deep_deviation"]
-            for e in per_eps
-        )
-    if medical and per_eps:
-        aligned = all(
-            _pick(d, "pgd", e["eps"])["cosine"][-1] >= 0.5
-            and _pick(d, "pgd", e["eps"])["cosine"][-1] > _pick(d, "noise", e["eps"])["cosine"][-1]
-            for d in medical
-            for e in per_eps
-        )
-    accuracy = {d["label"]: d["accuracy"] for d in datasets}
-    return {
-        "per_eps": per_eps,
-        "medical_more_vulnerable": vulnerable,
-        "binary_shifts_aligned": aligned,
-        "clean_accuracy": accuracy,
-    }
-
-
-def _verdict_text(verdict: Mapping[str, Any]) -> str:
-    def word(flag: bool | None) -> str:
-        return "cannot be decided (a group is missing)" if flag is None else ("HOLDS" if flag else "does NOT hold")
-
-    parts = []
-    for e in verdict["per_eps"]:
-        parts.append(
-            f"eps={e['eps']}: PGD deviation (mean over layers) medical {e['medical_mean_deviation']:.3f} vs natural "
-            f"{e['natural_mean_deviation']:.3f}, deepest layer {e['medical_deep_deviation']:.3f} vs "
-            f"{e['natural_deep_deviation']:.3f}; deepest-layer shift cosine medical {e['medical_deep_cosine']:.3f} "
-            f"(noise {e['medical_deep_cosine_noise']:.3f}), natural {e['natural_deep_cosine']:.3f}"
-        )
-    return (
-        f"Claim 'deep features of medical images are more vulnerable than natural ones' "
-        f"{word(verdict['medical_more_vulnerable'])} on this data; claim 'attacks on binary medical models shift "
-        f"features in one fixed direction' (deepest-layer cosine >= 0.5 and above noise, every eps) "
-        f"{word(verdict['binary_shifts_aligned'])}. " + "; ".join(parts) + ". " + _accuracy_note(verdict)
-    )
-
-
-def _accuracy_note(verdict: Mapping[str, Any]) -> str:
-    """The models' clean accuracies, with a warning when they differ enough to confound the comparison."""
-    accuracy = verdict.get("clean_accuracy", {})
-    text = "Clean test accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()) + "."
-    if accuracy and max(accuracy.values()) - min(accuracy.values()) > 0.1:
-        text += (
-            " The models differ by more than 0.1 in accuracy, which confounds the medical-vs-natural "
-            "comparison (a weaker model has less confident, differently scaled features)."
-        )
-    return text
-
-
-def _depth_figure(datasets: list[Mapping[str, Any]], quantity: str, ylabel: str, log: bool = False) -> Any:
-    eps_grid = [r["eps"] for r in datasets[0]["results"] if r["attack"] == "pgd"]
-    fig, axes = plt.subplots(1, len(eps_grid), figsize=(4.2 * len(eps_grid), 3.5), squeeze=False, sharey=True)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, eps in zip(axes[0], eps_grid, strict=True):
-        for i, d in enumerate(datasets):
-            depth = np.arange(len(d["layers"]))
-            style = "-" if d["group"] == "medical" else "--"
-            colour = colours[i % len(colours)]
-            ax.plot(
-                depth,
-                _pick(d, "pgd", eps)[quantity],
-                style,
-                marker="o",
-                ms=3,
-                color=colour,
-                label=f"{d['label']} ({d['group']}) PGD",
-            )
-            ax.plot(depth, _pick(d, "noise", eps)[quantity], ":", color=colour, alpha=0.7, label=f"{d['label']} noise")
-        ax.set(title=f"eps = {eps}", xlabel="layer depth (hooked layer index)", ylabel=ylabel)
-        if log:
-            ax.set_yscale("log")
-    axes[0][-1].legend(fontsize=6)
-    fig.tight_layout()
-    return fig
-
-
-def stress_sections(payload: Mapping[str, Any]) -> list[Any]:
-    """Report sections of a stress-study payload: verdict, summary table, depth plots."""
-    datasets = payload["datasets"]
-    section = Section(
-        "Stress test and fixed-direction analysis (paper A)",
-        "Relative GAP-feature deviation under untargeted PGD and under uniform noise of the same L-inf "
-        "budget, per layer; within-class mean pairwise cosine of the feature shifts; AUROC of the "
-        "tied-covariance Mahalanobis outlier score (shifted vs clean features). Correctly classified "
-        "test images only.",
-    )
-    section.paragraph(_verdict_text(payload["verdict"]), css="verdict")
-    records = []
-    for d in datasets:
-        for eps in [r["eps"] for r in d["results"] if r["attack"] == "pgd"]:
-            pgd, noise = _pick(d, "pgd", eps), _pick(d, "noise", eps)
-            records.append(
-                {
-                    "dataset": d["label"],
-                    "group": d["group"],
-                    "eps": eps,
-                    "clean acc": d["accuracy"],
-                    "n": d["n_pool"],
-                    "PGD success": pgd["success_rate"],
-                    "dev mean PGD": _mean(pgd["deviation"]),
-                    "dev mean noise": _mean(noise["deviation"]),
-                    "dev deep PGD": pgd["deviation"][-1],
-                    "cos deep PGD": pgd["cosine"][-1],
-                    "cos deep noise": noise["cosine"][-1],
-                    "MAHA AUROC deep PGD": pgd["maha_auroc"][-1],
-                    "MAHA AUROC deep noise": noise["maha_auroc"][-1],
-                }
-            )
-    section.table(
-        pd.DataFrame(records).set_index(["dataset", "group", "eps"]),
-        caption=f"'deep' = the last hooked layer ({datasets[0]['layers'][-1]}); dev = relative deviation.",
-    )
-    section.figure(
-        _depth_figure(datasets, "deviation", "relative feature deviation", log=True),
-        caption="Deviation vs depth per eps: medical solid, natural dashed, noise control dotted.",
-    )
-    section.figure(
-        _depth_figure(datasets, "cosine", "within-class shift cosine"),
-        caption="Alignment of the feature shifts vs depth (1 = one fixed direction).",
-    )
-    section.figure(
-        _depth_figure(datasets, "maha_auroc", "Mahalanobis AUROC"),
-        caption="Outlier score of the shifted features (AUROC of shifted vs clean) vs depth.",
-    )
-    return [section]
+__all__ = ["STRESS_DEFAULTS", "STRESS_TINY", "matched_models", "run_stress_study", "shift_statistics"]

@@ -1,4 +1,5 @@
-"""Report sections of the UAP study (paper B): verdict paragraph, tables, confusion matrices."""
+"""Report sections of the UAP study (paper B): verdict paragraphs, tables with 95% intervals over seeds,
+confusion matrices."""
 
 from __future__ import annotations
 
@@ -9,56 +10,96 @@ import numpy as np
 import pandas as pd
 
 from engine.html import Section, plt
+from engine.runs.studies.uap_analysis import FAMILIES, RELATIONS
 
 
-def is_heldout(attack: str, heldout: list[str]) -> bool:
-    """Whether an attack name ("deepfool_uap", "pgd", ...) was unseen during fine-tuning (PGD always is)."""
-    return attack == "pgd" or attack.removesuffix("_uap") in heldout
+def _ci(stat: Mapping[str, Any], scale: float = 1.0, fmt: str = "{:+.2f}") -> str:
+    """'mean [low, high]' of a mean_ci dict (bounds omitted when undefined, e.g. one seed)."""
+    text = fmt.format(scale * stat["mean"])
+    if np.isfinite(stat["low"]):
+        text += f" [{fmt.format(scale * stat['low'])}, {fmt.format(scale * stat['high'])}]"
+    return text
 
 
-def _verdict_text(payload: Mapping[str, Any]) -> str:
-    s, t = payload["summary"], payload["ttest"]
-    base_name = payload["models"][0]["name"]
-    gain = "HOLDS" if s["mean_gain"] > 0 else "does NOT hold"
-    at = s["max_at"] or {}
-    lost = t["significant"] and t["mean_diff"] < 0
-    direction = "" if not t["significant"] else (" - significantly lower" if lost else " - significantly higher")
+def _gain_verdict(payload: Mapping[str, Any]) -> str:
+    s, n = payload["summary"], len(payload["seeds"])
+    held = s.get("held_out")
+    if held is None:
+        return "No held-out attack was evaluated."
+    if not np.isfinite(held["low"]):
+        word = "cannot be decided from one seed"
+    elif held["low"] > 0:
+        word = "HOLDS (the 95% interval over seeds is above 0)"
+    elif held["high"] < 0:
+        word = "does NOT hold (fine-tuning lowers kappa: the interval is below 0)"
+    else:
+        word = "is NOT supported (the 95% interval over seeds contains 0)"
+    parts = [f"{RELATIONS[r]} {_ci(s[r], 100)}" for r in RELATIONS if r in s]
     return (
-        f"Claim 'UAP fine-tuning raises kappa against unseen attacks' {gain} on this data: mean kappa gain "
-        f"{100 * s['mean_gain']:+.2f} and max {100 * s['max_gain']:+.2f} (kappa x 100; max at {at.get('model')}, "
-        f"{at.get('attack')} eps={at.get('eps')}), min {100 * s['min_gain']:+.2f}, negative in {s['n_negative']} "
-        f"of {s['n']} (model, held-out attack, eps) conditions; paper B reports +3.41 mean and +31.92 max on its "
-        f"data. Claim 'the ensemble loses no "
-        f"statistically significant clean performance' {'does NOT hold' if lost else 'HOLDS'}: clean kappa of "
-        f"the ensemble minus {base_name} baseline {t['mean_diff']:+.4f} averaged over {t['n']} "
-        f"{t['resampling']}, paired t-test t={t['t']:.3f}, p={t['p']:.4g} "
-        f"({'significant' if t['significant'] else 'not significant'} at {t['alpha']}{direction})."
+        f"Claim 'UAP fine-tuning raises kappa against unseen attacks' {word}: mean kappa gain x 100 under the held-out "
+        f"attacks {_ci(held, 100)} (mean [95% t interval] over {n} seeds, {held['conditions']} model x attack x eps "
+        f"conditions); by relation to the fine-tuning family: " + "; ".join(parts) + ". Paper B reports +3.41 mean "
+        "and +31.92 max on its data."
+    )
+
+
+CLEAN_WORDS = {
+    "equivalent": "no clean loss beyond the margin: equivalence shown",
+    "higher": "clean kappa higher by more than the margin",
+    "lower": "a clean loss larger than the margin",
+    "inconclusive": "inconclusive: the interval crosses the margin",
+}
+
+
+def _clean_verdict(payload: Mapping[str, Any]) -> str:
+    ens = payload["clean"][-1]
+    tost = ens["tost"]
+    supported = tost["decision"] in ("equivalent", "higher")
+    word = "HOLDS" if supported else ("does NOT hold" if tost["decision"] == "lower" else "is NOT shown")
+    return (
+        f"Claim 'the fine-tuned ensemble loses no clean performance' {word} at a margin of +-{tost['margin']:g} "
+        f"kappa: {ens['tuned']} minus {ens['baseline']} clean kappa {tost['mean_diff']:+.4f} over "
+        f"{tost['n']} folds, {100 * tost['ci_level']:.0f}% interval [{tost['ci_low']:+.4f}, {tost['ci_high']:+.4f}], "
+        f"TOST p = {tost['p']:.3g} ({CLEAN_WORDS[tost['decision']]}). Each model against its own baseline: "
+        + "; ".join(
+            f"{c['tuned']} {c['tost']['mean_diff']:+.4f} ({c['tost']['decision']})" for c in payload["clean"][:-1]
+        )
+        + "."
     )
 
 
 def _attack_table(payload: Mapping[str, Any]) -> pd.DataFrame:
     records = []
-    for m in payload["models"]:
-        tuned = {(a["attack"], a["eps"]): a for a in m["finetuned"]["attacks"]}
-        for a in m["baseline"]["attacks"]:
-            b = tuned[(a["attack"], a["eps"])]
-            records.append(
-                {
-                    "model": m["name"],
-                    "attack": a["attack"],
-                    "eps": a["eps"],
-                    "held out": is_heldout(a["attack"], payload["heldout_methods"]),
-                    "kappa base": a["kappa"],
-                    "kappa FT": b["kappa"],
-                    "gain": b["kappa"] - a["kappa"],
-                    "fooling base": a["fooling_rate"],
-                    "fooling FT": b["fooling_rate"],
-                }
-            )
-    ens = {(a["attack"], a["eps"]): a for a in payload["ensemble"]["attacks"]}
-    frame = pd.DataFrame(records)
-    frame["kappa ensemble"] = [ens[(a, e)]["kappa"] for a, e in zip(frame["attack"], frame["eps"], strict=True)]
-    return frame.set_index(["model", "attack", "eps"])
+    for g in payload["gains"]:
+        records.append(
+            {
+                "model": g["model"],
+                "attack": g["attack"],
+                "eps": g["eps"],
+                "relation": RELATIONS[g["relation"]],
+                "kappa base": _ci(g["baseline"], fmt="{:.3f}"),
+                "kappa FT": _ci(g["finetuned"], fmt="{:.3f}"),
+                "gain x 100": _ci(g["gain"], 100),
+            }
+        )
+    return pd.DataFrame(records).set_index(["model", "attack", "eps"])
+
+
+def _clean_table(payload: Mapping[str, Any]) -> pd.DataFrame:
+    records = []
+    for c in payload["clean"]:
+        records.append(
+            {
+                "comparison": f"{c['tuned']} vs {c['baseline']}",
+                "kappa baseline": f"{c['kappa_baseline']:.3f}",
+                "kappa FT (seeds)": _ci(c["kappa_tuned"], fmt="{:.3f}"),
+                "diff, folds (95% CI)": _ci(c["diff_folds"], fmt="{:+.4f}"),
+                "TOST p": f"{c['tost']['p']:.3g}",
+                "decision": c["tost"]["decision"],
+                "t-test p": f"{c['ttest']['p']:.3g}",
+            }
+        )
+    return pd.DataFrame(records).set_index("comparison")
 
 
 def _confusion_figure(panels: list[tuple[str, list[list[int]]]], classes: list[str]) -> Any:
@@ -74,68 +115,47 @@ def _confusion_figure(panels: list[tuple[str, list[list[int]]]], classes: list[s
     return fig
 
 
+def _confusions(payload: Mapping[str, Any]) -> Any:
+    """The first model's worst held-out attack (first seed), baseline and fine-tuned."""
+    first = payload["models"][0]["runs"][0]
+    attacks = first["baseline"]["attacks"]
+    held = [i for i, a in enumerate(attacks) if payload["relations"][a["attack"]] != "seen"] or range(len(attacks))
+    i = min(held, key=lambda j: attacks[j]["kappa"] if np.isfinite(attacks[j]["kappa"]) else np.inf)
+    name = f"{payload['models'][0]['name']} {attacks[i]['attack']} {attacks[i]['eps']}"
+    panels = [(f"{name} base", attacks[i]["confusion"]), (f"{name} FT", first["finetuned"]["attacks"][i]["confusion"])]
+    return _confusion_figure(panels, payload["classes"])
+
+
 def uap_sections(payload: Mapping[str, Any]) -> list[Any]:
-    """Report sections of a UAP-study payload: verdict, tables, confusion matrices."""
+    """Report sections of a UAP-study payload: verdicts, tables, confusion matrices."""
+    cfg = payload["config"]
+    families = sorted({FAMILIES[m] for m in cfg["finetune"]["methods"]})
     section = Section(
         "UAP attacks and UAP fine-tuning defence (paper B)",
-        f"{payload['dataset']}, {payload['n_eval']} test images, quadratic-weighted kappa. UAPs fitted "
-        f"on the validation split against the model evaluated (white-box). Fine-tuning UAP methods: "
-        f"{payload['config']['finetune']['methods']}; held out: {payload['heldout_methods']} and PGD.",
+        f"{payload['dataset']}, {len(payload['labels'])} test images, quadratic-weighted kappa, "
+        f"{len(payload['seeds'])} seeds (each: UAP fine-tuning and every attack re-run; data, split and baselines "
+        f"fixed). UAPs fitted on "
+        f"{cfg['uap']['fit']} validation images against the model evaluated (white-box). Fine-tuned on "
+        f"{cfg['finetune']['methods']} UAPs (L-inf {cfg['finetune']['eps']}; family: {', '.join(families)}).",
     )
-    section.paragraph(_verdict_text(payload), css="verdict")
-    clean = [
-        {
-            "model": m["name"],
-            "kappa base": m["baseline"]["clean"]["kappa"],
-            "kappa FT": m["finetuned"]["clean"]["kappa"],
-            "accuracy base": m["baseline"]["clean"]["accuracy"],
-            "accuracy FT": m["finetuned"]["clean"]["accuracy"],
-        }
-        for m in payload["models"]
-    ]
-    clean.append(
-        {
-            "model": "ensemble(uap-ft)",
-            "kappa FT": payload["ensemble"]["clean"]["kappa"],
-            "accuracy FT": payload["ensemble"]["clean"]["accuracy"],
-        }
-    )
-    section.table(pd.DataFrame(clean).set_index("model"), caption="Clean test performance.")
+    section.paragraph(_gain_verdict(payload), css="verdict")
+    section.paragraph(_clean_verdict(payload), css="verdict")
     section.table(
         _attack_table(payload),
-        caption="Kappa and fooling rate under each attack, baseline vs UAP "
-        "fine-tuned (FT); gain = kappa FT - kappa base.",
+        caption="Kappa under each attack, baseline vs UAP fine-tuned (FT): mean [95% t interval] over seeds; gain = "
+        "FT - base. Relation: how the attack relates to the fine-tuning UAPs (seen = same algorithm family and norm; "
+        "unseen norm = a fine-tuning family in L2; unseen family = another algorithm; per-image PGD).",
     )
-    t = payload["ttest"]
     section.table(
-        pd.DataFrame(
-            [
-                {
-                    "resampling": t["resampling"],
-                    "n": t["n"],
-                    "mean kappa ensemble": float(np.mean(t["kappas_ensemble"])),
-                    "mean kappa baseline": float(np.mean(t["kappas_baseline"])),
-                    "t": t["t"],
-                    "p": t["p"],
-                    "significant": t["significant"],
-                }
-            ]
-        ).set_index("resampling"),
-        caption="Paired t-test (scipy.stats.ttest_rel) of clean kappa, ensemble vs baseline grader.",
-        float_format="{:.4g}",
+        _clean_table(payload),
+        caption=f"Clean kappa: each FT model vs its own baseline, FT ensemble vs the ensemble of the same baselines. "
+        f"diff = mean over {cfg['clean_test']['folds']} shared folds of the test pool (FT fold kappas averaged over "
+        f"seeds); TOST = paired equivalence test at +-{cfg['clean_test']['margin']:g} kappa, alpha "
+        f"{cfg['clean_test']['alpha']:g}.",
     )
-    base = payload["models"][0]
-    worst = min(base["baseline"]["attacks"], key=lambda a: a["kappa"] if np.isfinite(a["kappa"]) else np.inf)
-    tuned = next(a for a in base["finetuned"]["attacks"] if (a["attack"], a["eps"]) == (worst["attack"], worst["eps"]))
-    panels = [
-        (f"{base['name']} clean", base["baseline"]["clean"]["confusion"]),
-        (f"{base['name']} {worst['attack']} {worst['eps']}", worst["confusion"]),
-        (f"{base['name']}+FT {worst['attack']} {worst['eps']}", tuned["confusion"]),
-        ("ensemble clean", payload["ensemble"]["clean"]["confusion"]),
-    ]
     section.figure(
-        _confusion_figure(panels, payload["classes"]),
-        caption="Confusion matrices (rows true grade, columns predicted); the attack shown is the one that "
-        "hurt the baseline grader most.",
+        _confusions(payload),
+        caption="Confusion matrices (rows true grade, columns predicted, first seed) under the held-out attack "
+        "that hurt the first baseline most.",
     )
     return [section]
