@@ -68,19 +68,30 @@ def test_protocol_detects_plain_aes_and_misses_in_distribution_ones() -> None:
     n_eval = len(split.eval)
     rows = result.to_rows()
     assert {"detector", "metric", "value", "ci_low", "ci_high", "attack", "subset", "n_neg", "n_pos"} <= set(rows[0])
-    assert {r["subset"] for r in rows} == {"successful", "failed", "all"}
+    assert {r["subset"] for r in rows} == {"successful", "failed", "all", "paired", "change"}
     for name in ("kd", "lid", "maha"):
         assert result.value(name) > 0.95  # plain AEs sit far off the clean distribution
         assert result.value(name, attack="hfc") < 0.8  # AEs inside the class distribution are missed
-        neg = result.scores[name]["negatives"]
-        assert len(neg) == 2 * n_eval  # clean + noise of the evaluation split
-        succ = result.scores[name]["attack/successful"]
+        scores = result.scores[name]
+        neg = scores.negatives.reshape(-1)
+        assert scores.negatives.shape == (n_eval, 2)  # clean + noise of each evaluation image
+        succ = scores.positives("attack")
         assert len(succ) == d["success"][split.eval].sum()
         assert result.value(name) == pytest.approx(auroc(neg, succ))
         row = next(r for r in rows if r["detector"] == name and r["metric"] == "auroc" and r["subset"] == "all")
         assert row["n_pos"] == n_eval and row["ci_low"] <= row["value"] <= row["ci_high"]
+        both = scores.success["attack"] & scores.success["hfc"]  # the same images for both sets
+        plain = auroc(neg, scores.adversarial["attack"][both])
+        hfc = auroc(neg, scores.adversarial["hfc"][both])
+        assert result.value(name, subset="paired") == pytest.approx(plain)
+        assert result.value(name, attack="hfc", subset="paired") == pytest.approx(hfc)
+        assert result.value(name, attack="hfc", subset="change") == pytest.approx(hfc - plain)
+        change = next(r for r in rows if r["detector"] == name and r["metric"] == "auroc" and r["subset"] == "change")
+        assert change["ci_high"] < 0 and change["n_pos"] == both.sum()  # HFC-like AEs: detection clearly drops
     assert result.attack_success_rate["attack"] == pytest.approx(d["success"][split.pool].mean())
-    np.testing.assert_array_equal(result.index["attack/failed"], split.eval[~d["success"][split.eval]])
+    np.testing.assert_array_equal(result.scores["kd"].index, split.eval)
+    failed = result.scores["kd"].positives("attack", "failed")
+    assert len(failed) == (~d["success"][split.eval]).sum()
 
 
 def test_protocol_fits_on_the_fit_split_only() -> None:
@@ -89,14 +100,14 @@ def test_protocol_fits_on_the_fit_split_only() -> None:
     det = KD().fit(
         None, d["clean"].subset(result.split.fit), d["plain"].subset(result.split.fit[d["success"][result.split.fit]])
     )
-    np.testing.assert_allclose(result.scores["kd"]["negatives"], det.score(d["clean"].subset(result.split.eval)))
+    np.testing.assert_allclose(result.scores["kd"].negatives[:, 0], det.score(d["clean"].subset(result.split.eval)))
 
 
 def test_protocol_input_errors() -> None:
     d = aligned()
     with pytest.raises(ValueError, match="align"):
         run_protocol([KD()], d["clean"], d["plain"].subset(np.arange(10)), d["success"])
-    with pytest.raises(ValueError, match="no successful"):
+    with pytest.raises(ValueError, match="succeeded on none"):
         run_protocol([KD()], d["clean"], d["plain"], np.zeros(N, bool))
     unlabeled = Features(d["clean"].logits, d["clean"].pooled)
     with pytest.raises(ValueError, match="labels"):

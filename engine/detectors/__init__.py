@@ -9,7 +9,7 @@ from engine.detectors.base import Detector, LayerCombiner, NotFittedError
 from engine.detectors.bu import BU
 from engine.detectors.density import KD, LID
 from engine.detectors.dnn import DNN
-from engine.detectors.evaluate import DetectionResult, ProtocolSplit, TooFewExamples, run_protocol
+from engine.detectors.evaluate import DetectionResult, EvalScores, ProtocolSplit, TooFewExamples, run_protocol
 from engine.detectors.features import FeatureCache, Features
 from engine.detectors.maha import MAHA, TiedGaussian
 from engine.detectors.svm import DNR, SVM, SafetyNet
@@ -27,6 +27,7 @@ __all__ = [
     "MAHA",
     "SVM",
     "DetectionResult",
+    "EvalScores",
     "Detector",
     "FeatureCache",
     "Features",

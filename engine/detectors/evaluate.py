@@ -11,7 +11,10 @@ attack) and ``adversarial[i]`` its adversarial example, ``success[i]`` whether t
 4. Score the evaluation split: negatives = clean + noise; positives = successful AEs, failed AEs and all AEs,
    reported separately, for the attack the detectors were fitted on and for every ``transfer`` set (e.g. HFC AEs
    of the same images, scored by detectors fitted on plain AEs).
-Metrics (see ``engine.metrics.roc``) with stratified bootstrap 95% CIs; per-sample scores are kept.
+5. Paired comparison: on the evaluation images where both the fitted attack and a transfer attack succeeded, the
+   metrics of both and their change (transfer minus fitted).
+Metrics (see ``engine.metrics.roc``) with 95% CIs from a bootstrap that resamples evaluation images, an image's
+clean, noise and adversarial scores together (``engine.metrics.paired``); per-image scores are kept.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 
 from engine.detectors.base import Detector
 from engine.detectors.features import FeatureCache, Features
-from engine.metrics import bootstrap_metrics
+from engine.metrics.paired import image_bootstrap
 
 SUBSETS = ("successful", "failed", "all")
 
@@ -52,13 +55,34 @@ class ProtocolSplit:
 
 
 @dataclass
+class EvalScores:
+    """One detector's scores on the evaluation split, aligned by image: ``negatives`` (n, c) holds each image's
+    clean score (and its noise copy's), ``adversarial[set]`` (n,) each image's AE score under that attack set, and
+    ``success[set]`` (n,) whether that attack succeeded; ``index`` (n,) gives the input rows of the images."""
+
+    negatives: np.ndarray
+    adversarial: dict[str, np.ndarray]
+    success: dict[str, np.ndarray]
+    index: np.ndarray
+
+    def positives(self, attack_set: str, subset: str = "successful") -> np.ndarray:
+        """The AE scores of ``subset`` ("successful", "failed" or "all") of ``attack_set``."""
+        success = self.success[attack_set]
+        mask = {"successful": success, "failed": ~success, "all": np.ones_like(success)}[subset]
+        return self.adversarial[attack_set][mask]
+
+
+@dataclass
 class DetectionResult:
-    """Metric rows plus per-sample scores: ``scores[detector][key]`` with keys ``"negatives"`` (clean then noise of
-    the evaluation split) and ``"<attack>/<subset>"``; ``index[key]`` gives the input rows behind each array."""
+    """Metric rows plus each detector's per-image evaluation scores (:class:`EvalScores`).
+
+    Rows: per (detector, attack set, subset) every metric with its image-bootstrap 95% CI (subsets "successful",
+    "failed", "all"); per transfer set, subset "paired" for both sets on the images where both attacks succeeded
+    and subset "change" (transfer minus the fitted attack on those images), attack = the transfer set.
+    """
 
     rows: list[dict[str, Any]]
-    scores: dict[str, dict[str, np.ndarray]]
-    index: dict[str, np.ndarray]
+    scores: dict[str, EvalScores]
     split: ProtocolSplit
     attack_success_rate: dict[str, float] = field(default_factory=dict)
 
@@ -118,16 +142,8 @@ def run_protocol(
     if len(fit_pos) == 0:
         raise TooFewExamples(f"the attack succeeded on none of the {len(split.fit)} images of the fit split")
 
-    index = {"negatives": np.r_[split.eval, split.eval] if noise is not None else split.eval}
-    for name, (_, succ) in sets.items():
-        for subset, mask in zip(SUBSETS, (succ, ~succ, np.ones_like(succ)), strict=True):
-            index[f"{name}/{subset}"] = split.eval[mask[split.eval]]
     fit_clean = clean.subset(split.fit)
     fit_clean.labels = labels[split.fit]
-    eval_neg = clean.subset(split.eval)
-    if noise is not None:
-        eval_neg = Features.concat([eval_neg, noise.subset(split.eval)])
-
     rows, scores = [], {}
     for det in detectors:
         label = det.name if det.name not in scores else f"{det.name}#{len(scores)}"
@@ -138,31 +154,43 @@ def run_protocol(
             None if noise is None else noise.subset(split.fit),
             train=train,
         )
-        per = {"negatives": det.score(eval_neg)}
-        for name, (feats, _) in sets.items():
-            all_scores = det.score(feats.subset(split.eval))
-            for subset in SUBSETS:
-                keep = np.isin(split.eval, index[f"{name}/{subset}"])
-                per[f"{name}/{subset}"] = all_scores[keep]
-        scores[label] = per
-        for key, pos in per.items():
-            if key == "negatives":
-                continue
-            name, subset = key.split("/")
-            rows += _metric_rows(label, name, subset, per["negatives"], pos, n_boot, seed)
+        negatives = [det.score(clean.subset(split.eval))]
+        if noise is not None:
+            negatives.append(det.score(noise.subset(split.eval)))
+        scores[label] = EvalScores(
+            negatives=np.stack(negatives, axis=1),
+            adversarial={name: det.score(feats.subset(split.eval)) for name, (feats, _) in sets.items()},
+            success={name: succ[split.eval] for name, (_, succ) in sets.items()},
+            index=split.eval,
+        )
+        rows += _metric_rows(label, scores[label], attack_name, n_boot, seed)
     asr = {
         name: float(succ[split.pool].mean()) if len(split.pool) else float("nan") for name, (_, succ) in sets.items()
     }
-    return DetectionResult(rows=rows, scores=scores, index=index, split=split, attack_success_rate=asr)
+    return DetectionResult(rows=rows, scores=scores, split=split, attack_success_rate=asr)
 
 
-def _metric_rows(
-    detector: str, attack: str, subset: str, neg: np.ndarray, pos: np.ndarray, n_boot: int, seed: int
-) -> list[dict[str, Any]]:
-    base = {"detector": detector, "attack": attack, "subset": subset, "n_neg": len(neg), "n_pos": len(pos)}
-    if len(pos) == 0:
-        return []
-    values = bootstrap_metrics(neg, pos, n_boot=n_boot, seed=seed)
-    return [
-        {**base, "metric": metric, "value": v, "ci_low": lo, "ci_high": hi} for metric, (v, lo, hi) in values.items()
-    ]
+def _metric_rows(detector: str, scores: EvalScores, fitted: str, n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """Rows of every metric with image-bootstrap CIs: per set and subset, and paired fitted-vs-transfer changes."""
+    positives = {}
+    for name in scores.adversarial:
+        for subset in SUBSETS:
+            keep = {"successful": scores.success[name], "failed": ~scores.success[name]}.get(subset)
+            values = scores.adversarial[name].astype(np.float64)
+            positives[(name, subset)] = values if keep is None else np.where(keep, values, np.nan)
+    pairs = [((fitted, "successful"), (name, "successful")) for name in scores.adversarial if name != fitted]
+    boot = image_bootstrap(scores.negatives, positives, pairs, n_boot=n_boot, seed=seed)
+    n_neg = scores.negatives.size
+    rows = []
+    for (name, subset), metrics in boot.sets.items():
+        base = {"detector": detector, "attack": name, "subset": subset}
+        rows += _rows({**base, "n_neg": n_neg, "n_pos": boot.n_positive[(name, subset)]}, metrics)
+    for (a, b), sides in boot.paired.items():
+        count = {"n_neg": n_neg, "n_pos": boot.n_paired[(a, b)]}
+        for side, attack, subset in ((a, a[0], "paired"), (b, b[0], "paired"), ("change", b[0], "change")):
+            rows += _rows({"detector": detector, "attack": attack, "subset": subset, **count}, sides[side])
+    return rows
+
+
+def _rows(base: dict[str, Any], metrics: Mapping[str, tuple[float, float, float]]) -> list[dict[str, Any]]:
+    return [{**base, "metric": m, "value": v, "ci_low": lo, "ci_high": hi} for m, (v, lo, hi) in metrics.items()]
