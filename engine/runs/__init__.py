@@ -7,7 +7,7 @@ order, committing each cell to the results store) -> tables and run card. Cells 
 See docs/runs.md.
 """
 
-from engine.runs.artifacts import Artifacts, DetectorScores, Projection
+from engine.runs.artifacts import Artifacts, Projection, load_scores, save_scores
 from engine.runs.cells import Cell, CellOutput, Stage, topological
 from engine.runs.config import DEFAULTS, QUICK, choices, load_config, validate
 from engine.runs.context import RunContext
@@ -30,7 +30,6 @@ __all__ = [
     "CellFailed",
     "CellOutput",
     "ConfigError",
-    "DetectorScores",
     "LocalExecutor",
     "Projection",
     "ResultStore",
@@ -41,9 +40,11 @@ __all__ = [
     "dataset_label",
     "execute",
     "fingerprint",
+    "load_scores",
     "load_config",
     "row",
     "run_dir",
+    "save_scores",
     "topological",
     "validate",
 ]

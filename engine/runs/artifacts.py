@@ -5,7 +5,7 @@ All artifacts live under one root (``<run dir>/artifacts`` by default). A direct
 refer to it by its path relative to the root (:meth:`Artifacts.ref`), so a run directory can be moved or mounted
 elsewhere. Writes go through engine.fileio.atomic_write (write, fsync, rename).
 
-Formats owned here: per-sample detector scores (:class:`DetectorScores`) and feature projections
+Formats owned here: per-image detector scores (:func:`save_scores`, :func:`load_scores`) and feature projections
 (:class:`Projection`); adversarial sets, HFC mixtures, fitted detectors and checkpoints keep the formats of the
 packages that define them and are opened through the readers below.
 """
@@ -17,17 +17,27 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from engine.attacks import load_adversarial, load_hfc_gmms
+from engine.detectors import EvalScores
 from engine.fileio import atomic_write
 from engine.mixture import GaussianMixture
 
 KINDS = ("splits", "models", "gmms", "adversarial", "detectors", "projections", "studies")
-_SEP = "__"  # replaces "/" in npz member names
+_SEP = "__"  # separates the parts of npz member names
+SCORES_FILE = "scores.npz"
+
+
+class AdversarialSet(NamedTuple):
+    """An attack cell's output in pool order: images, whether each attack succeeded, the targets (if targeted)."""
+
+    images: torch.Tensor
+    success: np.ndarray
+    target: np.ndarray | None
 
 
 class Artifacts:
@@ -63,11 +73,16 @@ class Artifacts:
         them (engine.runs.staging.StagedArtifacts)."""
 
     # -- readers of the formats other packages own ------------------------------------------------------------
-    def adversarial(self, ref: str) -> tuple[torch.Tensor, np.ndarray]:
-        """The adversarial set a payload names, in pool order: (images (N, C, H, W), success (N,) bool)."""
+    def adversarial(self, ref: str) -> AdversarialSet:
+        """The adversarial set a payload names, in pool order."""
         stored = load_adversarial(self.path(ref))
         order = np.argsort(np.asarray(stored.meta["index"]))
-        return stored.images[torch.as_tensor(order)], np.asarray(stored.meta["success"], dtype=bool)[order]
+        target = stored.meta.get("target")
+        return AdversarialSet(
+            images=stored.images[torch.as_tensor(order)],
+            success=np.asarray(stored.meta["success"], dtype=bool)[order],
+            target=None if target is None else np.asarray(target, dtype=np.int64)[order],
+        )
 
     def gmms(self, ref: str) -> dict[str, list[GaussianMixture]]:
         return load_hfc_gmms(self.path(ref))
@@ -91,35 +106,25 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-@dataclass
-class DetectorScores:
-    """Per-sample scores of one fitted detector on the evaluation split.
+def save_scores(directory: Path, scores: EvalScores) -> Path:
+    """Write one fitted detector's per-image evaluation scores (engine.detectors.EvalScores) as ``scores.npz``."""
+    arrays = {"negatives": scores.negatives, "index": scores.index}
+    for name in scores.adversarial:
+        arrays[f"adversarial{_SEP}{name}"] = scores.adversarial[name]
+        arrays[f"success{_SEP}{name}"] = scores.success[name]
+    return _save_npz(directory / SCORES_FILE, arrays)
 
-    ``scores["negatives"]`` (clean then noise) and ``scores["<set>/<subset>"]`` (e.g. ``"plain/successful"``,
-    ``"hfc/failed"``); ``index[key]`` gives the pool rows behind each array (engine.detectors.run_protocol).
-    """
 
-    scores: dict[str, np.ndarray]
-    index: dict[str, np.ndarray]
-
-    FILE = "scores.npz"
-
-    def save(self, directory: Path) -> Path:
-        arrays = {f"score{_SEP}{k.replace('/', _SEP)}": v for k, v in self.scores.items()}
-        arrays.update({f"index{_SEP}{k.replace('/', _SEP)}": v for k, v in self.index.items()})
-        return _save_npz(directory / self.FILE, arrays)
-
-    @classmethod
-    def load(cls, directory: Path) -> DetectorScores:
-        arrays = _load_npz(directory / cls.FILE)
-        parts: dict[str, dict[str, np.ndarray]] = {"score": {}, "index": {}}
-        for name, value in arrays.items():
-            kind, _, key = name.partition(_SEP)
-            parts[kind][key.replace(_SEP, "/")] = value
-        return cls(parts["score"], parts["index"])
-
-    def positives(self, attack_set: str, subset: str = "successful") -> np.ndarray:
-        return self.scores.get(f"{attack_set}/{subset}", np.zeros(0))
+def load_scores(directory: Path) -> EvalScores:
+    """Read what :func:`save_scores` wrote."""
+    arrays = _load_npz(directory / SCORES_FILE)
+    sets = [key.split(_SEP, 1)[1] for key in arrays if key.startswith(f"adversarial{_SEP}")]
+    return EvalScores(
+        negatives=arrays["negatives"],
+        adversarial={name: arrays[f"adversarial{_SEP}{name}"] for name in sets},
+        success={name: arrays[f"success{_SEP}{name}"].astype(bool) for name in sets},
+        index=arrays["index"],
+    )
 
 
 @dataclass

@@ -4,7 +4,7 @@ Per dataset: one ``data`` cell (load or generate, split), one ``model`` cell (tr
 metrics), one ``gmms`` cell (HFC's mixtures)
 when HFC is on, one ``attack`` cell per (attack, eps, plain/HFC) -- one per (attack, plain/HFC) for attacks
 without a budget --, one ``detect`` cell per (attack, eps, detector) fitting on plain AEs and scoring plain and
-HFC AEs, and one ``projection`` cell at the strongest setting for the report's PCA plot. Then one ``study`` cell
+HFC AEs, and one ``features`` cell at the headline setting (feature log-likelihoods, PCA). Then one ``study`` cell
 per study. Cells carry only JSON-able inputs; labels name what they are.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engine.attacks import ATTACKS
+from engine.attacks import ATTACKS, parse_eps
 from engine.runs.cells import Cell
 from engine.runs.context import MEMORY, checkpoint_ref
 from engine.runs.schema import dataset_label
@@ -78,27 +78,39 @@ def _dataset_cells(config: Mapping[str, Any], spec: Mapping[str, Any]) -> list[C
         )
         cells.append(gmm_cell)
     common = {**common, "pool": attack_cfg["pool"], "model_cell": model_cell.key}
-    sets: dict[bool, Cell] = {}
+    settings: dict[tuple[str, str | None], dict[bool, Cell]] = {}
     for attack in config["attacks"]:
         for eps in config["eps"] if ATTACKS[attack].budgeted() else [None]:
             setting = f"{label} {model} {attack}" + ("" if eps is None else f" eps={eps}")
-            sets = _attack_cells(config, common, attack, eps, setting, gmm_cell, hint)
-            cells += [*sets.values(), *_detect_cells(config, common, attack, eps, setting, sets, hint)]
-    if gmm_cell is not None and config["attacks"]:  # the strongest setting: the last attack at its last budget
-        plain, hfc_set = sets[False], sets[True]
+            attack_cells, settings[attack, eps] = _attack_cells(config, common, attack, eps, setting, gmm_cell, hint)
+            cells += [*attack_cells, *_detect_cells(config, common, attack, eps, setting, settings[attack, eps], hint)]
+    if gmm_cell is not None and settings:
+        attack, eps = headline(config)
+        plain, hfc_set = settings[attack, eps][False], settings[attack, eps][True]
         inputs = {
             **common,
-            "attack": plain.inputs["attack"],
-            "eps": plain.inputs["eps"],
+            "attack": attack,
+            "eps": eps,
             "layers": config["detector"]["layers"],
             "projection_layers": config["projection"]["layers"],
+            "gmms_cell": gmm_cell.key,
             "plain_cell": plain.key,
             "hfc_cell": hfc_set.key,
-            "label": f"{label} {model} projection",
+            "label": f"{label} {model} features {attack}" + ("" if eps is None else f" eps={eps}"),
         }
-        deps = (model_cell.key, plain.key, hfc_set.key)
-        cells.append(Cell("projection", inputs, deps, label=inputs["label"], hint=hint))
+        deps = (model_cell.key, gmm_cell.key, plain.key, hfc_set.key)
+        cells.append(Cell("features", inputs, deps, label=inputs["label"], hint=hint))
     return cells
+
+
+def headline(config: Mapping[str, Any]) -> tuple[str, str | None]:
+    """The (attack, eps) the report leads with: ``headline.attack`` / ``headline.eps``, by default the first
+    attack at its largest budget."""
+    attack = config["headline"]["attack"] or config["attacks"][0]
+    if not ATTACKS[attack].budgeted():
+        return attack, None
+    eps = config["headline"]["eps"] or max(config["eps"], key=parse_eps)
+    return attack, str(eps)
 
 
 def _attack_cells(
@@ -109,28 +121,33 @@ def _attack_cells(
     setting: str,
     gmm_cell: Cell | None,
     hint: Mapping[str, Any],
-) -> dict[bool, Cell]:
-    """The plain attack cell and, when HFC is on, the HFC one, keyed by whether HFC is on."""
-    attack_cfg = config["attack"]
-    sets = {}
-    for use_hfc in (False, True) if gmm_cell is not None else (False,):
-        inputs = {
-            **common,
-            "attack": attack,
-            "eps": eps,
-            "hfc": use_hfc,
-            "steps": attack_cfg["steps"],
-            "targeted": attack_cfg["targeted"],
-            "batch_size": attack_cfg["batch_size"],
-            "options": dict(attack_cfg[attack]),
-            "label": setting + (" +HFC" if use_hfc else ""),
-        }
-        deps: tuple[str, ...] = (common["model_cell"],)
-        if use_hfc:
-            inputs.update(hfc_config=config["hfc"], gmms_cell=gmm_cell.key)
-            deps += (gmm_cell.key,)
-        sets[use_hfc] = Cell("attack", inputs, deps, label=inputs["label"], hint=hint)
-    return sets
+) -> tuple[list[Cell], dict[bool, Cell]]:
+    """(cells in order, the attack cells keyed by whether HFC is on): the plain attack cell and, when HFC is on,
+    the HFC one, after the calibration cell of its weight when ``hfc.lam`` is auto."""
+    attack_cfg, hfc = config["attack"], config["hfc"]
+    base = {
+        **common,
+        "attack": attack,
+        "eps": eps,
+        "steps": attack_cfg["steps"],
+        "targeted": attack_cfg["targeted"],
+        "batch_size": attack_cfg["batch_size"],
+        "options": dict(attack_cfg[attack]),
+    }
+    sets = {False: Cell("attack", {**base, "hfc": False, "label": setting}, (common["model_cell"],), setting, hint)}
+    cells = [sets[False]]
+    if gmm_cell is None:
+        return cells, sets
+    inputs = {**base, "hfc": True, "steps": hfc["steps"] or attack_cfg["steps"], "hfc_config": hfc}
+    inputs.update(gmms_cell=gmm_cell.key, label=f"{setting} +HFC")
+    deps: tuple[str, ...] = (common["model_cell"], gmm_cell.key)
+    if hfc["lam"] == "auto":
+        calibrate = Cell("calibrate", {**inputs, "label": f"{setting} HFC weight"}, deps, f"{setting} HFC weight", hint)
+        cells.append(calibrate)
+        inputs["calibrate_cell"] = calibrate.key
+        deps += (calibrate.key,)
+    sets[True] = Cell("attack", inputs, deps, label=inputs["label"], hint=hint)
+    return [*cells, sets[True]], sets
 
 
 def _detect_cells(

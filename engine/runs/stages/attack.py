@@ -48,7 +48,8 @@ def run_attack(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, An
     constraint = None
     if inputs["hfc"]:
         hfc = inputs["hfc_config"]
-        constraint = HFC(ctx.artifacts.gmms(deps[inputs["gmms_cell"]]["directory"]), lam=hfc["lam"], mode=hfc["mode"])
+        lam = deps[inputs["calibrate_cell"]]["lam"] if inputs.get("calibrate_cell") else hfc["lam"]
+        constraint = HFC(ctx.artifacts.gmms(deps[inputs["gmms_cell"]]["directory"]), lam=lam, mode=hfc["mode"])
     attack = make_attack(inputs["attack"], model, inputs, constraint)
     directory = ctx.artifacts.directory("adversarial", inputs["label"], fingerprint(dict(inputs)))
     writer = AdvWriter(directory, classes=model_info["classes"], name=inputs["label"])
@@ -60,7 +61,7 @@ def run_attack(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, An
             continue
         result = attack(x[index], y[index])
         writer.append(result.adv, y[index], index=index, target=result.target, success=result.success)
-    _, success = ctx.artifacts.adversarial(ctx.artifacts.ref(directory))
+    success = ctx.artifacts.adversarial(ctx.artifacts.ref(directory)).success
     correct = predict_logits(model, x, batch).argmax(1) == y.numpy()
     row = {
         "dataset": inputs["dataset_label"],
@@ -75,11 +76,16 @@ def run_attack(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, An
     return CellOutput({"directory": ctx.artifacts.ref(directory), "n": len(x)}, [row])
 
 
-def attack_cost(cell: Cell, machine: Any) -> tuple[str, float]:
-    """Per pool image: (steps + 2) forward-backward passes (x 1.3 with the HFC feature term); batched attack
-    steps run at ATTACK_EFFICIENCY x the nominal training rate (measured on the quick audit)."""
-    inputs = cell.inputs
+def attack_passes(inputs: Mapping[str, Any], hfc: bool) -> float:
+    """Forward-pass equivalents per image of an attack cell: (steps + 2) forward-backward passes (x 1.3 with the
+    HFC feature term) plus fixed per-image work."""
     steps = inputs["options"].get("steps", inputs["steps"]) if "steps" in ATTACKS[inputs["attack"]].parameters() else 1
-    passes = (3 * (steps + 2) * (1.3 if inputs["hfc"] else 1.0) + ATTACK_OVERHEAD) * inputs["pool"]
-    flops = passes * machine.model_flops(**cell.hint["model"])
+    return 3 * (steps + 2) * (1.3 if hfc else 1.0) + ATTACK_OVERHEAD
+
+
+def attack_cost(cell: Cell, machine: Any) -> tuple[str, float]:
+    """Per pool image: :func:`attack_passes`; batched attack steps run at ATTACK_EFFICIENCY x the nominal training
+    rate (measured on the quick audit)."""
+    inputs = cell.inputs
+    flops = attack_passes(inputs, inputs["hfc"]) * inputs["pool"] * machine.model_flops(**cell.hint["model"])
     return f"attack/{inputs['attack']}", ATTACK_EFFICIENCY * machine.seconds(flops)

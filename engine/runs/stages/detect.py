@@ -1,5 +1,5 @@
-"""The ``detect`` stage (fit a detector on plain AEs, score plain and HFC AEs: the HFC paper's protocol) and the
-``projection`` stage (features of clean, plain and HFC images for the report's PCA plot).
+"""The ``detect`` stage: fit a detector on plain AEs, score plain and HFC AEs of the same images (the HFC paper's
+protocol, with a paired comparison).
 
 Features are extracted once per process and image set (one forward pass per batch for every hooked layer) and
 memoised in the run context, so the seven detectors of one (attack, eps) share them.
@@ -14,16 +14,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.attacks import extract_features, noise_like
+from engine.attacks import noise_like
 from engine.data import as_tensors
 from engine.detectors import DETECTORS, Detector, FeatureCache, Features, TooFewExamples, run_protocol
 from engine.models import STAGE_OUTPUTS, resolve_layers, spatial_layers, stage_outputs
-from engine.runs.artifacts import DetectorScores, Projection
+from engine.runs.artifacts import save_scores
 from engine.runs.cells import Cell, CellOutput
 from engine.runs.context import RunContext
 from engine.runs.schema import fingerprint
 
-HEADLINE_SUBSET = "successful"
+PAIRED_METRICS = ("auroc", "tpr_at_tnr90")
 DETECTOR_COST = {  # seconds per pool image beside the model passes (measured on the audits; refined live)
     "kd": 2.3e-3, "lid": 6e-4, "svm": 5e-4, "safetynet": 5e-4, "dnr": 2e-3, "dnn": 7.5e-3, "bu": 1e-3, "maha": 1.2e-2,
 }  # fmt: skip
@@ -109,44 +109,33 @@ def run_detect(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, An
         ) from exc
     directory = ctx.artifacts.directory("detectors", inputs["label"], fingerprint(dict(inputs)))
     detector.save(directory / "fitted")
-    DetectorScores(result.scores[detector.name], result.index).save(directory)
+    save_scores(directory, result.scores[detector.name])
     base = {k: inputs[k] for k in ("attack", "eps", "detector")}
     base.update(dataset=inputs["dataset_label"], model=inputs["model_label"])
-    rows = []
-    for r in result.to_rows():
-        metric = r["metric"] if r["subset"] == HEADLINE_SUBSET else f"{r['metric']}@{r['subset']}"
-        rows.append(
-            {**base, "hfc": r["attack"] == "hfc", "metric": metric, **{k: r[k] for k in ("value", "ci_low", "ci_high")}}
-        )
+    rows = [{**base, **row} for row in detection_rows(result.to_rows())]
     payload = {"directory": ctx.artifacts.ref(directory), "fitted": ctx.artifacts.ref(directory / "fitted")}
     return CellOutput(payload, rows)
+
+
+def detection_rows(protocol_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Result rows of the protocol's rows: the successful subset under the metric's own name, the others as
+    ``metric@subset``; the paired plain-vs-HFC comparison (auroc and TPR at 90% TNR) as ``metric@paired`` for both
+    sets and ``metric_change`` (HFC minus plain, on the HFC row)."""
+    out = []
+    for r in protocol_rows:
+        subset, metric = r["subset"], r["metric"]
+        if subset in ("paired", "change") and metric not in PAIRED_METRICS:
+            continue
+        name = {"successful": metric, "change": f"{metric}_change"}.get(subset, f"{metric}@{subset}")
+        out.append({"hfc": r["attack"] == "hfc", "metric": name, **{k: r[k] for k in ("value", "ci_low", "ci_high")}})
+    return out
 
 
 def _adversarial_features(
     ctx: RunContext, cache: FeatureCache, ref: str, y: torch.Tensor
 ) -> tuple[Features, np.ndarray]:
-    images, success = ctx.artifacts.adversarial(ref)
-    return _features(ctx, cache, ("adversarial", ref), images, y), success
-
-
-def run_projection(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any]) -> CellOutput:
-    """GAP features of clean, plain-AE and HFC-AE images at the projection layers (default: the second and the
-    last detector layer), for the report's PCA plot."""
-    model = ctx.model(deps[inputs["model_cell"]]["checkpoint"])
-    layers = resolve_layers(model, inputs["layers"])
-    chosen = resolve_layers(model, inputs["projection_layers"]) if inputs["projection_layers"] else None
-    chosen = chosen or [layers[min(1, len(layers) - 1)], layers[-1]]
-    x, y = ctx.pool(inputs["dataset"], inputs["split"], inputs["seed"], inputs["pool"])
-    sets = {"clean": x}
-    for group, cell in (("plain AE", inputs["plain_cell"]), ("HFC AE", inputs["hfc_cell"])):
-        sets[group] = ctx.artifacts.adversarial(deps[cell]["directory"])[0]
-    features = {}
-    for group, images in sets.items():
-        feats, _, _ = extract_features(model, (images, y), chosen)
-        features[group] = {layer: feats[layer].numpy() for layer in chosen}
-    directory = ctx.artifacts.directory("projections", inputs["label"], fingerprint(dict(inputs)))
-    Projection(chosen, features).save(directory)
-    return CellOutput({"directory": ctx.artifacts.ref(directory), "layers": chosen})
+    adversarial = ctx.artifacts.adversarial(ref)
+    return _features(ctx, cache, ("adversarial", ref), adversarial.images, y), adversarial.success
 
 
 def detect_cost(cell: Cell, machine: Any) -> tuple[str, float]:
@@ -154,7 +143,3 @@ def detect_cost(cell: Cell, machine: Any) -> tuple[str, float]:
     name, pool = cell.inputs["detector"], cell.inputs["pool"]
     model_s = machine.seconds(pool * machine.model_flops(**cell.hint["model"]) * MODEL_PASSES.get(name, 1.0))
     return f"detect/{name}", model_s + pool * DETECTOR_COST.get(name, 1e-2)
-
-
-def projection_cost(cell: Cell, machine: Any) -> tuple[str, float]:
-    return "projection", 0.6 * machine.seconds(3 * cell.inputs["pool"] * machine.model_flops(**cell.hint["model"]))

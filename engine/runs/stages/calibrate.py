@@ -1,0 +1,86 @@
+"""The ``calibrate`` stage: choose the HFC weight on a calibration split, never on the images it is evaluated on.
+
+The reference setting is lam = 1 (nearest-component mode). A weight that suits one model can stop the attack on
+another (the HFC term outweighs the classification loss), so with ``hfc.lam: auto`` the weight is the largest
+value of ``hfc.calibration.grid`` whose HFC attack still reaches ``hfc.calibration.target`` success on the first
+``hfc.calibration.images`` correctly classified images of the *validation* split (disjoint from the test pool the
+audit attacks), found by bisection over the grid (success falls as the weight grows). The choice and every
+trial go to the payload, the result rows and the run card.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from engine.attacks import HFC
+from engine.data import as_tensors
+from engine.models import predict_logits
+from engine.runs.cells import Cell, CellOutput
+from engine.runs.context import RunContext
+from engine.runs.stages.attack import ATTACK_EFFICIENCY, attack_passes, make_attack
+
+
+def calibration_images(ctx: RunContext, inputs: Mapping[str, Any], model: torch.nn.Module) -> tuple[Any, Any]:
+    """The first correctly classified validation images, at most ``calibration.images`` of them."""
+    splits = ctx.splits(inputs["dataset"], inputs["split"], inputs["seed"])
+    x, y = as_tensors(splits.val, name=f"the validation split of {inputs['dataset_label']}")
+    correct = torch.from_numpy(predict_logits(model, x).argmax(1) == y.numpy())
+    keep = correct.nonzero()[:, 0][: inputs["hfc_config"]["calibration"]["images"]]
+    if len(keep) == 0:
+        raise ValueError(
+            f"{inputs['dataset_label']}: no validation image is classified correctly, so the HFC weight cannot be "
+            "calibrated; set hfc.lam to a number or train the model longer"
+        )
+    return x[keep], y[keep]
+
+
+def run_calibrate(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any]) -> CellOutput:
+    """Bisect the weight grid for the largest weight whose HFC attack reaches the target success rate."""
+    model = ctx.model(deps[inputs["model_cell"]]["checkpoint"])
+    gmms = ctx.artifacts.gmms(deps[inputs["gmms_cell"]]["directory"])
+    hfc, calibration = inputs["hfc_config"], inputs["hfc_config"]["calibration"]
+    x, y = calibration_images(ctx, inputs, model)
+    grid = sorted((float(v) for v in calibration["grid"]), reverse=True)
+    trials: dict[float, float] = {}
+
+    def success(lam: float) -> float:
+        if lam not in trials:
+            attack = make_attack(inputs["attack"], model, inputs, HFC(gmms, lam=lam, mode=hfc["mode"]))
+            trials[lam] = attack(x, y).success_rate
+        return trials[lam]
+
+    low, high = 0, len(grid) - 1  # find the first (largest) weight reaching the target
+    while low < high:
+        mid = (low + high) // 2
+        if success(grid[mid]) >= calibration["target"]:
+            high = mid
+        else:
+            low = mid + 1
+    lam = grid[low]
+    reached = success(lam) >= calibration["target"]
+    row = {"dataset": inputs["dataset_label"], "model": inputs["model_label"], "attack": inputs["attack"]}
+    row |= {"eps": inputs["eps"], "hfc": True, "detector": ""}
+    rows = [
+        {**row, "metric": "hfc_lam", "value": lam},
+        {**row, "metric": "hfc_calibration_success", "value": trials[lam]},
+    ]
+    payload = {
+        "lam": lam,
+        "reached": reached,
+        "target": calibration["target"],
+        "images": len(x),
+        "trials": [{"lam": k, "success": v} for k, v in sorted(trials.items(), reverse=True)],
+    }
+    return CellOutput(payload, rows)
+
+
+def calibrate_cost(cell: Cell, machine: Any) -> tuple[str, float]:
+    """About log2(grid) HFC attacks on the calibration images."""
+    inputs = cell.inputs
+    calibration = inputs["hfc_config"]["calibration"]
+    trials = max(1, len(calibration["grid"]).bit_length())
+    passes = attack_passes(inputs, hfc=True) * calibration["images"] * trials
+    return "calibrate", ATTACK_EFFICIENCY * machine.seconds(passes * machine.model_flops(**cell.hint["model"]))
