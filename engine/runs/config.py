@@ -65,8 +65,10 @@ DEFAULTS: dict[str, Any] = {
     "hfc": {
         "enabled": True,
         "layers": "activations",
-        "lam": 1e-4,
         "mode": "loglik",
+        "lam": 1e-4,
+        "calibration": {"target": 0.9, "grid": [1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 1e-4], "images": 100},
+        "steps": None,
         "n_components": 2,
         "reg_covar": 1e-4,
     },
@@ -85,6 +87,7 @@ DEFAULTS: dict[str, Any] = {
         "dnn": {"width": 0.5, "epochs": 10},
         "maha": {"select_max": 100, "layers": STAGE_OUTPUTS},
     },
+    "headline": {"attack": None, "eps": None},
     "projection": {"layers": None},
     "studies": ["stress", "uap"],
     # Overrides merged over each study's defaults, which are sized to this audit's budget (docs/studies.md);
@@ -171,6 +174,7 @@ def validate(config: Mapping[str, Any]) -> None:
     for key in ("attack.steps", "attack.pool", "attack.batch_size", "model.epochs", "model.batch_size"):
         _positive_int(config, key)
     _positive_int(config, "detector.train_limit")
+    _positive_int(config, "hfc.calibration.images")
     raw = config["detector"]["raw_layers"]
     if not (isinstance(raw, (str, list)) or (isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0)):
         raise ConfigError(f"config key 'detector.raw_layers' must be a count >= 0 or layer patterns, got {raw!r}")
@@ -183,9 +187,33 @@ def validate(config: Mapping[str, Any]) -> None:
     targeted = config["attack"]["targeted"]
     if not (isinstance(targeted, bool) or targeted in TARGET_MODES):
         raise ConfigError(f"config key 'attack.targeted' must be true, false or one of {TARGET_MODES}")
+    _hfc(config["hfc"])
+    _headline(config)
     check_executor_settings(config)
     _method_options(config, "attack", ATTACKS, lambda cls: cls.parameters())
     _method_options(config, "detector", DETECTORS, lambda cls: list(inspect.signature(cls.__init__).parameters))
+
+
+def _hfc(hfc: Mapping[str, Any]) -> None:
+    lam, calibration = hfc["lam"], hfc["calibration"]
+    if lam != "auto" and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0):
+        raise ConfigError(f"config key 'hfc.lam' must be 'auto' (calibrated) or a number >= 0, got {lam!r}")
+    if not 0 < calibration["target"] <= 1:
+        raise ConfigError(f"config key 'hfc.calibration.target' must be in (0, 1], got {calibration['target']!r}")
+    grid = calibration["grid"]
+    if not isinstance(grid, list) or not grid or not all(isinstance(v, (int, float)) and v >= 0 for v in grid):
+        raise ConfigError(f"config key 'hfc.calibration.grid' must be a non-empty list of weights >= 0, got {grid!r}")
+    steps = hfc["steps"]
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"config key 'hfc.steps' must be a positive integer or null (attack.steps), got {steps!r}")
+
+
+def _headline(config: Mapping[str, Any]) -> None:
+    attack, eps = config["headline"]["attack"], config["headline"]["eps"]
+    if attack is not None and attack not in config["attacks"]:
+        raise ConfigError(f"config key 'headline.attack' must be one of the attacks {config['attacks']}: {attack!r}")
+    if eps is not None and str(eps) not in [str(e) for e in config["eps"]]:
+        raise ConfigError(f"config key 'headline.eps' must be one of the run's eps {config['eps']}, got {eps!r}")
 
 
 def _positive_int(config: Mapping[str, Any], key: str) -> None:
