@@ -42,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not table.empty:
         with _wide():
             print(table.round(3).to_string())
-    for line in summary_lines(report.rows):
+    for line in summary_lines(report.result):
         print(line)
     print(f"report: {report.run_dir / 'report.html'}")
     return 0

@@ -8,13 +8,14 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import matplotlib
 
 matplotlib.use("Agg")  # figures are rendered to PNG only; import pyplot from here so this runs first
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 _CSS = """
@@ -31,6 +32,9 @@ td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; }
 .fig { display: inline-block; vertical-align: top; max-width: 49%; margin-right: 1%; }
 .fig.wide { max-width: 100%; }
+table.heatmap td { white-space: nowrap; }
+.verdict.holds { border-left-color: #2a7; }
+.verdict.fails { border-left-color: #c33; }
 .card { font-family: monospace; font-size: 12px; white-space: pre-wrap; background: #f7f7f7; padding: 1em; }
 """
 
@@ -47,6 +51,31 @@ class Section:
         body = frame.to_html(float_format=lambda v: float_format.format(v), na_rep="–", border=0)
         cap = f"<p class='note'>{html.escape(caption)}</p>" if caption else ""
         self.blocks.append(cap + body)
+        return self
+
+    def heatmap(
+        self,
+        text: pd.DataFrame,
+        values: pd.DataFrame,
+        scales: Mapping[str, tuple[float, float, str]],
+        caption: str = "",
+    ) -> Section:
+        """A table of ``text`` whose cells are coloured by ``values`` (same shape). Columns are (group, part)
+        pairs; ``scales[part]`` = (vmin, vmax, matplotlib colormap) colours that part; NaN cells stay white."""
+        groups = list(dict.fromkeys(g for g, _ in text.columns))
+        head = "<tr><th></th>" + "".join(
+            f"<th colspan='{sum(g == c[0] for c in text.columns)}'>{html.escape(str(g))}</th>" for g in groups
+        )
+        head += "</tr><tr><th></th>" + "".join(f"<th>{html.escape(str(p))}</th>" for _, p in text.columns) + "</tr>"
+        body = []
+        for label, row in text.iterrows():
+            cells = [f"<th>{html.escape(str(label))}</th>"]
+            for column in text.columns:
+                cells.append(f"<td style='{_cell_style(values.loc[label, column], scales[column[1]])}'>"
+                             f"{html.escape(str(row[column]))}</td>")  # fmt: skip
+            body.append("<tr>" + "".join(cells) + "</tr>")
+        cap = f"<p class='note'>{html.escape(caption)}</p>" if caption else ""
+        self.blocks.append(f"{cap}<table class='heatmap'><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>")
         return self
 
     def figure(self, fig: plt.Figure, caption: str = "", wide: bool = False) -> Section:
@@ -73,6 +102,16 @@ class Section:
     def render(self) -> str:
         intro = f"<p>{html.escape(self.text)}</p>" if self.text else ""
         return f"<h2>{html.escape(self.title)}</h2>{intro}{''.join(self.blocks)}"
+
+
+def _cell_style(value: float, scale: tuple[float, float, str]) -> str:
+    """Background from the colormap at ``value`` within [vmin, vmax]; dark text on light colours, white on dark."""
+    if value is None or not np.isfinite(value):
+        return ""
+    vmin, vmax, cmap = scale
+    r, g, b, _ = matplotlib.colormaps[cmap](float(np.clip((value - vmin) / (vmax - vmin), 0.0, 1.0)))
+    ink = "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "#fff"
+    return f"background:#{int(255 * r):02x}{int(255 * g):02x}{int(255 * b):02x};color:{ink};text-align:center"
 
 
 def render(title: str, sections: Sequence[Section], subtitle: str = "") -> str:

@@ -49,11 +49,14 @@ def test_cli_run_writes_results_card_and_report(tiny_run):
     assert len(asr) == 2 and asr["value"].between(0, 1).all()
     html = (run_dir / "report.html").read_text()
     for needle in (
-        "Detection of adversarial examples",
+        "Detection on fundus-synth:binary",
+        "change [95% CI]",
         "AUROC plain",
         "ROC curves",
         "data:image/png;base64",
         "Where adversarial features lie",
+        "Verdicts",
+        "Plain AEs are easy to detect",
         "Run card",
     ):
         assert needle in html

@@ -1,92 +1,49 @@
-"""The run report: the paper-style detection table, attack success, ROC curves, feature projections, the studies'
-sections and the run card, built from a :class:`engine.runs.RunResult`."""
+"""The run report, built from a :class:`engine.runs.RunResult`: verdicts on the HFC paper's claims and the paper-style
+heatmap tables first (one minute to grasp), then the mechanism, ROC curves, calibration, the studies' sections, the
+long table and the run card."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from engine.attacks import parse_eps
 from engine.fileio import atomic_write
 from engine.html import Section, render
 from engine.metrics import roc_curves
-from engine.report.figures import projection_figure, roc_figure
-from engine.runs import STUDIES, DetectorScores, Projection, RunResult
-
-TABLE_METRICS = ("auroc", "tpr_at_tnr90")
-
-
-def detection_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """Paper-style table: one row per (dataset, attack, eps, detector); AUROC and TPR@90%TNR, plain vs HFC,
-    with the attack success rates (on the correctly classified pool) beside them."""
-    frame = pd.DataFrame(rows)
-    if frame.empty or "detector" not in frame:
-        return pd.DataFrame()
-    keys = ["dataset", "attack", "eps"]
-    det = frame[frame["metric"].isin(TABLE_METRICS) & frame["detector"].fillna("").ne("")]
-    if det.empty:
-        return pd.DataFrame()
-    table = det.pivot_table(index=[*keys, "detector"], columns=["metric", "hfc"], values="value", aggfunc="first")
-    table.columns = [f"{_metric_label(m)} {'HFC' if h else 'plain'}" for m, h in table.columns]
-    order = [f"{_metric_label(m)} {s}" for m in TABLE_METRICS for s in ("plain", "HFC")]
-    table = table[[c for c in order if c in table.columns]]
-    asr = frame[frame["metric"] == "attack_success_rate"]
-    if not asr.empty:
-        asr = asr.pivot_table(index=keys, columns="hfc", values="value", aggfunc="first")
-        asr.columns = [f"success {'HFC' if h else 'plain'}" for h in asr.columns]
-        table = table.join(asr, on=keys)
-    return table
+from engine.report.figures import loglik_figure, projection_figure, roc_figure
+from engine.report.tables import (
+    METRIC_LABELS,
+    PARTS,
+    calibration_table,
+    clean_table,
+    detection_table,
+    loglik_table,
+    paired_table,
+    success_table,
+)
+from engine.report.verdicts import verdicts
+from engine.runs import STUDIES, Projection, RunResult
+from engine.runs.artifacts import load_scores
+from engine.runs.plan import headline
 
 
-def _metric_label(metric: str) -> str:
-    return {"auroc": "AUROC", "tpr_at_tnr90": "TPR@90%TNR"}.get(metric, metric)
-
-
-def clean_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame([r for r in rows if str(r["metric"]).startswith("clean_")])
-    if frame.empty:
-        return frame
-    frame["metric"] = frame["metric"].str.removeprefix("clean_")
-    return frame.pivot_table(index=["dataset", "model"], columns="metric", values="value", aggfunc="first")
-
-
-def summary_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Plain-language findings: mean detection AUROC on plain vs HFC AEs per dataset, and attack success."""
-    frame = pd.DataFrame(rows)
-    if frame.empty or "detector" not in frame:
-        return []
-    lines = []
-    auroc = frame[(frame["metric"] == "auroc") & frame["detector"].fillna("").ne("")]
-    for dataset, group in auroc.groupby("dataset"):
-        plain = group[~group["hfc"].astype(bool)]["value"].mean()
-        hfc = group[group["hfc"].astype(bool)]["value"].mean()
-        line = f"{dataset}: mean detection AUROC over detectors and attacks {plain:.3f} on plain AEs"
-        if not np.isnan(hfc):
-            line += f", {hfc:.3f} on HFC AEs (detectors fitted on plain AEs)"
-        lines.append(line + ".")
-    asr = frame[frame["metric"] == "attack_success_rate"]
-    for (dataset, hfc), group in asr.groupby(["dataset", "hfc"]):
-        lines.append(
-            f"{dataset}: mean attack success rate {'with' if hfc else 'without'} HFC "
-            f"{group['value'].mean():.3f} over {len(group)} attack settings."
-        )
-    return lines
+def summary_lines(result: RunResult) -> list[str]:
+    """The verdict on each of the HFC paper's claims at the run's headline setting, one line each."""
+    return [v.text for v in verdicts(result.rows, *headline(result.config))]
 
 
 def roc_section(section: Section, result: RunResult) -> None:
     """ROC curves (plain vs HFC) of every detector, one figure per (dataset, attack) at its largest budget."""
     groups: dict[tuple[str, str, str], list[tuple[str, str, np.ndarray, np.ndarray]]] = {}
     for cell, payload in result.payloads.get("detect", []):
-        scores = DetectorScores.load(result.artifacts.path(payload["directory"]))
+        scores = load_scores(result.artifacts.path(payload["directory"]))
         for attack_set, name in (("plain", "plain"), ("hfc", "HFC")):
-            positives = scores.positives(attack_set)
+            positives = scores.positives(attack_set) if attack_set in scores.adversarial else []
             if len(positives):
-                fpr, tpr = (curve[0] for curve in roc_curves(scores.scores["negatives"], positives))
+                fpr, tpr = (curve[0] for curve in roc_curves(scores.negatives.reshape(-1), positives))
                 group = (cell.inputs["dataset_label"], cell.inputs["attack"], str(cell.inputs["eps"]))
                 groups.setdefault(group, []).append((cell.inputs["detector"], name, fpr, tpr))
     largest: dict[tuple[str, str], str] = {}
@@ -107,7 +64,7 @@ def _budget(eps: str) -> float:
 
 
 def projection_section(section: Section, result: RunResult) -> None:
-    for cell, payload in result.payloads.get("projection", []):
+    for cell, payload in result.payloads.get("features", []):
         projection = Projection.load(result.artifacts.path(payload["directory"]))
         panels = [
             (f"{cell.inputs['dataset_label']} {layer}", {g: projection.features[g][layer] for g in Projection.GROUPS})
@@ -115,43 +72,92 @@ def projection_section(section: Section, result: RunResult) -> None:
         ]
         section.figure(
             projection_figure(panels),
-            f"PCA of GAP features ({cell.inputs['attack']}, eps={cell.inputs['eps']}): clean vs plain vs HFC AEs, "
-            "at a shallow and a deep layer.",
+            f"PCA of GAP features ({cell.inputs['attack']}, eps={cell.inputs['eps']}, the {payload['n']} images where "
+            "both attacks succeeded): clean vs plain vs HFC AEs, at a shallow and a deep layer.",
             wide=True,
         )
 
 
+def headline_sections(result: RunResult) -> list[Section]:
+    """Verdicts, then per dataset the paper-style heatmap table (plain | HFC | paired change), attack success."""
+    attack, eps = headline(result.config)
+    claims = Section(
+        "Verdicts",
+        f"The HFC paper's claims judged at the headline setting ({attack}" + ("" if eps is None else f", eps {eps}")
+        + "): detectors fitted on plain AEs, scored on plain and on HFC AEs of the same test images.",
+    )
+    for v in verdicts(result.rows, attack, eps):
+        claims.paragraph(v.text, css="verdict " + {True: "holds", False: "fails", None: ""}[v.holds])
+    sections = [claims]
+    datasets = list(dict.fromkeys(r["dataset"] for r in result.rows if r.get("detector")))
+    for dataset in datasets:
+        section = Section(f"Detection on {dataset}")
+        for metric, label in METRIC_LABELS.items():
+            text, values = paired_table(result.rows, dataset, metric)
+            if text.empty:
+                continue
+            section.heatmap(
+                text,
+                values,
+                {"plain": (0.5, 1.0, "RdYlGn"), "HFC": (0.5, 1.0, "RdYlGn"), PARTS[2]: (-0.5, 0.5, "RdBu")}
+                if metric == "auroc"
+                else {"plain": (0.0, 1.0, "RdYlGn"), "HFC": (0.0, 1.0, "RdYlGn"), PARTS[2]: (-1.0, 1.0, "RdBu")},
+                caption=f"{label} of each detector (fitted on plain AEs) on plain and on HFC AEs of the same images "
+                "(those where both attacks succeeded; negatives: their clean and noise copies), and the paired change "
+                "HFC minus plain with its 95% bootstrap CI over images (* : CI excludes zero).",
+            )
+        sections.append(section)
+    success = success_table(result.rows)
+    if not success.empty:
+        sections.append(Section("Attack success", "On the correctly classified test pool.").table(success))
+    return sections
+
+
 def build_report(result: RunResult) -> str:
-    """The complete self-contained HTML page of a run."""
+    """The complete self-contained HTML page of a run: verdicts and the paper-style tables first, then the
+    mechanism (feature log-likelihoods, PCA), ROC curves, clean performance and calibration, the studies, the long
+    table and the run card."""
     rows, card = result.rows, result.card
-    sections = []
-    findings = Section("Findings")
-    for line in summary_lines(rows):
-        findings.paragraph(line, css="verdict")
-    sections.append(findings)
-    clean = clean_table(rows)
-    if not clean.empty:
-        sections.append(Section("Clean performance (test split)").table(clean))
-    table = detection_table(rows)
-    if not table.empty:
-        sections.append(
-            Section(
-                "Detection of adversarial examples",
-                "Detectors fitted on plain AEs (70% of the correctly classified pool) and evaluated on the other 30%: "
-                "plain columns score plain AEs, HFC columns score HFC AEs with the same fitted detectors. "
-                "Success rates are attack success on the correctly classified pool.",
-            ).table(table)
+    sections = headline_sections(result)
+    tables = [(d, loglik_table(rows, d)) for d in dict.fromkeys(r["dataset"] for r in rows)]
+    tables = [(d, t) for d, t in tables if not t.empty]
+    if tables or result.payloads.get("features"):
+        where = Section(
+            "Where adversarial features lie",
+            "Mean log-likelihood of the GAP features of every constrained layer under HFC's mixtures: clean images "
+            "under their own class, plain and HFC AEs under their target class (images where both succeeded).",
         )
+        if tables:
+            where.figure(loglik_figure(tables), "Log-likelihood by depth (symlog scale).", wide=True)
+        projection_section(where, result)
+        sections.append(where)
     if result.payloads.get("detect"):
         roc = Section("ROC curves")
         roc_section(roc, result)
         sections.append(roc)
-    if result.payloads.get("projection"):
-        proj = Section("Where adversarial features lie")
-        projection_section(proj, result)
-        sections.append(proj)
+    clean = clean_table(rows)
+    if not clean.empty:
+        sections.append(Section("Clean performance (test split)").table(clean))
+    calibration = calibration_table(rows)
+    if not calibration.empty:
+        sections.append(
+            Section(
+                "HFC weight",
+                "Chosen on correctly classified validation images, never on the test pool: the largest weight of the "
+                "grid whose HFC attack keeps the target success (trials in the run card).",
+            ).table(calibration, float_format="{:.4g}")
+        )
     for _, payload in result.payloads.get("study", []):
         sections.extend(STUDIES[payload["study"]].sections(payload["payload"]))
+    table = detection_table(rows)
+    if not table.empty:
+        sections.append(
+            Section(
+                "All settings",
+                "Each set on its own successful AEs (not paired): AUROC and TPR@90%TNR, plain vs HFC, and the attack "
+                "success rates on the correctly classified pool.",
+            ).table(table)
+        )
     sections.append(Section("Run card").preformatted(json.dumps(card, indent=2, default=str)))
     title = f"hfc-engine audit: {result.config['name']}"
     return render(title, sections, subtitle=f"hfc-engine {card.get('version', '')} — {card.get('finished', '')}")

@@ -1,10 +1,12 @@
-"""The audit report's figures: ROC curves of detectors and PCA projections of clean vs adversarial features."""
+"""The audit report's figures: ROC curves of detectors, feature log-likelihood by depth, and PCA projections of
+clean vs adversarial features."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 
 from engine.html import plt
 
@@ -44,5 +46,22 @@ def projection_figure(panels: Sequence[tuple[str, dict[str, np.ndarray]]]) -> pl
             ax.scatter(xy[:, 0], xy[:, 1], s=8, alpha=0.6, label=name, color=colours.get(name))
         ax.set(title=title, xlabel="PC 1 (of clean)", ylabel="PC 2")
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def loglik_figure(tables: Sequence[tuple[str, pd.DataFrame]]) -> plt.Figure:
+    """Mean feature log-likelihood by layer depth, one panel per dataset: clean images under their class's
+    mixtures, plain and HFC AEs under the target class's (symlog scale: plain AEs fall by orders of magnitude)."""
+    colours = {"clean": "#3a7", "plain AE": "#d33", "HFC AE": "#36c"}
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), 3.8), squeeze=False)
+    for ax, (title, table) in zip(axes[0], tables, strict=True):
+        depth = np.arange(len(table))
+        for name in table.columns:
+            ax.plot(depth, table[name], marker="o", ms=3, color=colours.get(name), label=name)
+        ax.set_yscale("symlog")
+        ax.set(title=title, xlabel="constrained layer (input -> output)", ylabel="mean log-likelihood")
+        ax.set_xticks(depth, table.index, rotation=90, fontsize=6)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
