@@ -230,7 +230,7 @@ def deepfool_uap_batched(
 ) -> UAPResult:
     """Batched variant of :func:`deepfool_uap` (not the same algorithm): DeepFool runs from the same v for all
     not-yet-fooled images of a batch of ``batch_size``; their converged steps are summed into v, then v is
-    projected once. Cheaper per pass, and the sum of many steps overshoots the ball (benchmarks/bench_uap.py)."""
+    projected once. Cheaper per pass; fooling rate vs time of both in benchmarks/bench_uap.py."""
     check_batch_size(batch_size)
     return _deepfool_uap(
         model, data, eps, norm, heldout, delta, max_passes, batch_size, overshoot, max_iter, seed, progress
