@@ -95,10 +95,12 @@ def test_staging_uploads_oldest_first_and_downloads_on_first_use(tmp_path):
     reader = StagedArtifacts(url, cache=tmp_path / "reader")
     assert not (reader.root / "adversarial").exists()
     assert reader.path(writer.ref(directory / "manifest.json")).read_text() == "{}"
+    assert [p.name for p in (reader.root / "adversarial" / "pgd-k1").iterdir()] == ["manifest.json"]  # that file
+    assert reader.path(writer.ref(directory)) == reader.root / "adversarial" / "pgd-k1"
     assert sorted(p.name for p in (reader.root / "adversarial" / "pgd-k1").iterdir()) == [
         "manifest.json",
         "shard_000000.npz",
-    ]
+    ]  # then the whole directory it names
 
 
 DRIVER = textwrap.dedent(

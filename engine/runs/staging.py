@@ -5,9 +5,10 @@ Stages write through many writers of other packages (AdvWriter, save_hfc_gmms, D
 of which want local paths. So an fsspec location is *staged*: each process works in a local cache directory laid
 out like the location, and :class:`StagedArtifacts`
 
-- downloads a cell directory (``<kind>/<label>-<key>``) the first time a payload reference into it is resolved
-  (:meth:`path`) or a cell opens it to write (:meth:`directory`: a trained model found again, an attack resumed),
-  then serves it from the cache for the rest of the process;
+- downloads what a payload reference names the first time it is resolved (:meth:`path`: a file, such as a
+  checkpoint without its training state, or a whole cell directory ``<kind>/<label>-<key>``, such as an
+  adversarial set), and a whole cell directory when a cell opens it to write (:meth:`directory`: a trained model
+  found again, an attack resumed); then serves them from the cache for the rest of the process;
 - uploads every file written in the cache when a cell finishes (:meth:`publish`, called by the executor before
   the cell is committed), oldest first, each to a temporary name renamed into place: a partial upload never holds
   a truncated file, and an index written after its data (an adversarial set's manifest) never names a missing
@@ -66,8 +67,13 @@ class StagedArtifacts(Artifacts):
         return path
 
     def path(self, ref: str) -> Path:
-        if not Path(ref).is_absolute():
-            self._pull("/".join(PurePosixPath(ref).parts[:2]))
+        parts = PurePosixPath(ref).parts
+        cell_directory = "/".join(parts[:2])
+        if not (Path(ref).is_absolute() or ref in self._synced or cell_directory in self._pulled):
+            if len(parts) > 2 and self.fs.isfile(f"{self.remote}/{ref}"):
+                self._fetch(ref)  # one file: a checkpoint, without the training state beside it
+            else:
+                self._pull(cell_directory)
         return super().path(ref)
 
     def publish(self) -> None:
@@ -93,16 +99,19 @@ class StagedArtifacts(Artifacts):
         remote = f"{self.remote}/{rel}"
         for source in self.fs.find(remote) if self.fs.isdir(remote) else []:
             name = _relative(source, self.remote)
-            if name.endswith(".partial"):
-                continue
-            local = self.root / name
-            local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
-            self.fs.get_file(source, str(tmp))
-            os.replace(tmp, local)
-            stat = local.stat()
-            self._synced[name] = (stat.st_size, stat.st_mtime_ns)
+            if not name.endswith(".partial") and name not in self._synced:
+                self._fetch(name)
         self._pulled.add(rel)
+
+    def _fetch(self, name: str) -> None:
+        """Download one file (relative to the root) into the cache, atomically."""
+        local = self.root / name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
+        self.fs.get_file(f"{self.remote}/{name}", str(tmp))
+        os.replace(tmp, local)
+        stat = local.stat()
+        self._synced[name] = (stat.st_size, stat.st_mtime_ns)
 
 
 def _remove_stale_caches() -> None:
