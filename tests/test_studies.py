@@ -326,8 +326,8 @@ def test_stress_study_end_to_end_and_resume(tmp_path):
     verdict = result.payload["verdict"]
     words = {"holds", "not shown", "reversed", "undecided"}
     assert verdict["medical_more_vulnerable"] in words and verdict["binary_shifts_aligned"] in words
-    low, high = verdict["per_eps"][0]["ratio_deviation_mean"][1:]
-    assert low <= verdict["per_eps"][0]["ratio_deviation_mean"][0] <= high
+    value, low, high = verdict["per_eps"][0]["ratios"]["fundus-synth:binary"]["deviation_mean"]
+    assert low <= value <= high
     html = "".join(s.render() for s in STUDIES["stress"].sections(result.payload))
     assert "Claim" in html and "matched on validation accuracy" in html
     with ResultStore(tmp_path / "store") as store:

@@ -11,6 +11,8 @@ import pandas as pd
 from engine.html import Section, plt
 from engine.metrics import percentile_ci
 
+RATIO_KEYS = ("deviation_mean", "deviation_deep")
+
 
 def _pick(d: Mapping[str, Any], attack: str, eps: str) -> Mapping[str, Any]:
     return next(r for r in d["results"] if r["attack"] == attack and r["eps"] == eps)
@@ -20,15 +22,15 @@ def _interval(point: float, replicates: Any) -> list[float]:
     return [float(point), *percentile_ci(replicates)]
 
 
-def _group_ratio(members: Sequence[tuple[Mapping, Mapping]], others: Sequence[tuple[Mapping, Mapping]], eps, key):
-    """Mean over ``members`` / mean over ``others`` of the PGD quantity ``key``, with a bootstrap interval (each
-    dataset's images resampled independently)."""
+def _ratio(member: tuple[Mapping, Mapping], others: Sequence[tuple[Mapping, Mapping]], eps, key) -> list[float]:
+    """One model's PGD quantity ``key`` over the mean of ``others``', with a bootstrap interval (each dataset's
+    images resampled independently)."""
 
     def mean(group, reps: bool):
         values = [r[("pgd", eps)].get(key, np.nan) if reps else _point(d, eps, key) for d, r in group]
         return np.mean(values, axis=0)
 
-    return _interval(mean(members, False) / mean(others, False), mean(members, True) / mean(others, True))
+    return _interval(mean([member], False) / mean(others, False), mean([member], True) / mean(others, True))
 
 
 def _point(d: Mapping[str, Any], eps: str, key: str) -> float:
@@ -59,21 +61,20 @@ def _overall(words: set[str]) -> str:
 def stress_verdict(measured: Sequence[tuple[Mapping[str, Any], Mapping[Any, Any]]]) -> dict[str, Any]:
     """Whether the paper's two claims hold on these models, from (payload entry, bootstrap replicates) pairs.
 
-    Vulnerability, per eps: medical / natural ratio of the mean PGD deviation (averaged over layers, and at the
-    deepest layer) with a 95% bootstrap interval; it holds when every interval lies above 1. Alignment, per eps
-    and binary model: the deepest layer's within-class PGD cosine and its excess over the noise control on the
-    same images, with intervals; it holds for medical models when every cosine interval lies above 0.5 and every
-    excess interval above 0. The natural model's alignment is reported the same way.
+    Vulnerability, per eps and medical model: its mean PGD deviation (averaged over layers, and at the deepest
+    layer) over the natural models', with a 95% bootstrap interval; it holds when every interval lies above 1.
+    Alignment, per eps and binary model: the deepest layer's within-class PGD cosine and its excess over the noise
+    control on the same images, with intervals; it holds for medical models when every cosine interval lies above
+    0.5 and every excess interval above 0. The natural model's alignment is reported the same way.
     """
     medical = [m for m in measured if m[0]["group"] == "medical"]
     natural = [m for m in measured if m[0]["group"] == "natural"]
     eps_grid = [r["eps"] for r in measured[0][0]["results"] if r["attack"] == "pgd"] if measured else []
     per_eps = []
     for eps in eps_grid:
-        entry: dict[str, Any] = {"eps": eps, "alignment": {}}
-        if medical and natural:
-            for key in ("deviation_mean", "deviation_deep"):
-                entry[f"ratio_{key}"] = _group_ratio(medical, natural, eps, key)
+        entry: dict[str, Any] = {"eps": eps, "alignment": {}, "ratios": {}}
+        for m in medical if natural else []:
+            entry["ratios"][m[0]["label"]] = {key: _ratio(m, natural, eps, key) for key in RATIO_KEYS}
         for d, reps in measured:
             pgd, noise = reps[("pgd", eps)], reps[("noise", eps)]
             cos = _pick(d, "pgd", eps)["cosine"][-1]
@@ -86,7 +87,7 @@ def stress_verdict(measured: Sequence[tuple[Mapping[str, Any], Mapping[Any, Any]
         per_eps.append(entry)
     vulnerable = None
     if medical and natural and per_eps:
-        words = {_word(*e[f"ratio_{k}"][1:], 1.0) for e in per_eps for k in ("deviation_mean", "deviation_deep")}
+        words = {_word(*r[k][1:], 1.0) for e in per_eps for r in e["ratios"].values() for k in RATIO_KEYS}
         vulnerable = _overall(words)
     aligned = None
     if medical and per_eps:
@@ -118,12 +119,11 @@ def _ci(v: Sequence[float]) -> str:
 def _verdict_text(verdict: Mapping[str, Any]) -> str:
     parts = []
     for e in verdict["per_eps"]:
-        text = f"eps={e['eps']}: "
-        if "ratio_deviation_mean" in e:
-            text += (
-                f"medical / natural PGD deviation {_ci(e['ratio_deviation_mean'])} averaged over layers, "
-                f"{_ci(e['ratio_deviation_deep'])} at the deepest layer; "
-            )
+        text = f"eps={e['eps']}: PGD deviation over the natural model's " + "".join(
+            f"{label} {_ci(r['deviation_mean'])} averaged over layers, {_ci(r['deviation_deep'])} at the deepest "
+            "layer; "
+            for label, r in e["ratios"].items()
+        )
         text += "deepest-layer cosine " + ", ".join(
             f"{label} {_ci(a['cosine'])} (excess over noise {_ci(a['excess_over_noise'])})"
             for label, a in e["alignment"].items()
@@ -131,7 +131,8 @@ def _verdict_text(verdict: Mapping[str, Any]) -> str:
         parts.append(text)
     return (
         f"Claim 'deep features of medical images are more vulnerable than natural ones' "
-        f"{WORDS[verdict['medical_more_vulnerable']]} on this data (95% bootstrap intervals above 1 at every eps); "
+        f"{WORDS[verdict['medical_more_vulnerable']]} on this data (every medical model's deviation over the "
+        f"natural model's, 95% bootstrap interval above 1 at every eps); "
         f"claim 'attacks on binary medical models shift features in one fixed direction' "
         f"{WORDS[verdict['binary_shifts_aligned']]} (deepest-layer cosine interval above 0.5 and above the noise "
         f"control, every eps and medical model). " + "; ".join(parts) + ". " + _accuracy_note(verdict)
