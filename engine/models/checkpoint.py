@@ -12,10 +12,12 @@ A checkpoint is a ``torch.save`` dict loadable with ``weights_only=True``::
 from __future__ import annotations
 
 import os
+import pickle
 import platform
 import time
 import warnings
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,13 @@ from torch import nn
 import engine
 from engine.fileio import atomic_write
 from engine.models.classifier import ImageClassifier, build_model, load_torchvision_state_dict
+from engine.models.conventions import (
+    ForeignModel,
+    InputConvention,
+    check_output,
+    onnx_model,
+    torchscript_model,
+)
 
 FORMAT = "hfc-engine.checkpoint"
 FORMAT_VERSION = 1
@@ -93,35 +102,78 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in zf.namelist())
 
 
+def _is_onnx(path: Path) -> bool:
+    if path.suffix.lower() == ".onnx":
+        return True
+    with open(path, "rb") as fh:
+        return fh.read(1) == b"\x08"  # an ONNX ModelProto starts with field 1 (ir_version), a varint
+
+
 def load_model(
     source: str | os.PathLike | nn.Module,
     *,
     arch: str | None = None,
     num_classes: int | None = None,
     map_location: str | torch.device = "cpu",
+    input: InputConvention | Mapping[str, Any] | None = None,
+    output: str = "logits",
+    parity_tolerance: float | None = 1e-4,
+    name: str | None = None,
     **options: Any,
 ) -> nn.Module:
-    """A model in eval mode from an ``nn.Module``, a TorchScript file, an hfc-engine checkpoint, or a state_dict.
+    """A model in eval mode that takes [0, 1] NCHW images and returns logits, from any source.
 
-    A plain state_dict file (e.g. saved from torchvision) needs ``arch`` and ``num_classes`` (plus any
-    build_model ``options``); its keys may be torchvision's or the ImageClassifier's (``net.``-prefixed).
-    Checkpoints produced here carry their metadata as ``model.meta``.
+    - an ``nn.Module``: returned as is, or behind ``input``/``output`` conventions when they are declared
+      (a TorchScript module is converted as a TorchScript file is);
+    - an ONNX file (``.onnx``): converted to a differentiable torch module (engine.models.onnx, the ``onnx``
+      extra) whose outputs must match onnxruntime's within ``parity_tolerance`` (None: report only);
+    - a TorchScript file: exported to ONNX in memory and converted, checked against the TorchScript module;
+    - an hfc-engine checkpoint (metadata as ``model.meta``), or a bare state_dict with ``arch`` and
+      ``num_classes`` (plus build_model ``options``), torchvision's keys or the ``net.``-prefixed wrapper's.
+
+    ``input`` (:class:`InputConvention` or a mapping: ``layout`` NCHW/NHWC, value ``range`` such as [0, 255],
+    ``mean``/``std`` in those units, ``size`` (C, H, W)) and ``output`` (logits, probabilities,
+    log_probabilities) describe what the model takes and returns; converted models carry ``meta["conversion"]``
+    (converter, seconds, max abs difference from the reference runtime) and ``name`` (default: the file stem).
     """
+    convention, output = InputConvention.parse(input), check_output(output)
+    foreign = convention != InputConvention() or output != "logits"
+    if isinstance(source, torch.jit.ScriptModule):
+        label = name or type(source).__name__
+        return torchscript_model(source, label, convention, output, parity_tolerance, label)
     if isinstance(source, nn.Module):
-        return source.eval()
+        if not foreign:
+            return source.eval()
+        return ForeignModel(source, convention, output, name or type(source).__name__).eval()
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be an nn.Module or a file path, got {type(source).__name__}")
     path = Path(source)
     if not path.is_file():
         raise ValueError(f"model path {str(path)!r} is not a file")
+    if _is_onnx(path):
+        return onnx_model(path, convention, output, parity_tolerance, name)
     if _is_torchscript(path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load is deprecated but still the loader
-            return torch.jit.load(str(path), map_location=map_location).eval()
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+            module = torch.jit.load(str(path), map_location=map_location)
+        return torchscript_model(module, str(path), convention, output, parity_tolerance, name or path.stem)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise ValueError(
+            f"{str(path)!r} is neither an ONNX file, a TorchScript file, an hfc-engine checkpoint nor a state_dict "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from None
+    model = _from_torch_file(path, obj, arch, num_classes, options)
+    return ForeignModel(model, convention, output, name or path.stem).eval() if foreign else model
+
+
+def _from_torch_file(
+    path: Path, obj: Any, arch: str | None, num_classes: int | None, options: Mapping[str, Any]
+) -> nn.Module:
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return model_from_checkpoint(load_checkpoint(path, map_location)).eval()
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return model_from_checkpoint(load_checkpoint(path)).eval()
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if arch is None or num_classes is None:
             raise ValueError(f"{str(path)!r} is a bare state_dict: pass arch= and num_classes= to rebuild the model")
         model = build_model(arch, num_classes, **options)

@@ -51,7 +51,13 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-class ImageClassifier(nn.Module):
+class Wrapped(nn.Module):
+    """A model whose backbone is ``.net``: layer names are relative to it (:func:`backbone`)."""
+
+    net: nn.Module
+
+
+class ImageClassifier(Wrapped):
     """``net(normalize(x))`` for x in [0,1]^(N,C,H,W); ``config`` rebuilds it with ``build_model(**config)``."""
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], config: dict[str, Any]) -> None:
@@ -101,8 +107,9 @@ def build_model(name: str, num_classes: int, **options: Any) -> ImageClassifier:
 
 
 def backbone(model: nn.Module) -> nn.Module:
-    """The torchvision-compatible part: ``model.net`` for an :class:`ImageClassifier`, else ``model`` itself."""
-    return model.net if isinstance(model, ImageClassifier) else model
+    """The part layer names are relative to: ``model.net`` for an :class:`ImageClassifier` (the torchvision-compatible
+    backbone) or another :class:`Wrapped` model, else ``model`` itself."""
+    return model.net if isinstance(model, Wrapped) else model
 
 
 def load_torchvision_state_dict(

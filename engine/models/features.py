@@ -9,15 +9,32 @@ Patterns use shell globs (``fnmatch``, ``*`` also matches dots) against :func:`a
 from __future__ import annotations
 
 import fnmatch
+import itertools
+import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from engine.models.classifier import backbone
+from engine.models.onnx import Tap
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.PReLU)
+LAYER_KINDS = ("all", "activations", "blocks")
+STAGE_OUTPUTS = "stage_outputs"  # a layer selection (e.g. detector.maha.layers) meaning :func:`stage_outputs`
+CALL_SEP = "@"  # ``relu@1``: the second call of a module that runs several times in one forward pass
+
+
+@dataclass(frozen=True)
+class FeaturePoint:
+    """A layer: the output of ``module`` at its ``call``-th run in a forward pass (None: its only run)."""
+
+    module: nn.Module
+    call: int | None
+    kinds: frozenset[str]
 
 
 def _is_block(module: nn.Module) -> bool:
@@ -27,26 +44,57 @@ def _is_block(module: nn.Module) -> bool:
 
 def _check_hookable(model: nn.Module) -> None:
     if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError("model is a TorchScript module, whose layers cannot be hooked; pass the nn.Module instead")
+        raise TypeError("model is a TorchScript module, whose layers cannot be hooked; load it with load_model()")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-LAYER_KINDS = ("all", "activations", "blocks")
-STAGE_OUTPUTS = "stage_outputs"  # a layer selection (e.g. detector.maha.layers) meaning :func:`stage_outputs`
+_CALLS: weakref.WeakKeyDictionary[nn.Module, Counter[str]] = weakref.WeakKeyDictionary()
+
+
+def _call_counts(net: nn.Module) -> Counter[str]:
+    """How often each submodule runs in one forward pass, from a symbolic trace (empty if it cannot be traced)."""
+    if net not in _CALLS:
+        try:
+            graph = fx.symbolic_trace(net).graph
+            _CALLS[net] = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+        except Exception:  # noqa: BLE001 - data-dependent control flow: every module is taken to run once
+            _CALLS[net] = Counter()
+    return _CALLS[net]
+
+
+def feature_points(model: nn.Module) -> dict[str, FeaturePoint]:
+    """Every activation output and residual-block output of ``model``, by layer name, in forward order.
+
+    A converted graph (engine.models.onnx) lists its taps. Otherwise activation modules (ReLU family) and
+    modules whose class name ends in ``Block``/``Bottleneck`` are listed by module name; a module that runs
+    several times in one pass (torchvision's shared ``relu``) gives one layer per call, ``name@0``, ``name@1``...
+    """
+    _check_hookable(model)
+    net = backbone(model)
+    modules = [(name, m) for name, m in net.named_modules() if name]
+    taps = [m for _, m in modules if isinstance(m, Tap)]
+    if taps:
+        return {tap.layer: FeaturePoint(tap, None, tap.kinds) for tap in taps}
+    points: dict[str, FeaturePoint] = {}
+    counts = None
+    for name, module in modules:
+        kinds = frozenset({"activations"} if isinstance(module, _ACTIVATIONS) else {"blocks"} if _is_block(module)
+                          else set())  # fmt: skip
+        if not kinds:
+            continue
+        counts = _call_counts(net) if counts is None else counts
+        calls = counts.get(name, 1)
+        for call in range(calls) if calls > 1 else [None]:
+            points[name if call is None else f"{name}{CALL_SEP}{call}"] = FeaturePoint(module, call, kinds)
+    return points
 
 
 def available_layers(model: nn.Module, kind: str = "all") -> list[str]:
-    """Activation outputs and/or residual-block outputs of ``model`` (``kind``), in registration (forward) order."""
-    _check_hookable(model)
+    """Activation outputs and/or residual-block outputs of ``model`` (``kind``), in forward order."""
     if kind not in LAYER_KINDS:
         raise ValueError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
-    acts, blocks = kind in ("all", "activations"), kind in ("all", "blocks")
-    return [
-        name
-        for name, module in backbone(model).named_modules()
-        if name and ((acts and isinstance(module, _ACTIVATIONS)) or (blocks and _is_block(module)))
-    ]
+    return [name for name, point in feature_points(model).items() if kind == "all" or kind in point.kinds]
 
 
 def resolve_layers(model: nn.Module, layers: str | Iterable[str] | None = None) -> list[str]:
@@ -61,19 +109,38 @@ def resolve_layers(model: nn.Module, layers: str | Iterable[str] | None = None) 
     patterns = [layers] if isinstance(layers, str) else list(layers)
     if not patterns or not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"layers must be a non-empty name/pattern or list of them, got {layers!r}")
-    modules = dict(backbone(model).named_modules())
+    order = _layer_order(model)
     listed = available_layers(model)
     chosen: set[str] = set()
     for pattern in patterns:
-        if pattern in modules and pattern:
+        if pattern in order and pattern:
             chosen.add(pattern)
             continue
         matches = fnmatch.filter(listed, pattern)
         if not matches:
             raise ValueError(f"layer {pattern!r} matches no module or available layer; available: {listed}")
         chosen.update(matches)
-    order = {name: i for i, name in enumerate(modules)}
     return sorted(chosen, key=order.__getitem__)
+
+
+def _layer_order(model: nn.Module) -> dict[str, int]:
+    """Forward position of every layer name and module name (a module's call sites at its position)."""
+    by_module: dict[int, list[str]] = {}
+    for name, point in feature_points(model).items():
+        by_module.setdefault(id(point.module), []).append(name)
+    order: dict[str, int] = {}
+    for name, module in backbone(model).named_modules():
+        for point in by_module.get(id(module), []):
+            order.setdefault(point, len(order))
+        order.setdefault(name, len(order))
+    return order
+
+
+def _points(model: nn.Module, layers: Sequence[str]) -> dict[str, FeaturePoint]:
+    """The feature point of each of ``layers`` (resolved names); any other module name is its single run."""
+    points = feature_points(model)
+    modules = dict(backbone(model).named_modules())
+    return {name: points.get(name) or FeaturePoint(modules[name], None, frozenset()) for name in layers}
 
 
 def spatial_layers(model: nn.Module, layers: Sequence[str], input_shape: Sequence[int]) -> list[str]:
@@ -151,7 +218,9 @@ class FeatureExtractor(nn.Module):
     ``pooled=True`` returns GAP features (N,C), ``False`` the raw maps (N,C,H,W); ``forward(x, pooled=...)``
     overrides it per call. Features are not detached, so attacks can differentiate through them. The hooks only
     record while this extractor's forward runs; calling ``model`` directly is unaffected. ``remove()`` detaches
-    the hooks for good. A hooked module that runs twice in one pass (a reused module) raises RuntimeError.
+    the hooks for good. A module that runs several times in one pass is hooked at the call each layer names
+    (``relu@1``); a layer named without a call index whose module runs twice raises RuntimeError. Pooled features
+    are taken as the module returns, so an in-place operation later in the pass cannot change them.
     """
 
     def __init__(self, model: nn.Module, layers: str | Sequence[str] | None = None, pooled: bool = True) -> None:
@@ -161,18 +230,28 @@ class FeatureExtractor(nn.Module):
         self.pooled = pooled
         self._store: dict[str, torch.Tensor] | None = None
         self._stop_after: str | None = None
-        modules = dict(backbone(model).named_modules())
-        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.layers]
+        self._pool_now = pooled
+        self._calls: Counter[nn.Module] = Counter()
+        per_module: dict[nn.Module, dict[int | None, str]] = {}
+        for name, point in _points(model, self.layers).items():
+            per_module.setdefault(point.module, {})[point.call] = name
+        self._handles = [m.register_forward_hook(self._hook(calls)) for m, calls in per_module.items()]
 
-    def _hook(self, name: str) -> Any:
+    def _hook(self, calls: Mapping[int | None, str]) -> Any:
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             if self._store is None:
                 return
+            call = self._calls[module]
+            self._calls[module] += 1
+            name = calls.get(call, calls.get(None))
+            if name is None:
+                return
             if name in self._store:
                 raise RuntimeError(
-                    f"layer {name!r} ran twice in one forward pass (a reused module); hook distinct modules instead"
+                    f"layer {name!r} ran twice in one forward pass (a reused module that could not be traced); "
+                    f"name its calls {name}{CALL_SEP}0, {name}{CALL_SEP}1 ... or hook distinct modules"
                 )
-            self._store[name] = output
+            self._store[name] = pool_feature(output) if self._pool_now else output
             if name == self._stop_after:
                 raise _StopForward
 
@@ -184,7 +263,8 @@ class FeatureExtractor(nn.Module):
         pooled = self.pooled if pooled is None else pooled
         if stop_after is not None and stop_after not in self.layers:
             raise ValueError(f"stop_after must be one of the hooked layers {self.layers}, got {stop_after!r}")
-        self._store, self._stop_after = {}, stop_after
+        self._store, self._stop_after, self._pool_now = {}, stop_after, pooled
+        self._calls.clear()
         logits = None
         try:
             logits = self.model(x)
@@ -197,7 +277,7 @@ class FeatureExtractor(nn.Module):
         if missing:
             raise RuntimeError(f"layers {missing} did not run in the forward pass")
         names = self.layers if stop_after is None else [n for n in self.layers if n in store]
-        return logits, {name: pool_feature(store[name]) if pooled else store[name] for name in names}
+        return logits, {name: store[name] for name in names}
 
     def remove(self) -> None:
         """Remove the hooks from ``model``."""
@@ -207,8 +287,8 @@ class FeatureExtractor(nn.Module):
 
     def feature_dims(self, input_shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
         """Per-layer feature shape (without batch) for inputs of shape ``input_shape`` = (C, H, W)."""
-        param = next(self.model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
+        tensor = next(itertools.chain(self.model.parameters(), self.model.buffers()), None)
+        device = tensor.device if tensor is not None else torch.device("cpu")
         was_training = self.model.training
         self.model.eval()
         try:
