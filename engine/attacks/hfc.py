@@ -14,6 +14,7 @@ true one (for a binary model: simply the other class, the paper's setting). Pref
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ from engine.models import FeatureExtractor, eval_mode, extract_pooled, model_dev
 from engine.models.features import resolve_layers
 from engine.ops import gmm_log_prob, hfc_loss
 
+log = logging.getLogger("engine.attacks")
 MANIFEST = "hfc_gmms.json"
 HFC_MODES = ("nearest", "loglik")
 
@@ -129,6 +131,23 @@ def extract_features(
     return feats, logits, torch.cat(labels)
 
 
+def class_components(counts: Sequence[int], n_components: int, classes: Sequence[str] | None = None) -> list[int]:
+    """Mixture components per class for its training-image ``counts``: ``n_components``, fewer for a class with
+    fewer images, 0 for a class with none (its mixture is then fitted on every class's features). Logs one
+    warning naming each class treated so."""
+    components = [min(n_components, int(n)) for n in counts]
+    notes = [
+        f"{classes[c] if classes else c!r}: "
+        + ("no training image, so its constraint uses the mixture of all classes" if k == 0
+           else f"{k} training image(s) < n_components={n_components}, so {k} component(s)")
+        for c, k in enumerate(components)
+        if k < n_components
+    ]  # fmt: skip
+    if notes:
+        log.warning("HFC mixtures: %s", "; ".join(notes))
+    return components
+
+
 def fit_hfc_gmms(
     model: nn.Module,
     train_dataset: Any,
@@ -143,27 +162,25 @@ def fit_hfc_gmms(
     """Fit one mixture per (layer, class) on the training features (one feature pass over ``train_dataset``).
 
     ``layers`` are names or glob patterns (see ``engine.models.available_layers``); ``fit_kwargs`` go to sklearn
-    (e.g. ``reg_covar``, ``n_init=2, max_iter=1000`` as in the reference). Every class must have at least
-    ``n_components`` training images.
+    (e.g. ``reg_covar``, ``n_init=2, max_iter=1000`` as in the reference). Rare classes degrade as
+    :func:`class_components` says (fewer components; the all-class mixture for a class with no image).
     """
     names = resolve_layers(model, layers)
     feats, logits, labels = extract_features(model, train_dataset, names, batch_size)
     num_classes = max(int(logits.shape[1]), 2) if num_classes is None else num_classes
-    counts = torch.bincount(labels, minlength=num_classes)
-    if labels.min() < 0 or labels.max() >= num_classes or bool((counts < n_components).any()):
-        raise ValueError(
-            f"every class in [0, {num_classes}) needs >= n_components={n_components} training images, "
-            f"got counts {counts.tolist()}"
-        )
-    return {
-        name: [
-            GaussianMixture.fit(
-                feats[name][labels == c].double(), n_components, bayesian=bayesian, seed=seed, **fit_kwargs
-            )
-            for c in range(num_classes)
-        ]
-        for name in names
-    }
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must be in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+    counts = torch.bincount(labels, minlength=num_classes).tolist()
+    components = class_components(counts, n_components, getattr(train_dataset, "classes", None))
+
+    def fit(x: torch.Tensor, k: int) -> GaussianMixture:
+        return GaussianMixture.fit(x.double(), k, bayesian=bayesian, seed=seed, **fit_kwargs)
+
+    gmms = {}
+    for name in names:
+        pooled = fit(feats[name], min(n_components, len(labels))) if 0 in components else None
+        gmms[name] = [fit(feats[name][labels == c], k) if k else pooled for c, k in enumerate(components)]
+    return gmms
 
 
 def save_hfc_gmms(gmms: Mapping[str, Sequence[GaussianMixture]], directory: str | os.PathLike) -> Path:
@@ -194,4 +211,4 @@ def load_hfc_gmms(directory: str | os.PathLike) -> dict[str, list[GaussianMixtur
     }
 
 
-__all__ = ["HFC", "HFC_MODES", "fit_hfc_gmms", "save_hfc_gmms", "load_hfc_gmms", "extract_features"]
+__all__ = ["HFC", "HFC_MODES", "class_components", "fit_hfc_gmms", "save_hfc_gmms", "load_hfc_gmms", "extract_features"]

@@ -61,7 +61,7 @@ class KD(Detector):
         nn1 = [
             knn_distances(feats[labels == c], feats[labels == c], 1, exclude_self=True)[:, 0]
             for c in np.unique(labels)
-            if (labels == c).sum() > 1
+            if (labels == c).sum() > 2  # knn_distances(exclude_self) needs 3 references for k=1; rarer classes skip
         ]
         base = float(np.median(np.concatenate(nn1))) if nn1 else float(feats.std() + 1e-12)
         base = base if base > 0 else 1.0

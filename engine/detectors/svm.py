@@ -7,11 +7,15 @@ squared distances from ``engine.ops.mahalanobis`` (identity precision), so a sav
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from engine.detectors.base import Detector, class_labels
 from engine.detectors.features import Features
 from engine.ops import mahalanobis
+
+log = logging.getLogger("engine.detectors")
 
 
 class RBFSVM:
@@ -175,6 +179,13 @@ class DNR(Detector):
         from sklearn.model_selection import StratifiedKFold, train_test_split
 
         labels = class_labels(train)
+        classes, counts = np.unique(labels, return_counts=True)
+        if (counts < self.cv_folds).any():  # a class in fewer than cv_folds examples cannot be cross-validated
+            rare = {int(c): int(n) for c, n in zip(classes, counts, strict=True) if n < self.cv_folds}
+            log.warning("dnr: fitted without classes %s (training examples per class; < cv_folds=%d)", rare,
+                        self.cv_folds)  # fmt: skip
+            keep = np.flatnonzero(~np.isin(labels, list(rare)))
+            train, labels = train.subset(keep), labels[keep]
         if len(train) > self.max_train:
             keep, _ = train_test_split(
                 np.arange(len(train)), train_size=self.max_train, stratify=labels, random_state=self.seed
@@ -182,7 +193,10 @@ class DNR(Detector):
             train, labels = train.subset(np.sort(keep)), labels[np.sort(keep)]
         self.classes_ = np.unique(labels)
         if len(self.classes_) < 2:
-            raise ValueError(f"DNR needs training examples of at least 2 classes, got {self.classes_.tolist()}")
+            raise ValueError(
+                f"DNR needs training examples of at least 2 classes with >= cv_folds={self.cv_folds} each, got "
+                f"classes {classes.tolist()} with counts {counts.tolist()}"
+            )
         raw = [train.layer(name, self.dims_[name]).astype(np.float64) for name in self.layers_]
         self.shift_ = [r.mean(0) for r in raw]
         self.scale_ = [np.where(r.std(0) > 0, r.std(0), 1.0) for r in raw]
