@@ -13,15 +13,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.data.base import ArrayDataset, FileDataset, ImageDataset, SubsetDataset
+from engine.data.base import ArrayDataset, FileDataset, ImageDataset, RelabelledDataset, SubsetDataset
 from engine.data.batches import as_tensors, check_batch_size, iter_batches, to_unit_float
-from engine.data.loaders import aptos, arrays, chest_xray, detect_kind, dicom, image_folder, medmnist
+from engine.data.loaders import (
+    UNLABELLED,
+    aptos,
+    arrays,
+    chest_xray,
+    detect_kind,
+    dicom,
+    image_csv,
+    image_folder,
+    medmnist,
+)
 from engine.data.splits import Splits, split_dataset
 from engine.data.synthetic import SPECS as SYNTHETIC
 from engine.data.synthetic import synthetic
 
 LOADERS: dict[str, Callable[..., ImageDataset]] = {
     "image_folder": image_folder,
+    "image_csv": image_csv,
     "chest_xray": chest_xray,
     "aptos": aptos,
     "medmnist": medmnist,
@@ -32,9 +43,11 @@ LOADERS: dict[str, Callable[..., ImageDataset]] = {
 __all__ = [
     "LOADERS",
     "SYNTHETIC",
+    "UNLABELLED",
     "ArrayDataset",
     "FileDataset",
     "ImageDataset",
+    "RelabelledDataset",
     "Splits",
     "SubsetDataset",
     "aptos",
@@ -43,6 +56,7 @@ __all__ = [
     "check_batch_size",
     "chest_xray",
     "dicom",
+    "image_csv",
     "image_folder",
     "iter_batches",
     "load_dataset",
@@ -62,14 +76,15 @@ def load_dataset(spec: str | dict[str, Any] | Path, **kwargs: Any) -> ImageDatas
 
     - a synthetic name, optionally with its task: ``"fundus-synth"``, ``"fundus-synth:binary"``, ``"cxr-synth"``,
       ``"natural"`` (keyword options: n, image_size (generation size, default 64), seed, task, channels);
-    - ``"<kind>:<path>"`` with kind in image_folder, chest_xray, aptos, medmnist, dicom;
-    - an existing path (the kind is detected: .npz, DICOM, APTOS csv, Kaggle chest-xray folders, else ImageFolder);
-    - a dict ``{"name" or "kind": ..., "path" or "root": ..., **options}`` (``{"kind": "arrays", "images": ...,
-      "labels": ...}`` for in-memory data).
+    - ``"<kind>:<path>"`` with kind in image_folder, image_csv, chest_xray, aptos, medmnist, dicom;
+    - an existing path (the kind is detected: .npz, .csv, DICOM, APTOS csv, Kaggle chest-xray folders, else
+      ImageFolder);
+    - a dict ``{"kind" or "name": ..., "path" or "root": ..., **options}`` (``{"kind": "arrays", "images": ...,
+      "labels": ..., "name": ...}`` for in-memory data); with ``kind``, ``name`` is the dataset's name.
     ``kwargs`` (e.g. ``image_size``, ``channels``, ``task``, ``split``) are passed to the loader."""
     if isinstance(spec, dict):
         opts = dict(spec)
-        name = opts.pop("name", None) or opts.pop("kind", None)
+        name = opts.pop("kind", None) or opts.pop("name", None)  # with a kind, 'name' names the data
         if name is None:
             raise ValueError(f"spec: a dict spec needs a 'name' or 'kind' key, got keys {sorted(spec)}")
         path = opts.pop("path", None) or opts.pop("root", None)

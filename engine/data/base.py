@@ -50,12 +50,15 @@ def _as_classes(classes: Sequence[str] | None, targets: np.ndarray) -> list[str]
 
 
 class ImageDataset(Dataset):
-    """Shared attributes and helpers of every engine dataset."""
+    """Shared attributes and helpers of every engine dataset. ``labelled`` is False for a set without labels (its
+    one class is a placeholder); ``labels_source`` says where the labels came from."""
 
     classes: list[str]
     targets: np.ndarray
     name: str
     paths: list[str] | None
+    labelled: bool = True
+    labels_source: str = "dataset"
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -172,7 +175,9 @@ class FileDataset(ImageDataset):
         root: str | Path | None = None,
         cache_mb: float = 1024.0,
         workers: int | None = None,
+        labelled: bool = True,
     ) -> None:
+        self.labelled = labelled
         paths = [str(p) for p in paths]
         targets = _as_targets(labels, len(paths))
         self.name, self.classes = str(name), _as_classes(classes, targets)
@@ -254,3 +259,19 @@ class SubsetDataset(ImageDataset):
 
     def _content_digest(self, h: hashlib._Hash) -> None:
         h.update(self.base.fingerprint.encode() + self.indices.tobytes())
+
+
+class RelabelledDataset(ImageDataset):
+    """``base``'s images with other labels (e.g. a model's predictions for an unlabelled set, ``source`` saying so)."""
+
+    def __init__(self, base: ImageDataset, targets: np.ndarray, classes: Sequence[str], source: str) -> None:
+        self.base = base
+        self.targets = _as_targets(targets, len(base))
+        self.classes = _as_classes(classes, self.targets)
+        self.name, self.paths, self.labels_source = base.name, base.paths, source
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.base[i][0], int(self.targets[i])
+
+    def _content_digest(self, h: hashlib._Hash) -> None:
+        h.update(self.base.fingerprint.encode() + self.labels_source.encode())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,12 +14,15 @@ import torch
 from engine.data.base import ArrayDataset, FileDataset
 from engine.data.image import DICOM_SUFFIXES, IMAGE_SUFFIXES, SizeLike, fundus_crop, read_dicom, read_image
 
+log = logging.getLogger("engine.data")
 APTOS_GRADES = ["0 no DR", "1 mild", "2 moderate", "3 severe", "4 proliferative"]
 APTOS_BINARY = ["no DR", "DR"]
 CXR_CLASSES = ["NORMAL", "PNEUMONIA"]
 SPLITS = ("train", "val", "test")
 
-__all__ = ["aptos", "arrays", "chest_xray", "dicom", "image_folder", "medmnist"]
+UNLABELLED = "unlabelled"  # the one class of a dataset without labels (engine.data.with_labels labels it)
+
+__all__ = ["aptos", "arrays", "chest_xray", "dicom", "image_csv", "image_folder", "medmnist"]
 
 
 def _root(root: str | Path, what: str) -> Path:
@@ -69,17 +73,68 @@ def image_folder(
     root = _root(root, "image_folder")
     if classes is None:
         classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not classes:
-            raise ValueError(f"image_folder: root {str(root)!r} has no class sub-folders")
+        if not classes:  # images directly in root: an unlabelled set
+            files = _class_files(root)
+            return FileDataset(files, [0] * len(files), [UNLABELLED], name or root.name, read_image, image_size,
+                               channels, root, labelled=False, **kwargs)  # fmt: skip
     paths, labels = [], []
     for label, cls in enumerate(classes):
         folder = root / cls
         if not folder.is_dir():
             raise ValueError(f"image_folder: class folder {str(folder)!r} does not exist")
-        files = _class_files(folder)
+        files = sorted(p for p in folder.iterdir() if _is_image(p))
+        if not files:
+            log.warning("image_folder: class folder %s is empty: class %r has no images", folder, cls)
         paths += files
         labels += [label] * len(files)
+    if not paths:
+        raise ValueError(f"image_folder: every class folder under {str(root)!r} is empty (no image files)")
     return FileDataset(paths, labels, classes, name or root.name, read_image, image_size, channels, root, **kwargs)
+
+
+def image_csv(
+    path: str | Path,
+    path_column: str = "path",
+    label_column: str = "label",
+    classes: Sequence[str] | None = None,
+    image_size: SizeLike = None,
+    channels: int | None = 3,
+    name: str | None = None,
+    **kwargs: object,
+) -> FileDataset:
+    """A CSV of image paths (relative to the CSV's folder, or absolute) and labels (class names or indices; sorted
+    unless ``classes`` gives the order). Without a ``label_column`` the set is unlabelled."""
+    table = Path(path).expanduser()
+    if not table.is_file():
+        raise ValueError(f"image_csv: {str(table)!r} is not a file")
+    with open(table, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    if path_column not in columns:
+        raise ValueError(f"image_csv: {str(table)!r} has no column {path_column!r} (path_column); has {columns}")
+    if not rows:
+        raise ValueError(f"image_csv: {str(table)!r} has no rows (empty dataset)")
+    paths = [table.parent / row[path_column] for row in rows]
+    name = name or table.stem
+    if label_column not in columns:
+        return FileDataset(paths, [0] * len(paths), [UNLABELLED], name, read_image, image_size, channels,
+                           table.parent, labelled=False, **kwargs)  # fmt: skip
+    values = [str(row[label_column]).strip() for row in rows]
+    classes = list(classes) if classes is not None else sorted(set(values), key=_class_order)
+    unknown = sorted(set(values) - set(classes))
+    if unknown:
+        raise ValueError(f"image_csv: {str(table)!r}: labels {unknown} are not among classes {classes}")
+    labels = [classes.index(v) for v in values]
+    return FileDataset(paths, labels, classes, name, read_image, image_size, channels, table.parent, **kwargs)
+
+
+def _class_order(value: str) -> tuple[int, float | str]:
+    """Numeric labels in numeric order (2 before 10), then names alphabetically."""
+    try:
+        return 0, float(value)
+    except ValueError:
+        return 1, value
 
 
 def chest_xray(
@@ -227,12 +282,14 @@ def arrays(
 
 
 def detect_kind(path: str | Path) -> str:
-    """Guess the loader for a path: medmnist (.npz), dicom (file), aptos, chest_xray, dicom folder, image_folder."""
+    """Guess the loader for a path: medmnist (.npz), image_csv (.csv), dicom (file), aptos, chest_xray, dicom
+    folder, image_folder."""
     path = Path(path).expanduser()
     if path.is_file():
-        if path.suffix == ".npz" or _is_dicom(path):
-            return "medmnist" if path.suffix == ".npz" else "dicom"
-        raise ValueError(f"path {str(path)!r}: a single file must be a MedMNIST .npz or a DICOM file")
+        kinds = {".npz": "medmnist", ".csv": "image_csv"}
+        if path.suffix.lower() in kinds or _is_dicom(path):
+            return kinds.get(path.suffix.lower(), "dicom")
+        raise ValueError(f"path {str(path)!r}: a single file must be a MedMNIST .npz, a CSV or a DICOM file")
     if not path.is_dir():
         raise ValueError(f"path {str(path)!r} does not exist")
     if (path / "train.csv").is_file() and (path / "train_images").is_dir():
