@@ -86,11 +86,11 @@ class RayExecutor:
         unknown = sorted(set(self.config["resources"]) - set(stages))
         if unknown:
             raise ConfigError(f"config key 'resources' names unknown stages {unknown}; stages: {sorted(stages)}")
-        connected_here = self._connect(ray)
         order, finished, progress = resume(cells, store, costs, self.progress)
-        pending: list[Any] = []
+        connected_here, pending = False, []
         timings: dict[str, float] = {}
         try:
+            connected_here = self._connect(ray)
             self._check_fits(ray, {cell.stage for cell in order if cell.key not in finished})
             submitted = self._submit(ray, order, finished, store, stages)
             pending = list(submitted)
@@ -122,6 +122,8 @@ class RayExecutor:
         try:
             ray.init(**where, include_dashboard=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError) as exc:
+            if not address:
+                raise
             raise ConfigError(f"config key 'ray.address' is {address!r}: cannot reach a Ray cluster ({exc})") from exc
         return True
 
