@@ -174,6 +174,9 @@ def fit_hfc_gmms(
     components = class_components(counts, n_components, getattr(train_dataset, "classes", None))
 
     def fit(x: torch.Tensor, k: int) -> GaussianMixture:
+        if len(x) == 1:  # sklearn needs 2 images: one Gaussian at the image, covariance reg_covar * I as sklearn's
+            scale = np.sqrt(fit_kwargs.get("reg_covar", 1e-6))
+            return GaussianMixture(x.double().numpy(), np.eye(x.shape[1])[None] / scale, np.ones(1))
         return GaussianMixture.fit(x.double(), k, bayesian=bayesian, seed=seed, **fit_kwargs)
 
     gmms = {}

@@ -15,12 +15,14 @@ from engine.models.classifier import (
     mc_dropout,
     set_mc_dropout,
 )
+from engine.models.conventions import OUTPUT_KINDS, ForeignModel, InputConvention
 from engine.models.evaluate import channel_stats, eval_mode, evaluate, model_device, model_dtype, predict_logits
 from engine.models.features import (
     STAGE_OUTPUTS,
     FeatureExtractor,
     available_layers,
     extract_pooled,
+    feature_points,
     layer_shapes,
     pool_feature,
     resolve_layers,
@@ -30,14 +32,18 @@ from engine.models.features import (
 from engine.models.train import TrainResult, train, train_model
 
 __all__ = [
+    "OUTPUT_KINDS",
     "STAGE_OUTPUTS",
     "Augment",
     "FeatureExtractor",
+    "ForeignModel",
     "ImageClassifier",
+    "InputConvention",
     "Normalize",
     "TrainResult",
     "available_layers",
     "extract_pooled",
+    "feature_points",
     "available_models",
     "backbone",
     "build_model",

@@ -20,8 +20,9 @@ import yaml
 from engine.attacks import ATTACKS, HFC_MODES, NOISE_KINDS, TARGET_MODES
 from engine.data import LOADERS, SYNTHETIC
 from engine.detectors import DETECTORS
-from engine.models import STAGE_OUTPUTS
+from engine.models import STAGE_OUTPUTS, InputConvention
 from engine.models.classifier import ARCHITECTURES
+from engine.models.conventions import check_output
 from engine.runs.cluster import check_executor_settings
 from engine.runs.overrides import ConfigError, merge, set_dotted, values_at
 from engine.runs.studies import STUDIES
@@ -54,6 +55,11 @@ DEFAULTS: dict[str, Any] = {
         "options": {},
         "checkpoint": None,
         "name": None,
+        # what a model file takes and returns (engine.models.InputConvention); converted files must match their
+        # reference runtime (onnxruntime, or the TorchScript module) within parity_tolerance (null: report only)
+        "input": {"layout": "NCHW", "range": [0, 1], "mean": None, "std": None, "size": None},
+        "output": "logits",
+        "parity_tolerance": 1e-4,
     },
     "attacks": ["fgsm", "bim", "pgd", "cw_linf"],
     "eps": ["1/256", "2/256", "4/256"],
@@ -188,6 +194,7 @@ def validate(config: Mapping[str, Any]) -> None:
     if not (isinstance(targeted, bool) or targeted in TARGET_MODES):
         raise ConfigError(f"config key 'attack.targeted' must be true, false or one of {TARGET_MODES}")
     _hfc(config["hfc"])
+    _model(config["model"])
     _headline(config)
     check_executor_settings(config)
     _method_options(config, "attack", ATTACKS, lambda cls: cls.parameters())
@@ -206,6 +213,19 @@ def _hfc(hfc: Mapping[str, Any]) -> None:
     steps = hfc["steps"]
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ConfigError(f"config key 'hfc.steps' must be a positive integer or null (attack.steps), got {steps!r}")
+
+
+def _model(model: Mapping[str, Any]) -> None:
+    """The declared conventions of a model file (model.input, model.output, model.parity_tolerance)."""
+    try:
+        InputConvention.parse(model["input"], key="config key 'model.input'")
+        check_output(model["output"], key="config key 'model.output'")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    tolerance = model["parity_tolerance"]
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                  or not tolerance >= 0):  # fmt: skip
+        raise ConfigError(f"config key 'model.parity_tolerance' must be a number >= 0 or null, got {tolerance!r}")
 
 
 def _headline(config: Mapping[str, Any]) -> None:

@@ -7,8 +7,9 @@ audit and the studies never train the same model twice.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from engine.data import ImageDataset, Splits, as_tensors, load_dataset, split_dataset
+from engine.fileio import atomic_write
 from engine.models import load_model, train_model
 from engine.runs.artifacts import Artifacts
 from engine.runs.schema import dataset_label, fingerprint
@@ -25,6 +27,7 @@ from engine.runs.schema import dataset_label, fingerprint
 log = logging.getLogger("engine.runs")
 MEMORY = "memory:"  # prefix of the references of models handed over in memory (engine.audit)
 SPEC_ONLY_KEYS = ("label",)  # dataset-spec keys that name the data in rows and are not loader options
+MODEL_SPEC = "model.json"  # a user's model file and its declared conventions (RunContext.user_model)
 
 
 class RunContext:
@@ -79,12 +82,36 @@ class RunContext:
         return ref
 
     def model(self, ref: str) -> nn.Module:
-        """The model a payload names: an in-memory reference, an artifact-relative or an absolute checkpoint path."""
+        """The model a payload names: an in-memory reference, a model spec written by :meth:`user_model`, or an
+        artifact-relative or absolute checkpoint path."""
         if ref not in self._models:
             if ref.startswith(MEMORY):
                 raise KeyError(f"model {ref!r} was handed over in memory to another process; rerun engine.audit()")
-            self._models[ref] = load_model(self.artifacts.path(ref)).to(self.device).eval()
+            path = self.artifacts.path(ref)
+            if path.name == MODEL_SPEC:
+                spec = json.loads(path.read_text())
+                model = load_model(spec.pop("path"), **spec)
+            else:
+                model = load_model(path)
+            self._models[ref] = model.to(self.device).eval()
         return self._models[ref]
+
+    def user_model(self, settings: Mapping[str, Any], name: str, shape: Sequence[int]) -> str:
+        """Reference to a model spec (``models/<name>-<key>/model.json``) of the user's ``model.checkpoint`` with its
+        declared conventions (``model.input``, ``output``, ``parity_tolerance``); an undeclared input size is the
+        data's (C, H, W) ``shape``, which TorchScript conversion needs."""
+        convention = dict(settings["input"])
+        convention["size"] = convention.get("size") or list(shape)
+        spec = {
+            "path": checkpoint_ref(settings["checkpoint"]),
+            "input": convention,
+            "output": settings["output"],
+            "parity_tolerance": settings["parity_tolerance"],
+            "name": name,
+        }
+        directory = self.artifacts.directory("models", name, fingerprint(spec))
+        atomic_write(directory / MODEL_SPEC, lambda p: p.write_text(json.dumps(spec, indent=1)))
+        return self.artifacts.ref(directory / MODEL_SPEC)
 
     def trained(self, splits: Splits, settings: Mapping[str, Any], seed: int) -> str:
         """Reference to the checkpoint of ``settings`` (arch, build options, epochs, lr, batch_size...) trained on

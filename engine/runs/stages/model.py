@@ -8,7 +8,7 @@ from typing import Any
 from engine.attacks import fit_hfc_gmms, save_hfc_gmms
 from engine.models import evaluate
 from engine.runs.cells import Cell, CellOutput
-from engine.runs.context import RunContext
+from engine.runs.context import MEMORY, RunContext
 from engine.runs.schema import dataset_label, fingerprint
 
 EM_SECONDS = 3e-3  # sklearn EM over every hooked layer per dataset image (measured: 1-14 s per default-audit cell)
@@ -24,11 +24,21 @@ def run_model(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any
     """Train the model on the dataset's train split (or take the given checkpoint) and report clean test metrics."""
     spec, cfg, seed, split = inputs["dataset"], inputs["model"], inputs["seed"], inputs["split"]
     splits = ctx.splits(spec, split, seed)
-    checkpoint = cfg["checkpoint"] or ctx.trained(splits, training_settings(cfg), seed)
-    metrics = {k: v for k, v in evaluate(ctx.model(checkpoint), splits.test).items() if _is_number(v)}
+    if not cfg["checkpoint"]:
+        checkpoint = ctx.trained(splits, training_settings(cfg), seed)
+    elif str(cfg["checkpoint"]).startswith(MEMORY):
+        checkpoint = cfg["checkpoint"]
+    else:
+        checkpoint = ctx.user_model(cfg, inputs["model_label"], tuple(splits.dataset[0][0].shape))
+    model = ctx.model(checkpoint)
+    metrics = {k: v for k, v in evaluate(model, splits.test).items() if _is_number(v)}
     base = {"dataset": dataset_label(spec), "model": inputs["model_label"]}
     rows = [{**base, "metric": f"clean_{k}", "value": v} for k, v in metrics.items()]
     payload = {"checkpoint": checkpoint, "classes": list(splits.train.classes), "metrics": metrics}
+    conversion = getattr(model, "meta", {}).get("conversion")
+    if conversion:  # an imported model file: how it was converted and how close it is to its reference runtime
+        payload["conversion"] = conversion
+        rows += [{**base, "metric": "conversion_max_abs_diff", "value": conversion["max_abs_diff"]}]
     return CellOutput(payload, rows)
 
 
