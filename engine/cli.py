@@ -18,13 +18,14 @@ from engine.audit import run_audit
 from engine.bench import OPS, run_table
 from engine.data import load_dataset, split_dataset
 from engine.export import export_onnx
-from engine.models import train_model
+from engine.models import OUTPUT_KINDS, feature_points, input_shape, layer_shapes, load_model, train_model
 from engine.models.classifier import ARCHITECTURES
 from engine.report import summary_lines
 from engine.runs import STUDIES, CellFailed, ConfigError, choices, load_config
 from engine.score import score_dataset
 
 BENCH_COLUMNS = ("op", "shape", "ours_s", "baseline", "baseline_s", "speedup", "gflops", "gemm_multiple")
+DEFAULT_INPUT = (3, 224, 224)  # `layers` input shape when neither --input-size nor the model records one
 USER_ERRORS = (ConfigError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
@@ -105,6 +106,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_layers(args: argparse.Namespace) -> int:
+    """List a model's feature points (names for hfc.layers / detector.layers globs), their kinds and shapes."""
+    convention = {"layout": args.layout, "range": args.range, "size": args.input_size}
+    model = load_model(args.model, input={k: v for k, v in convention.items() if v is not None}, output=args.output)
+    shape = args.input_size or input_shape(model) or DEFAULT_INPUT
+    points = feature_points(model)
+    shapes = layer_shapes(model, list(points), shape)
+    print(f"{len(points)} layers of {args.model} for (C, H, W) = {tuple(shape)} inputs:")
+    width = max((len(name) for name in points), default=0)
+    for name, point in points.items():
+        print(f"{name:<{width}}  {'+'.join(sorted(point.kinds)):<22}  {shapes[name]}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the kernel benchmark suite and print its table."""
     table = pd.DataFrame(run_table(args.ops, quick=args.quick))
@@ -182,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--layers", nargs="*", help="also output these layers' features (names or globs)")
     export.add_argument("--raw-features", action="store_true", help="raw feature maps instead of GAP vectors")
     export.set_defaults(func=cmd_export)
+
+    layers = command("layers", "list a model's layers (feature points), their kinds and output shapes")
+    layers.add_argument("--model", required=True, help="checkpoint (.pt), ONNX (.onnx) or TorchScript file")
+    layers.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="input shape (C H W)")
+    layers.add_argument("--layout", choices=["NCHW", "NHWC"], help="layout the model file takes (default NCHW)")
+    layers.add_argument("--range", type=float, nargs=2, metavar=("LOW", "HIGH"), help="input value range")
+    layers.add_argument("--output", default="logits", choices=OUTPUT_KINDS, help="what the model returns")
+    layers.set_defaults(func=cmd_layers)
 
     bench = command("bench", "run the kernel benchmark suite and print the table")
     bench.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")

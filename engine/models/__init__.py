@@ -15,7 +15,7 @@ from engine.models.classifier import (
     mc_dropout,
     set_mc_dropout,
 )
-from engine.models.conventions import OUTPUT_KINDS, ForeignModel, InputConvention
+from engine.models.conventions import OUTPUT_KINDS, ForeignModel, InputConvention, input_shape
 from engine.models.evaluate import channel_stats, eval_mode, evaluate, model_device, model_dtype, predict_logits
 from engine.models.features import (
     STAGE_OUTPUTS,
@@ -44,6 +44,7 @@ __all__ = [
     "available_layers",
     "extract_pooled",
     "feature_points",
+    "input_shape",
     "available_models",
     "backbone",
     "build_model",

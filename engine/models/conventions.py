@@ -185,3 +185,15 @@ def _foreign(
     stripped = output == "probabilities" and strip_softmax(graph)
     meta = {"conversion": asdict(conversion), "output_declared": output, "softmax_removed": stripped}
     return ForeignModel(graph, convention, "logits" if stripped else output, name, meta).eval()
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    """The (C, H, W) images ``model`` takes, where it records it (declared size, or an engine model's input_size)."""
+    if isinstance(model, ForeignModel):
+        return model.convention.size
+    config = getattr(model, "config", None)
+    size = config.get("input_size") if isinstance(config, dict) else None
+    if size is None:
+        return None
+    h, w = (size, size) if isinstance(size, int) else size
+    return int(config.get("in_channels", 3)), int(h), int(w)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -118,7 +120,7 @@ def run_card(
     trace: list[tuple[float, float]],
     costs: CostModel,
 ) -> dict[str, Any]:
-    """Config, seeds, versions, git commit, machine, timings of a run, and how good its ETA was."""
+    """Config, seeds, versions, git commit, machine, timings and peak memory of a run, and how good its ETA was."""
     return {
         "version": __version__,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -141,7 +143,18 @@ def run_card(
         "seconds_per_stage": {k: round(v, 2) for k, v in stage_seconds.items()},
         "seconds_this_invocation": {k: round(v, 2) for k, v in new_timings.items()},
         "wall_seconds_this_invocation": round(wall_seconds, 2),
+        "peak_memory_gib": peak_memory_gib(),
         "eta": eta_quality(trace, wall_seconds, costs),
+    }
+
+
+def peak_memory_gib() -> dict[str, float]:
+    """Peak resident memory (GiB) of this process and of its largest finished child process (data workers), so far
+    in the process's life (a run in a fresh ``hfc-engine run`` process: the run's peak)."""
+    scale = 2**20 if sys.platform != "darwin" else 2**30  # ru_maxrss: KiB on Linux, bytes on macOS
+    return {
+        "process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 3),
+        "children": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale, 3),
     }
 
 
