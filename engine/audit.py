@@ -9,15 +9,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from torch import nn
 
 from engine.data import ImageDataset
+from engine.models import label_with_model, load_model
 from engine.report import build_report, detection_table, write_report
 from engine.runs import DEFAULTS, ROW_COLUMNS, Artifacts, RunContext, RunResult, execute
 
@@ -78,24 +80,35 @@ def audit(
     seed: int = 0,
     progress: bool = False,
     name: str | None = None,
+    input: Mapping[str, Any] | None = None,
+    output: str = "logits",
     **hfc_options: Any,
 ) -> AuditReport:
-    """Audit a trained ``model`` (nn.Module taking [0,1] images) on ``dataset`` (an engine dataset).
+    """Audit a trained ``model`` on ``dataset`` (an engine dataset).
 
-    The dataset is split as in every run (seeded, stratified 70/15/15): HFC mixtures are fitted on its train
-    split, attacks and detectors use up to ``pool`` images of its test split. Rows carry ``name`` (default: the
-    architecture of an engine model, else the model's class name) and the dataset's name. Results go to ``run_dir``
-    (default: a directory under runs/
-    named by the model's weights); re-running with the same arguments resumes. ``hfc_options`` set ``hfc.*``.
+    ``model``: an nn.Module or TorchScript module taking [0,1] NCHW images, or a model file (ONNX, TorchScript,
+    checkpoint); ``input`` and ``output`` declare other conventions (see engine.models.load_model). A dataset
+    without labels is labelled with the model's predictions, and its name says so. The dataset is split as in
+    every run (seeded, stratified 70/15/15): HFC mixtures are fitted on its train split, attacks and detectors
+    use up to ``pool`` images of its test split. Rows carry ``name`` (default: the model's name, an engine model's
+    architecture, else its class name) and the dataset's name. Results go to ``run_dir`` (default: a directory
+    under runs/ named by the model's weights); re-running with the same arguments resumes. ``hfc_options`` set
+    ``hfc.*``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(model, (nn.Module, str, os.PathLike)):
+        raise TypeError(f"model must be a torch.nn.Module or a model file, got {type(model).__name__}")
     if not isinstance(dataset, ImageDataset):
         raise TypeError(f"dataset must be an engine dataset (engine.data), got {type(dataset).__name__}")
+    convention = dict(input or {})
+    convention.setdefault("size", list(dataset[0][0].shape) if isinstance(model, torch.jit.ScriptModule) else None)
+    model = load_model(model, input=convention, output=output)
+    if not dataset.labelled:
+        dataset = label_with_model(model, dataset)
     weights = _module_fingerprint(model)
     directory = Path(run_dir) if run_dir is not None else Path("runs") / f"audit-{weights[:8]}"
     config = copy.deepcopy(DEFAULTS)
-    spec = {"name": "memory", "fingerprint": dataset.fingerprint, "label": dataset.name}
+    label = dataset.name if dataset.labels_source == "dataset" else f"{dataset.name} (labels: {dataset.labels_source})"
+    spec = {"name": "memory", "fingerprint": dataset.fingerprint, "label": label}
     config.update(
         name=directory.name,
         output_dir=str(directory.parent),
@@ -110,7 +123,7 @@ def audit(
     context.register_dataset(spec, dataset)
     engine_config = getattr(model, "config", None)
     arch = engine_config.get("name") if isinstance(engine_config, dict) else None
-    label = name or arch or type(model).__name__
+    label = name or getattr(model, "name", None) or arch or type(model).__name__
     config["model"].update(checkpoint=context.register_model(model, weights), name=label)
     config["attack"].update(steps=steps, pool=pool)
     config["hfc"].update(enabled=bool(hfc), **hfc_options)

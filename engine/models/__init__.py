@@ -16,7 +16,15 @@ from engine.models.classifier import (
     set_mc_dropout,
 )
 from engine.models.conventions import OUTPUT_KINDS, ForeignModel, InputConvention, input_shape
-from engine.models.evaluate import channel_stats, eval_mode, evaluate, model_device, model_dtype, predict_logits
+from engine.models.evaluate import (
+    channel_stats,
+    eval_mode,
+    evaluate,
+    label_with_model,
+    model_device,
+    model_dtype,
+    predict_logits,
+)
 from engine.models.features import (
     STAGE_OUTPUTS,
     FeatureExtractor,
@@ -45,6 +53,7 @@ __all__ = [
     "extract_pooled",
     "feature_points",
     "input_shape",
+    "label_with_model",
     "available_models",
     "backbone",
     "build_model",

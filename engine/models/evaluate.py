@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,20 +13,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from engine.data import iter_batches
+from engine.data import ImageDataset, RelabelledDataset, iter_batches
 from engine.metrics import classification_metrics
 
 
+def _first_tensor(model: nn.Module) -> torch.Tensor | None:
+    """The first floating parameter, else buffer (a converted ONNX graph keeps its weights as buffers)."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return next((t for t in tensors if t.is_floating_point()), None)
+
+
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameter-free model)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+    """The device of the model's weights (CPU for a model without any)."""
+    tensor = _first_tensor(model)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
-    """The floating dtype of the model's first parameter (float32 for a parameter-free model)."""
-    param = next(model.parameters(), None)
-    return param.dtype if param is not None and param.is_floating_point() else torch.float32
+    """The floating dtype of the model's weights (float32 for a model without any)."""
+    tensor = _first_tensor(model)
+    return tensor.dtype if tensor is not None else torch.float32
 
 
 @contextlib.contextmanager
@@ -46,6 +53,14 @@ def predict_logits(
     """(N, K) float32 logits of ``model`` in eval mode (its mode is restored) over ``data`` (anything
     :func:`engine.data.iter_batches` reads); with ``perturbation`` v (C, H, W), the logits of clamp(x + v, 0, 1)."""
     return _forward(model, data, batch_size, perturbation, with_labels=False)[0]
+
+
+def label_with_model(model: nn.Module, dataset: ImageDataset, batch_size: int = 256) -> RelabelledDataset:
+    """``dataset`` labelled with ``model``'s predictions (``labels_source`` says so), classes from the model's
+    metadata when it records them."""
+    logits = predict_logits(model, dataset, batch_size)
+    classes = getattr(model, "meta", {}).get("classes") or [str(i) for i in range(logits.shape[1])]
+    return RelabelledDataset(dataset, logits.argmax(1), classes, source="model predictions")
 
 
 @torch.no_grad()

@@ -143,19 +143,16 @@ def run_card(
         "seconds_per_stage": {k: round(v, 2) for k, v in stage_seconds.items()},
         "seconds_this_invocation": {k: round(v, 2) for k, v in new_timings.items()},
         "wall_seconds_this_invocation": round(wall_seconds, 2),
-        "peak_memory_gib": peak_memory_gib(),
+        "peak_rss_gib": peak_memory_gib(),
         "eta": eta_quality(trace, wall_seconds, costs),
     }
 
 
-def peak_memory_gib() -> dict[str, float]:
-    """Peak resident memory (GiB) of this process and of its largest finished child process (data workers), so far
-    in the process's life (a run in a fresh ``hfc-engine run`` process: the run's peak)."""
+def peak_memory_gib() -> float:
+    """Peak resident memory (GiB) of this process so far (a run in a fresh ``hfc-engine run`` process: the run's
+    peak; Ray workers are separate processes and not counted)."""
     scale = 2**20 if sys.platform != "darwin" else 2**30  # ru_maxrss: KiB on Linux, bytes on macOS
-    return {
-        "process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 3),
-        "children": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale, 3),
-    }
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 3)
 
 
 def eta_quality(trace: list[tuple[float, float]], wall_seconds: float, costs: CostModel) -> dict[str, Any]:
