@@ -25,6 +25,7 @@ from engine.models.classifier import ARCHITECTURES
 from engine.models.conventions import check_output
 from engine.runs.cluster import check_executor_settings
 from engine.runs.overrides import ConfigError, merge, set_dotted, values_at
+from engine.runs.schema import dataset_label
 from engine.runs.studies import STUDIES
 
 EXECUTORS = ("local", "ray")
@@ -151,8 +152,23 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), q
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
         set_dotted(config, key.strip(), value, free_form=_free_form)
+    _model_labels(config)
     validate(config)
     return config
+
+
+def _model_labels(config: dict[str, Any]) -> None:
+    """A dataset spec with ``labels: model`` (data without labels) is labelled with the predictions of
+    ``model.checkpoint``: the spec gets that model's settings, and a ``label`` saying where its labels come from."""
+    for i, spec in enumerate(config["datasets"]):
+        if not isinstance(spec, dict) or spec.get("labels") != "model":
+            continue
+        if not config["model"]["checkpoint"]:
+            raise ConfigError(f"config key 'datasets.{i}.labels' is 'model', which needs model.checkpoint")
+        settings = {k: config["model"][k] for k in ("checkpoint", "input", "output", "parity_tolerance")}
+        settings["checkpoint"] = str(Path(settings["checkpoint"]).expanduser().resolve())
+        spec["labels"] = settings
+        spec.setdefault("label", f"{dataset_label(spec)} (labels: model predictions)")
 
 
 def _free_form(dotted: str) -> bool:

@@ -20,13 +20,13 @@ from torch import nn
 
 from engine.data import ImageDataset, Splits, as_tensors, load_dataset, split_dataset
 from engine.fileio import atomic_write
-from engine.models import load_model, train_model
+from engine.models import label_with_model, load_model, train_model
 from engine.runs.artifacts import Artifacts
 from engine.runs.schema import dataset_label, fingerprint
 
 log = logging.getLogger("engine.runs")
 MEMORY = "memory:"  # prefix of the references of models handed over in memory (engine.audit)
-SPEC_ONLY_KEYS = ("label",)  # dataset-spec keys that name the data in rows and are not loader options
+SPEC_ONLY_KEYS = ("label", "labels")  # dataset-spec keys that are not loader options (row names, label source)
 MODEL_SPEC = "model.json"  # a user's model file and its declared conventions (RunContext.user_model)
 
 
@@ -49,7 +49,17 @@ class RunContext:
     def dataset(self, spec: Mapping[str, Any]) -> ImageDataset:
         key = fingerprint(dict(spec))
         if key not in self._datasets:
-            self._datasets[key] = load_dataset({k: v for k, v in spec.items() if k not in SPEC_ONLY_KEYS})
+            dataset = load_dataset({k: v for k, v in spec.items() if k not in SPEC_ONLY_KEYS})
+            if not dataset.labelled:
+                labels = spec.get("labels")
+                if not isinstance(labels, Mapping):
+                    raise ValueError(
+                        f"{dataset_label(spec)}: the data has no labels (a folder without class folders, or a CSV "
+                        "without a label column); add 'labels: model' to its spec to use model.checkpoint's predictions"
+                    )
+                labeller = self.model(self.user_model(labels, "labeller", tuple(dataset[0][0].shape)))
+                dataset = label_with_model(labeller, dataset)
+            self._datasets[key] = dataset
         return self._datasets[key]
 
     def splits(self, spec: Mapping[str, Any], split: Mapping[str, float], seed: int) -> Splits:
