@@ -34,11 +34,12 @@ def feature_layers(
     model: nn.Module, inputs: Mapping[str, Any], input_shape: Sequence[int]
 ) -> tuple[list[str], list[str]]:
     """(pooled layers, raw-map layers) of the detectors: ``detector.layers``, and ``raw_layers`` (patterns, or a
-    count: the deepest of those layers whose outputs are spatial maps)."""
+    count: the deepest of those layers), keeping those whose outputs are spatial maps (a dense head's activations
+    are pooled features only)."""
     layers = resolve_layers(model, inputs["layers"])
     raw = inputs["raw_layers"]
     if isinstance(raw, (str, list)):
-        return layers, resolve_layers(model, raw)
+        return layers, spatial_layers(model, resolve_layers(model, raw), input_shape)
     maps = spatial_layers(model, layers, input_shape)
     return layers, maps[len(maps) - raw :] if raw > 0 else []
 
