@@ -16,15 +16,7 @@ from engine.models.classifier import (
     set_mc_dropout,
 )
 from engine.models.conventions import OUTPUT_KINDS, ForeignModel, InputConvention, input_shape
-from engine.models.evaluate import (
-    channel_stats,
-    eval_mode,
-    evaluate,
-    label_with_model,
-    model_device,
-    model_dtype,
-    predict_logits,
-)
+from engine.models.evaluate import channel_stats, evaluate, label_with_model, predict_logits
 from engine.models.features import (
     STAGE_OUTPUTS,
     FeatureExtractor,
@@ -37,6 +29,7 @@ from engine.models.features import (
     spatial_layers,
     stage_outputs,
 )
+from engine.models.memory import auto_batch_size, eval_mode, model_device, model_dtype
 from engine.models.train import TrainResult, train, train_model
 
 __all__ = [
@@ -49,6 +42,7 @@ __all__ = [
     "InputConvention",
     "Normalize",
     "TrainResult",
+    "auto_batch_size",
     "available_layers",
     "extract_pooled",
     "feature_points",

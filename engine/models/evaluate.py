@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -15,47 +12,19 @@ from torch.utils.data import Dataset
 
 from engine.data import ImageDataset, RelabelledDataset, iter_batches
 from engine.metrics import classification_metrics
+from engine.models.memory import auto_batch_size, eval_mode, model_device, model_dtype
 
 
-def _first_tensor(model: nn.Module) -> torch.Tensor | None:
-    """The first floating parameter, else buffer (a converted ONNX graph keeps its weights as buffers)."""
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    return next((t for t in tensors if t.is_floating_point()), None)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's weights (CPU for a model without any)."""
-    tensor = _first_tensor(model)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The floating dtype of the model's weights (float32 for a model without any)."""
-    tensor = _first_tensor(model)
-    return tensor.dtype if tensor is not None else torch.float32
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode inside the block, restoring its previous mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
 def predict_logits(
-    model: nn.Module, data: Any, batch_size: int = 256, perturbation: torch.Tensor | None = None
+    model: nn.Module, data: Any, batch_size: int | None = None, perturbation: torch.Tensor | None = None
 ) -> np.ndarray:
     """(N, K) float32 logits of ``model`` in eval mode (its mode is restored) over ``data`` (anything
-    :func:`engine.data.iter_batches` reads); with ``perturbation`` v (C, H, W), the logits of clamp(x + v, 0, 1)."""
+    :func:`engine.data.iter_batches` reads); with ``perturbation`` v (C, H, W), the logits of clamp(x + v, 0, 1).
+    ``batch_size`` None: as many images as fit the memory budget (engine.models.memory), at most 256."""
     return _forward(model, data, batch_size, perturbation, with_labels=False)[0]
 
 
-def label_with_model(model: nn.Module, dataset: ImageDataset, batch_size: int = 256) -> RelabelledDataset:
+def label_with_model(model: nn.Module, dataset: ImageDataset, batch_size: int | None = None) -> RelabelledDataset:
     """``dataset`` labelled with ``model``'s predictions (``labels_source`` says so), classes from the model's
     metadata when it records them."""
     logits = predict_logits(model, dataset, batch_size)
@@ -64,7 +33,7 @@ def label_with_model(model: nn.Module, dataset: ImageDataset, batch_size: int = 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> dict[str, Any]:
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int | None = None) -> dict[str, Any]:
     """Mean cross-entropy ``loss`` plus :func:`classification_metrics` of ``model`` on a labelled dataset."""
     logits, labels = _forward(model, dataset, batch_size, None, with_labels=True)
     z, y = torch.from_numpy(logits), torch.from_numpy(labels)
@@ -76,9 +45,14 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> dict[
 
 
 def _forward(
-    model: nn.Module, data: Any, batch_size: int, perturbation: torch.Tensor | None, with_labels: bool
+    model: nn.Module, data: Any, batch_size: int | None, perturbation: torch.Tensor | None, with_labels: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(logits, labels or None) over ``data``: the one batched inference loop."""
+    if batch_size is None:
+        first = next(iter_batches(data, 1), None)
+        if first is None:
+            raise ValueError("data is empty: nothing to predict")
+        batch_size = auto_batch_size(model, tuple(first.shape[1:]), backward=False)
     device, dtype = model_device(model), model_dtype(model)
     v = None if perturbation is None else perturbation.to(device=device, dtype=dtype)
     logits, labels = [], []
