@@ -160,6 +160,12 @@ def _with_onnx_size(
             f"{['N' if d is None else d for d in dims]} ({other}); declare layout: {other} (model.input.layout)"
         )
     static = nchw if convention.layout == "NCHW" else nhwc
+    size = convention.size
+    if size is not None and any(d not in (None, s) for d, s in zip(static, size, strict=True)):
+        raise ValueError(
+            f"{source}: input {input_name!r} takes (C, H, W) = {tuple('any' if d is None else d for d in static)}, "
+            f"not {convention.size}: resize the data (the dataset's image_size / channels) or fix model.input.size"
+        )
     if convention.size is None and all(d is not None for d in static):
         return replace(convention, size=tuple(static))
     return convention

@@ -215,9 +215,9 @@ def _runnable_probe(module: nn.Module, source: str, shape: Sequence[int] | None)
         try:
             with torch.no_grad():
                 module(probe)
-        except Exception:  # noqa: BLE001 - any failure means "not this input shape"
+        except Exception as exc:  # noqa: BLE001 - any failure means "not this input shape"
             if shape:
-                raise
+                raise ValueError(f"{source}: the model does not run on inputs of shape {tuple(shape)}: {exc}") from None
             continue
         return probe
     raise ValueError(f"{source}: the model runs on none of the inputs {PROBE_SHAPES}; declare input_size (C, H, W)")
