@@ -29,14 +29,6 @@ pytest.importorskip("onnx2fx")
 COUNTS = {"absent": 0, "bright": 30, "dark": 30, "mid": 1}  # image_folder's class order (sorted folder names)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def vendor(tmp_path_factory):
     """(data folder with an empty and a single-image class, NHWC softmax ONNX model fitted to such images)."""
