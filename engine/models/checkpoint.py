@@ -18,6 +18,7 @@ import time
 import warnings
 import zipfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +138,7 @@ def load_model(
     (converter, seconds, max abs difference from the reference runtime) and ``name`` (default: the file stem).
     """
     convention, output = InputConvention.parse(input), check_output(output)
-    foreign = convention != InputConvention() or output != "logits"
+    foreign = replace(convention, size=None) != InputConvention() or output != "logits"  # a size alone: no wrapper
     if isinstance(source, torch.jit.ScriptModule):
         label = name or type(source).__name__
         return torchscript_model(source, label, convention, output, parity_tolerance, label)

@@ -109,7 +109,9 @@ def build_model(name: str, num_classes: int, **options: Any) -> ImageClassifier:
 def backbone(model: nn.Module) -> nn.Module:
     """The part layer names are relative to: ``model.net`` for an :class:`ImageClassifier` (the torchvision-compatible
     backbone) or another :class:`Wrapped` model, else ``model`` itself."""
-    return model.net if isinstance(model, Wrapped) else model
+    while isinstance(model, Wrapped):  # a ForeignModel may wrap an ImageClassifier
+        model = model.net
+    return model
 
 
 def load_torchvision_state_dict(
