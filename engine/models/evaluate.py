@@ -15,6 +15,7 @@ from engine.metrics import classification_metrics
 from engine.models.memory import auto_batch_size, eval_mode, model_device, model_dtype
 
 
+@torch.no_grad()
 def predict_logits(
     model: nn.Module, data: Any, batch_size: int | None = None, perturbation: torch.Tensor | None = None
 ) -> np.ndarray:

@@ -54,7 +54,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-@torch.no_grad()
 def memory_budget(device: torch.device | str = "cpu") -> int:
     """Bytes a batch's activations may use: ``HFC_ENGINE_MEMORY_GB``; else on a GPU half its free memory, on the CPU
     a quarter of ``MemAvailable`` (/proc/meminfo), at most ``CPU_CAP`` (larger CPU batches are not faster)."""
@@ -92,7 +91,7 @@ def _measure(model: nn.Module, input_shape: Sequence[int], backward: bool) -> in
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
-        with eval_mode(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with eval_mode(model), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(x.requires_grad_(True))
         return sum(storages.values()) + x.nbytes
     widest = [x.nbytes]
