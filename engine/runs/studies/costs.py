@@ -5,9 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from engine.runs.studies.uap_analysis import uap_attacks
+
 TRAINING_ONLY = ("arch", "epochs", "lr", "batch_size")
-UAP_PASSES = 20  # forward-backward passes per fitting image to craft one UAP (DeepFool / SGD / targeted loops)
-STUDY_EFFICIENCY = 0.6  # measured / FLOP-estimated seconds of both studies in the default audit
+# Forward-backward passes per fitting image to craft one UAP of each kind with the study's options, relative to
+# SGD-UAP's 3 (its epochs): DeepFool-UAP from CPU seconds measured in the default audit's UAP study (the classic
+# loop runs one image at a time, so its passes are dear); targeted from an earlier batched measurement.
+UAP_PASSES = {"deepfool": 34.0, "sgd": 3.0, "targeted": 15.0}
+STUDY_EFFICIENCY = 0.58  # idle seconds / FLOP-estimated seconds of both studies in the default audit (measured)
 
 
 def _flops(machine: Any, model_cfg: Mapping[str, Any], spec: Mapping[str, Any]) -> float:
@@ -29,17 +34,23 @@ def stress_cost(cfg: Mapping[str, Any], machine: Any) -> float:
     return STUDY_EFFICIENCY * machine.seconds(total)
 
 
+def _craft(cfg: Mapping[str, Any], kind: str, flops: float) -> float:
+    """FLOPs of one UAP of ``kind``: the data-free UAP takes ``steps`` single-image passes whatever the data."""
+    if kind == "data_free":
+        return 3 * cfg["uap"]["data_free"]["steps"] * flops
+    return 3 * UAP_PASSES[kind] * cfg["uap"]["fit"] * flops
+
+
 def uap_cost(cfg: Mapping[str, Any], machine: Any) -> float:
-    """Per model: training, UAP fine-tuning with regenerated UAPs, and the evaluation (every UAP kind x eps and
-    PGD) of the baseline and the fine-tuned model; plus the ensemble's evaluation."""
+    """Per model: training once; per seed, UAP fine-tuning (with its regenerated UAPs) and the evaluation (every
+    UAP of the study and PGD) of the baseline and of the fine-tuned model."""
     spec, ft, n = cfg["dataset"], cfg["finetune"], int(cfg["dataset"].get("n", 2000))
     total = 0.0
     for model_cfg in cfg["models"]:
         flops = _flops(machine, model_cfg, spec)
-        craft = UAP_PASSES * cfg["uap"]["fit"] * flops
-        evaluation = len(cfg["methods"]) * len(cfg["eps"]) * craft
+        evaluation = sum(_craft(cfg, kind, flops) for _, kind, _, _ in uap_attacks(cfg))
         evaluation += len(cfg["pgd"]["eps"]) * cfg["eval"] * 3 * (cfg["pgd"]["steps"] + 1) * flops
-        regenerations = -(-ft["epochs"] // ft["regenerate_every"]) * len(ft["methods"]) * craft
+        regenerations = -(-ft["epochs"] // ft["regenerate_every"]) * sum(_craft(cfg, m, flops) for m in ft["methods"])
         finetune = ft["epochs"] * 0.7 * n * 3 * flops + regenerations
-        total += _training(model_cfg, n, flops) + finetune + 3 * evaluation
+        total += _training(model_cfg, n, flops) + cfg["seeds"] * (finetune + 2 * evaluation)
     return STUDY_EFFICIENCY * machine.seconds(total)
