@@ -206,40 +206,17 @@ def deepfool_uap(
     max_iter: int = 50,
     seed: int = 0,
     progress: bool = False,
+    batch_size: int | None = None,
 ) -> UAPResult:
     """Classic DeepFool-UAP (Moosavi-Dezfooli et al. 2017) on ``data`` (Dataset or (images, labels)): one image at
     a time, a DeepFool step (kept when DeepFool changed the label within ``max_iter``) for each image v does not
     fool yet, projection after each step; passes until the fit-set fooling rate reaches 1 - ``delta`` or
-    ``max_passes``. Metrics on ``heldout`` (default: ``data``)."""
-    return _deepfool_uap(model, data, eps, norm, heldout, delta, max_passes, None, overshoot, max_iter, seed, progress)
-
-
-def deepfool_uap_batched(
-    model: torch.nn.Module,
-    data: Any,
-    eps: float | str = "10/255",
-    norm: str = "linf",
-    heldout: Any = None,
-    delta: float = 0.2,
-    max_passes: int = 10,
-    batch_size: int = 32,
-    overshoot: float = 0.02,
-    max_iter: int = 50,
-    seed: int = 0,
-    progress: bool = False,
-) -> UAPResult:
-    """Batched variant of :func:`deepfool_uap` (not the same algorithm): DeepFool runs from the same v for all
-    not-yet-fooled images of a batch of ``batch_size``; their converged steps are summed into v, then v is
-    projected once. Cheaper per pass; fooling rate vs time of both in benchmarks/bench_uap.py."""
-    check_batch_size(batch_size)
-    return _deepfool_uap(
-        model, data, eps, norm, heldout, delta, max_passes, batch_size, overshoot, max_iter, seed, progress
-    )
-
-
-def _deepfool_uap(model, data, eps, norm, heldout, delta, max_passes, batch_size, overshoot, max_iter, seed, progress):
+    ``max_passes``. Metrics on ``heldout`` (default: ``data``). ``batch_size`` (an int) runs the batched variant
+    instead: use :func:`deepfool_uap_batched`, which names it."""
     start = time.perf_counter()
     eps, x, _, _, _ = _setup(model, data, eps, norm)
+    if batch_size is not None:
+        check_batch_size(batch_size)
     clean = predict(model, x)
     method = "deepfool_uap" if batch_size is None else "deepfool_uap_batched"
 
@@ -254,6 +231,14 @@ def _deepfool_uap(model, data, eps, norm, heldout, delta, max_passes, batch_size
         model, x, eps, norm, needs_step, inner, delta, max_passes, batch_size, seed, progress, method
     )
     return _finish(model, v, method, eps, norm, data if heldout is None else heldout, None, history, start)
+
+
+def deepfool_uap_batched(model: torch.nn.Module, data: Any, batch_size: int = 32, **options: Any) -> UAPResult:
+    """Batched variant of :func:`deepfool_uap` (not the same algorithm): DeepFool runs from the same v for all
+    not-yet-fooled images of a batch of ``batch_size``; their converged steps are summed into v, then v is
+    projected once. ``options`` as for :func:`deepfool_uap`. Cheaper per pass; fooling rate vs time of both in
+    benchmarks/bench_uap.py."""
+    return deepfool_uap(model, data, batch_size=batch_size, **options)
 
 
 def targeted_uap(
