@@ -89,25 +89,31 @@ def stress_verdict(measured: Sequence[tuple[Mapping[str, Any], Mapping[Any, Any]
     if medical and natural and per_eps:
         words = {_word(*r[k][1:], 1.0) for e in per_eps for r in e["ratios"].values() for k in RATIO_KEYS}
         vulnerable = _overall(words)
-    aligned = None
-    if medical and per_eps:
-        medical_alignment = [a for e in per_eps for a in e["alignment"].values() if a["group"] == "medical"]
-        words = {_word(*a["cosine"][1:], 0.5) for a in medical_alignment}
-        aligned = _overall(words | {_word(*a["excess_over_noise"][1:], 0.0) for a in medical_alignment})
+    aligned = {group: _aligned(per_eps, group) if members and per_eps else None
+               for group, members in (("medical", medical), ("natural", natural))}  # fmt: skip
     return {
         "per_eps": per_eps,
         "medical_more_vulnerable": vulnerable,
-        "binary_shifts_aligned": aligned,
+        "binary_shifts_aligned": aligned["medical"],
+        "natural_shifts_aligned": aligned["natural"],
         "clean_accuracy": {d["label"]: d["accuracy"] for d, _ in measured},
         "val_accuracy": {d["label"]: d["val_accuracy"] for d, _ in measured},
     }
+
+
+def _aligned(per_eps: Sequence[Mapping[str, Any]], group: str) -> str:
+    """The alignment criterion over every eps and model of ``group``: cosine interval above 0.5, excess over
+    the noise control above 0."""
+    found = [a for e in per_eps for a in e["alignment"].values() if a["group"] == group]
+    words = {_word(*a["cosine"][1:], 0.5) for a in found} | {_word(*a["excess_over_noise"][1:], 0.0) for a in found}
+    return _overall(words)
 
 
 WORDS = {
     None: "cannot be decided (a group is missing)",
     "holds": "HOLDS",
     "not shown": "is NOT shown",
-    "reversed": "does NOT hold (an interval lies on the wrong side)",
+    "reversed": "does NOT hold (an interval lies wholly on the wrong side of its threshold)",
     "undecided": "cannot be decided (too few successful AEs at some eps)",
 }
 
@@ -129,13 +135,19 @@ def _verdict_text(verdict: Mapping[str, Any]) -> str:
             for label, a in e["alignment"].items()
         )
         parts.append(text)
+    natural = ""
+    if verdict.get("natural_shifts_aligned") == "holds" and verdict["binary_shifts_aligned"] == "holds":
+        natural = (
+            " The natural binary model meets the same alignment criterion, so on this data alignment is a property "
+            "of binary tasks, not of medical images."
+        )
     return (
         f"Claim 'deep features of medical images are more vulnerable than natural ones' "
-        f"{WORDS[verdict['medical_more_vulnerable']]} on this data (every medical model's deviation over the "
-        f"natural model's, 95% bootstrap interval above 1 at every eps); "
-        f"claim 'attacks on binary medical models shift features in one fixed direction' "
-        f"{WORDS[verdict['binary_shifts_aligned']]} (deepest-layer cosine interval above 0.5 and above the noise "
-        f"control, every eps and medical model). " + "; ".join(parts) + ". " + _accuracy_note(verdict)
+        f"{WORDS[verdict['medical_more_vulnerable']]} on this data (criterion: every medical model's PGD deviation "
+        f"over the natural model's has its 95% bootstrap interval above 1 at every eps). Claim 'attacks on binary "
+        f"medical models shift features in one fixed direction' {WORDS[verdict['binary_shifts_aligned']]} "
+        f"(criterion: deepest-layer cosine interval above 0.5 and above the noise control, every eps and medical "
+        f"model).{natural} " + "; ".join(parts) + ". " + _accuracy_note(verdict)
     )
 
 
