@@ -3,11 +3,14 @@
 Architecture: conv3x3(96) - ReLU - maxpool2 - conv3x3(192) - ReLU - maxpool2 - conv3x3(192) - ReLU - conv1x1(1) -
 global average pool -> logit (sigmoid = P(adversarial)); widths scale with ``width`` for small CPU runs; a pool is
 skipped when the map is already 1 pixel wide. Inputs are standardised per channel with fit-split statistics.
-Trained with class-balanced BCE and Adam, seeded. Score = mean over layers of the per-layer logits (the logit is
-monotone in the sigmoid output and does not saturate into ties).
+Trained with class-balanced BCE and Adam, seeded, until the loss on a held-out fifth of the fit data stops improving
+(``patience`` epochs; at most ``epochs``), keeping the best epoch. Score = mean over layers of the per-layer logits
+(the logit is monotone in the sigmoid output and does not saturate into ties).
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import torch
@@ -47,17 +50,21 @@ class DNN(Detector):
         self,
         layers: list[str] | str | None = None,
         width: float = 1.0,
-        epochs: int = 20,
+        epochs: int = 50,
+        patience: int = 3,
         lr: float = 1e-3,
         batch_size: int = 64,
         seed: int = 0,
     ) -> None:
         super().__init__(layers, False, seed)
-        if width <= 0 or epochs < 1 or lr <= 0 or batch_size < 1:
+        if width <= 0 or epochs < 1 or patience < 0 or lr <= 0 or batch_size < 1:
             raise ValueError(
-                f"need width > 0, epochs >= 1, lr > 0, batch_size >= 1; got {width}, {epochs}, {lr}, {batch_size}"
+                f"need width > 0, epochs >= 1, patience >= 0, lr > 0, batch_size >= 1; got {width}, {epochs}, "
+                f"{patience}, {lr}, {batch_size}"
             )
         self.width, self.epochs, self.lr, self.batch_size = float(width), int(epochs), float(lr), int(batch_size)
+        self.patience = int(patience)
+        self.epochs_: list[int] = []  # epochs each layer's net trained for
         self.nets_: list[nn.Sequential] = []
         self.norm_: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.sizes_: list[int] = []
@@ -83,7 +90,7 @@ class DNN(Detector):
 
     def _fit(self, clean, adversarial, noise, train):
         negs = [clean] if noise is None else [clean, noise]
-        self.nets_, self.norm_, self.sizes_ = [], [], []
+        self.nets_, self.norm_, self.sizes_, self.epochs_ = [], [], [], []
         for j, name in enumerate(self.layers_):
             maps_neg = torch.cat([n.raw_map(name).float() for n in negs])
             self.sizes_.append(int(maps_neg.shape[-1]))
@@ -96,18 +103,39 @@ class DNN(Detector):
         return self._fit_scores(clean, adversarial, noise)
 
     def _train(self, X: torch.Tensor, y: torch.Tensor, channels: int, size: int, seed: int) -> nn.Sequential:
+        """Adam on class-balanced BCE until the loss on a held-out fifth of the fit data stops improving for
+        ``patience`` epochs (at most ``epochs``); the best epoch's weights are kept."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = detector_net(channels, size, self.width)
         gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(X), generator=gen)
+        held = order[: max(1, len(X) // 5)] if self.patience else order[:0]
+        fit = order[len(held) :]
         opt = torch.optim.Adam(net.parameters(), lr=self.lr)
         loss_fn = nn.BCEWithLogitsLoss(pos_weight=(y == 0).sum() / (y == 1).sum().clamp_min(1))
-        net.train()
-        for _ in range(self.epochs):
-            for idx in torch.randperm(len(X), generator=gen).split(self.batch_size):
+        best, best_loss, stale, epochs = copy.deepcopy(net.state_dict()), float("inf"), 0, 0
+        while epochs < self.epochs:
+            epochs += 1
+            net.train()
+            for idx in fit[torch.randperm(len(fit), generator=gen)].split(self.batch_size):
                 opt.zero_grad()
                 loss_fn(net(X[idx]), y[idx]).backward()
                 opt.step()
+            if not self.patience:
+                continue
+            with torch.no_grad():
+                net.eval()
+                loss = float(loss_fn(net(X[held]), y[held]))
+            if loss < best_loss - 1e-4:
+                best, best_loss, stale = copy.deepcopy(net.state_dict()), loss, 0
+            else:
+                stale += 1
+            if stale >= self.patience:
+                break
+        self.epochs_.append(epochs)
+        if self.patience:
+            net.load_state_dict(best)
         return net.eval()
 
     @torch.no_grad()

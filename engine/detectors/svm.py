@@ -129,6 +129,9 @@ class SafetyNet(SVM):
         super().__init__(layers, levels, C, gamma, seed)
 
 
+CV_GRID = {"C": (0.1, 1.0, 10.0), "gamma": (0.03, 0.3, 3.0)}  # DNR's "cv" hyper-parameters (gamma x sklearn "scale")
+
+
 class DNR(Detector):
     """Deep neural rejection: one-vs-all RBF-SVMs per layer (default: the last 3), combined by one-vs-all RBF-SVMs
     trained on their cross-validated class scores. Trained on clean labelled data only (``train``, at most
@@ -142,7 +145,7 @@ class DNR(Detector):
     def __init__(
         self,
         layers: list[str] | str | None = None,
-        C: float = 1.0,
+        C: float | str = 1.0,
         gamma: float | str = "scale",
         reject_rate: float = 0.1,
         cv_folds: int = 3,
@@ -168,8 +171,25 @@ class DNR(Detector):
         name = self.layers_[j]
         return (x.layer(name, self.dims_[name]).astype(np.float64) - self.shift_[j]) / self.scale_[j]
 
+    def _hyper(self, X: np.ndarray, y: np.ndarray) -> tuple[float | str, float | str]:
+        """(C, gamma) for SVMs on ``X``: as given, or, for "cv", the best of :data:`CV_GRID` by cross-validated
+        accuracy on the clean training data (as Sotgiu et al. tune theirs); gamma values scale sklearn's "scale"."""
+        if self.C != "cv" and self.gamma != "cv":
+            return self.C, self.gamma
+        from sklearn.model_selection import GridSearchCV
+        from sklearn.svm import SVC
+
+        scale = 1.0 / (X.shape[1] * max(float(X.var()), 1e-12))
+        grid = {
+            "C": list(CV_GRID["C"]) if self.C == "cv" else [self.C],
+            "gamma": [g * scale for g in CV_GRID["gamma"]] if self.gamma == "cv" else [self.gamma],
+        }
+        search = GridSearchCV(SVC(kernel="rbf", class_weight="balanced"), grid, cv=self.cv_folds).fit(X, y)
+        return search.best_params_["C"], search.best_params_["gamma"]
+
     def _ova(self, X: np.ndarray, y: np.ndarray) -> list[RBFSVM]:
-        return [RBFSVM(self.C, self.gamma).fit(X, (y == c).astype(int)) for c in self.classes_]
+        C, gamma = self._hyper(X, y)
+        return [RBFSVM(C, gamma).fit(X, (y == c).astype(int)) for c in self.classes_]
 
     @staticmethod
     def _decisions(svms: list[RBFSVM], X: np.ndarray) -> np.ndarray:
