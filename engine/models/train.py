@@ -346,9 +346,8 @@ def train_model(
         torch.manual_seed(int(options.get("seed", 0)))
         model = build_model(arch, num_classes, **build)
     if pretrained is not None:
-        load_torchvision_state_dict(
-            model, torch.load(pretrained, map_location="cpu", weights_only=True), skip_classifier=True
-        )
+        weights = torch.load(Path(pretrained).expanduser(), map_location="cpu", weights_only=True)
+        load_torchvision_state_dict(model, weights, skip_classifier=True)
     options.setdefault("split_hash", getattr(splits, "hash", None))
     options.setdefault("test_ds", getattr(splits, "test", None))
     return train(model, train_ds, val_ds, out_dir=out_dir, **options)

@@ -77,6 +77,11 @@ def _easy_to_detect(dataset: str, head: pd.DataFrame, setting: str) -> Verdict:
     )
     if below:
         text += f" Below chance: {', '.join(below)} (scores these AEs as more normal than clean images)."
+        if "DNR" in below:
+            text += (
+                " On a binary task DNR's score is minus its combiner's margin, and targeted AEs pushed deep into the "
+                "target class can have larger margins than clean images (docs/detectors.md)."
+            )
     return Verdict(dataset, "easy to detect", holds, text)
 
 

@@ -69,12 +69,12 @@ class RunContext:
             lambda: split_dataset(self.dataset(spec), val=split["val"], test=split["test"], seed=seed),
         )
 
-    def pool(self, spec: Mapping[str, Any], split: Mapping[str, float], seed: int, size: int) -> Any:
-        """The first ``size`` test images as (x, y) tensors; warns once when the test split holds fewer."""
+    def pool(self, spec: Mapping[str, Any], split: Mapping[str, float], seed: int, size: int | None) -> Any:
+        """The first ``size`` test images (all when None) as (x, y) tensors; warns when the test split holds fewer."""
 
         def build() -> Any:
             test = self.splits(spec, split, seed).test
-            if len(test) < size:
+            if size is not None and len(test) < size:
                 log.warning(
                     "%s: the attack pool asks for %d test images but the test split holds %d (split.test=%s of "
                     "%d images); using %d. Raise split.test or use more data to get more.",

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.attacks import ATTACKS, parse_eps
+from engine.models.classifier import ARCHITECTURES
 from engine.runs.cells import Cell
 from engine.runs.context import MEMORY, checkpoint_ref
+from engine.runs.overrides import merge
 from engine.runs.schema import dataset_label
 
 
@@ -30,38 +32,46 @@ def model_label(model_cfg: Mapping[str, Any]) -> str:
     return str(model_cfg["arch"])
 
 
-def _model_hint(config: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+def _model_hint(model: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
     """What a cost estimate needs to count the model's FLOPs per image."""
-    model = config["model"]
     return {
         "arch": model["arch"],
         "image_size": int(spec.get("image_size", 224)),
         "channels": 3,
         "width": model["width"],
-        **model.get("options", {}),
+        **{k: v for k, v in model.get("options", {}).items() if k in ARCHITECTURES[model["arch"]][1]},
     }
+
+
+def model_configs(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The models of a run: each entry of ``models`` merged over ``model``, or ``model`` alone."""
+    options = lambda dotted: dotted.startswith("model.options.")  # noqa: E731 - free-form build/training options
+    merged = [merge(config["model"], entry, "model.", "models entry", options) for entry in config["models"]]
+    return merged or [config["model"]]
 
 
 def build_cells(config: Mapping[str, Any]) -> list[Cell]:
     """Every cell of the run described by ``config`` (dependencies before dependants)."""
     cells: list[Cell] = []
     for spec in config["datasets"]:
-        cells += _dataset_cells(config, spec)
+        for model_cfg in model_configs(config):
+            cells += _dataset_cells(config, spec, model_cfg)
     for name in config["studies"]:
         settings = {"seed": config["seed"], **config["study"].get(name, {})}
         cells.append(Cell("study", {"study": name, "config": settings}, label=f"{name} study"))
-    return cells
+    return list({cell.key: cell for cell in cells}.values())  # the data cell is shared by a dataset's models
 
 
-def _dataset_cells(config: Mapping[str, Any], spec: Mapping[str, Any]) -> list[Cell]:
-    label, model = dataset_label(spec), model_label(config["model"])
+def _dataset_cells(config: Mapping[str, Any], spec: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> list[Cell]:
+    label, model = dataset_label(spec), model_label(model_cfg)
     seed, split, attack_cfg = config["seed"], config["split"], config["attack"]
-    hint = {"model": _model_hint(config, spec), "n": int(spec.get("n", 1000))}
+    n = int(spec.get("n", 1000))
+    hint = {"model": _model_hint(model_cfg, spec), "n": n, "pool": attack_cfg["pool"] or int(n * split["test"])}
     common = {"dataset": spec, "dataset_label": label, "model_label": model, "seed": seed, "split": split}
-    model_cfg = dict(config["model"])
+    model_cfg = dict(model_cfg)
     if model_cfg["checkpoint"] and not str(model_cfg["checkpoint"]).startswith(MEMORY):
         model_cfg["checkpoint"] = checkpoint_ref(model_cfg["checkpoint"])
-    data_cell = Cell("data", common, label=f"{label} data", hint=hint)
+    data_cell = Cell("data", {k: common[k] for k in ("dataset", "seed", "split")}, label=f"{label} data", hint=hint)
     model_cell = Cell(
         "model", {**common, "model": model_cfg}, (data_cell.key,), label=f"{label} {model} model", hint=hint
     )
@@ -130,6 +140,7 @@ def _attack_cells(
         "attack": attack,
         "eps": eps,
         "steps": attack_cfg["steps"],
+        "travel": attack_cfg["travel"],
         "targeted": attack_cfg["targeted"],
         "batch_size": attack_cfg["batch_size"],
         "options": dict(attack_cfg[attack]),

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from engine.attacks import ATTACKS, HFC, AdvWriter, Attack
+from engine.attacks import ATTACKS, HFC, AdvWriter, Attack, parse_eps
 from engine.models import predict_logits
 from engine.runs.cells import Cell, CellOutput
 from engine.runs.context import RunContext
@@ -25,18 +25,21 @@ ATTACK_OVERHEAD = 15  # forward-pass equivalents per image besides the steps (ch
 
 
 def make_attack(name: str, model: nn.Module, settings: Mapping[str, Any], constraint: Any = None) -> Attack:
-    """Attack ``name`` on ``model`` with the run's ``settings`` (eps, steps, targeted, seed, the attack's options),
-    keeping those its constructor accepts."""
+    """Attack ``name`` on ``model`` with the run's ``settings`` (eps, steps, travel, targeted, seed, the attack's own
+    options), keeping those its constructor accepts. The step size of an iterative attack is travel x eps / steps
+    (the reference code's 2 eps / steps) unless ``options`` sets it."""
     cls = ATTACKS[name]
-    targeted = settings["targeted"]
+    targeted, steps = settings["targeted"], settings.get("options", {}).get("steps", settings["steps"])
     options = {
         "eps": settings["eps"],
-        "steps": settings["steps"],
+        "steps": steps,
         "targeted": "random" if targeted is True else targeted,
         "seed": settings["seed"],
         "constraint": constraint,
         **settings.get("options", {}),
     }
+    if settings.get("travel") and settings["eps"] is not None and "step_size" not in options:
+        options["step_size"] = settings["travel"] * parse_eps(settings["eps"]) / steps
     return cls(model, **{k: v for k, v in options.items() if k in cls.parameters()})
 
 
@@ -87,5 +90,5 @@ def attack_cost(cell: Cell, machine: Any) -> tuple[str, float]:
     """Per pool image: :func:`attack_passes`; batched attack steps run at ATTACK_EFFICIENCY x the nominal training
     rate (measured on the quick audit)."""
     inputs = cell.inputs
-    flops = attack_passes(inputs, inputs["hfc"]) * inputs["pool"] * machine.model_flops(**cell.hint["model"])
+    flops = attack_passes(inputs, inputs["hfc"]) * cell.hint["pool"] * machine.model_flops(**cell.hint["model"])
     return f"attack/{inputs['attack']}", ATTACK_EFFICIENCY * machine.seconds(flops)

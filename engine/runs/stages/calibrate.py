@@ -10,7 +10,7 @@ trial go to the payload, the result rows and the run card.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,30 +37,42 @@ def calibration_images(ctx: RunContext, inputs: Mapping[str, Any], model: torch.
     return x[keep], y[keep]
 
 
+def largest_passing(
+    grid: Sequence[float], success: Callable[[float], float], target: float
+) -> tuple[float, dict[float, float]]:
+    """(the largest weight of ``grid`` whose ``success`` reaches ``target`` -- the smallest weight if none does --,
+    every trial's success). Bisection over the sorted grid, assuming success falls as the weight grows."""
+    weights = sorted((float(v) for v in grid), reverse=True)
+    trials: dict[float, float] = {}
+
+    def passes(i: int) -> bool:
+        if weights[i] not in trials:
+            trials[weights[i]] = success(weights[i])
+        return trials[weights[i]] >= target
+
+    low, high = 0, len(weights) - 1
+    while low < high:
+        mid = (low + high) // 2
+        if passes(mid):
+            high = mid
+        else:
+            low = mid + 1
+    passes(low)
+    return weights[low], trials
+
+
 def run_calibrate(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any]) -> CellOutput:
     """Bisect the weight grid for the largest weight whose HFC attack reaches the target success rate."""
     model = ctx.model(deps[inputs["model_cell"]]["checkpoint"])
     gmms = ctx.artifacts.gmms(deps[inputs["gmms_cell"]]["directory"])
     hfc, calibration = inputs["hfc_config"], inputs["hfc_config"]["calibration"]
     x, y = calibration_images(ctx, inputs, model)
-    grid = sorted((float(v) for v in calibration["grid"]), reverse=True)
-    trials: dict[float, float] = {}
 
     def success(lam: float) -> float:
-        if lam not in trials:
-            attack = make_attack(inputs["attack"], model, inputs, HFC(gmms, lam=lam, mode=hfc["mode"]))
-            trials[lam] = attack(x, y).success_rate
-        return trials[lam]
+        return make_attack(inputs["attack"], model, inputs, HFC(gmms, lam=lam, mode=hfc["mode"]))(x, y).success_rate
 
-    low, high = 0, len(grid) - 1  # find the first (largest) weight reaching the target
-    while low < high:
-        mid = (low + high) // 2
-        if success(grid[mid]) >= calibration["target"]:
-            high = mid
-        else:
-            low = mid + 1
-    lam = grid[low]
-    reached = success(lam) >= calibration["target"]
+    lam, trials = largest_passing(calibration["grid"], success, calibration["target"])
+    reached = trials[lam] >= calibration["target"]
     row = {"dataset": inputs["dataset_label"], "model": inputs["model_label"], "attack": inputs["attack"]}
     row |= {"eps": inputs["eps"], "hfc": True, "detector": ""}
     rows = [

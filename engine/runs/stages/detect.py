@@ -104,9 +104,10 @@ def run_detect(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, An
             transfer=transfer, train=train, attack_name="plain", **protocol,
         )  # fmt: skip
     except TooFewExamples as exc:
+        pool = inputs["pool"] or "the whole test split"
         raise TooFewExamples(
-            f"{exc} (pool of {len(x)} test images): raise attack.pool (now {inputs['pool']}), the budget or "
-            "attack.steps, or train the model longer"
+            f"{exc} (pool of {len(x)} test images): raise attack.pool (now {pool}), the budget or attack.steps, or "
+            "train the model longer"
         ) from exc
     directory = ctx.artifacts.directory("detectors", inputs["label"], fingerprint(dict(inputs)))
     detector.save(directory / "fitted")
@@ -141,6 +142,6 @@ def _adversarial_features(
 
 def detect_cost(cell: Cell, machine: Any) -> tuple[str, float]:
     """Feature passes over the pool's sets plus the detector's own work (per image and layer) and model passes."""
-    name, pool = cell.inputs["detector"], cell.inputs["pool"]
+    name, pool = cell.inputs["detector"], cell.hint["pool"]
     model_s = machine.seconds(pool * machine.model_flops(**cell.hint["model"]) * MODEL_PASSES.get(name, 1.0))
     return f"detect/{name}", model_s + pool * DETECTOR_COST.get(name, 1e-2)

@@ -50,7 +50,9 @@ def run_features(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, 
         base = {"dataset": inputs["dataset_label"], "model": inputs["model_label"], "detector": ""}
         base |= {"attack": "", "eps": None} if name == "clean" else {"attack": inputs["attack"], "eps": inputs["eps"]}
         base["hfc"] = name == "hfc"
-        rows += [{**base, "metric": f"feature_loglik@{layer}", "value": float(np.mean(v))} for layer, v in loglik.items()]
+        rows += [
+            {**base, "metric": f"feature_loglik@{layer}", "value": float(np.mean(v))} for layer, v in loglik.items()
+        ]
         projection[GROUPS[name]] = {layer: feats[layer].numpy() for layer in chosen}
     directory = ctx.artifacts.directory("projections", inputs["label"], fingerprint(dict(inputs)))
     Projection(chosen, projection).save(directory)
@@ -60,4 +62,4 @@ def run_features(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, 
 
 def features_cost(cell: Cell, machine: Any) -> tuple[str, float]:
     """Three feature passes over the pool plus the mixtures' log-likelihoods."""
-    return "features", machine.seconds(3 * cell.inputs["pool"] * machine.model_flops(**cell.hint["model"]))
+    return "features", machine.seconds(3 * cell.hint["pool"] * machine.model_flops(**cell.hint["model"]))

@@ -1,0 +1,69 @@
+"""Choosing the HFC weight: bisection over the grid, on validation images disjoint from the attacked test pool;
+and the reference's nearest-component term, normalised per layer, against a direct computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.attacks import HFC
+from engine.mixture import GaussianMixture
+from engine.models import build_model
+from engine.runs import Artifacts, RunContext
+from engine.runs.stages.calibrate import calibration_images, largest_passing
+
+GRID = [1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001]
+
+
+@pytest.mark.parametrize("threshold", [5.0, 1.0, 0.3, 0.05, 0.002, 0.0005])
+def test_bisection_finds_the_largest_passing_weight(threshold):
+    calls = []
+
+    def success(lam):  # success falls as the weight grows: 1 up to the threshold, 0.5 above it
+        calls.append(lam)
+        return 1.0 if lam <= threshold else 0.5
+
+    lam, trials = largest_passing(GRID, success, target=0.9)
+    passing = [w for w in GRID if w <= threshold]
+    assert lam == (max(passing) if passing else min(GRID))
+    assert len(calls) <= 4 and trials == {w: success(w) for w in calls}  # log2(7) + 1 trials at most
+
+
+def test_calibration_images_come_from_the_validation_split_never_the_pool(tmp_path):
+    spec, split = {"name": "fundus-synth", "task": "binary", "n": 200, "image_size": 16}, {"val": 0.2, "test": 0.2}
+    ctx = RunContext(Artifacts(tmp_path), progress=False)
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2, width=0.0625, small_stem=True).eval()
+    inputs = {"dataset": spec, "split": split, "seed": 0, "dataset_label": "fundus"}
+    inputs["hfc_config"] = {"calibration": {"images": 30}}
+    x_cal, _ = calibration_images(ctx, inputs, model)
+    pool, _ = ctx.pool(spec, split, 0, None)
+    val = torch.stack([im for im, _ in ctx.splits(spec, split, 0).val])
+    flat = x_cal.flatten(1)
+    assert 0 < len(x_cal) <= 30
+    assert torch.cdist(flat, val.flatten(1)).min(1).values.max() == 0  # every calibration image is a validation one
+    assert torch.cdist(flat, pool.flatten(1)).min() > 0  # and none is in the attacked pool
+
+
+def test_nearest_term_is_normalised_per_layer_by_hand():
+    rng = np.random.default_rng(0)
+    gmms, feats = {}, {}
+    for name, d in (("narrow", 3), ("wide", 7)):
+        k = 2
+        means = rng.normal(size=(k, d))
+        factors = np.stack([np.triu(rng.normal(size=(d, d))) * 0.3 + np.eye(d) for _ in range(k)])
+        gmms[name] = [GaussianMixture(means, factors, [0.4, 0.6])]
+        feats[name] = torch.from_numpy(rng.normal(size=(5, d)))
+    loss = HFC(gmms, lam=1.0, mode="nearest").loss(feats, torch.zeros(5, dtype=torch.long)).numpy()
+    expected = np.zeros(5)
+    for name, (gm,) in gmms.items():
+        h = feats[name].numpy()
+        d = h.shape[1]
+        for i in range(5):  # the most likely component (log weight + log det - distance / 2), then its distance / d
+            z = [(h[i] - gm.means[c]) @ gm.precisions_cholesky[c] for c in range(2)]
+            score = [np.log(gm.weights[c]) + np.log(np.diag(gm.precisions_cholesky[c])).sum() - 0.5 * z[c] @ z[c]
+                     for c in range(2)]  # fmt: skip
+            best = int(np.argmax(score))
+            expected[i] += z[best] @ z[best] / d
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
