@@ -91,6 +91,7 @@ class RayExecutor:
         timings: dict[str, float] = {}
         try:
             connected_here = self._connect(ray)
+            progress.parallel = max(1, int(ray.cluster_resources().get("CPU", 1)))  # one CPU per cell unless claimed
             self._check_fits(ray, {cell.stage for cell in order if cell.key not in finished})
             submitted = self._submit(ray, order, finished, store, stages)
             pending = list(submitted)

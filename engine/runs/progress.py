@@ -103,6 +103,7 @@ class Progress:
         self.start = time.perf_counter()
         self.running: str | None = None
         self.running_since = 0.0
+        self.parallel = 1  # cells running at once (an executor with several workers sets it)
         self.trace: list[tuple[float, float]] = []
         stages = list(dict.fromkeys(c.stage for c in cells))
         self.overall = tqdm(
@@ -144,8 +145,9 @@ class Progress:
         return time.perf_counter() - self.start
 
     def eta(self) -> float:
+        """Expected seconds left: the corrected cost of the pending cells, shared by the parallel workers."""
         running_for = time.perf_counter() - self.running_since if self.running else 0.0
-        return self.costs.remaining(self.pending, self.running, running_for)
+        return self.costs.remaining(self.pending, self.running, running_for) / self.parallel
 
     def close(self) -> None:
         self._stop.set()
