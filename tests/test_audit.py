@@ -21,7 +21,7 @@ model: {{epochs: 4, width: 0.125, batch_size: 32}}
 attacks: [pgd]
 eps: ["8/256"]
 attack: {{steps: 3, pool: 160, batch_size: 80}}
-hfc: {{layers: "layer4*relu*", n_components: 1}}
+hfc: {{layers: "layer4*relu*", n_components: 1, lam: 0.1, steps: 3}}
 detectors: [kd, lid]
 detector: {{bootstrap: 20}}
 studies: []

@@ -20,14 +20,17 @@ GRID = [1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001]
 def test_bisection_finds_the_largest_passing_weight(threshold):
     calls = []
 
-    def success(lam):  # success falls as the weight grows: 1 up to the threshold, 0.5 above it
-        calls.append(lam)
+    def rate(lam):  # success falls as the weight grows: 1 up to the threshold, 0.5 above it
         return 1.0 if lam <= threshold else 0.5
+
+    def success(lam):
+        calls.append(lam)
+        return rate(lam)
 
     lam, trials = largest_passing(GRID, success, target=0.9)
     passing = [w for w in GRID if w <= threshold]
     assert lam == (max(passing) if passing else min(GRID))
-    assert len(calls) <= 4 and trials == {w: success(w) for w in calls}  # log2(7) + 1 trials at most
+    assert len(calls) <= 4 and trials == {w: rate(w) for w in calls}  # log2(7) + 1 trials at most
 
 
 def test_calibration_images_come_from_the_validation_split_never_the_pool(tmp_path):
@@ -42,8 +45,9 @@ def test_calibration_images_come_from_the_validation_split_never_the_pool(tmp_pa
     val = torch.stack([im for im, _ in ctx.splits(spec, split, 0).val])
     flat = x_cal.flatten(1)
     assert 0 < len(x_cal) <= 30
-    assert torch.cdist(flat, val.flatten(1)).min(1).values.max() == 0  # every calibration image is a validation one
-    assert torch.cdist(flat, pool.flatten(1)).min() > 0  # and none is in the attacked pool
+    exact = "donot_use_mm_for_euclid_dist"
+    assert torch.cdist(flat, val.flatten(1), compute_mode=exact).min(1).values.max() == 0  # all validation images
+    assert torch.cdist(flat, pool.flatten(1), compute_mode=exact).min() > 0  # none in the attacked pool
 
 
 def test_nearest_term_is_normalised_per_layer_by_hand():

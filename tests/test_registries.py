@@ -23,8 +23,14 @@ TINY = {
     "model": {"width": 0.125, "epochs": 2, "batch_size": 32, "options": {}},
     "eps": ["8/256"],
     "attack": {"steps": 3, "pool": 60, "batch_size": 60, "cw_l2": {"steps": 20, "c": 1.0}},
-    "hfc": {"n_components": 1},
-    "detector": {"bootstrap": 10, "train_limit": 120, "dnn": {"width": 0.125, "epochs": 2}, "bu": {"passes": 4}},
+    "hfc": {"n_components": 1, "lam": 0.1, "steps": 3},
+    "detector": {
+        "bootstrap": 10,
+        "train_limit": 120,
+        "raw_layers": 2,
+        "dnn": {"width": 0.125, "epochs": 2, "patience": 0},
+        "bu": {"passes": 4},
+    },
     "studies": [],
 }
 
