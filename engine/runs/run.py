@@ -74,6 +74,7 @@ def execute(config: dict[str, Any], progress: bool = True, context: RunContext |
     costs = CostModel({c.key: STAGES[c.stage].cost(c, machine) for c in cells})
     executor = make_executor(config, progress)
     with ResultStore(directory) as store:
+        store.set_plan([c.key for c in cells])
         timings = executor.run(cells, store, ctx, STAGES, costs)
         rows = store.rows([c.key for c in cells])
         payloads: dict[str, list[tuple[Cell, dict[str, Any]]]] = {}

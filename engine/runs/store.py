@@ -2,9 +2,10 @@
 
 A cell is identified by its key. ``done(key)`` tells whether it has finished; ``commit(key, stage, payload, rows,
 seconds)`` writes its payload, its metric rows and its duration in ONE transaction, so a process killed at any
-moment (kill -9 included) leaves either the whole cell or nothing. Large artifacts (models, mixtures, adversarial
-sets, fitted detectors) live as files in the run's artifact location (engine.runs.artifacts) and are referenced
-from payloads. Only the process driving the run writes the store.
+moment (kill -9 included) leaves either the whole cell or nothing. ``plan()`` names the cells of the config last
+run in the directory (a directory rerun with another config keeps the earlier config's cells too). Large artifacts
+(models, mixtures, adversarial sets, fitted detectors) live as files in the run's artifact location
+(engine.runs.artifacts) and are referenced from payloads. Only the process driving the run writes the store.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ CREATE TABLE IF NOT EXISTS rows (
     metric TEXT NOT NULL, value REAL, ci_low REAL, ci_high REAL
 );
 CREATE INDEX IF NOT EXISTS rows_cell ON rows(cell);
+CREATE TABLE IF NOT EXISTS plan (position INTEGER PRIMARY KEY, key TEXT NOT NULL);
 """
 
 
@@ -91,6 +93,18 @@ class ResultStore:
             cursor = self._db.execute(f"SELECT {columns} FROM rows WHERE cell = ? ORDER BY rowid", (key,))
             out += [normalise_row(dict(zip(ROW_COLUMNS, r, strict=True))) for r in cursor]
         return out
+
+    def set_plan(self, keys: Sequence[str]) -> None:
+        """Record the cells of the config being run here, in plan order (replacing an earlier invocation's)."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM plan")
+            db.executemany("INSERT INTO plan(key) VALUES (?)", [(key,) for key in keys])
+
+    def plan(self) -> list[str] | None:
+        """Keys of the cells of the config last run here, in plan order; None for a store written before runs
+        recorded their plan."""
+        keys = [key for (key,) in self._db.execute("SELECT key FROM plan ORDER BY position")]
+        return keys or None
 
     def cells(self, stage: str | None = None) -> list[tuple[str, str, float]]:
         """(key, stage, seconds) of finished cells, optionally of one stage, in the order they finished."""
