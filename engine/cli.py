@@ -22,6 +22,7 @@ from engine.models import OUTPUT_KINDS, feature_points, input_shape, layer_shape
 from engine.models.classifier import ARCHITECTURES
 from engine.report import summary_lines
 from engine.runs import STUDIES, CellFailed, ConfigError, choices, load_config
+from engine.runs.catalog import catalog, is_run, select
 from engine.score import score_dataset
 
 BENCH_COLUMNS = ("op", "shape", "ours_s", "baseline", "baseline_s", "speedup", "gflops", "gemm_multiple")
@@ -62,9 +63,10 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Stream a dataset through a model and fitted detectors; write per-image rows."""
+    detectors = _detector_paths(args.detectors, args.select)
     dataset = load_dataset(args.data, **_dataset_options(args))
     summary = score_dataset(
-        args.model, args.detectors, dataset, args.out, batch_size=args.batch_size, progress=not args.no_progress
+        args.model, detectors, dataset, args.out, batch_size=args.batch_size, progress=not args.no_progress
     )
     share = summary.detector_seconds / summary.model_seconds if summary.model_seconds else float("nan")
     print(
@@ -72,6 +74,28 @@ def cmd_score(args: argparse.Namespace) -> int:
         f"model {summary.model_seconds:.1f}s, detectors {summary.detector_seconds:.1f}s "
         f"({100 * share:.0f}% of the model time) -> {summary.output}"
     )
+    return 0
+
+
+def _detector_paths(paths: Sequence[str], pattern: str | None) -> list[str | Path]:
+    """``--detectors``: a run directory stands for its fitted detectors whose key matches ``--select`` (all of them
+    without it, see engine.runs.catalog); other paths are fitted detector directories, searched recursively."""
+    if pattern is not None and not any(map(is_run, paths)):
+        raise ValueError(f"--select {pattern!r} picks detectors of a run directory; none of --detectors is one")
+    return [d for p in paths for d in ([e.path for e in select(p, pattern or "*")] if is_run(p) else [p])]
+
+
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    """List a run's fitted detectors by key, with their AUROC in the audit and their directories."""
+    entries = select(args.run_dir, args.select) if args.select else catalog(args.run_dir)
+    print(f"{len(entries)} fitted detectors in {args.run_dir}: fitted on plain AEs, AUROC on successful AEs (95% CI)")
+    if not entries:
+        return 0
+    table = [("key", "auroc", "auroc_hfc", "path")]
+    table += [(e.key, str(e.auroc or "-"), str(e.auroc_hfc or "-"), str(e.path)) for e in entries]
+    widths = [max(map(len, column)) for column in zip(*table, strict=True)]
+    for row in table:
+        print("  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
@@ -167,13 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = command("score", "batch-score a dataset with a model and fitted detectors")
     score.add_argument("--model", required=True, help="checkpoint (.pt), TorchScript or ONNX (.onnx) file")
-    score.add_argument("--detectors", required=True, nargs="+", help="fitted detector dir(s), searched recursively")
+    score.add_argument(
+        "--detectors", required=True, nargs="+", help="fitted detector dir(s), searched recursively, or run dir(s)"
+    )
+    score.add_argument("--select", metavar="PATTERN", help="a run's detectors by key glob, e.g. 'fundus*/pgd/8-256/*'")
     score.add_argument("--data", required=True, help="dataset spec, e.g. fundus-synth:binary or chest_xray:/path")
     score.add_argument("--out", default="scores.csv", help="output .csv or .parquet (default: scores.csv)")
     score.add_argument("--batch-size", type=int, default=128)
     score.add_argument("--image-size", type=int, help="resize images to this size")
     score.add_argument("--no-progress", action="store_true")
     score.set_defaults(func=cmd_score)
+
+    runs = command("runs", "inspect finished runs").add_subparsers(dest="runs_command", required=True)
+    show = runs.add_parser("show", help="list a run's fitted detectors by key, with AUROC and path", parents=[common])
+    show.add_argument("run_dir", help="run directory, e.g. runs/default")
+    show.add_argument("--select", metavar="PATTERN", help="only keys matching this glob, e.g. '*/*/pgd/8-256/kd'")
+    show.set_defaults(func=cmd_runs_show)
 
     train = command("train", "train a classifier on a dataset")
     train.add_argument("--data", required=True, help="dataset spec, e.g. fundus-synth:grade or aptos:/path")

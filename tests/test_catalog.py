@@ -1,0 +1,109 @@
+"""The catalog of a run's fitted detectors: keys, AUROC from the run's records, selection, the CLI."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+
+import engine.cli
+from engine.cli import main
+from engine.runs.catalog import catalog, select
+
+TINY = {
+    "name": "tiny",
+    "datasets": [{"name": "fundus-synth", "task": "binary", "n": 300, "image_size": 32}],
+    "model": {"width": 0.125, "epochs": 1, "batch_size": 32},
+    "models": [{"name": "small"}, {"name": "wide", "width": 0.25}],
+    "attacks": ["pgd"],
+    "eps": ["8/256"],
+    "attack": {"steps": 2, "pool": 45, "batch_size": 45},
+    "hfc": {"n_components": 1, "lam": 0.1, "steps": 2},
+    "detectors": ["kd", "lid"],
+    "detector": {"bootstrap": 10, "train_limit": 60, "lid": {"k": 5}},
+    "studies": [],
+}
+KEY = "fundus-synth_binary/{model}/pgd/8-256/{detector}"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("catalog")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "output_dir": str(root / "runs")}))
+    assert main(["run", str(config), "--no-progress"]) == 0
+    return root / "runs" / "tiny"
+
+
+def test_runs_show_lists_every_fitted_detector_with_the_reports_auroc(run_dir, capsys):
+    capsys.readouterr()
+    assert main(["runs", "show", str(run_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = pd.read_csv(run_dir / "results.csv")
+    auroc = rows[rows["metric"] == "auroc"]
+    entries = catalog(run_dir)
+    assert sorted(e.key for e in entries) == sorted(
+        KEY.format(model=m, detector=d) for m in ("small", "wide") for d in ("kd", "lid")
+    )
+    for entry in entries:
+        assert (entry.path / "config.json").is_file()
+        for hfc, shown in ((False, entry.auroc), (True, entry.auroc_hfc)):
+            (value,) = auroc[(auroc["model"] == entry.model) & (auroc["detector"] == entry.detector)
+                             & (auroc["hfc"] == hfc)]["value"]  # fmt: skip
+            assert shown.value == pytest.approx(value) and shown.ci_low <= shown.value <= shown.ci_high
+        (line,) = [line for line in lines if line.startswith(entry.key + " ")]
+        assert f"{entry.auroc.value:.3f}" in line and str(entry.path) in line
+
+
+def test_select_by_pattern(run_dir):
+    assert [e.key for e in select(run_dir, "fundus*/*/pgd/8-256/kd")] == [
+        KEY.format(model="small", detector="kd"),
+        KEY.format(model="wide", detector="kd"),
+    ]
+    assert {e.model for e in select(run_dir, "fundus*/pgd/8-256/*")} == {"small", "wide"}  # '*' spans parts
+    assert [e.detector for e in select(run_dir, "*/wide/*")] == ["kd", "lid"]
+
+
+class Scored(Exception):
+    """Raised by the stand-in for score_dataset with the detector directories it was given."""
+
+
+def test_score_resolves_a_run_through_the_catalog(run_dir, monkeypatch):
+    def score_dataset(model, detectors, *args, **kwargs):
+        raise Scored(detectors)
+
+    monkeypatch.setattr(engine.cli, "load_dataset", lambda spec, **options: spec)
+    monkeypatch.setattr(engine.cli, "score_dataset", score_dataset)
+    argv = ["score", "--model", "m.pt", "--data", "fundus-synth", "--detectors", str(run_dir), "--select", "*/lid"]
+    with pytest.raises(Scored) as scored:
+        main(argv)
+    assert scored.value.args[0] == [e.path for e in select(run_dir, "*/lid")]
+
+
+@pytest.mark.parametrize("command", ["show", "score"])
+def test_a_pattern_matching_nothing_is_one_line(run_dir, capsys, command):
+    argv = {
+        "show": ["runs", "show", str(run_dir)],
+        "score": ["score", "--model", "m.pt", "--data", "fundus-synth", "--detectors", str(run_dir)],
+    }[command]
+    assert main([*argv, "--select", "*/fgsm/*"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "matches '*/fgsm/*'" in line and KEY.format(model="small", detector="kd") in line
+
+
+def test_a_directory_that_is_not_a_run(tmp_path, capsys):
+    assert main(["runs", "show", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "is not a run directory" in line
+    assert not (tmp_path / "store.sqlite").exists()
+
+
+def test_a_rerun_with_another_config_lists_only_its_detectors(run_dir, tmp_path):
+    shutil.copytree(run_dir, tmp_path / "runs" / "tiny")  # a moved run directory keeps working
+    config = tmp_path / "kd.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "runs"), "detectors": ["kd"]}))
+    assert len(catalog(tmp_path / "runs" / "tiny")) == 4
+    assert main(["run", str(config), "--no-progress"]) == 0
+    assert {e.detector for e in catalog(tmp_path / "runs" / "tiny")} == {"kd"}
