@@ -10,6 +10,7 @@ import yaml
 
 import engine.cli
 from engine.cli import main
+from engine.runs import ResultStore
 from engine.runs.catalog import catalog, select
 
 TINY = {
@@ -107,3 +108,23 @@ def test_a_rerun_with_another_config_lists_only_its_detectors(run_dir, tmp_path)
     assert len(catalog(tmp_path / "runs" / "tiny")) == 4
     assert main(["run", str(config), "--no-progress"]) == 0
     assert {e.detector for e in catalog(tmp_path / "runs" / "tiny")} == {"kd"}
+
+
+def _detect_cell(store, key: str, eps: str | None, model: str = "resnet18") -> None:
+    identity = {"dataset": "cxr-synth", "model": model, "attack": "cw_l2", "eps": eps, "detector": "kd"}
+    rows = [{**identity, "hfc": False, "metric": "auroc", "value": 0.9, "ci_low": 0.8, "ci_high": 1.0}]
+    store.commit(key, "detect", {"fitted": f"detectors/{key[-1]}/fitted"}, rows)
+
+
+def test_a_store_without_a_plan_lists_every_detect_cell_and_refuses_shared_keys(tmp_path):
+    with ResultStore(tmp_path) as store:
+        _detect_cell(store, "detect:a", None)
+        _detect_cell(store, "detect:b", "8/256")
+    (none, budget) = catalog(tmp_path)
+    assert none.key == "cxr-synth/resnet18/cw_l2/none/kd" and str(none.auroc) == "0.900 [0.800, 1.000]"
+    assert budget.key == "cxr-synth/resnet18/cw_l2/8-256/kd" and budget.auroc_hfc is None
+    assert budget.path == tmp_path / "artifacts" / "detectors" / "b" / "fitted"
+    with ResultStore(tmp_path) as store:
+        _detect_cell(store, "detect:c", "8/256")  # e.g. two models of one run with the same name
+    with pytest.raises(ValueError, match="both 'cxr-synth/resnet18/cw_l2/8-256/kd'"):
+        catalog(tmp_path)
