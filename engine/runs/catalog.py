@@ -24,11 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.runs.artifacts import Artifacts, slug
+from engine.runs.run import CARD_FILE
 from engine.runs.staging import is_url
-from engine.runs.store import ResultStore
-
-STORE_FILE = "store.sqlite"
-CARD_FILE = "run_card.json"
+from engine.runs.store import STORE_FILE, ResultStore
 
 
 @dataclass(frozen=True)

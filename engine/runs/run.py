@@ -41,6 +41,8 @@ from engine.runs.stages import STAGES
 from engine.runs.staging import is_url, open_artifacts
 from engine.runs.store import ResultStore
 
+CARD_FILE = "run_card.json"
+
 
 @dataclass
 class RunResult:
@@ -88,7 +90,7 @@ def execute(config: dict[str, Any], progress: bool = True, context: RunContext |
     card = run_card(config, stage_seconds, timings, wall, executor.trace, costs)
     result = RunResult(dict(config), directory, artifacts, rows, payloads, card)
     write_tables(result)
-    atomic_write(directory / "run_card.json", lambda p: p.write_text(json.dumps(card, indent=2, default=str)))
+    atomic_write(directory / CARD_FILE, lambda p: p.write_text(json.dumps(card, indent=2, default=str)))
     return result
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from engine.runs.schema import ROW_COLUMNS, normalise_row
 
+STORE_FILE = "store.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
     key TEXT PRIMARY KEY,
@@ -45,7 +46,7 @@ class ResultStore:
     def __init__(self, run_dir: str | os.PathLike[str]) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.run_dir / "store.sqlite"
+        self.path = self.run_dir / STORE_FILE
         self._db = sqlite3.connect(self.path, isolation_level=None, timeout=60)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
