@@ -15,7 +15,14 @@ from engine.models.classifier import (
     mc_dropout,
     set_mc_dropout,
 )
-from engine.models.conventions import OUTPUT_KINDS, ForeignModel, InputConvention, input_shape
+from engine.models.conventions import (
+    OUTPUT_KINDS,
+    ForeignModel,
+    InputConvention,
+    input_shape,
+    model_fingerprint,
+    state_fingerprint,
+)
 from engine.models.evaluate import channel_stats, evaluate, label_with_model, predict_logits
 from engine.models.features import (
     STAGE_OUTPUTS,
@@ -58,6 +65,7 @@ __all__ = [
     "load_model",
     "load_torchvision_state_dict",
     "mc_dropout",
+    "model_fingerprint",
     "model_device",
     "model_dtype",
     "pool_feature",
@@ -67,6 +75,7 @@ __all__ = [
     "set_mc_dropout",
     "layer_shapes",
     "spatial_layers",
+    "state_fingerprint",
     "stage_outputs",
     "train",
     "train_model",

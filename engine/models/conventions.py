@@ -10,6 +10,7 @@ otherwise converted as ``log(max(p, tiny))``; log-probabilities are logits alrea
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -24,6 +25,27 @@ from engine.models.onnx import Conversion, convert_onnx, convert_torchscript, on
 
 LAYOUTS = ("NCHW", "NHWC")
 OUTPUT_KINDS = ("logits", "probabilities", "log_probabilities")
+FINGERPRINT_KEY = "fingerprint"  # ONNX metadata / converted model meta: the source model's fingerprint
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """Hash (16 hex digits) of ``module``'s parameters and persistent buffers: dtypes, shapes and values in
+    state_dict order, not their names (a wrapper's prefix or a TorchScript copy keeps the fingerprint)."""
+    digest = hashlib.sha256()
+    for value in module.state_dict().values():
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """The fingerprint fitted detectors record: the source model's when ``model`` was converted from a file that
+    carries one (an ONNX export's metadata, a TorchScript module's weights), else :func:`state_fingerprint`."""
+    meta = getattr(model, "meta", None)
+    if isinstance(meta, Mapping) and meta.get(FINGERPRINT_KEY):
+        return str(meta[FINGERPRINT_KEY])
+    return state_fingerprint(model)
 
 
 @dataclass(frozen=True)
@@ -141,7 +163,8 @@ def onnx_model(
     low, high = convention.range
     probe = low + (high - low) * torch.rand(*shape, generator=torch.Generator().manual_seed(0))
     graph, conversion = convert_onnx(proto, str(path), probe, tolerance)
-    return _foreign(graph, convention, output, name or path.stem, conversion)
+    fingerprint = {p.key: p.value for p in proto.metadata_props}.get(FINGERPRINT_KEY)
+    return _foreign(graph, convention, output, name or path.stem, conversion, fingerprint)
 
 
 def _with_onnx_size(
@@ -181,15 +204,19 @@ def torchscript_model(
         c, h, w = convention.size
         shape = (c, h, w) if convention.layout == "NCHW" else (h, w, c)
     graph, conversion = convert_torchscript(module, source, shape, tolerance)
-    return _foreign(graph, convention, output, name, conversion)
+    return _foreign(graph, convention, output, name, conversion, state_fingerprint(module))
 
 
 def _foreign(
-    graph: fx.GraphModule, convention: InputConvention, output: str, name: str, conversion: Conversion
-) -> ForeignModel:
-    """Wrap a converted graph; a probability output ending in a Softmax node is read before it (exact logits)."""
+    graph: fx.GraphModule, convention: InputConvention, output: str, name: str, conversion: Conversion,
+    fingerprint: str | None = None,
+) -> ForeignModel:  # fmt: skip
+    """Wrap a converted graph; a probability output ending in a Softmax node is read before it (exact logits).
+    ``fingerprint`` is the source model's (see :func:`model_fingerprint`)."""
     stripped = output == "probabilities" and strip_softmax(graph)
     meta = {"conversion": asdict(conversion), "output_declared": output, "softmax_removed": stripped}
+    if fingerprint:
+        meta[FINGERPRINT_KEY] = fingerprint
     return ForeignModel(graph, convention, "logits" if stripped else output, name, meta).eval()
 
 
