@@ -5,7 +5,15 @@ adversarial), ``det.layer_scores(x) -> (N, L)``, ``det.save(dir)`` / ``Detector.
 :class:`FeatureCache` (one forward pass per batch for all layers) and are shared by every detector in a run.
 """
 
-from engine.detectors.base import Detector, LayerCombiner, NotFittedError
+from engine.detectors.base import (
+    FPRS,
+    Detector,
+    LayerCombiner,
+    Needs,
+    NotFittedError,
+    fitted_checkpoint,
+    fpr_threshold,
+)
 from engine.detectors.bu import BU
 from engine.detectors.density import KD, LID
 from engine.detectors.dnn import DNN
@@ -22,6 +30,7 @@ __all__ = [
     "DETECTORS",
     "DNN",
     "DNR",
+    "FPRS",
     "KD",
     "LID",
     "MAHA",
@@ -32,11 +41,14 @@ __all__ = [
     "FeatureCache",
     "Features",
     "LayerCombiner",
+    "Needs",
     "NotFittedError",
     "ProtocolSplit",
     "SafetyNet",
     "TiedGaussian",
     "TooFewExamples",
+    "fitted_checkpoint",
+    "fpr_threshold",
     "load",
     "run_protocol",
 ]

@@ -3,13 +3,21 @@
 A detector computes one raw score per layer (:meth:`Detector.layer_scores`, shape (N, L)); :meth:`Detector.score`
 combines them into one (N,) score with the combiner fitted on the fit split (by default standardisation + logistic
 regression, the HFC protocol). A fitted detector saves to a directory holding ``config.json`` (class, parameters,
-layers) and ``arrays.npz`` (every fitted array); nothing is pickled, so loading never runs stored code.
+layers) and ``arrays.npz`` (every fitted array); nothing is pickled, so loading never runs stored code. The config
+also records the fingerprint of the model the detector was fitted on (``save(..., model=)``) and the score
+thresholds that flag a chosen share of clean images (:meth:`Detector.set_thresholds`).
+
+:meth:`Detector.needs` says what a fitted detector needs from the model besides the logits (:class:`Needs`), so a
+scorer can check a model before its first batch.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,13 +25,45 @@ import numpy as np
 from torch import nn
 
 from engine.detectors.features import FeatureCache, Features
+from engine.models import model_fingerprint
 
 FORMAT_VERSION = 1
+FPRS = (0.01, 0.05, 0.1)  # clean false-positive rates whose score thresholds a fitted detector records
 _REGISTRY: dict[str, type[Detector]] = {}
 
 
 class NotFittedError(RuntimeError):
     """A detector was used before ``fit`` (or ``load``)."""
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a fitted detector needs from the model besides the logits: pooled (N, C) features and raw maps of
+    named layers, MC-dropout passes (the model's dropout layers), input gradients (a differentiable forward)."""
+
+    pooled: tuple[str, ...] = ()
+    raw: tuple[str, ...] = ()
+    dropout: bool = False
+    gradients: bool = False
+
+    @staticmethod
+    def union(needs: Iterable[Needs]) -> Needs:
+        """Everything any of ``needs`` needs (layers in first-seen order)."""
+        needs = list(needs)
+        return Needs(
+            pooled=tuple(dict.fromkeys(name for n in needs for name in n.pooled)),
+            raw=tuple(dict.fromkeys(name for n in needs for name in n.raw)),
+            dropout=any(n.dropout for n in needs),
+            gradients=any(n.gradients for n in needs),
+        )
+
+
+def fpr_threshold(clean_scores: np.ndarray, fpr: float) -> float:
+    """The lowest score threshold t with at most ``fpr`` of ``clean_scores`` above it (flag: score > t)."""
+    scores = np.sort(np.asarray(clean_scores, dtype=np.float64))
+    if not len(scores) or not 0 < fpr < 1:
+        raise ValueError(f"need clean scores and 0 < fpr < 1, got {len(scores)} scores and fpr={fpr}")
+    return float(scores[len(scores) - 1 - int(np.floor(fpr * len(scores)))])
 
 
 class LayerCombiner:
@@ -77,6 +117,8 @@ class Detector:
         self.layers_: list[str] | None = None  # resolved at fit
         self.dims_: dict[str, int] = {}
         self.combiner_ = LayerCombiner()
+        self.model_: dict[str, Any] = {}  # fingerprint and layers of the model fitted on (set by save(model=))
+        self.thresholds_: dict[str, Any] = {}  # {"fpr": {fpr: threshold}, "images": n} (set_thresholds)
 
     # -- public API -------------------------------------------------------------------------------------------
     def fit(
@@ -118,6 +160,28 @@ class Detector:
         scores = self.layer_scores(x)
         return self.combiner_(scores) if self.combine == "lr" else scores.mean(1)
 
+    def needs(self) -> Needs:
+        """What the fitted detector needs from the model (default: pooled features of its layers)."""
+        self._check_fitted()
+        return Needs(pooled=tuple(self.layers_))
+
+    def set_thresholds(self, clean_scores: np.ndarray, fprs: Iterable[float] = FPRS) -> Detector:
+        """Record, per false-positive rate, the score above which an image is flagged, from scores of clean
+        images the detector was not fitted on (the audit's evaluation split)."""
+        clean = np.asarray(clean_scores, dtype=np.float64)
+        self.thresholds_ = {"fpr": {str(f): fpr_threshold(clean, f) for f in fprs}, "images": len(clean)}
+        return self
+
+    def threshold(self, fpr: float) -> float:
+        """The recorded threshold flagging ``fpr`` of clean images (see :meth:`set_thresholds`)."""
+        recorded = self.thresholds_.get("fpr", {})
+        if str(float(fpr)) not in recorded:
+            raise ValueError(
+                f"fpr {fpr} has no recorded threshold for this {self.name} detector; recorded: "
+                f"{[float(f) for f in recorded] or 'none (fitted outside an audit: call set_thresholds)'}"
+            )
+        return float(recorded[str(float(fpr))])
+
     def attach(self, source: FeatureCache | nn.Module) -> Detector:
         """Give a loaded detector the model/feature cache it needs to score images."""
         self.source = _as_source(source)
@@ -128,11 +192,18 @@ class Detector:
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
         return {p: getattr(self, p) for p in names}
 
-    def save(self, path: str | Path) -> Path:
-        """Write the fitted detector to directory ``path`` (config.json + arrays.npz)."""
+    def save(self, path: str | Path, model: nn.Module | None = None, checkpoint: str | Path | None = None) -> Path:
+        """Write the fitted detector to directory ``path`` (config.json + arrays.npz); ``model``, the model it was
+        fitted on, records its fingerprint and the detector's feature layers, ``checkpoint`` that model's file
+        (relative to ``path``, see :func:`fitted_checkpoint`)."""
         self._check_fitted()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        if model is not None:
+            needs = self.needs()
+            self.model_ = {"fingerprint": model_fingerprint(model), "layers": list(needs.pooled + needs.raw)}
+            if checkpoint is not None:
+                self.model_["checkpoint"] = os.path.relpath(Path(checkpoint).resolve(), path.resolve())
         arrays = {f"state/{k}": np.asarray(v) for k, v in self._state().items()}
         if self.combine == "lr":
             arrays.update({f"combiner/{k}": v for k, v in self.combiner_.state().items()})
@@ -142,6 +213,8 @@ class Detector:
             "params": self.get_params(),
             "layers": self.layers_,
             "dims": self.dims_,
+            "model": self.model_,
+            "thresholds": self.thresholds_,
         }
         (path / "config.json").write_text(json.dumps(config, indent=2))
         np.savez(path / "arrays.npz", **arrays)
@@ -158,6 +231,7 @@ class Detector:
             raise ValueError(f"{path}: unknown detector {config.get('detector')!r} / format {config.get('format')}")
         det = _REGISTRY[config["detector"]](**config["params"])
         det.layers_, det.dims_ = config["layers"], {k: int(v) for k, v in config["dims"].items()}
+        det.model_, det.thresholds_ = config.get("model", {}), config.get("thresholds", {})
         with np.load(path / "arrays.npz", allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         det._set_state({k[6:]: v for k, v in arrays.items() if k.startswith("state/")})
@@ -218,6 +292,20 @@ class Detector:
 
     def _set_state(self, arrays: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
+
+
+def fitted_checkpoint(directories: Iterable[str | Path]) -> Path:
+    """The checkpoint the saved detectors in ``directories`` were fitted on (recorded by an audit's detect stage);
+    ValueError when one does not record it or they name different files."""
+    found = set()
+    for d in directories:
+        recorded = json.loads((Path(d) / "config.json").read_text()).get("model", {}).get("checkpoint")
+        if recorded is None:
+            raise ValueError(f"detectors: {d} does not record the model it was fitted on; pass --model")
+        found.add((Path(d) / recorded).resolve())
+    if len(found) != 1:
+        raise ValueError(f"detectors: fitted on {len(found)} different models {sorted(map(str, found))}; pass --model")
+    return found.pop()
 
 
 def class_labels(train: Features) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.detectors.base import Detector
+from engine.detectors.base import Detector, Needs
 from engine.detectors.features import Features
 from engine.models import mc_dropout
 
@@ -59,7 +59,10 @@ class BU(Detector):
         self.passes, self.batch_size = int(passes), int(batch_size)
 
     def _resolve_layers(self, feats: Features) -> list[str]:
-        return ["mc_dropout"]
+        return ["mc_dropout"]  # a score column, not a model layer
+
+    def needs(self) -> Needs:
+        return Needs(dropout=True)
 
     def _fit(self, clean, adversarial, noise, train):
         return self._fit_scores(clean, adversarial, noise)

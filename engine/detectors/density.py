@@ -14,7 +14,6 @@ from engine.ops import kde_log_density, knn_distances, lid
 BANDWIDTH_FACTORS = tuple(np.geomspace(0.25, 4.0, 9))  # KD CV grid, times the median within-class 1-NN distance
 
 
-
 class KD(Detector):
     """Kernel density: score = -log p(f(x) | predicted class), a Gaussian KDE of that class's training features.
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.detectors.base import Detector
+from engine.detectors.base import Detector, Needs
 from engine.detectors.features import Features
 
 
@@ -68,6 +68,10 @@ class DNN(Detector):
         self.nets_: list[nn.Sequential] = []
         self.norm_: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.sizes_: list[int] = []
+
+    def needs(self) -> Needs:
+        self._check_fitted()
+        return Needs(raw=tuple(self.layers_))
 
     def _resolve_layers(self, feats: Features) -> list[str]:
         layers = list(feats.raw) if self.layers is None else self.layers

@@ -155,14 +155,19 @@ class FeatureCache:
         logits, feats = self.extractor(x)
         return logits, {name: pool_feature(f) for name, f in feats.items()}
 
-    def layer_feature(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """Pooled (N, C) feature of layer ``name`` for one batch on the device; with a FeatureExtractor the pass
-        ends right after that layer."""
+    def pooled_until(self, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Differentiable pooled (N, C) features of layers ``names`` for one batch on the device; with a
+        FeatureExtractor the pass ends right after the deepest of them."""
         if isinstance(self.extractor, FeatureExtractor):
-            _, feats = self.extractor(x, stop_after=name)
+            last = max(names, key=self.extractor.layers.index)
+            _, feats = self.extractor(x, stop_after=last)
         else:
             _, feats = self.extractor(x)
-        return pool_feature(feats[name])
+        return {name: pool_feature(feats[name]) for name in names}
+
+    def layer_feature(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """Pooled (N, C) feature of layer ``name`` for one batch on the device (the pass ends after it)."""
+        return self.pooled_until(x, [name])[name]
 
     @torch.no_grad()
     def extract(self, images: Any, labels: Any = None, keep_images: bool = True) -> Features:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.detectors.base import Detector, LayerCombiner, class_labels
+from engine.detectors.base import Detector, LayerCombiner, Needs, class_labels
 from engine.detectors.features import Features
 from engine.metrics import auroc
 from engine.ops import mahalanobis
@@ -101,6 +101,10 @@ class MAHA(Detector):
     def _default_layers(self, available):
         return list(available)
 
+    def needs(self) -> Needs:
+        self._check_fitted()
+        return Needs(pooled=tuple(self.layers_), gradients=self.magnitude_ > 0)
+
     def _fit(self, clean, adversarial, noise, train):
         labels = class_labels(train)
         gaussians = [TiedGaussian(self.reg).fit(train.layer(name, self.dims_[name]), labels) for name in self.layers_]
@@ -161,8 +165,11 @@ class MAHA(Detector):
         return {m: np.stack([0.5 * d.min(1) for d in self._distances(f)], axis=1) for m, f in feats.items()}
 
     def _preprocessed_features(self, x: Features, magnitudes: list[float]) -> dict[float, list[np.ndarray]]:
-        """Layer l's feature of x - m * sign(grad_x d_l) for every layer l and every m: one backward per layer
-        and batch gives the sign, shared by all magnitudes; then one forward per (layer, m), up to that layer."""
+        """Layer l's feature of x - m * sign(grad_x d_l) for every layer l and every m. Per batch: one forward
+        with gradients that ends after the deepest layer; one backward per layer (it reaches only the layers
+        before l) gives the sign, shared by all magnitudes; then one forward per (layer, m), up to that layer.
+        The per-layer backward passes cannot be merged: the gradient of a sum of the layers' distances is the
+        sum of their gradients, whose sign is not each layer's."""
         source = self._model_source()
         images = x.require_images(f"MAHA with magnitudes {magnitudes}")
         sign = 1.0 if self.reference_compat else -1.0
@@ -172,7 +179,7 @@ class MAHA(Detector):
         for start in range(0, len(images), source.batch_size):
             batch = images[start : start + source.batch_size].to(source.device, torch.float32)
             xg = batch.clone().requires_grad_(True)
-            _, pooled = source.forward(xg)
+            pooled = source.pooled_until(xg, self.layers_)
             directions = []
             for j, name in enumerate(self.layers_):
                 f = pooled[name]

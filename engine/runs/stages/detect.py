@@ -110,8 +110,10 @@ def run_detect(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, An
             "train the model longer"
         ) from exc
     directory = ctx.artifacts.directory("detectors", inputs["label"], fingerprint(dict(inputs)))
-    detector.save(directory / "fitted")
-    save_scores(directory, result.scores[detector.name])
+    scores = result.scores[detector.name]
+    detector.set_thresholds(scores.negatives[:, 0])  # clean images of the evaluation split: flags at FPRS
+    detector.save(directory / "fitted", model=model, checkpoint=ctx.artifacts.path(checkpoint))
+    save_scores(directory, scores)
     base = {k: inputs[k] for k in ("attack", "eps", "detector")}
     base.update(dataset=inputs["dataset_label"], model=inputs["model_label"])
     rows = [{**base, **row} for row in detection_rows(result.to_rows())]
