@@ -5,6 +5,12 @@
 moved into place after it passed. Exporters: ``"torchscript"`` (default: torch.onnx's tracing exporter, fast and
 offline) or ``"dynamo"`` (torch.export-based, needs onnxscript; slower). Both pass the parity check on the
 models here; the tracing exporter is the default because it takes ~0.5 s instead of several seconds.
+
+Fitted detectors say what they need (:meth:`engine.detectors.Detector.needs`); ``export_onnx(...,
+detectors=[...])`` adds it: pooled features and raw maps of their layers, and for MC-dropout detectors (BU) an
+output marking each dropout layer's input (``dropout:<layer>``, its rate in the metadata) so the converted graph
+can get its dropout back (engine.score). The metadata carries the source model's fingerprint, which detectors
+fitted on that model recorded.
 """
 
 from __future__ import annotations
@@ -22,26 +28,47 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from engine.data import iter_batches
-from engine.models.checkpoint import load_model
-from engine.models.classifier import ImageClassifier
-from engine.models.features import FeatureExtractor
+from engine.detectors import Detector, Needs
+from engine.models import (
+    FeatureExtractor,
+    ImageClassifier,
+    backbone,
+    load_model,
+    model_fingerprint,
+    pool_feature,
+    resolve_layers,
+)
 
 EXPORTERS = ("torchscript", "dynamo")
 INPUT_NAME = "input"
 LOGITS_NAME = "logits"
 FEATURE_PREFIX = "feature:"  # output name of hooked layer L: "feature:L"
+DROPOUT_PREFIX = "dropout:"  # output name of dropout layer L's input (= its eval-mode output): "dropout:L"
 
 
 class _Outputs(nn.Module):
-    """Flattens ``FeatureExtractor`` output to a tuple (logits, feature_1, ...) for export."""
+    """Flattens ``FeatureExtractor`` output (raw maps) to a tuple (logits, output_1, ...) for export: one output
+    per (layer, keep the raw map) of ``outputs``, pooled unless kept raw."""
 
-    def __init__(self, extractor: FeatureExtractor) -> None:
+    def __init__(self, extractor: FeatureExtractor, outputs: list[tuple[str, bool]]) -> None:
         super().__init__()
         self.extractor = extractor
+        self.outputs = outputs
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits, feats = self.extractor(x)
-        return (logits, *feats.values())
+        return (logits, *(feats[name] if raw else pool_feature(feats[name]) for name, raw in self.outputs))
+
+
+def _patterns(layers: str | Sequence[str] | None) -> list[str]:
+    return [] if layers is None else [layers] if isinstance(layers, str) else list(layers)
+
+
+def dropout_layers(model: nn.Module) -> dict[str, float]:
+    """Dropout layers of ``model`` by module name (relative to its backbone) and their rates."""
+    return {
+        name: float(m.p) for name, m in backbone(model).named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)
+    }
 
 
 def _example_inputs(model: nn.Module, example: Any, input_shape: Sequence[int] | None) -> torch.Tensor:
@@ -59,8 +86,10 @@ def _example_inputs(model: nn.Module, example: Any, input_shape: Sequence[int] |
     return torch.rand(4, *input_shape, generator=torch.Generator().manual_seed(0))
 
 
-def _metadata(model: nn.Module, layers: list[str]) -> dict[str, str]:
-    meta = {"producer": "hfc-engine", "layers": json.dumps(layers)}
+def _metadata(model: nn.Module, layers: list[str], raw: list[str], dropout: dict[str, float]) -> dict[str, str]:
+    meta = {"producer": "hfc-engine", "layers": json.dumps(layers), "fingerprint": json.dumps(model_fingerprint(model))}
+    meta.update({"raw_layers": json.dumps(raw)} if raw else {})
+    meta.update({"dropout": json.dumps(dropout)} if dropout else {})
     if isinstance(model, ImageClassifier):
         meta["config"] = json.dumps(model.config)
         extra = getattr(model, "meta", {}) or {}
@@ -76,31 +105,47 @@ def export_onnx(
     input_shape: Sequence[int] | None = None,
     layers: str | Sequence[str] | None = None,
     pooled: bool = True,
+    raw_layers: str | Sequence[str] | None = None,
+    dropout: bool = False,
+    detectors: Sequence[Detector] = (),
     opset: int = 18,
     atol: float = 1e-4,
     exporter: str = "torchscript",
 ) -> Path:
     """Export ``model`` (module or any file :func:`load_model` reads) to ONNX at ``path`` and verify it.
 
-    Outputs: ``logits`` (N,K), then one output per hooked layer (named ``feature:<layer>``, pooled (N,C) or raw maps
-    with ``pooled=False``) when ``layers`` (names/globs, see FeatureExtractor) is given. The batch axis is
-    dynamic. ``example`` supplies real verification inputs (up to 8 images are used); without it, uniform
-    [0,1] images of ``input_shape`` (C,H,W) -- or the model's recorded input size -- are used. Raises
-    RuntimeError when onnxruntime's logits differ from PyTorch's by more than ``atol``.
+    Outputs: ``logits`` (N,K), then one output per hooked layer (named ``feature:<layer>``): pooled (N,C) for
+    ``layers`` (raw maps with ``pooled=False``), raw maps for ``raw_layers`` (names/globs, see FeatureExtractor);
+    with ``dropout`` one ``dropout:<layer>`` output per dropout layer (for MC-dropout passes on the converted
+    graph). ``detectors`` (fitted) add what they need (:meth:`Detector.needs`). The batch axis is dynamic.
+    ``example`` supplies real verification inputs (up to 8 images are used); without it, uniform [0,1] images of
+    ``input_shape`` (C,H,W) -- or the model's recorded input size -- are used. Raises RuntimeError when
+    onnxruntime's logits differ from PyTorch's by more than ``atol``.
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     model = load_model(model)
-    if isinstance(model, torch.jit.ScriptModule) and layers is not None:
+    needs = Needs.union(d.needs() for d in detectors)
+    requested = [*_patterns(layers), *needs.pooled, *_patterns(raw_layers), *needs.raw]
+    dropout = dropout or needs.dropout
+    if isinstance(model, torch.jit.ScriptModule) and (requested or dropout):
         raise TypeError("layers cannot be hooked on a TorchScript model; pass the nn.Module")
+    feature_layers = resolve_layers(model, requested) if requested else []
+    raw_patterns = [*_patterns(raw_layers), *needs.raw]
+    raw = set(feature_layers if not pooled else resolve_layers(model, raw_patterns) if raw_patterns else [])
+    drops = dropout_layers(model) if dropout else {}
+    if dropout and not drops:
+        raise ValueError("dropout: the model has no dropout layer (BU needs one: build it with dropout > 0)")
+    outputs = [(FEATURE_PREFIX + n, n, n in raw) for n in feature_layers]
+    outputs += [(DROPOUT_PREFIX + n, n, True) for n in drops]
     x = _example_inputs(model, example, input_shape)
     was_training = model.training
     model.eval()
-    extractor = FeatureExtractor(model, layers, pooled=pooled) if layers is not None else None
+    hooks = list(dict.fromkeys(n for _, n, _ in outputs))
+    extractor = FeatureExtractor(model, hooks, pooled=False) if hooks else None
     try:
-        wrapped = _Outputs(extractor) if extractor is not None else model
-        layer_names = list(extractor.layers) if extractor is not None else []
-        names = [LOGITS_NAME] + [FEATURE_PREFIX + name for name in layer_names]
+        wrapped = _Outputs(extractor, [(n, keep) for _, n, keep in outputs]) if extractor is not None else model
+        names = [LOGITS_NAME] + [name for name, _, _ in outputs]
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.onnx")
@@ -110,7 +155,7 @@ def export_onnx(
                 expected = wrapped(x)
             expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
             _run_exporter(wrapped, x, tmp, names, opset, exporter)
-            _attach_metadata(tmp, _metadata(model, layer_names))
+            _attach_metadata(tmp, _metadata(model, feature_layers, [n for n in feature_layers if n in raw], drops))
             _verify(tmp, x, [e.numpy() for e in expected], names, atol)
             os.replace(tmp, path)
         finally:
