@@ -17,13 +17,14 @@ import pandas as pd
 from engine.audit import run_audit
 from engine.bench import OPS, run_table
 from engine.data import load_dataset, split_dataset
+from engine.detectors import Detector, fitted_checkpoint
 from engine.export import export_onnx
 from engine.models import OUTPUT_KINDS, feature_points, input_shape, layer_shapes, load_model, train_model
 from engine.models.classifier import ARCHITECTURES
 from engine.report import summary_lines
 from engine.runs import STUDIES, CellFailed, ConfigError, choices, load_config
 from engine.runs.catalog import catalog, is_run, select
-from engine.score import score_dataset
+from engine.score import RUNTIMES, find_detectors, score_dataset
 
 BENCH_COLUMNS = ("op", "shape", "ours_s", "baseline", "baseline_s", "speedup", "gflops", "gemm_multiple")
 DEFAULT_INPUT = (3, 224, 224)  # `layers` input shape when neither --input-size nor the model records one
@@ -66,13 +67,24 @@ def cmd_score(args: argparse.Namespace) -> int:
     detectors = _detector_paths(args.detectors, args.select)
     dataset = load_dataset(args.data, **_dataset_options(args))
     summary = score_dataset(
-        args.model, detectors, dataset, args.out, batch_size=args.batch_size, progress=not args.no_progress
+        args.model,
+        detectors,
+        dataset,
+        args.out,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        fpr=args.fpr,
+        runtime=args.runtime,
+        allow_model_mismatch=args.allow_model_mismatch,
     )
-    share = summary.detector_seconds / summary.model_seconds if summary.model_seconds else float("nan")
+    model_s = summary.model_seconds or float("nan")
+    resumed = f" (continuing after {summary.resumed} rows already written)" if summary.resumed else ""
     print(
-        f"scored {summary.rows} images in {summary.seconds:.1f}s ({summary.images_per_second:.1f} images/s); "
-        f"model {summary.model_seconds:.1f}s, detectors {summary.detector_seconds:.1f}s "
-        f"({100 * share:.0f}% of the model time) -> {summary.output}"
+        f"scored {summary.rows - summary.resumed} images{resumed} in {summary.seconds:.1f}s "
+        f"({summary.images_per_second:.1f} images/s); model ({summary.runtime}) {summary.model_seconds:.1f}s, "
+        f"detectors {summary.detector_seconds:.1f}s ({100 * summary.detector_seconds / model_s:.0f}% of the model "
+        f"time: {', '.join(f'{k} {100 * v / model_s:.0f}%' for k, v in summary.per_detector.items())}); flags at "
+        f"{args.fpr:g} clean false-positive rate -> {summary.output}"
     )
     return 0
 
@@ -125,7 +137,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a model to ONNX (verified against PyTorch with onnxruntime)."""
-    path = export_onnx(args.model, args.out, layers=args.layers, pooled=not args.raw_features)
+    dirs = [d for p in args.detectors or [] for d in find_detectors(p)]
+    if args.model is None and not dirs:
+        raise ValueError("export: give --model, or --detectors to export the model they were fitted on")
+    model = args.model or fitted_checkpoint(dirs)
+    detectors = [Detector.load(d) for d in dirs]
+    path = export_onnx(
+        model, args.out, layers=args.layers, pooled=not args.raw_features, dropout=args.dropout,
+        detectors=detectors,
+    )  # fmt: skip
     print(f"exported and verified: {path}")
     return 0
 
@@ -199,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", default="scores.csv", help="output .csv or .parquet (default: scores.csv)")
     score.add_argument("--batch-size", type=int, default=128)
     score.add_argument("--image-size", type=int, help="resize images to this size")
+    score.add_argument(
+        "--fpr", type=float, default=0.05, help="flag at this clean false-positive rate (0.01, 0.05, 0.1)"
+    )
+    score.add_argument(
+        "--runtime", choices=RUNTIMES, default="auto", help="forward passes in (auto: ONNX files in ORT)"
+    )
+    score.add_argument(
+        "--allow-model-mismatch", action="store_true", help="score with a model the detectors were not fitted on"
+    )
     score.add_argument("--no-progress", action="store_true")
     score.set_defaults(func=cmd_score)
 
@@ -225,10 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     export = command("export", "export a model to ONNX, verified with onnxruntime")
-    export.add_argument("--model", required=True)
+    export.add_argument("--model", help="model file (default: the one --detectors were fitted on)")
     export.add_argument("--out", required=True, help="output .onnx path")
     export.add_argument("--layers", nargs="*", help="also output these layers' features (names or globs)")
     export.add_argument("--raw-features", action="store_true", help="raw feature maps instead of GAP vectors")
+    export.add_argument("--dropout", action="store_true", help="mark the dropout layers (BU's MC-dropout passes)")
+    export.add_argument("--detectors", nargs="*", help="fitted detector dir(s): add the outputs they need")
     export.set_defaults(func=cmd_export)
 
     layers = command("layers", "list a model's layers (feature points), their kinds and output shapes")

@@ -1,0 +1,253 @@
+"""Batch scoring: every detector kind through the Scorer with .pt, ONNX and TorchScript models (scores equal
+Detector.score), the README's export -> score flow, the model-fingerprint refusal, resuming after kill -9."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from glob import glob
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import engine.cli
+import engine.score
+from engine.cli import main
+from engine.data import ArrayDataset
+from engine.detectors import (
+    BU,
+    DETECTORS,
+    DNN,
+    DNR,
+    KD,
+    LID,
+    MAHA,
+    SVM,
+    Detector,
+    FeatureCache,
+    SafetyNet,
+    fitted_checkpoint,
+)
+from engine.export import export_onnx
+from engine.models import build_model, load_model, resolve_layers, save_checkpoint
+from engine.score import Scorer, find_detectors, score_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+def tiny_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("resnet18", 3, width=0.125, small_stem=True, dropout=0.3, input_size=SIZE)
+    model.train()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        model(torch.rand(16, 3, SIZE, SIZE))
+    return model.eval()
+
+
+def images(n: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def every_kind(with_bu: bool = True) -> list:
+    kinds = [KD(), LID(k=5, batch_size=20), MAHA(magnitude=0.002), SVM(), SafetyNet(), DNN(width=0.1, epochs=1),
+             DNR(C=1.0, gamma="scale")] + ([BU(passes=3)] if with_bu else [])  # fmt: skip
+    assert {d.name for d in kinds} | ({"bu"} if not with_bu else set()) == set(DETECTORS)
+    return kinds
+
+
+def fit_and_save(model: torch.nn.Module, layers: list[str], root: Path, with_bu: bool = True) -> list[Path]:
+    """Every detector kind fitted on ``model``'s ``layers`` (the last as a raw map), saved with its fingerprint and
+    thresholds."""
+    cache = FeatureCache(model, layers=layers, raw_layers=layers[-1:], batch_size=16)
+    x, y = images(48, 1), np.arange(48) % 3
+    clean, adversarial = cache.extract(x, y), cache.extract((x + 0.2 * images(48, 2)).clamp(0, 1), y)
+    dirs = []
+    for det in every_kind(with_bu):
+        det.fit(cache, clean, adversarial)
+        det.set_thresholds(det.score(clean))
+        dirs.append(det.save(root / det.name, model=model))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("score")
+    model = tiny_model(0)
+    checkpoint = save_checkpoint(root / "m.pt", model, {"input_size": [3, SIZE, SIZE]})
+    model = load_model(checkpoint)
+    dirs = fit_and_save(model, ["layer3.1.relu2", "layer4.1.relu2"], root / "detectors")
+    onnx = export_onnx(checkpoint, root / "m.onnx", detectors=[Detector.load(d) for d in dirs])
+    return model, checkpoint, onnx, dirs
+
+
+def reference_scores(model, dirs, x):
+    dets = [Detector.load(d) for d in dirs]
+    layers = list(dict.fromkeys(n for d in dets for n in d.needs().pooled + d.needs().raw))
+    cache = FeatureCache(model, layers=layers, raw_layers=[n for d in dets for n in d.needs().raw])
+    feats = cache.extract(x)
+    return {d.name: d.attach(cache).score(feats) for d in dets}
+
+
+@pytest.mark.parametrize("which,runtime", [("pt", "auto"), ("pt", "onnxruntime"), ("onnx", "auto"), ("onnx", "torch")])
+def test_every_kind_scores_as_detector_score(fitted, which, runtime):
+    model, checkpoint, onnx, dirs = fitted
+    x = images(10, 3)
+    want = reference_scores(model, dirs, x)
+    scorer = Scorer(checkpoint if which == "pt" else onnx, dirs, runtime=runtime, batch_size=16)
+    assert scorer.runtime == ("torch" if runtime == "torch" or (which, runtime) == ("pt", "auto") else "onnxruntime")
+    got = scorer.score(x).scores
+    assert set(got) == set(DETECTORS)
+    exact = scorer.runtime == "torch" and which == "pt"
+    for name, scores in got.items():
+        np.testing.assert_allclose(scores, want[name], rtol=0 if exact else 1e-3, atol=0 if exact else 1e-3)
+
+
+def test_torchscript_model(fitted, tmp_path):
+    model, _, _, _ = fitted
+    path = tmp_path / "m.ts"
+    torch.jit.trace(model, images(2, 0)).save(str(path))
+    converted = load_model(path)
+    layers = resolve_layers(converted, "activations")[-2:]  # the converted graph's layer names
+    dirs = fit_and_save(converted, layers, tmp_path / "detectors", with_bu=False)
+    x = images(10, 3)
+    want = reference_scores(converted, dirs, x)
+    got = Scorer(path, dirs).score(x).scores
+    for name, scores in got.items():
+        np.testing.assert_allclose(scores, want[name], rtol=1e-5, atol=1e-5)
+    bu = BU(passes=3).fit(FeatureCache(model), images(8, 1), images(8, 2)).save(tmp_path / "bu", model=model)
+    with pytest.raises(ValueError, match=r"^detector bu: needs MC-dropout passes but .* has no dropout layer"):
+        Scorer(path, [bu])
+
+
+def test_missing_outputs_and_other_models_are_one_line_errors(fitted, tmp_path):
+    model, checkpoint, onnx, dirs = fitted
+    plain = export_onnx(checkpoint, tmp_path / "plain.onnx", layers="layer4*")
+    by_kind = {d.name: d for d in dirs}
+    with pytest.raises(ValueError, match=r"raw map of layer 'layer4.1.relu2'.*--detectors.*--raw-features"):
+        Scorer(plain, [by_kind["dnn"]])
+    with pytest.raises(ValueError, match=r"MC-dropout passes.*--dropout"):
+        Scorer(plain, [by_kind["bu"]])
+    other = save_checkpoint(tmp_path / "other.pt", tiny_model(1), {"input_size": [3, SIZE, SIZE]})
+    fitted_on = Detector.load(by_kind["kd"]).model_["fingerprint"]
+    with pytest.raises(ValueError) as error:
+        Scorer(other, [by_kind["kd"]])
+    message = str(error.value)
+    assert "\n" not in message and fitted_on in message and "--allow-model-mismatch" in message
+    assert Scorer(other, [by_kind["kd"]], allow_model_mismatch=True).score(images(4, 3)).scores["kd"].shape == (4,)
+    assert Scorer(onnx, [by_kind["kd"]]).model.fingerprint == fitted_on  # the export carries its source's
+
+
+README_FLOW = {
+    "name": "tiny",
+    "datasets": [{"name": "fundus-synth", "task": "binary", "n": 300, "image_size": SIZE}],
+    "model": {"width": 0.125, "epochs": 1, "batch_size": 32},
+    "attacks": ["pgd"],
+    "eps": ["8/256"],
+    "attack": {"steps": 2, "pool": 60, "batch_size": 60},
+    "hfc": {"enabled": False},
+    "detector": {
+        "bootstrap": 10,
+        "train_limit": 60,
+        "layers": "layer4*relu*",
+        "raw_layers": 1,
+        "lid": {"k": 5},
+        "bu": {"passes": 3},
+        "maha": {"select_max": 20, "magnitudes": [0.0, 0.002]},
+        "dnn": {"epochs": 1},
+        "dnr": {"C": 1.0, "gamma": "scale"},
+    },  # fmt: skip
+    "studies": [],
+}
+
+
+def test_readme_export_then_score_flow(tmp_path, monkeypatch, capsys):
+    """The README's commands, with its run directory replaced by a tiny audit's (every detector kind)."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**README_FLOW, "output_dir": str(tmp_path / "runs")}))
+    assert main(["run", str(tmp_path / "tiny.yaml"), "--no-progress"]) == 0
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^(D=.*|hfc-engine export --detectors \$D.*|hfc-engine score --model fundus.*)$", readme,
+                          flags=re.M)  # fmt: skip
+    assert commands[0].split()[0] == "D=runs/default/artifacts/detectors/fundus-synth_binary_*" and len(commands) == 3
+    run = str(tmp_path / "runs" / "tiny")
+    detectors = sorted(glob(f"{run}/artifacts/detectors/fundus-synth_binary_*"))
+    assert len(detectors) == 7
+    small = lambda spec, **options: ArrayDataset(images(40, 5), np.arange(40) % 2)  # noqa: E731 - a tiny data set
+    monkeypatch.setattr(engine.cli, "load_dataset", small)
+    monkeypatch.chdir(tmp_path)
+    for command in commands[1:]:
+        argv = []
+        for word in shlex.split(command.split("#")[0])[1:]:
+            argv += detectors if word == "$D" else [word]
+        assert main([*argv, *(["--no-progress"] if argv[0] == "score" else [])]) == 0, command
+    rows = pd.read_csv(tmp_path / "scores.csv")
+    assert len(rows) == 40 and list(rows["index"]) == list(range(40))
+    kinds = ["bu", "dnn", "dnr", "kd", "lid", "maha", "svm"]
+    assert sorted(c.removeprefix("score_") for c in rows.columns if c.startswith("score_")) == kinds
+    assert all(rows[f"flag_{k}"].dtype == bool for k in kinds)
+    assert "model (onnxruntime)" in capsys.readouterr().out
+    # the export of the README before: layer4's pooled features only; score says in one line what is missing
+    model = str(fitted_checkpoint([d for p in detectors for d in find_detectors(p)]))
+    assert main(["export", "--model", model, "--out", "plain.onnx", "--layers", "layer4*"]) == 0
+    capsys.readouterr()
+    argv = ["score", "--model", "plain.onnx", "--detectors", *detectors, "--data", "fundus-synth:binary"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "hfc-engine export" in error
+
+
+RESUME_JOB = """
+import os, signal, sys
+import numpy as np, torch
+import engine.score
+from engine.data import ArrayDataset
+
+class Killing(ArrayDataset):
+    def __getitem__(self, i):
+        if i == 21:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(i)
+
+engine.score.PART_ROWS = 8
+x = torch.rand(40, 3, {size}, {size}, generator=torch.Generator().manual_seed(7))
+engine.score.score_dataset(sys.argv[1], sys.argv[3:], Killing(x, np.arange(40) % 3), sys.argv[2], batch_size=4,
+                           progress=False)
+"""
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_resumed_job_after_kill_9_writes_the_same_file(fitted, tmp_path, monkeypatch, suffix):
+    _, checkpoint, _, dirs = fitted
+    dirs = [d for d in dirs if d.name in ("kd", "dnn", "svm")]  # resuming does not depend on the detectors
+    script = tmp_path / "job.py"
+    script.write_text(RESUME_JOB.format(size=SIZE))
+    killed = tmp_path / f"killed{suffix}"
+    job = [sys.executable, str(script), str(checkpoint), str(killed), *map(str, dirs)]
+    assert subprocess.run(job, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode == -signal.SIGKILL
+    parts = tmp_path / f".killed{suffix}.parts"
+    assert len(list(parts.glob("part-*.parquet"))) == 2 and not killed.exists()  # rows 0-15 in two parts
+    monkeypatch.setattr(engine.score, "PART_ROWS", 8)
+    x = torch.rand(40, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    data = ArrayDataset(x, np.arange(40) % 3)
+    summary = score_dataset(checkpoint, dirs, data, killed, batch_size=4, progress=False)  # the same job again
+    assert summary.resumed == 16 and summary.rows == 40 and not parts.exists()
+    whole = score_dataset(checkpoint, dirs, data, tmp_path / f"whole{suffix}", batch_size=4, progress=False)
+    assert killed.read_bytes() == whole.output.read_bytes()
+
+
+def test_a_different_job_on_the_same_output_is_refused(fitted, tmp_path):
+    _, checkpoint, _, dirs = fitted
+    parts = tmp_path / ".out.csv.parts"
+    parts.mkdir()
+    (parts / "job.json").write_text("{}")
+    data = ArrayDataset(images(4, 0), np.zeros(4, dtype=np.int64))
+    with pytest.raises(ValueError, match="unfinished job with other settings"):
+        score_dataset(checkpoint, dirs[:1], data, tmp_path / "out.csv", progress=False)
