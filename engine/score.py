@@ -176,7 +176,8 @@ class Scorer:
 
     ``model``: a module or a file :func:`engine.models.load_model` reads. ``runtime``: ``"auto"`` (onnxruntime
     for an ONNX export with feature outputs, torch otherwise), ``"torch"``, or ``"onnxruntime"`` (a torch model is
-    exported to a temporary ONNX file with what the detectors need). ``names`` labels the detectors' columns
+    exported to a temporary ONNX file with what the detectors need); except with ``"torch"``, detectors' own
+    networks (DNN) run in onnxruntime too. ``names`` labels the detectors' columns
     (default: the detector kind, made unique). Raises ValueError, in one line, when a detector was fitted on
     another model (unless ``allow_model_mismatch``) or needs what the model cannot give.
     """
@@ -212,6 +213,8 @@ class Scorer:
             needs = det.needs()
             if needs.dropout or needs.gradients:
                 det.attach(self.model.torch_source())
+            if runtime != "torch":
+                det.use_onnxruntime()
         self.seconds = {"model": 0.0, **{name: 0.0 for name in self.names}}
 
     @property

@@ -165,6 +165,10 @@ class Detector:
         self._check_fitted()
         return Needs(pooled=tuple(self.layers_))
 
+    def use_onnxruntime(self) -> Detector:
+        """Run the detector's own networks (if any) in onnxruntime when scoring; a no-op for the others."""
+        return self
+
     def set_thresholds(self, clean_scores: np.ndarray, fprs: Iterable[float] = FPRS) -> Detector:
         """Record, per false-positive rate, the score above which an image is flagged, from scores of clean
         images the detector was not fitted on (the audit's evaluation split)."""

@@ -11,6 +11,8 @@ Trained with class-balanced BCE and Adam, seeded, until the loss on a held-out f
 from __future__ import annotations
 
 import copy
+import io
+import warnings
 
 import numpy as np
 import torch
@@ -68,6 +70,7 @@ class DNN(Detector):
         self.nets_: list[nn.Sequential] = []
         self.norm_: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.sizes_: list[int] = []
+        self.session_ = None  # onnxruntime session of the standardisation + nets (use_onnxruntime)
 
     def needs(self) -> Needs:
         self._check_fitted()
@@ -82,15 +85,19 @@ class DNN(Detector):
         return layers
 
     def _maps(self, x: Features, j: int) -> torch.Tensor:
-        name = self.layers_[j]
-        maps = x.raw_map(name).float()
-        if maps.dim() != 4 or maps.shape[1] != self.dims_[name] or maps.shape[-1] != self.sizes_[j]:
-            raise ValueError(
-                f"raw map of layer {name!r} has shape {tuple(maps.shape[1:])}; the detector was fitted on "
-                f"({self.dims_[name]}, *, {self.sizes_[j]})"
-            )
+        self._check_maps(x, [j])
         mean, std = self.norm_[j]
-        return (maps - mean) / std
+        return (x.raw_map(self.layers_[j]).float() - mean) / std
+
+    def _check_maps(self, x: Features, layers: list[int] | None = None) -> None:
+        for j in range(len(self.layers_)) if layers is None else layers:
+            name = self.layers_[j]
+            maps = x.raw_map(name)
+            if maps.dim() != 4 or maps.shape[1] != self.dims_[name] or maps.shape[-1] != self.sizes_[j]:
+                raise ValueError(
+                    f"raw map of layer {name!r} has shape {tuple(maps.shape[1:])}; the detector was fitted on "
+                    f"({self.dims_[name]}, *, {self.sizes_[j]})"
+                )
 
     def _fit(self, clean, adversarial, noise, train):
         negs = [clean] if noise is None else [clean, noise]
@@ -144,11 +151,32 @@ class DNN(Detector):
 
     @torch.no_grad()
     def _layer_scores(self, x: Features) -> np.ndarray:
+        if self.session_ is not None:
+            feeds = {f"map{j}": x.raw_map(name).float().numpy() for j, name in enumerate(self.layers_)}
+            self._check_maps(x)
+            return self.session_.run(None, feeds)[0].astype(np.float64)
         cols = []
         for j, net in enumerate(self.nets_):
             maps = self._maps(x, j)
             cols.append(torch.cat([net(b) for b in maps.split(256)]) if len(maps) else torch.zeros(0))
         return torch.stack(cols, 1).double().numpy()
+
+    def use_onnxruntime(self) -> DNN:
+        """Score with the standardisation and the per-layer nets in one onnxruntime session: several times faster
+        than torch on CPU for these small convolutions (equal to torch's scores within float32 rounding)."""
+        import onnxruntime as ort
+
+        self._check_fitted()
+        nets = _Nets(self.nets_, self.norm_)
+        example = tuple(torch.zeros(2, self.dims_[n], s, s) for n, s in zip(self.layers_, self.sizes_, strict=True))
+        names = [f"map{j}" for j in range(len(example))]
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(nets, example, buffer, input_names=names, output_names=["logits"], dynamo=False,
+                              dynamic_axes={n: {0: "batch"} for n in [*names, "logits"]})  # fmt: skip
+        self.session_ = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+        return self
 
     def _state(self):
         state = {"sizes": np.array(self.sizes_)}
@@ -168,3 +196,15 @@ class DNN(Detector):
                 {k[len(prefix) :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith(prefix)}
             )
             self.nets_.append(net.eval())
+
+
+class _Nets(nn.Module):
+    """Every layer's standardisation and net in one module: raw maps in, (N, L) logits out (for export)."""
+
+    def __init__(self, nets: list[nn.Sequential], norm: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+        self.norm = norm
+
+    def forward(self, *maps: torch.Tensor) -> torch.Tensor:
+        return torch.stack([net((m - mu) / sd) for net, m, (mu, sd) in zip(self.nets, maps, self.norm, strict=True)], 1)
