@@ -43,6 +43,7 @@ EXPORTERS = ("torchscript", "dynamo")
 INPUT_NAME = "input"
 LOGITS_NAME = "logits"
 FEATURE_PREFIX = "feature:"  # output name of hooked layer L: "feature:L"
+RAW_PREFIX = "raw:"  # output name of the raw map of a raw_layers layer L (beside its pooled "feature:L")
 DROPOUT_PREFIX = "dropout:"  # output name of dropout layer L's input (= its eval-mode output): "dropout:L"
 
 
@@ -115,7 +116,8 @@ def export_onnx(
     """Export ``model`` (module or any file :func:`load_model` reads) to ONNX at ``path`` and verify it.
 
     Outputs: ``logits`` (N,K), then one output per hooked layer (named ``feature:<layer>``): pooled (N,C) for
-    ``layers`` (raw maps with ``pooled=False``), raw maps for ``raw_layers`` (names/globs, see FeatureExtractor);
+    ``layers`` and ``raw_layers`` (names/globs, see FeatureExtractor), raw maps with ``pooled=False``; then the raw
+    map of each ``raw_layers`` layer as ``raw:<layer>`` (pooled in the graph too: ONNX Runtime pools faster);
     with ``dropout`` one ``dropout:<layer>`` output per dropout layer (for MC-dropout passes on the converted
     graph). ``detectors`` (fitted) add what they need (:meth:`Detector.needs`). The batch axis is dynamic.
     ``example`` supplies real verification inputs (up to 8 images are used); without it, uniform [0,1] images of
@@ -132,11 +134,12 @@ def export_onnx(
         raise TypeError("layers cannot be hooked on a TorchScript model; pass the nn.Module")
     feature_layers = resolve_layers(model, requested) if requested else []
     raw_patterns = [*_patterns(raw_layers), *needs.raw]
-    raw = set(feature_layers if not pooled else resolve_layers(model, raw_patterns) if raw_patterns else [])
+    raw = set(resolve_layers(model, raw_patterns) if raw_patterns else [])
     drops = dropout_layers(model) if dropout else {}
     if dropout and not drops:
         raise ValueError("dropout: the model has no dropout layer (BU needs one: build it with dropout > 0)")
-    outputs = [(FEATURE_PREFIX + n, n, n in raw) for n in feature_layers]
+    outputs = [(FEATURE_PREFIX + n, n, not pooled) for n in feature_layers]
+    outputs += [(RAW_PREFIX + n, n, True) for n in feature_layers if n in raw and pooled]
     outputs += [(DROPOUT_PREFIX + n, n, True) for n in drops]
     x = _example_inputs(model, example, input_shape)
     was_training = model.training

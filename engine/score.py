@@ -33,8 +33,9 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from engine.data import check_batch_size
 from engine.detectors import Detector, FeatureCache, Features, Needs
-from engine.export import DROPOUT_PREFIX, FEATURE_PREFIX, LOGITS_NAME, OnnxModel, export_onnx
+from engine.export import DROPOUT_PREFIX, FEATURE_PREFIX, LOGITS_NAME, RAW_PREFIX, OnnxModel, export_onnx
 from engine.models import input_shape, load_model, model_fingerprint, pool_feature, resolve_layers
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
@@ -119,7 +120,8 @@ class _ExportModel:
         self.runtime = "torch" if runtime == "torch" else "onnxruntime"
         shapes = {o.name: o.shape for o in self.onnx.session.get_outputs()}
         self.layers = [n.removeprefix(FEATURE_PREFIX) for n in shapes if n.startswith(FEATURE_PREFIX)]
-        self.raw = {n for n in self.layers if len(shapes[FEATURE_PREFIX + n]) == 4}
+        self.raw = {n: RAW_PREFIX + n for n in self.layers if RAW_PREFIX + n in shapes}  # layer -> its raw map
+        self.raw.update({n: FEATURE_PREFIX + n for n in self.layers if len(shapes[FEATURE_PREFIX + n]) == 4})
         self.dropout = any(n.startswith(DROPOUT_PREFIX) for n in shapes)
         self.needs, self.outputs, self._converted = Needs(), [LOGITS_NAME], None
         self.fingerprint = source.fingerprint if source else self.onnx.metadata.get("fingerprint")
@@ -128,7 +130,7 @@ class _ExportModel:
 
     def missing(self, needs: Needs) -> str | None:
         for name, raw in [(n, False) for n in needs.pooled] + [(n, True) for n in needs.raw]:
-            if name not in self.layers or (raw and name not in self.raw):
+            if name not in self.layers or (raw and name not in self.raw):  # a raw map serves pooled features too
                 what = "raw map" if raw else "features"
                 return (
                     f"needs the {what} of layer {name!r}, which {self.label} does not output: re-export it with "
@@ -148,17 +150,18 @@ class _ExportModel:
         self.needs = needs
         if self.source is not None:
             self.source.prepare(needs)
-        self.outputs = [LOGITS_NAME] + [FEATURE_PREFIX + n for n in dict.fromkeys(needs.pooled + needs.raw)]
+        pooled = [FEATURE_PREFIX + n for n in needs.pooled]
+        self.outputs = list(dict.fromkeys([LOGITS_NAME, *pooled, *(self.raw[n] for n in needs.raw)]))
 
     def features(self, images: torch.Tensor, labels: np.ndarray | None) -> Features:
         if self.runtime == "torch":
             return self.torch_source().extract(images, labels)
-        out = self.onnx.run(images, self.outputs)
-        feats = {n.removeprefix(FEATURE_PREFIX): torch.from_numpy(v) for n, v in out.items() if n != LOGITS_NAME}
+        out = {name: torch.from_numpy(v) for name, v in self.onnx.run(images, self.outputs).items()}
+        raw = {name: out[self.raw[name]] for name in self.needs.raw}
         return Features(
-            logits=out[LOGITS_NAME],
-            pooled={name: pool_feature(f).numpy() for name, f in feats.items()},
-            raw={name: feats[name] for name in self.needs.raw},
+            logits=out[LOGITS_NAME].numpy(),
+            pooled={n: pool_feature(out[FEATURE_PREFIX + n]).numpy() for n in self.needs.pooled},
+            raw=raw,
             images=images,
             labels=labels,
         )
@@ -195,8 +198,7 @@ class Scorer:
     ) -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        check_batch_size(batch_size)
         if not detectors:
             raise ValueError("detectors: give at least one fitted detector")
         self.detectors = [d if isinstance(d, Detector) else Detector.load(d) for d in detectors]
@@ -205,8 +207,9 @@ class Scorer:
             raise ValueError(f"names must be {len(self.detectors)} distinct column names, got {self.names}")
         self.batch_size = batch_size
         self.needs = Needs.union(d.needs() for d in self.detectors)
-        self._tmp = tempfile.TemporaryDirectory(prefix="hfc-score-")  # an on-the-fly ONNX export
-        self.model = _open_model(model, self.detectors, runtime, batch_size, device, Path(self._tmp.name))
+        self._tmp = tempfile.TemporaryDirectory(prefix="hfc-score-") if runtime == "onnxruntime" else None
+        tmp = Path(self._tmp.name) if self._tmp else None  # where a torch model is exported for onnxruntime
+        self.model = _open_model(model, self.detectors, runtime, batch_size, device, tmp)
         self._check(allow_model_mismatch)
         self.model.prepare(self.needs)
         for det in self.detectors:
@@ -262,7 +265,7 @@ def _open_model(
     runtime: str,
     batch_size: int,
     device: str,
-    tmp: Path,
+    tmp: Path | None,
 ) -> _TorchModel | _ExportModel:
     label = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     if isinstance(model, (str, os.PathLike)) and _is_export(Path(model)):
@@ -300,6 +303,7 @@ def converted_export(
     def extract(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = dict(zip(names, graph(x), strict=True))
         feats = {n.removeprefix(FEATURE_PREFIX): v for n, v in out.items() if n.startswith(FEATURE_PREFIX)}
+        feats.update({n.removeprefix(RAW_PREFIX): v for n, v in out.items() if n.startswith(RAW_PREFIX)})
         return out[LOGITS_NAME], feats
 
     module = _FirstOutput(graph, foreign.meta)
