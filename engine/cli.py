@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fpr", type=float, default=0.05, help="flag at this clean false-positive rate (0.01, 0.05, 0.1)"
     )
     score.add_argument(
-        "--runtime", choices=RUNTIMES, default="auto", help="forward passes in (auto: ONNX files in ORT)"
+        "--runtime", choices=RUNTIMES, default="auto", help="forward pass in (auto: onnxruntime for an export)"
     )
     score.add_argument(
         "--allow-model-mismatch", action="store_true", help="score with a model the detectors were not fitted on"
