@@ -8,7 +8,8 @@ Fitted on 200 clean images and their noise-perturbed copies (the cost does not d
 
 Rows, per runtime (torch; onnxruntime on the export with the detectors' outputs): the model alone (logits of every
 image, one forward pass per batch), each detector alone (model + detector), and KD + LID + SVM + DNR + DNN together;
-``x_model`` = seconds / the model-alone seconds of the same runtime, measured in the same run. Peak RSS: scoring the
+``x_model`` = seconds / the model-alone seconds of the same runtime, measured right before (the machine's load
+drifts). Peak RSS: scoring the
 data set once and ten times (streamed from a dataset that repeats it) to CSV, each in a fresh process: its resident
 memory when scoring starts (torch, onnxruntime, the data set and the detectors loaded) and the highest while scoring.
 
@@ -88,12 +89,11 @@ def batches(data: torch.utils.data.Dataset, batch_size: int) -> list[torch.Tenso
     return [images.float() for images, _ in loader]
 
 
-def model_seconds(checkpoint: Path, images: list[torch.Tensor], root: Path) -> dict[str, float]:
-    """The model alone: logits of every batch in torch and in onnxruntime (a logits-only export)."""
+def model_alone(checkpoint: Path, shape: tuple[int, ...], root: Path) -> dict[str, Callable[[torch.Tensor], object]]:
+    """The model alone, logits of one batch: in torch and in onnxruntime (a logits-only export)."""
     model = load_model(checkpoint)
-    onnx = OnnxModel(export_onnx(model, root / "logits.onnx", input_shape=tuple(images[0].shape[1:])))
-    with torch.no_grad():
-        return {"torch": timed(model, images), "onnxruntime": timed(onnx.run, images)}
+    onnx = OnnxModel(export_onnx(model, root / "logits.onnx", input_shape=shape))
+    return {"torch": torch.no_grad()(model), "onnxruntime": onnx.run}
 
 
 def timed(step: Callable[[torch.Tensor], object], images: list[torch.Tensor]) -> float:
@@ -117,16 +117,16 @@ def run(quick: bool = False, batch_size: int = 128, images: int | None = None) -
         checkpoint, paths, data = setup(root, quick, images)
         batched = batches(data, batch_size)
         n = sum(len(x) for x in batched)
-        alone = model_seconds(checkpoint, batched, root)
+        alone = model_alone(checkpoint, tuple(batched[0].shape[1:]), root)
         jobs = {name: [path] for name, path in paths.items()}
         jobs["+".join(TOGETHER)] = [paths[name] for name in TOGETHER]
         for runtime in ("torch", "onnxruntime"):
-            yield _row(runtime, "model alone", n, alone[runtime], alone[runtime])
             for what, dirs in jobs.items():
                 if runtime == "onnxruntime" and what in ("bu", "maha"):
                     continue  # these run torch passes beside the forward: the runtime changes little
-                seconds = scoring_seconds(checkpoint, dirs, batched, runtime)
-                yield _row(runtime, what, n, seconds, alone[runtime])
+                model_s = timed(alone[runtime], batched)  # right before: the machine's load drifts
+                yield _row(runtime, "model alone", n, model_s, model_s)
+                yield _row(runtime, what, n, scoring_seconds(checkpoint, dirs, batched, runtime), model_s)
         yield from peak_rss(checkpoint, [paths[name] for name in TOGETHER], len(data), quick)
 
 
