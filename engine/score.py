@@ -243,8 +243,13 @@ class Scorer:
                 raise ValueError(f"detector {name}: {problem}")
 
     def thresholds(self, fpr: float) -> dict[str, float]:
-        """Each detector's recorded threshold for clean false-positive rate ``fpr``, by column name."""
-        return {name: det.threshold(fpr) for name, det in zip(self.names, self.detectors, strict=True)}
+        """The recorded threshold for clean false-positive rate ``fpr`` of each detector that records thresholds
+        (detectors saved before they were recorded have none; a warning names them), by column name."""
+        pairs = list(zip(self.names, self.detectors, strict=True))
+        unrecorded = [name for name, det in pairs if not det.thresholds_]
+        if unrecorded:
+            warnings.warn(f"detectors {unrecorded} record no thresholds: their rows get no flag", stacklevel=2)
+        return {name: det.threshold(fpr) for name, det in pairs if det.thresholds_}
 
     def score(self, images: torch.Tensor, labels: np.ndarray | None = None) -> Batch:
         """Scores of one batch of (N, C, H, W) images in [0, 1]: one forward pass serves every detector."""
@@ -431,14 +436,15 @@ def score_dataset(
 
 
 def _rows(batch: Batch, first: int, labels: np.ndarray, thresholds: Mapping[str, float]) -> pd.DataFrame:
-    """One row per image: index, label, prediction, logits, and per detector its score and flag."""
+    """One row per image: index, label, prediction, logits, and per detector its score and flag (if thresholded)."""
     logits = batch.features.logits
     columns: dict[str, Any] = {"index": np.arange(first, first + len(logits)), "label": labels}
     columns["prediction"] = logits.argmax(1)
     columns.update({f"logit_{j}": logits[:, j] for j in range(logits.shape[1])})
     for name, scores in batch.scores.items():
         columns[f"score_{name}"] = np.asarray(scores, dtype=np.float64)
-        columns[f"flag_{name}"] = columns[f"score_{name}"] > thresholds[name]
+        if name in thresholds:
+            columns[f"flag_{name}"] = columns[f"score_{name}"] > thresholds[name]
     return pd.DataFrame(columns)
 
 

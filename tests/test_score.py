@@ -253,3 +253,13 @@ def test_a_different_job_on_the_same_output_is_refused(fitted, tmp_path):
     data = ArrayDataset(images(4, 0), np.zeros(4, dtype=np.int64))
     with pytest.raises(ValueError, match="unfinished job with other settings"):
         score_dataset(checkpoint, dirs[:1], data, tmp_path / "out.csv", progress=False)
+
+
+def test_detectors_without_thresholds_score_without_a_flag(fitted, tmp_path):
+    _, checkpoint, _, dirs = fitted
+    old = Detector.load(next(d for d in dirs if d.name == "kd"))
+    old.thresholds_ = {}  # saved before thresholds were recorded
+    data = ArrayDataset(images(4, 0), np.zeros(4, dtype=np.int64))
+    with pytest.warns(UserWarning, match=r"\['kd'\] record no thresholds"):
+        score_dataset(checkpoint, [old.save(tmp_path / "kd")], data, tmp_path / "out.csv", progress=False)
+    assert "score_kd" in (columns := list(pd.read_csv(tmp_path / "out.csv").columns)) and "flag_kd" not in columns
