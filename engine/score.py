@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from engine.data import check_batch_size
 from engine.detectors import Detector, FeatureCache, Features, Needs
 from engine.export import DROPOUT_PREFIX, FEATURE_PREFIX, LOGITS_NAME, RAW_PREFIX, OnnxModel, export_onnx
-from engine.models import input_shape, load_model, model_fingerprint, pool_feature, resolve_layers
+from engine.models import dropout_modules, input_shape, load_model, model_fingerprint, pool_feature, resolve_layers
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
 PART_ROWS = 4096  # rows per output part at least (a killed job loses at most one part)
@@ -88,7 +88,7 @@ class _TorchModel:
                 return f"needs layer {name!r}, which {self.label} does not have; its layers: " + ", ".join(
                     resolve_layers(self.module, "all")
                 )
-        if needs.dropout and not any(isinstance(m, nn.modules.dropout._DropoutNd) for m in self.module.modules()):
+        if needs.dropout and not dropout_modules(self.module):
             return (
                 f"needs MC-dropout passes but {self.label} has no dropout layer (a TorchScript or foreign ONNX model "
                 "is converted without them): score with the hfc-engine checkpoint (.pt) or its ONNX export"

@@ -56,13 +56,14 @@ def test_onnx_helper_model_nhwc_softmax_audited_end_to_end(vendor, tmp_path, cap
         "eps": ["48/256"],
         "attack": {"steps": 3, "pool": 30},
         "split": {"val": 0.2, "test": 0.4},
-        "detectors": ["kd", "maha"],
+        "detectors": ["kd", "maha", "bu"],
         "studies": [],
     }
     (tmp_path / "byom.yaml").write_text(yaml.safe_dump(config))
     with caplog.at_level(logging.WARNING):
         assert main(["run", str(tmp_path / "byom.yaml"), "--no-progress"]) == 0
     assert "'absent': no training image" in caplog.text and "'mid': 1 training image" in caplog.text
+    assert "BU skipped: the model has no dropout layers" in caplog.text  # the converted graph has none
     rows = pd.read_csv(tmp_path / "byom" / "results.csv")
     assert set(rows["dataset"]) == {"clinic-slices"} and set(rows["model"]) == {"vendor"}
     assert rows.loc[rows["metric"] == "clean_accuracy", "value"].item() > 0.9
@@ -70,7 +71,7 @@ def test_onnx_helper_model_nhwc_softmax_audited_end_to_end(vendor, tmp_path, cap
     assert {"auroc", "attack_success_rate", "feature_loglik@head/relu"} <= set(rows["metric"])
     card = json.loads((tmp_path / "byom" / "run_card.json").read_text())
     assert 0 < card["peak_rss_gib"] < 4
-    assert (tmp_path / "byom" / "report.html").is_file()
+    assert "Detectors not run" in (tmp_path / "byom" / "report.html").read_text()
 
 
 def test_audit_labels_an_unlabelled_folder_with_the_model(vendor, tmp_path):

@@ -16,12 +16,12 @@ from torch import nn
 
 from engine.detectors.base import Detector, Needs
 from engine.detectors.features import Features
-from engine.models import mc_dropout
+from engine.models import dropout_modules, mc_dropout
 
 
 def mc_dropout_logits(model: nn.Module, x: torch.Tensor, passes: int, seed: int) -> torch.Tensor:
     """(T, N, K) logits of ``passes`` MC-dropout forward passes of ``model`` on ``x`` (eval mode, dropout on)."""
-    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    dropouts = dropout_modules(model)
     if not dropouts:
         raise ValueError("BU needs a model with dropout layers (build it with dropout > 0, e.g. 0.3)")
     order: list[nn.Module] = []

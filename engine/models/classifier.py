@@ -140,12 +140,17 @@ def load_torchvision_state_dict(
     net.load_state_dict(state, strict=True)
 
 
+def dropout_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's dropout layers (MC-dropout samples them)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+
+
 def set_mc_dropout(model: nn.Module, enabled: bool = True) -> int:
     """Put every dropout layer in train mode (sampling) or eval mode; other layers keep their mode.
 
     Returns the number of dropout layers. ``model.eval()`` afterwards switches MC-dropout off again.
     """
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    layers = dropout_modules(model)
     if enabled and not layers:
         raise ValueError("MC-dropout needs a model with dropout layers; build it with dropout > 0 (e.g. 0.3)")
     for m in layers:

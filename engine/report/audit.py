@@ -39,6 +39,8 @@ def roc_section(section: Section, result: RunResult) -> None:
     """ROC curves (plain vs HFC) of every detector, one figure per (dataset, attack) at its largest budget."""
     groups: dict[tuple[str, str, str], list[tuple[str, str, np.ndarray, np.ndarray]]] = {}
     for cell, payload in result.payloads.get("detect", []):
+        if "skipped" in payload:
+            continue
         scores = load_scores(result.artifacts.path(payload["directory"]))
         for attack_set, name in (("plain", "plain"), ("hfc", "HFC")):
             positives = scores.positives(attack_set) if attack_set in scores.adversarial else []
@@ -131,6 +133,10 @@ def build_report(result: RunResult) -> str:
             where.figure(loglik_figure(tables), "Log-likelihood by depth (symlog scale).", wide=True)
         projection_section(where, result)
         sections.append(where)
+    skipped = sorted({f"{c.inputs['detector']} on {c.inputs['model_label']}: {p['skipped']}"
+                      for c, p in result.payloads.get("detect", []) if "skipped" in p})  # fmt: skip
+    if skipped:
+        sections.append(Section("Detectors not run", "; ".join(skipped) + "."))
     if result.payloads.get("detect"):
         roc = Section("ROC curves")
         roc_section(roc, result)

@@ -73,6 +73,7 @@ def catalog(run_dir: str | os.PathLike[str]) -> list[FittedDetector]:
         finished = [key for key, _, _ in store.cells("detect")]  # in the order they finished
         planned, done = store.plan(), set(finished)
         keys = finished if planned is None else [key for key in planned if key in done]
+        keys = [key for key in keys if "fitted" in store.payload(key)]  # not a detector skipped for its model
         entries = [_entry(store.rows([key]), artifacts.path(store.payload(key)["fitted"])) for key in keys]
     seen: dict[str, FittedDetector] = {}
     for entry in entries:

@@ -7,6 +7,7 @@ memoised in the run context, so the seven detectors of one (attack, eps) share t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,13 +18,14 @@ from torch import nn
 from engine.attacks import noise_like
 from engine.data import as_tensors
 from engine.detectors import DETECTORS, Detector, FeatureCache, Features, TooFewExamples, run_protocol
-from engine.models import STAGE_OUTPUTS, resolve_layers, spatial_layers, stage_outputs
+from engine.models import STAGE_OUTPUTS, dropout_modules, resolve_layers, spatial_layers, stage_outputs
 from engine.runs.artifacts import save_scores
 from engine.runs.cells import Cell, CellOutput
 from engine.runs.context import RunContext
 from engine.runs.schema import fingerprint
 
 PAIRED_METRICS = ("auroc", "tpr_at_tnr90")
+log = logging.getLogger("engine.runs")
 DETECTOR_COST = {  # seconds per pool image beside the model passes (measured on the audits; refined live)
     "kd": 2.3e-3, "lid": 6e-4, "svm": 5e-4, "safetynet": 5e-4, "dnr": 2e-3, "dnn": 7.5e-3, "bu": 1e-3, "maha": 1.2e-2,
 }  # fmt: skip
@@ -78,6 +80,10 @@ def make_detector(name: str, options: Mapping[str, Any], seed: int, model: nn.Mo
 def run_detect(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any]) -> CellOutput:
     """Fit one detector on plain AEs (``fit_fraction`` of the pool) and score plain and HFC AEs on the rest."""
     checkpoint = deps[inputs["model_cell"]]["checkpoint"]
+    if inputs["detector"] == "bu" and not dropout_modules(ctx.model(checkpoint)):
+        reason = "the model has no dropout layers for BU's MC-dropout passes (ONNX/TorchScript conversions lack them)"
+        log.warning("%s %s: BU skipped: %s", inputs["dataset_label"], inputs["model_label"], reason)
+        return CellOutput({"skipped": reason})
     spec, split, seed = inputs["dataset"], inputs["split"], inputs["seed"]
     x, y = ctx.pool(spec, split, seed, inputs["pool"])
     cache = _cache(ctx, checkpoint, inputs, tuple(x.shape[1:]))
