@@ -124,6 +124,6 @@ def _mechanism(dataset: str, rows_ds: pd.DataFrame, head: pd.DataFrame, setting:
         f"deepest constrained layer ({layer.split('@', 1)[1]}) under the target class's mixtures: HFC AEs "
         f"{values['HFC']:.1f}, plain AEs {values['plain']:.1f}, clean images under their own class "
         f"{values['clean']:.1f} (images where both attacks succeeded); HFC keeps the features "
-        f"{'inside' if holds else 'no closer to'} the clean distribution than plain AEs."
+        f"{'closer to' if holds else 'no closer to'} the clean level than plain AEs."
     )
     return Verdict(dataset, "mechanism", holds if np.isfinite(list(values.values())).all() else None, text)
