@@ -71,6 +71,8 @@ def test_onnx_helper_model_nhwc_softmax_audited_end_to_end(vendor, tmp_path, cap
     assert {"auroc", "attack_success_rate", "feature_loglik@head/relu"} <= set(rows["metric"])
     card = json.loads((tmp_path / "byom" / "run_card.json").read_text())
     assert 0 < card["peak_rss_gib"] < 4
+    (chosen,) = card["hfc_calibration"]  # the weight chosen on validation images, with its trials
+    assert chosen["attack"] == "pgd" and chosen["lam"] in [t["lam"] for t in chosen["trials"]]
     assert "Detectors not run" in (tmp_path / "byom" / "report.html").read_text()
 
 

@@ -88,6 +88,10 @@ def execute(config: dict[str, Any], progress: bool = True, context: RunContext |
         stage_seconds[cell.stage] = stage_seconds.get(cell.stage, 0.0) + seconds[cell.key]
     wall = time.perf_counter() - started
     card = run_card(config, stage_seconds, timings, wall, executor.trace, costs)
+    card["hfc_calibration"] = [  # the HFC weights chosen on validation images, with every trial
+        {k: cell.inputs[k] for k in ("dataset_label", "model_label", "attack", "eps")} | payload
+        for cell, payload in payloads.get("calibrate", [])
+    ]
     result = RunResult(dict(config), directory, artifacts, rows, payloads, card)
     write_tables(result)
     atomic_write(directory / CARD_FILE, lambda p: p.write_text(json.dumps(card, indent=2, default=str)))
