@@ -178,24 +178,26 @@ def test_readme_export_then_score_flow(tmp_path, monkeypatch, capsys):
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"^(D=.*|hfc-engine export --detectors \$D.*|hfc-engine score --model fundus.*)$", readme,
                           flags=re.M)  # fmt: skip
-    assert commands[0].split()[0] == "D=runs/default/artifacts/detectors/fundus-synth_binary_*" and len(commands) == 3
+    assert commands[0].split()[0] == "D=runs/default/artifacts/detectors/fundus-synth_binary_*" and len(commands) == 4
     run = str(tmp_path / "runs" / "tiny")
     detectors = sorted(glob(f"{run}/artifacts/detectors/fundus-synth_binary_*"))
     assert len(detectors) == 7
     small = lambda spec, **options: ArrayDataset(images(40, 5), np.arange(40) % 2)  # noqa: E731 - a tiny data set
     monkeypatch.setattr(engine.cli, "load_dataset", small)
     monkeypatch.chdir(tmp_path)
-    for command in commands[1:]:
+    kinds = ["bu", "dnn", "dnr", "kd", "lid", "maha", "svm"]
+    for command in commands[1:]:  # export, score by paths, then score by name (--select) into a fresh scores.csv
+        (tmp_path / "scores.csv").unlink(missing_ok=True)
         argv = []
         for word in shlex.split(command.split("#")[0])[1:]:
-            argv += detectors if word == "$D" else [word]
+            argv += detectors if word == "$D" else [run if word == "runs/default" else word]
         assert main([*argv, *(["--no-progress"] if argv[0] == "score" else [])]) == 0, command
-    rows = pd.read_csv(tmp_path / "scores.csv")
-    assert len(rows) == 40 and list(rows["index"]) == list(range(40))
-    kinds = ["bu", "dnn", "dnr", "kd", "lid", "maha", "svm"]
-    assert sorted(c.removeprefix("score_") for c in rows.columns if c.startswith("score_")) == kinds
-    assert all(rows[f"flag_{k}"].dtype == bool for k in kinds)
-    assert "model (onnxruntime)" in capsys.readouterr().out
+        if argv[0] == "score":
+            rows = pd.read_csv(tmp_path / "scores.csv")
+            assert len(rows) == 40 and list(rows["index"]) == list(range(40))
+            assert sorted(c.removeprefix("score_") for c in rows.columns if c.startswith("score_")) == kinds
+            assert all(rows[f"flag_{k}"].dtype == bool for k in kinds)
+            assert "model (onnxruntime)" in capsys.readouterr().out
     # the export of the README before: layer4's pooled features only; score says in one line what is missing
     model = str(fitted_checkpoint([d for p in detectors for d in find_detectors(p)]))
     assert main(["export", "--model", model, "--out", "plain.onnx", "--layers", "layer4*"]) == 0
