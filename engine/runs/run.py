@@ -15,7 +15,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,11 +87,7 @@ def execute(config: dict[str, Any], progress: bool = True, context: RunContext |
     for cell in cells:
         stage_seconds[cell.stage] = stage_seconds.get(cell.stage, 0.0) + seconds[cell.key]
     wall = time.perf_counter() - started
-    card = run_card(config, stage_seconds, timings, wall, executor.trace, costs)
-    card["hfc_calibration"] = [  # the HFC weights chosen on validation images, with every trial
-        {k: cell.inputs[k] for k in ("dataset_label", "model_label", "attack", "eps")} | payload
-        for cell, payload in payloads.get("calibrate", [])
-    ]
+    card = run_card(config, stage_seconds, timings, wall, executor.trace, costs, payloads.get("calibrate", []))
     result = RunResult(dict(config), directory, artifacts, rows, payloads, card)
     write_tables(result)
     atomic_write(directory / CARD_FILE, lambda p: p.write_text(json.dumps(card, indent=2, default=str)))
@@ -126,8 +122,10 @@ def run_card(
     wall_seconds: float,
     trace: list[tuple[float, float]],
     costs: CostModel,
+    calibrations: Sequence[tuple[Cell, Mapping[str, Any]]],
 ) -> dict[str, Any]:
-    """Config, seeds, versions, git commit, machine, timings and peak memory of a run, and how good its ETA was."""
+    """Config, seeds, versions, git commit, machine, timings and peak memory of a run, how good its ETA was, and
+    the HFC weights its ``calibrations`` (calibrate cells and their payloads) chose on validation images."""
     return {
         "version": __version__,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -152,6 +150,10 @@ def run_card(
         "wall_seconds_this_invocation": round(wall_seconds, 2),
         "peak_rss_gib": peak_memory_gib(),
         "eta": eta_quality(trace, wall_seconds, costs),
+        "hfc_calibration": [  # with every trial
+            {k: cell.inputs[k] for k in ("dataset_label", "model_label", "attack", "eps")} | dict(payload)
+            for cell, payload in calibrations
+        ],
     }
 
 
