@@ -116,11 +116,15 @@ def headline_sections(result: RunResult) -> list[Section]:
 
 
 def build_report(result: RunResult) -> str:
-    """The complete self-contained HTML page of a run: verdicts and the paper-style tables first, then the
-    mechanism (feature log-likelihoods, PCA), ROC curves, clean performance and calibration, the studies, the long
-    table and the run card."""
+    """The complete self-contained HTML page of a run: verdicts and the paper-style tables first (and the detectors
+    a model could not run), then the mechanism (feature log-likelihoods, PCA), ROC curves, clean performance and
+    calibration, the studies, the long table and the run card."""
     rows, card = result.rows, result.card
     sections = headline_sections(result)
+    skipped = sorted({f"{c.inputs['detector']} on {c.inputs['model_label']}: {p['skipped']}"
+                      for c, p in result.payloads.get("detect", []) if "skipped" in p})  # fmt: skip
+    if skipped:
+        sections.append(Section("Detectors not run", "; ".join(skipped) + "."))
     tables = [(d, loglik_table(rows, d)) for d in dict.fromkeys(r["dataset"] for r in rows)]
     tables = [(d, t) for d, t in tables if not t.empty]
     if tables or result.payloads.get("features"):
@@ -133,10 +137,6 @@ def build_report(result: RunResult) -> str:
             where.figure(loglik_figure(tables), "Log-likelihood by depth (symlog scale).", wide=True)
         projection_section(where, result)
         sections.append(where)
-    skipped = sorted({f"{c.inputs['detector']} on {c.inputs['model_label']}: {p['skipped']}"
-                      for c, p in result.payloads.get("detect", []) if "skipped" in p})  # fmt: skip
-    if skipped:
-        sections.append(Section("Detectors not run", "; ".join(skipped) + "."))
     if result.payloads.get("detect"):
         roc = Section("ROC curves")
         roc_section(roc, result)
