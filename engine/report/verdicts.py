@@ -1,14 +1,25 @@
-"""The HFC paper's claims, judged on a run's rows at its headline setting, in words a reader can act on.
+"""The HFC paper's claims, judged on a run's rows at its headline setting by size and applicability.
 
-Per dataset:
+The rules and their thresholds are fixed here, before the runs that judge them (the commit order is the
+pre-registration; docs/runs.md, "Verdict rules"). Per dataset and detector layer arm (``arm`` column):
 
-1. *Plain adversarial examples are easy to detect*: holds when the median AUROC over the detectors (plain,
-   successful AEs) is at least :data:`EASY_AUROC`.
-2. *HFC hides them*: the paired AUROC change (HFC minus plain, on the images where both attacks succeeded) has a
-   95% CI below zero for a majority of the detectors, with the HFC attack still succeeding on at least
-   :data:`MIN_SUCCESS` of the pool (otherwise hiding is bought with failed attacks, and the verdict says so).
-3. *Mechanism*: at the deepest constrained layer, HFC AEs' features have a log-likelihood under the target class's
-   mixtures closer to clean images' (under their own class) than plain AEs' have.
+1. *Plain adversarial examples are easy to detect*: the median plain AUROC over the detectors is at least
+   :data:`EASY_AUROC`.
+2. A detector is **applicable** when the lower bound of its plain AUROC interval exceeds :data:`APPLICABLE_AUROC`
+   (chance): a detector that cannot tell plain AEs from clean images says nothing about hiding, so it is listed,
+   never counted.
+3. A detector is **defeated** by an attack set when its TPR at 90% TNR on that set is at most
+   :data:`DEFEATED_TPR` *and* the upper bound of the paired AUROC change (that set minus plain, same images) is at
+   most :data:`DEFEATED_CHANGE`: a size, not only a sign (0.995 -> 0.985 is not a defeat).
+4. *HFC hides the AEs* holds when at least :data:`MIN_DEFEATED` detectors are applicable and defeated by the HFC
+   set, with HFC still succeeding on at least :data:`MIN_SUCCESS` of the pool.
+5. *The constraint, not the schedule*: of the detectors HFC defeats, those the weight-0 arm (HFC's schedule with
+   the constraint switched off, ``variant`` "w0") does not defeat; holds for at least :data:`MIN_DEFEATED`.
+6. *Mechanism*: at the deepest constrained layer HFC AEs' log-likelihood under the target class's mixtures is
+   closer to clean images' than plain AEs' is.
+
+Intervals: with one seed, the 95% image-bootstrap CI of the rows; with several (``seed`` column), the 95% Student-t
+interval over the per-seed values (between-seed), and the verdicts are judged on it.
 """
 
 from __future__ import annotations
@@ -20,8 +31,58 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-EASY_AUROC = 0.9
-MIN_SUCCESS = 0.9
+from engine.metrics.significance import mean_ci
+
+EASY_AUROC = 0.9  # median plain AUROC for "easy to detect" (the predecessor paper reports > 0.98)
+APPLICABLE_AUROC = 0.5  # the plain AUROC interval's lower bound must exceed chance
+DEFEATED_TPR = 0.5  # at 90% TNR, a detector missing half of the AEs no longer screens
+DEFEATED_CHANGE = -0.10  # the paired AUROC change's upper bound: a tenth of the AUROC range, well beyond its CI noise
+MIN_DEFEATED = 5  # of the seven detectors of the HFC paper's table
+MIN_SUCCESS = 0.9  # an attack set whose success falls below this hides partly by failing
+MAIN = ""  # the ``variant`` of the main plain and HFC sets
+SCHEDULE_ONLY = "w0"  # the ``variant`` of the weight-0 arm (HFC's schedule, no constraint)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A value with its 95% interval and the number of seeds it summarises."""
+
+    value: float
+    low: float
+    high: float
+    seeds: int = 1
+
+    def text(self, signed: bool = False) -> str:
+        fmt = "{:+.2f}" if signed else "{:.2f}"
+        return f"{fmt.format(self.value)} [{fmt.format(self.low)}, {fmt.format(self.high)}]"
+
+
+@dataclass(frozen=True)
+class DetectorEvidence:
+    """What the rules read for one detector against one attack set: plain AUROC (the fitted attack, its own
+    successful AEs), the set's AUROC and TPR at 90% TNR on the images where both attacks succeeded, and the paired
+    AUROC change (set minus plain)."""
+
+    detector: str
+    plain_auroc: Estimate
+    auroc: Estimate
+    change: Estimate
+    tpr: Estimate
+
+    @property
+    def applicable(self) -> bool:
+        return bool(self.plain_auroc.low > APPLICABLE_AUROC)
+
+    @property
+    def defeated(self) -> bool:
+        return bool(self.tpr.value <= DEFEATED_TPR and self.change.high <= DEFEATED_CHANGE)
+
+    def text(self) -> str:
+        mark = "defeated" if self.applicable and self.defeated else ("not applicable" if not self.applicable else "")
+        return (
+            f"{self.detector.upper()} plain {self.plain_auroc.value:.2f}, HFC {self.auroc.value:.2f}, change "
+            f"{self.change.text(signed=True)}, HFC TPR@90%TNR {self.tpr.value:.2f}" + (f" ({mark})" if mark else "")
+        )
 
 
 @dataclass
@@ -30,6 +91,22 @@ class Verdict:
     claim: str
     holds: bool | None  # None: the rows cannot decide it
     text: str
+    arm: str | None = None
+
+
+def rows_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Rows as a frame with the optional columns (``arm``, ``variant``, ``seed``) present."""
+    frame = pd.DataFrame(list(rows))
+    if frame.empty:
+        return frame
+    for column, default in (("arm", None), ("variant", MAIN), ("seed", 0), ("detector", ""), ("eps", None)):
+        if column not in frame:
+            frame[column] = default
+    frame["variant"] = frame["variant"].fillna(MAIN)
+    frame["detector"] = frame["detector"].fillna("")
+    frame["seed"] = frame["seed"].fillna(0)
+    frame["hfc"] = frame["hfc"].fillna(False).astype(bool)
+    return frame
 
 
 def _setting(frame: pd.DataFrame, attack: str, eps: str | None) -> pd.DataFrame:
@@ -37,86 +114,147 @@ def _setting(frame: pd.DataFrame, attack: str, eps: str | None) -> pd.DataFrame:
     return frame[(frame["attack"] == attack) & eps_match]
 
 
+def estimate(rows: pd.DataFrame) -> Estimate:
+    """One seed: the row's value and CI; several: the mean of the per-seed values and their t interval."""
+    if rows.empty:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    per_seed = rows.groupby("seed", sort=True)
+    if per_seed.ngroups == 1:
+        first = rows.iloc[0]
+        low = first.get("ci_low", np.nan)
+        high = first.get("ci_high", np.nan)
+        return Estimate(float(first["value"]), float(low), float(high), 1)
+    summary = mean_ci(per_seed["value"].first().to_numpy())
+    return Estimate(summary["mean"], summary["low"], summary["high"], summary["n"])
+
+
+def evidence(head: pd.DataFrame, variant: str = MAIN) -> dict[str, DetectorEvidence]:
+    """Per detector of ``head`` (one dataset, arm and headline setting), its evidence against the HFC set of
+    ``variant``."""
+    detectors = head[head["detector"].ne("")]
+    plain = detectors[~detectors["hfc"] & detectors["variant"].eq(MAIN)]
+    hfc = detectors[detectors["hfc"] & detectors["variant"].eq(variant)]
+
+    def pick(frame: pd.DataFrame, name: str, metric: str) -> Estimate:
+        return estimate(frame[(frame["detector"] == name) & (frame["metric"] == metric)])
+
+    return {
+        name: DetectorEvidence(
+            detector=name,
+            plain_auroc=pick(plain, name, "auroc"),
+            auroc=pick(hfc, name, "auroc@paired"),
+            change=pick(hfc, name, "auroc_change"),
+            tpr=pick(hfc, name, "tpr_at_tnr90@paired"),
+        )
+        for name in dict.fromkeys(hfc["detector"])
+    }
+
+
+def success(head: pd.DataFrame, hfc: bool, variant: str = MAIN) -> float:
+    """The attack success rate of a set, averaged over seeds."""
+    rows = head[(head["metric"] == "attack_success_rate") & (head["hfc"] == hfc) & head["variant"].eq(variant)]
+    return float(rows["value"].mean()) if len(rows) else float("nan")
+
+
 def verdicts(rows: Sequence[dict[str, Any]], attack: str, eps: str | None) -> list[Verdict]:
-    """The three claims per dataset at the headline (``attack``, ``eps``)."""
-    frame = pd.DataFrame(rows)
+    """The claims per dataset (and detector layer arm) at the headline (``attack``, ``eps``)."""
+    frame = rows_frame(rows)
     if frame.empty:
         return []
-    out = []
+    out: list[Verdict | None] = []
     setting = f"{attack}" + ("" if eps is None else f" at eps {eps}")
     for dataset, rows_ds in frame.groupby("dataset", sort=False):
         head = _setting(rows_ds, attack, eps)
-        if head[head["detector"].fillna("").ne("")].empty:
+        detect = head[head["detector"].ne("")]
+        if detect.empty:
             continue
-        out.append(_easy_to_detect(dataset, head, setting))
-        out.append(_hidden(dataset, head, setting))
-        out.append(_mechanism(dataset, rows_ds, head, setting))
+        attacks = head[head["detector"].eq("")]
+        seeds = rows_ds["seed"].nunique()
+        where = setting + (f", {seeds} seeds: between-seed 95% intervals" if seeds > 1 else "")
+        for arm, rows_arm in detect.groupby(detect["arm"].fillna(""), sort=False):
+            arm_head = pd.concat([rows_arm, attacks])
+            out.append(_easy_to_detect(dataset, arm, arm_head, where))
+            out.append(_hidden(dataset, arm, arm_head, where))
+            out.append(_attribution(dataset, arm, arm_head, where))
+        out.append(_mechanism(dataset, rows_ds, head, where))
     return [v for v in out if v is not None]
 
 
-def _detector_values(head: pd.DataFrame, metric: str, hfc: bool) -> pd.DataFrame:
-    det = head[(head["metric"] == metric) & (head["hfc"].astype(bool) == hfc) & head["detector"].fillna("").ne("")]
-    return det.set_index("detector")[["value", "ci_low", "ci_high"]]
+def _arm_text(arm: str) -> str:
+    return f", detectors on the {arm!r} layers" if arm else ""
 
 
-def _success(head: pd.DataFrame, hfc: bool) -> float:
-    rows = head[(head["metric"] == "attack_success_rate") & (head["hfc"].astype(bool) == hfc)]["value"]
-    return float(rows.iloc[0]) if len(rows) else float("nan")
-
-
-def _easy_to_detect(dataset: str, head: pd.DataFrame, setting: str) -> Verdict:
-    plain = _detector_values(head, "auroc", hfc=False)["value"].sort_values(ascending=False)
-    median = float(plain.median())
-    holds = median >= EASY_AUROC
-    listing = ", ".join(f"{d.upper()} {v:.2f}" for d, v in plain.items())
-    below = [d.upper() for d, v in plain.items() if v < 0.5]
-    text = (
-        f"Plain AEs are easy to detect: {'HOLDS' if holds else 'does NOT hold'} on {dataset} ({setting}, attack "
-        f"success {_success(head, False):.2f}): median AUROC {median:.3f} over {len(plain)} detectors "
-        f"(threshold {EASY_AUROC}): {listing}."
-    )
-    if below:
-        text += f" Below chance: {', '.join(below)} (scores these AEs as more normal than clean images)."
-        if "DNR" in below:
-            text += (
-                " On a binary task DNR's score is minus its combiner's margin, and targeted AEs pushed deep into the "
-                "target class can have larger margins than clean images (docs/detectors.md)."
-            )
-    return Verdict(dataset, "easy to detect", holds, text)
-
-
-def _hidden(dataset: str, head: pd.DataFrame, setting: str) -> Verdict | None:
-    change = _detector_values(head, "auroc_change", hfc=True)
-    if change.empty:
+def _easy_to_detect(dataset: str, arm: str, head: pd.DataFrame, setting: str) -> Verdict | None:
+    plain = {name: ev.plain_auroc for name, ev in evidence(head).items()}
+    if not plain:
         return None
-    lowered = change[change["ci_high"] < 0]
-    raised = change[change["ci_low"] > 0]
-    success = _success(head, True)
-    holds = len(lowered) > len(change) / 2 and success >= MIN_SUCCESS
-    detail = ", ".join(f"{d.upper()} {r.value:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]" for d, r in change.iterrows())
+    median = float(np.median([e.value for e in plain.values()]))
+    holds = median >= EASY_AUROC
+    listing = ", ".join(f"{d.upper()} {e.text()}" for d, e in sorted(plain.items(), key=lambda kv: -kv[1].value))
+    inapplicable = [d.upper() for d, e in plain.items() if not e.low > APPLICABLE_AUROC]
     text = (
-        f"HFC hides the AEs from detectors fitted on plain AEs: {'HOLDS' if holds else 'does NOT hold'} on "
-        f"{dataset} ({setting}): the paired AUROC change (HFC minus plain, same images, 95% bootstrap CI over "
-        f"images) is below zero for {len(lowered)} of {len(change)} detectors: {detail}."
-        f" Attack success with HFC {success:.2f} (plain {_success(head, False):.2f})."
+        f"Plain AEs are easy to detect: {'HOLDS' if holds else 'does NOT hold'} on {dataset} ({setting}"
+        f"{_arm_text(arm)}; attack success {success(head, False):.2f}): median AUROC {median:.3f} over {len(plain)} "
+        f"detectors (threshold {EASY_AUROC}): {listing}."
     )
-    if len(raised):
-        text += f" HFC AEs are detected better by {', '.join(d.upper() for d in raised.index)}."
-    if success < MIN_SUCCESS:
+    if inapplicable:
+        text += (
+            f" Not applicable (plain AUROC interval not above {APPLICABLE_AUROC}): {', '.join(inapplicable)}; see "
+            "the diagnostics table."
+        )
+    return Verdict(dataset, "easy to detect", holds, text, arm or None)
+
+
+def _hidden(dataset: str, arm: str, head: pd.DataFrame, setting: str) -> Verdict | None:
+    found = evidence(head)
+    if not found:
+        return None
+    applicable = [e for e in found.values() if e.applicable]
+    defeated = [e for e in applicable if e.defeated]
+    rate = success(head, True)
+    holds = len(defeated) >= MIN_DEFEATED and rate >= MIN_SUCCESS
+    text = (
+        f"HFC hides the AEs from detectors fitted on plain AEs: {'HOLDS' if holds else 'does NOT hold'} on {dataset} "
+        f"({setting}{_arm_text(arm)}): {len(defeated)} of {len(applicable)} applicable detectors defeated (TPR@90%TNR "
+        f"<= {DEFEATED_TPR} and paired AUROC change upper bound <= {DEFEATED_CHANGE}; {MIN_DEFEATED} needed). "
+        + "; ".join(e.text() for e in found.values())
+        + f". Attack success with HFC {rate:.2f} (plain {success(head, False):.2f})."
+    )
+    if rate < MIN_SUCCESS:
         text += f" HFC succeeds on fewer than {MIN_SUCCESS:.0%} of the images, so part of the hiding is failed attacks."
-    return Verdict(dataset, "hidden by HFC", holds, text)
+    return Verdict(dataset, "hidden by HFC", holds, text, arm or None)
+
+
+def _attribution(dataset: str, arm: str, head: pd.DataFrame, setting: str) -> Verdict | None:
+    schedule = evidence(head, SCHEDULE_ONLY)
+    if not schedule:
+        return None
+    by_hfc = [e for e in evidence(head).values() if e.applicable and e.defeated]
+    by_schedule = {name for name, e in schedule.items() if e.defeated}
+    constraint = [e.detector for e in by_hfc if e.detector not in by_schedule]
+    holds = len(constraint) >= MIN_DEFEATED
+    detail = "; ".join(
+        f"{e.detector.upper()} change {e.change.text(signed=True)}, TPR {e.tpr.value:.2f}" for e in schedule.values()
+    )
+    text = (
+        f"The drop comes from the constraint, not the longer schedule: {'HOLDS' if holds else 'does NOT hold'} on "
+        f"{dataset} ({setting}{_arm_text(arm)}): of the {len(by_hfc)} detectors HFC defeats, {len(constraint)} are "
+        f"not defeated by the weight-0 arm (HFC's steps and step size, no constraint; success "
+        f"{success(head, True, SCHEDULE_ONLY):.2f}): {detail}."
+    )
+    return Verdict(dataset, "constraint, not schedule", holds, text, arm or None)
 
 
 def _mechanism(dataset: str, rows_ds: pd.DataFrame, head: pd.DataFrame, setting: str) -> Verdict | None:
-    loglik = head[head["metric"].str.startswith("feature_loglik@")]
+    loglik = head[head["metric"].str.startswith("feature_loglik@") & head["variant"].eq(MAIN)]
     clean = rows_ds[rows_ds["metric"].str.startswith("feature_loglik@") & rows_ds["attack"].fillna("").eq("")]
     if loglik.empty or clean.empty:
         return None
     layer = clean["metric"].iloc[-1]
     values = {
-        "clean": float(clean[clean["metric"] == layer]["value"].iloc[0]),
-        "plain": float(loglik[(loglik["metric"] == layer) & ~loglik["hfc"].astype(bool)]["value"].iloc[0]),
-        "HFC": float(loglik[(loglik["metric"] == layer) & loglik["hfc"].astype(bool)]["value"].iloc[0]),
+        "clean": float(clean[clean["metric"] == layer]["value"].mean()),
+        "plain": float(loglik[(loglik["metric"] == layer) & ~loglik["hfc"]]["value"].mean()),
+        "HFC": float(loglik[(loglik["metric"] == layer) & loglik["hfc"]]["value"].mean()),
     }
     holds = bool(abs(values["HFC"] - values["clean"]) < abs(values["plain"] - values["clean"]))
     text = (

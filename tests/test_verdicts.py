@@ -1,0 +1,147 @@
+"""The verdict rules (engine.report.verdicts) on hand-made rows: one test per rule, at and beside each threshold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from engine.report.verdicts import (
+    APPLICABLE_AUROC,
+    DEFEATED_CHANGE,
+    DEFEATED_TPR,
+    MIN_DEFEATED,
+    SCHEDULE_ONLY,
+    evidence,
+    rows_frame,
+    verdicts,
+)
+
+DETECTORS = ("kd", "bu", "lid", "maha", "svm", "dnn", "dnr")
+
+
+def detector_rows(
+    name: str,
+    plain: tuple[float, float, float] = (0.99, 0.97, 1.0),
+    change: tuple[float, float, float] = (-0.4, -0.5, -0.3),
+    tpr: float = 0.2,
+    variant: str = "",
+    seed: int = 0,
+    arm: str = "same",
+) -> list[dict[str, Any]]:
+    """The rows a detect cell writes for one detector, plain set and one HFC set."""
+    base = {"dataset": "d", "model": "m", "attack": "pgd", "eps": "8/256", "detector": name, "arm": arm, "seed": seed}
+    rows = [{**base, "hfc": True, "variant": variant, "metric": "auroc_change", "value": change[0],
+             "ci_low": change[1], "ci_high": change[2]},
+            {**base, "hfc": True, "variant": variant, "metric": "auroc@paired", "value": plain[0] + change[0],
+             "ci_low": 0.0, "ci_high": 1.0},
+            {**base, "hfc": True, "variant": variant, "metric": "tpr_at_tnr90@paired", "value": tpr,
+             "ci_low": 0.0, "ci_high": 1.0}]  # fmt: skip
+    if variant == "":
+        rows.append({**base, "hfc": False, "variant": "", "metric": "auroc", "value": plain[0], "ci_low": plain[1],
+                     "ci_high": plain[2]})  # fmt: skip
+    return rows
+
+
+def success_rows(plain: float = 1.0, hfc: float = 0.98, seed: int = 0, variant: str = "") -> list[dict[str, Any]]:
+    base = {"dataset": "d", "model": "m", "attack": "pgd", "eps": "8/256", "detector": "", "seed": seed}
+    out = [{**base, "hfc": True, "variant": variant, "metric": "attack_success_rate", "value": hfc}]
+    if variant == "":
+        out.append({**base, "hfc": False, "variant": "", "metric": "attack_success_rate", "value": plain})
+    return out
+
+
+def claim(rows: list[dict[str, Any]], name: str) -> Any:
+    found = [v for v in verdicts(rows, "pgd", "8/256") if v.claim == name]
+    assert len(found) == 1, [v.claim for v in verdicts(rows, "pgd", "8/256")]
+    return found[0]
+
+
+def test_applicable_needs_the_plain_interval_above_chance() -> None:
+    rows = detector_rows("kd", plain=(0.6, APPLICABLE_AUROC, 0.7)) + detector_rows("lid", plain=(0.6, 0.51, 0.7))
+    found = evidence(rows_frame(rows))
+    assert not found["kd"].applicable  # lower bound at chance: not above it
+    assert found["lid"].applicable
+
+
+def test_defeated_needs_both_sizes() -> None:
+    rows = (
+        detector_rows("kd", change=(-0.3, -0.4, DEFEATED_CHANGE), tpr=DEFEATED_TPR)  # both at the threshold
+        + detector_rows("lid", change=(-0.3, -0.4, DEFEATED_CHANGE), tpr=DEFEATED_TPR + 0.01)  # TPR too high
+        + detector_rows("svm", change=(-0.3, -0.4, DEFEATED_CHANGE + 0.01), tpr=0.1)  # change too small
+        + detector_rows("dnr", plain=(0.995, 0.99, 1.0), change=(-0.01, -0.015, -0.005), tpr=0.95)  # a sign only
+    )
+    found = evidence(rows_frame(rows))
+    assert found["kd"].defeated
+    assert not found["lid"].defeated
+    assert not found["svm"].defeated
+    assert not found["dnr"].defeated
+
+
+def test_hiding_holds_with_five_applicable_and_defeated() -> None:
+    rows = [r for d in DETECTORS[:MIN_DEFEATED] for r in detector_rows(d)] + success_rows()
+    rows += [r for d in DETECTORS[MIN_DEFEATED:] for r in detector_rows(d, change=(0.0, -0.05, 0.05), tpr=0.9)]
+    verdict = claim(rows, "hidden by HFC")
+    assert verdict.holds is True
+    assert f"{MIN_DEFEATED} of 7 applicable detectors defeated" in verdict.text
+    assert "KD plain 0.99, HFC 0.59, change -0.40 [-0.50, -0.30], HFC TPR@90%TNR 0.20 (defeated)" in verdict.text
+
+
+def test_hiding_fails_with_four() -> None:
+    rows = [r for d in DETECTORS[: MIN_DEFEATED - 1] for r in detector_rows(d)] + success_rows()
+    rows += [r for d in DETECTORS[MIN_DEFEATED - 1 :] for r in detector_rows(d, change=(-0.05, -0.08, -0.02))]
+    assert claim(rows, "hidden by HFC").holds is False
+
+
+def test_inapplicable_detectors_are_not_counted() -> None:
+    rows = [r for d in DETECTORS[: MIN_DEFEATED - 1] for r in detector_rows(d)] + success_rows()
+    rows += detector_rows("dnn", plain=(0.4, 0.3, 0.5))  # defeated by the sizes, but below chance on plain AEs
+    verdict = claim(rows, "hidden by HFC")
+    assert verdict.holds is False
+    assert f"{MIN_DEFEATED - 1} of {MIN_DEFEATED - 1} applicable" in verdict.text
+    assert "DNN" in claim(rows, "easy to detect").text.split("Not applicable")[1]
+
+
+def test_hiding_by_failed_attacks_does_not_hold() -> None:
+    rows = [r for d in DETECTORS for r in detector_rows(d)] + success_rows(hfc=0.85)
+    verdict = claim(rows, "hidden by HFC")
+    assert verdict.holds is False
+    assert "failed attacks" in verdict.text
+
+
+def test_several_seeds_judge_on_the_between_seed_interval() -> None:
+    # every seed's image CI is below the threshold, but the seeds disagree: the between-seed interval is wide
+    rows = []
+    for seed, change in enumerate((-0.4, -0.05, -0.45, 0.0, -0.4)):
+        for d in DETECTORS:
+            rows += detector_rows(d, change=(change, change - 0.05, -0.2), seed=seed)
+        rows += success_rows(seed=seed)
+    found = evidence(rows_frame(rows))
+    assert found["kd"].change.seeds == 5
+    assert found["kd"].change.value == pytest.approx(-0.26)
+    assert found["kd"].change.high > DEFEATED_CHANGE
+    verdict = claim(rows, "hidden by HFC")
+    assert verdict.holds is False
+    assert "5 seeds" in verdict.text
+
+
+def test_attribution_counts_detectors_the_schedule_alone_does_not_defeat() -> None:
+    rows = [r for d in DETECTORS for r in detector_rows(d)] + success_rows()
+    schedule_defeats = DETECTORS[:3]
+    for d in DETECTORS:
+        change, tpr = ((-0.4, -0.5, -0.3), 0.2) if d in schedule_defeats else ((-0.02, -0.05, 0.01), 0.9)
+        rows += detector_rows(d, change=change, tpr=tpr, variant=SCHEDULE_ONLY)
+    rows += success_rows(variant=SCHEDULE_ONLY)
+    verdict = claim(rows, "constraint, not schedule")
+    assert verdict.holds is False  # 7 - 3 = 4 < 5
+    assert "of the 7 detectors HFC defeats, 4 are not defeated by the weight-0 arm" in verdict.text
+    rows = [r for r in rows if not (r.get("variant") == SCHEDULE_ONLY and r["detector"] in schedule_defeats[:2])]
+    assert claim(rows, "constraint, not schedule").holds is True
+
+
+def test_arms_are_judged_separately() -> None:
+    rows = success_rows()
+    rows += [r for d in DETECTORS for r in detector_rows(d, arm="same")]
+    rows += [r for d in DETECTORS for r in detector_rows(d, arm="unconstrained", change=(0.0, -0.05, 0.05), tpr=0.9)]
+    hidden = {v.arm: v.holds for v in verdicts(rows, "pgd", "8/256") if v.claim == "hidden by HFC"}
+    assert hidden == {"same": True, "unconstrained": False}
