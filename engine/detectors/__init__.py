@@ -1,8 +1,11 @@
-"""Adversarial-example detectors (KD, BU, LID, MAHA, SVM/SafetyNet, DNN, DNR), the HFC protocol and metrics.
+"""Adversarial-example detectors (KD, BU, LID, MAHA, SVM/SafetyNet, DNN, DNR, typicality), the HFC protocol and
+metrics.
 
 Every detector: ``det.fit(source, clean, adversarial, noise=None)``, ``det.score(x) -> (N,)`` (higher = more
 adversarial), ``det.layer_scores(x) -> (N, L)``, ``det.save(dir)`` / ``Detector.load(dir)``. Features come from a
 :class:`FeatureCache` (one forward pass per batch for all layers) and are shared by every detector in a run.
+``Typicality`` also needs ``det.set_reference(mixtures, reference)`` (the HFC mixtures, clean validation features)
+before ``fit``.
 """
 
 from engine.detectors.base import (
@@ -21,8 +24,9 @@ from engine.detectors.evaluate import DetectionResult, EvalScores, ProtocolSplit
 from engine.detectors.features import FeatureCache, Features
 from engine.detectors.maha import MAHA, TiedGaussian
 from engine.detectors.svm import DNR, SVM, SafetyNet
+from engine.detectors.typicality import Typicality
 
-DETECTORS = {cls.name: cls for cls in (KD, BU, LID, MAHA, SVM, SafetyNet, DNN, DNR)}
+DETECTORS = {cls.name: cls for cls in (KD, BU, LID, MAHA, SVM, SafetyNet, DNN, DNR, Typicality)}
 load = Detector.load
 
 __all__ = [
@@ -47,6 +51,7 @@ __all__ = [
     "SafetyNet",
     "TiedGaussian",
     "TooFewExamples",
+    "Typicality",
     "fitted_checkpoint",
     "fpr_threshold",
     "load",

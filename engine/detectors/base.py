@@ -2,10 +2,11 @@
 
 A detector computes one raw score per layer (:meth:`Detector.layer_scores`, shape (N, L)); :meth:`Detector.score`
 combines them into one (N,) score with the combiner fitted on the fit split (by default standardisation + logistic
-regression, the HFC protocol). A fitted detector saves to a directory holding ``config.json`` (class, parameters,
-layers) and ``arrays.npz`` (every fitted array); nothing is pickled, so loading never runs stored code. The config
-also records the fingerprint of the model the detector was fitted on (``save(..., model=)``) and the score
-thresholds that flag a chosen share of clean images (:meth:`Detector.set_thresholds`).
+regression, the HFC protocol; a single column is oriented by its fit-split rank AUROC instead). A fitted detector
+saves to a directory holding ``config.json`` (class, parameters, layers) and ``arrays.npz`` (every fitted array);
+nothing is pickled, so loading never runs stored code. The config also records the fingerprint of the model the
+detector was fitted on (``save(..., model=)``) and the score thresholds that flag a chosen share of clean images
+(:meth:`Detector.set_thresholds`).
 
 :meth:`Detector.needs` says what a fitted detector needs from the model besides the logits (:class:`Needs`), so a
 scorer can check a model before its first batch.
@@ -25,6 +26,7 @@ import numpy as np
 from torch import nn
 
 from engine.detectors.features import FeatureCache, Features
+from engine.metrics import auroc
 from engine.models import model_fingerprint
 
 FORMAT_VERSION = 1
@@ -67,39 +69,58 @@ def fpr_threshold(clean_scores: np.ndarray, fpr: float) -> float:
 
 
 class LayerCombiner:
-    """Per-layer scores -> one score: standardise each column, then logistic regression (decision function)."""
+    """Per-layer scores -> one score. Each column is standardised (fit-split mean and std); several columns are then
+    weighted by logistic regression (its decision function); a single column is oriented by rank instead: times
+    ``sign`` = +1 if its fit-split AUROC (negatives vs positives) is >= 0.5, else -1. A logistic regression orients
+    one column by its mean, which a few extreme positives can point the wrong way for the bulk of them."""
 
     def __init__(self) -> None:
-        self.mean = self.scale = self.coef = None
+        self.mean = self.scale = self.coef = self.sign = None
         self.intercept = 0.0
 
     def fit(self, scores: np.ndarray, labels: np.ndarray) -> LayerCombiner:
         from sklearn.linear_model import LogisticRegression
 
+        scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+        if scores.ndim != 2 or labels.shape != (len(scores),):
+            raise ValueError(f"scores must be (N, L) and labels (N,), got shapes {scores.shape} and {labels.shape}")
         self.mean = scores.mean(0)
         self.scale = scores.std(0)
         self.scale[self.scale == 0] = 1.0
+        z = (scores - self.mean) / self.scale
+        if scores.shape[1] == 1:
+            self.sign = 1.0 if auroc(z[labels == 0, 0], z[labels == 1, 0]) >= 0.5 else -1.0
+            self.coef, self.intercept = None, 0.0
+            return self
         lr = LogisticRegression(C=1.0, max_iter=1000, class_weight="balanced")
-        lr.fit((scores - self.mean) / self.scale, labels)
+        lr.fit(z, labels)
         self.coef, self.intercept = lr.coef_[0].astype(np.float64), float(lr.intercept_[0])
+        self.sign = None
         return self
 
     def __call__(self, scores: np.ndarray) -> np.ndarray:
-        return ((scores - self.mean) / self.scale) @ self.coef + self.intercept
+        z = (scores - self.mean) / self.scale
+        return self.sign * z[:, 0] if self.sign is not None else z @ self.coef + self.intercept
 
     def state(self) -> dict[str, np.ndarray]:
+        if self.sign is not None:
+            return {"mean": self.mean, "scale": self.scale, "sign": np.array(self.sign)}
         return {"mean": self.mean, "scale": self.scale, "coef": self.coef, "intercept": np.array(self.intercept)}
 
     def set_state(self, arrays: dict[str, np.ndarray]) -> None:
-        self.mean, self.scale, self.coef = arrays["mean"], arrays["scale"], arrays["coef"]
-        self.intercept = float(arrays["intercept"])
+        """Restore :meth:`state`; a single column saved before rank orientation (coef, no sign) keeps its LR."""
+        self.mean, self.scale = arrays["mean"], arrays["scale"]
+        self.sign = float(arrays["sign"]) if "sign" in arrays else None
+        self.coef = arrays.get("coef")
+        self.intercept = float(arrays.get("intercept", 0.0))
 
 
 class Detector:
     """Base class. Subclasses set ``name``, implement ``_fit`` / ``_layer_scores`` / ``_state`` / ``_set_state``.
 
-    ``combine``: ``"lr"`` (standardise + logistic regression over the layer scores, fitted on the fit split) or
-    ``"mean"`` (plain mean of the layer scores, for scores already on one scale).
+    ``combine``: ``"lr"`` (standardise + logistic regression over the layer scores, fitted on the fit split; one
+    column: standardise + orient by rank, see :class:`LayerCombiner`) or ``"mean"`` (plain mean of the layer scores,
+    for scores already on one scale).
     """
 
     name: ClassVar[str] = "detector"

@@ -14,7 +14,10 @@ attack) and ``adversarial[i]`` its adversarial example, ``success[i]`` whether t
 5. Paired comparison: on the evaluation images where both the fitted attack and a transfer attack succeeded, the
    metrics of both and their change (transfer minus fitted).
 Metrics (see ``engine.metrics.roc``) with 95% CIs from a bootstrap that resamples evaluation images, an image's
-clean, noise and adversarial scores together (``engine.metrics.paired``); per-image scores are kept.
+clean, noise and adversarial scores together (``engine.metrics.paired``); per-image scores are kept. Beside
+``auroc``, ``auroc_reversed`` is the AUROC of the other orientation (the negated score): 1 - AUROC, exactly, on the
+tie-aware ROC, replicate by replicate, so its interval is (1 - ci_high, 1 - ci_low); its paired change is minus
+the AUROC change.
 """
 
 from __future__ import annotations
@@ -76,9 +79,10 @@ class EvalScores:
 class DetectionResult:
     """Metric rows plus each detector's per-image evaluation scores (:class:`EvalScores`).
 
-    Rows: per (detector, attack set, subset) every metric with its image-bootstrap 95% CI (subsets "successful",
-    "failed", "all"); per transfer set, subset "paired" for both sets on the images where both attacks succeeded
-    and subset "change" (transfer minus the fitted attack on those images), attack = the transfer set.
+    Rows: per (detector, attack set, subset) every metric, and ``auroc_reversed`` (the negated score's AUROC),
+    with its image-bootstrap 95% CI (subsets "successful", "failed", "all"); per transfer set, subset "paired" for
+    both sets on the images where both attacks succeeded and subset "change" (transfer minus the fitted attack on
+    those images), attack = the transfer set.
     """
 
     rows: list[dict[str, Any]]
@@ -193,4 +197,8 @@ def _metric_rows(detector: str, scores: EvalScores, fitted: str, n_boot: int, se
 
 
 def _rows(base: dict[str, Any], metrics: Mapping[str, tuple[float, float, float]]) -> list[dict[str, Any]]:
+    """One row per metric, plus ``auroc_reversed`` (see the module docstring)."""
+    value, low, high = metrics["auroc"]
+    flipped = (-value, -high, -low) if base["subset"] == "change" else (1 - value, 1 - high, 1 - low)
+    metrics = {**metrics, "auroc_reversed": flipped}
     return [{**base, "metric": m, "value": v, "ci_low": lo, "ci_high": hi} for m, (v, lo, hi) in metrics.items()]
