@@ -8,7 +8,16 @@ perturbations (:mod:`engine.attacks.uap`), noise controls and incremental storag
 from engine.attacks.base import TARGET_MODES, Attack, AttackResult, parse_eps
 from engine.attacks.cw import CWL2
 from engine.attacks.gradient import BIM, FGSM, MIFGSM, PGD, CWLinf, IterativeAttack
-from engine.attacks.hfc import HFC, HFC_MODES, extract_features, fit_hfc_gmms, load_hfc_gmms, save_hfc_gmms
+from engine.attacks.hfc import (
+    HFC,
+    HFC_MODES,
+    HFC_REFERENCE_AUGMENT,
+    extract_features,
+    fit_hfc_gmms,
+    load_hfc_gmms,
+    save_hfc_gmms,
+    typical_reference,
+)
 from engine.attacks.noise import NOISE_KINDS, noise_like
 from engine.attacks.store import AdvDataset, AdvWriter, load_adversarial
 from engine.attacks.uap import (
@@ -26,6 +35,7 @@ ATTACKS = {"fgsm": FGSM, "bim": BIM, "pgd": PGD, "mifgsm": MIFGSM, "cw_l2": CWL2
 __all__ = [
     "ATTACKS",
     "HFC_MODES",
+    "HFC_REFERENCE_AUGMENT",
     "NOISE_KINDS",
     "TARGET_MODES",
     "AdvDataset",
@@ -54,4 +64,5 @@ __all__ = [
     "save_hfc_gmms",
     "sgd_uap",
     "targeted_uap",
+    "typical_reference",
 ]
