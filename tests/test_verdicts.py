@@ -145,3 +145,25 @@ def test_arms_are_judged_separately() -> None:
     rows += [r for d in DETECTORS for r in detector_rows(d, arm="unconstrained", change=(0.0, -0.05, 0.05), tpr=0.9)]
     hidden = {v.arm: v.holds for v in verdicts(rows, "pgd", "8/256") if v.claim == "hidden by HFC"}
     assert hidden == {"same": True, "unconstrained": False}
+
+
+def test_the_engines_own_defences_do_not_count_toward_hiding() -> None:
+    rows = [r for d in DETECTORS[: MIN_DEFEATED - 1] for r in detector_rows(d)] + success_rows()
+    rows += detector_rows("typicality")  # defeated, but not one of the HFC paper's detectors
+    verdict = claim(rows, "hidden by HFC")
+    assert verdict.holds is False and "TYPICALITY" not in verdict.text
+
+
+def test_still_caught_names_the_configurations_and_the_adaptive_outcome() -> None:
+    rows = [r for d in DETECTORS for r in detector_rows(d)] + success_rows()
+    rows += detector_rows("typicality", arm="same", change=(0.0, -0.02, 0.02), tpr=0.95)
+    rows += detector_rows("typicality", arm="same", change=(-0.4, -0.5, -0.3), tpr=0.1, variant="adaptive")
+    verdict = claim(rows, "still caught")
+    assert verdict.holds is True
+    assert verdict.text.count("TYPICALITY on the 'same' layers") == 1
+    assert "the adaptive attack defeats them all" in verdict.text
+    rows = [r for r in rows if r["variant"] != "adaptive"]
+    rows += detector_rows("typicality", arm="same", change=(0.0, -0.02, 0.02), tpr=0.9, variant="adaptive")
+    assert "adaptive TPR 0.90" in claim(rows, "still caught").text
+    none = [r for d in DETECTORS for r in detector_rows(d)] + success_rows()
+    assert claim(none, "still caught").holds is False

@@ -4,7 +4,8 @@ The rules and their thresholds are fixed here, before the runs that judge them (
 pre-registration; docs/runs.md, "Verdict rules"). Per dataset and detector layer arm (``arm`` column):
 
 1. *Plain adversarial examples are easy to detect*: the median plain AUROC over the detectors is at least
-   :data:`EASY_AUROC`.
+   :data:`EASY_AUROC`. Claims 1, 4 and 5 are about the HFC paper's detectors (:data:`PAPER_DETECTORS`); the
+   engine's own defences (typicality) are judged in 6 only.
 2. A detector is **applicable** when the lower bound of its plain AUROC interval exceeds :data:`APPLICABLE_AUROC`
    (chance): a detector that cannot tell plain AEs from clean images says nothing about hiding, so it is listed,
    never counted.
@@ -15,7 +16,10 @@ pre-registration; docs/runs.md, "Verdict rules"). Per dataset and detector layer
    set, with HFC still succeeding on at least :data:`MIN_SUCCESS` of the pool.
 5. *The constraint, not the schedule*: of the detectors HFC defeats, those the weight-0 arm (HFC's schedule with
    the constraint switched off, ``variant`` "w0") does not defeat; holds for at least :data:`MIN_DEFEATED`.
-6. *Mechanism*: at the deepest constrained layer HFC AEs' log-likelihood under the target class's mixtures is
+6. *What still catches HFC*: the detector configurations (detector x layer arm) that *catch* the HFC set --
+   applicable and not defeated by the rules above --, and which of them still catch the adaptive set (HFC in
+   ``typical`` mode, ``variant`` "adaptive").
+7. *Mechanism*: at the deepest constrained layer HFC AEs' log-likelihood under the target class's mixtures is
    closer to clean images' than plain AEs' is.
 
 Intervals: with one seed, the 95% image-bootstrap CI of the rows; with several (``seed`` column), the 95% Student-t
@@ -39,7 +43,9 @@ DEFEATED_TPR = 0.5  # at 90% TNR, a detector missing half of the AEs no longer s
 DEFEATED_CHANGE = -0.10  # the paired AUROC change's upper bound: a tenth of the AUROC range, well beyond its CI noise
 MIN_DEFEATED = 5  # of the seven detectors of the HFC paper's table
 MIN_SUCCESS = 0.9  # an attack set whose success falls below this hides partly by failing
+PAPER_DETECTORS = ("kd", "bu", "lid", "maha", "svm", "safetynet", "dnn", "dnr")
 MAIN = ""  # the ``variant`` of the main plain and HFC sets
+ADAPTIVE = "adaptive"  # the ``variant`` of the adaptive HFC set (typical mode)
 SCHEDULE_ONLY = "w0"  # the ``variant`` of the weight-0 arm (HFC's schedule, no constraint)
 
 
@@ -76,6 +82,11 @@ class DetectorEvidence:
     @property
     def defeated(self) -> bool:
         return bool(self.tpr.value <= DEFEATED_TPR and self.change.high <= DEFEATED_CHANGE)
+
+    @property
+    def caught(self) -> bool:
+        """The set is still caught: the detector is applicable and not defeated by it."""
+        return self.applicable and not self.defeated
 
     def text(self) -> str:
         mark = "defeated" if self.applicable and self.defeated else ("not applicable" if not self.applicable else "")
@@ -128,10 +139,10 @@ def estimate(rows: pd.DataFrame) -> Estimate:
     return Estimate(summary["mean"], summary["low"], summary["high"], summary["n"])
 
 
-def evidence(head: pd.DataFrame, variant: str = MAIN) -> dict[str, DetectorEvidence]:
-    """Per detector of ``head`` (one dataset, arm and headline setting), its evidence against the HFC set of
-    ``variant``."""
-    detectors = head[head["detector"].ne("")]
+def evidence(head: pd.DataFrame, variant: str = MAIN, paper_only: bool = False) -> dict[str, DetectorEvidence]:
+    """Per detector of ``head`` (one dataset, arm and headline setting; with ``paper_only`` the HFC paper's
+    detectors only), its evidence against the HFC set of ``variant``."""
+    detectors = head[head["detector"].isin(PAPER_DETECTORS) if paper_only else head["detector"].ne("")]
     plain = detectors[~detectors["hfc"] & detectors["variant"].eq(MAIN)]
     hfc = detectors[detectors["hfc"] & detectors["variant"].eq(variant)]
 
@@ -176,8 +187,34 @@ def verdicts(rows: Sequence[dict[str, Any]], attack: str, eps: str | None) -> li
             out.append(_easy_to_detect(dataset, arm, arm_head, where))
             out.append(_hidden(dataset, arm, arm_head, where))
             out.append(_attribution(dataset, arm, arm_head, where))
+        out.append(_still_caught(dataset, detect, where))
         out.append(_mechanism(dataset, rows_ds, head, where))
     return [v for v in out if v is not None]
+
+
+def _still_caught(dataset: str, detect: pd.DataFrame, setting: str) -> Verdict | None:
+    """Which detector configurations (detector on a layer arm) still catch HFC AEs, and the adaptive ones."""
+    caught, adaptive_caught, adaptive_run = [], [], False
+    for arm, rows_arm in detect.groupby(detect["arm"].fillna(""), sort=False):
+        on_adaptive = evidence(rows_arm, ADAPTIVE)
+        adaptive_run = adaptive_run or bool(on_adaptive)
+        for name, found in evidence(rows_arm).items():
+            where = f"{name.upper()}" + (f" on the {arm!r} layers" if arm else "")
+            if found.caught:
+                caught.append(f"{where} (HFC TPR {found.tpr.value:.2f}, change {found.change.text(signed=True)})")
+                if name in on_adaptive and on_adaptive[name].caught:
+                    adaptive_caught.append(f"{where} (adaptive TPR {on_adaptive[name].tpr.value:.2f})")
+    if not caught:
+        text = f"What still catches HFC on {dataset} ({setting}): no detector configuration catches HFC AEs."
+    else:
+        text = f"What still catches HFC on {dataset} ({setting}): {'; '.join(caught)}."
+        if adaptive_run:
+            text += (
+                f" Against the adaptive HFC (typical mode): {'; '.join(adaptive_caught)}."
+                if adaptive_caught
+                else " None of them catches the adaptive HFC (typical mode): the adaptive attack defeats them all."
+            )
+    return Verdict(dataset, "still caught", bool(caught), text)
 
 
 def _arm_text(arm: str) -> str:
@@ -185,7 +222,7 @@ def _arm_text(arm: str) -> str:
 
 
 def _easy_to_detect(dataset: str, arm: str, head: pd.DataFrame, setting: str) -> Verdict | None:
-    plain = {name: ev.plain_auroc for name, ev in evidence(head).items()}
+    plain = {name: ev.plain_auroc for name, ev in evidence(head, paper_only=True).items()}
     if not plain:
         return None
     median = float(np.median([e.value for e in plain.values()]))
@@ -206,7 +243,7 @@ def _easy_to_detect(dataset: str, arm: str, head: pd.DataFrame, setting: str) ->
 
 
 def _hidden(dataset: str, arm: str, head: pd.DataFrame, setting: str) -> Verdict | None:
-    found = evidence(head)
+    found = evidence(head, paper_only=True)
     if not found:
         return None
     applicable = [e for e in found.values() if e.applicable]
@@ -226,10 +263,10 @@ def _hidden(dataset: str, arm: str, head: pd.DataFrame, setting: str) -> Verdict
 
 
 def _attribution(dataset: str, arm: str, head: pd.DataFrame, setting: str) -> Verdict | None:
-    schedule = evidence(head, SCHEDULE_ONLY)
+    schedule = evidence(head, SCHEDULE_ONLY, paper_only=True)
     if not schedule:
         return None
-    by_hfc = [e for e in evidence(head).values() if e.applicable and e.defeated]
+    by_hfc = [e for e in evidence(head, paper_only=True).values() if e.applicable and e.defeated]
     by_schedule = {name for name, e in schedule.items() if e.defeated}
     constraint = [e.detector for e in by_hfc if e.detector not in by_schedule]
     holds = len(constraint) >= MIN_DEFEATED
