@@ -1,17 +1,20 @@
 """Paper B's UAP study on 5-grade fundus-synth (docs/methods.md, Studies) as one study run.
 
-1. Baseline graders (ResNet-18 and VGG-16, small) trained once on the train split (the protocol: data, split,
-   fitting and test images, baselines, are the same for every seed).
-2. For each of ``seeds`` seeds: every baseline is UAP fine-tuned with the *training* UAP family; then baseline and
-   fine-tuned model are attacked, white-box, by UAPs of every kind and norm (fitted on validation images, the
-   attacker's data) and by per-image PGD, all seeded, and scored on the test pool (quadratic kappa, accuracy,
-   fooling rate, confusion). Each attack is named by its relation to the fine-tuning family: seen, unseen norm,
-   unseen family, per-image.
-3. Kappa gain = fine-tuned minus baseline kappa per (model, attack, eps, seed); mean and 95% t interval over
-   seeds, per condition and per relation.
-4. Clean performance: each fine-tuned model vs its own baseline, and the ensemble of the fine-tuned models vs the
-   ensemble of the same baselines (mean softmax), on the same folds of the test pool: the clean-kappa difference
-   with its confidence interval, a paired t-test and an equivalence test (TOST) against a stated margin.
+The protocol (data, split, fitting and test images) is the same for every seed. For each of ``seeds`` seeds:
+
+1. Baseline graders (ResNet-18 and VGG-16, small) trained on the train split with that seed (ctx.trained: cached
+   by settings, split and seed).
+2. Every baseline is UAP fine-tuned with the *training* UAP family; then baseline and fine-tuned model are
+   attacked, white-box, by UAPs of every kind and norm (fitted on validation images, the attacker's data) and by
+   per-image PGD, all seeded, and scored on the test pool (quadratic kappa, accuracy, fooling rate, confusion,
+   predictions). Each attack is named by its relation to the fine-tuning family: seen, unseen norm, unseen
+   family, per-image.
+
+Then (engine.runs.studies.uap_analysis): kappa gain = fine-tuned minus baseline kappa per (model, attack, eps, seed)
+with a paired image bootstrap per seed, combined over seeds, per condition and per relation; clean performance of
+each fine-tuned model vs its own baseline and of the fine-tuned ensemble vs the ensemble of the same seed's
+baselines (mean softmax): difference, paired t-test and equivalence test (TOST) against a stated margin, over
+shared folds of the test pool and over the seeds' whole-pool differences.
 """
 
 from __future__ import annotations
@@ -40,11 +43,11 @@ from engine.runs.studies.base import StudyResult
 from engine.runs.studies.finetune import UAP_KINDS, Ensemble, craft_uap, uap_finetune
 from engine.runs.studies.uap_analysis import clean_comparisons, kappa_gains, relations, uap_attacks, uap_rows
 
-# The default audit's settings, sized to its time budget (docs/studies.md); configs/studies-full.yaml holds the
-# full-strength ones (more seeds, fitting images, budgets and attacks).
+# The default audit's settings, sized to its time budget (docs/studies.md): 2 seeds, each training its own
+# baselines; configs/studies-full.yaml holds the full-strength ones (more seeds, fitting images, budgets, attacks).
 UAP_DEFAULTS: dict[str, Any] = {
     "seed": 0,
-    "seeds": 3,
+    "seeds": 2,
     "dataset": {"name": "fundus-synth", "task": "grade", "n": 2000, "image_size": 64},
     "split": {"val": 0.15, "test": 0.15},
     "models": [
@@ -89,6 +92,7 @@ UAP_DEFAULTS: dict[str, Any] = {
     },
     "pgd": {"eps": ["2/255"], "steps": 5},
     "eval": 300,
+    "bootstrap": 1000,  # image-bootstrap replicates of each kappa change, per seed
     "clean_test": {"folds": 10, "margin": 0.02, "alpha": 0.05},
 }
 
@@ -109,6 +113,7 @@ UAP_TINY: dict[str, Any] = {
     "finetune": {"epochs": 1, "batch_size": 32},
     "pgd": {"eps": ["2/255"], "steps": 1},
     "eval": 24,
+    "bootstrap": 200,
     "clean_test": {"folds": 3},
 }
 
@@ -119,6 +124,7 @@ def _scores(y: np.ndarray, pred: np.ndarray, clean_pred: np.ndarray, k: int) -> 
         "accuracy": float((pred == y).mean()),
         "fooling_rate": float((pred != clean_pred).mean()),
         "confusion": confusion_matrix(y, pred, k).tolist(),
+        "pred": pred.tolist(),
     }
 
 
@@ -130,8 +136,8 @@ def evaluate_model(
     num_classes: int,
     seed: int,
 ) -> dict[str, Any]:
-    """Scores on ``pool`` under every UAP of :func:`uap_attacks` (white-box, fitted on ``fit``) and PGD, all
-    seeded with ``seed``; ``clean_pred`` holds the clean predictions."""
+    """Scores and predictions on ``pool`` under every UAP of :func:`uap_attacks` (white-box, fitted on ``fit``) and
+    PGD, all seeded with ``seed``; ``clean_pred`` holds the clean predictions."""
     x, y = pool
     y_np = y.numpy()
     clean_pred = predict(model, x).cpu().numpy()
@@ -166,16 +172,16 @@ def _finetuned(
     ctx: RunContext,
     cfg: Mapping[str, Any],
     name: str,
-    model_cfg: Mapping[str, Any],
+    base_ref: str,
     base: nn.Module,
-    split_hash: str,
     train: tuple[torch.Tensor, torch.Tensor],
     seed: int,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """A copy of ``base`` after UAP fine-tuning with the training methods (cached by what determines it)."""
+    """A copy of ``base`` (the checkpoint ``base_ref``) after UAP fine-tuning with the training methods, cached by
+    what determines it (the baseline's reference names its settings, split and seed)."""
     ft = cfg["finetune"]
     options = {key: v for key, v in ft.items() if key not in ("methods", "eps")}
-    key = {"model": model_cfg, "split": split_hash, "finetune": ft, "uap": cfg["uap"], "seed": seed}
+    key = {"baseline": base_ref, "finetune": ft, "uap": cfg["uap"], "seed": seed}
 
     def run() -> tuple[nn.Module, list[dict[str, Any]]]:
         return uap_finetune(
@@ -196,17 +202,19 @@ def _check(cfg: Mapping[str, Any]) -> None:
     unknown = [m for m in kinds if m not in UAP_KINDS]
     if unknown or not cfg["models"]:
         raise ValueError(f"uap config: methods must come from {UAP_KINDS} (got {unknown}) and models be non-empty")
-    seeds = cfg["seeds"]
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"uap config: seeds must be an int >= 1, got {seeds!r}")
+    for key, why in (("seeds", "intervals and tests are over seeds"), ("bootstrap", "replicates of the intervals")):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(f"uap config: {key} must be an int >= 2 ({why}), got {value!r}")
 
 
 def run_uap_study(config: Mapping[str, Any] | None, workdir: Path, context: RunContext | None = None) -> StudyResult:
-    """Baselines, per seed UAP fine-tuning and every attack, kappa gains over seeds, clean equivalence tests.
+    """Per seed: baselines, their UAP fine-tuning and every attack; kappa gains combined over seeds, clean
+    comparisons over folds and over seeds.
 
     ``config`` is merged over :data:`UAP_DEFAULTS` (unknown keys raise); seeds are ``seed``, ``seed + 1``, ...
-    (``seeds`` of them). Trained and fine-tuned weights are cached under ``workdir`` (or the artifact location of
-    ``context``) and reused by a resumed run.
+    (``seeds`` of them, at least 2); ``seed`` also fixes the split. Trained and fine-tuned weights are cached under
+    ``workdir`` (or the artifact location of ``context``) and reused by a resumed run.
     """
     start = time.perf_counter()
     cfg = merge(UAP_DEFAULTS, config or {}, name="uap config")
@@ -217,23 +225,20 @@ def run_uap_study(config: Mapping[str, Any] | None, workdir: Path, context: RunC
     data = {"train": as_tensors(splits.train), "fit": as_tensors(splits.val, cfg["uap"]["fit"])}
     pool = as_tensors(splits.test, cfg["eval"])
     seeds = [cfg["seed"] + i for i in range(cfg["seeds"])]
-    names = _names(cfg["models"])
-    bases = [ctx.model(ctx.trained(splits, m, cfg["seed"])) for m in cfg["models"]]
-    models = [
-        {"name": n, "clean_pred": predict(b, pool[0]).cpu().tolist(), "runs": []}
-        for n, b in zip(names, bases, strict=True)
-    ]
-    ensembles = []  # clean predictions of the fine-tuned ensemble, per seed
+    models: list[dict[str, Any]] = [{"name": n, "runs": []} for n in _names(cfg["models"])]
+    ensemble: dict[str, list[Any]] = {"baseline": [], "finetuned": []}  # clean predictions, per seed
     for seed in seeds:
-        tuned = []
-        for entry, model_cfg, base in zip(models, cfg["models"], bases, strict=True):
-            model, history = _finetuned(ctx, cfg, entry["name"], model_cfg, base, splits.hash, data["train"], seed)
+        refs = [ctx.trained(splits, m, seed) for m in cfg["models"]]  # baselines trained with this seed
+        bases, tuned = [ctx.model(ref) for ref in refs], []
+        for entry, ref, base in zip(models, refs, bases, strict=True):
+            model, history = _finetuned(ctx, cfg, entry["name"], ref, base, data["train"], seed)
             tuned.append(model)
-            run = {"seed": seed, "history": history}
+            run = {"seed": seed, "baseline_model": ref, "history": history}
             for label, m in (("baseline", base), ("finetuned", model)):
                 run[label] = evaluate_model(m, cfg, data["fit"], pool, len(classes), seed)
             entry["runs"].append(run)
-        ensembles.append(predict(Ensemble(tuned).eval(), pool[0]).cpu().tolist())
+        for label, members in (("baseline", bases), ("finetuned", tuned)):
+            ensemble[label].append(predict(Ensemble(members).eval(), pool[0]).cpu().tolist())
     payload = {
         "config": cfg,
         "dataset": dataset_label(cfg["dataset"]),
@@ -242,7 +247,7 @@ def run_uap_study(config: Mapping[str, Any] | None, workdir: Path, context: RunC
         "seeds": seeds,
         "relations": relations(cfg),
         "models": models,
-        "ensemble": {"baseline_pred": predict(Ensemble(bases).eval(), pool[0]).cpu().tolist(), "finetuned": ensembles},
+        "ensemble": ensemble,
     }
     payload["gains"], payload["summary"] = kappa_gains(payload)
     payload["clean"] = clean_comparisons(payload)

@@ -1,5 +1,5 @@
-"""Report sections of the UAP study (paper B): verdict paragraphs, tables with 95% intervals over seeds,
-confusion matrices."""
+"""Report sections of the UAP study (paper B): verdict paragraphs, tables with 95% intervals (over seeds, and per
+seed over images), confusion matrices."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from engine.runs.studies.uap_analysis import FAMILIES, RELATIONS
 
 
 def _ci(stat: Mapping[str, Any], scale: float = 1.0, fmt: str = "{:+.2f}") -> str:
-    """'mean [low, high]' of a mean_ci dict (bounds omitted when undefined, e.g. one seed)."""
+    """'mean [low, high]' of a dict with mean, low and high (bounds omitted when undefined)."""
     text = fmt.format(scale * stat["mean"])
     if np.isfinite(stat["low"]):
         text += f" [{fmt.format(scale * stat['low'])}, {fmt.format(scale * stat['high'])}]"
@@ -22,8 +22,6 @@ def _ci(stat: Mapping[str, Any], scale: float = 1.0, fmt: str = "{:+.2f}") -> st
 
 
 def _gain_word(stat: Mapping[str, Any]) -> str:
-    if not np.isfinite(stat["low"]):
-        return "cannot be decided from one seed"
     if stat["low"] > 0:
         return "HOLDS"
     return "does NOT hold (lower after fine-tuning)" if stat["high"] < 0 else "is NOT supported (interval contains 0)"
@@ -39,7 +37,8 @@ def _gain_verdict(payload: Mapping[str, Any]) -> str:
     return (
         "Claim 'UAP fine-tuning raises kappa against unseen attacks', by relation to the fine-tuning family: "
         + "; ".join(parts)
-        + f" (kappa gain x 100, mean [95% t interval] over {n} seeds); all held-out attacks pooled "
+        + f" (kappa gain x 100, mean over {n} seeds [95% interval: between-seed t, widened by the paired image "
+        f"bootstrap]); all held-out attacks pooled "
         f"{_ci(s['held_out'], 100)}{seen}. Paper B reports +3.41 mean and +31.92 max on its data."
     )
 
@@ -52,18 +51,29 @@ CLEAN_WORDS = {
 }
 
 
+def _tost_text(test: Mapping[str, Any], unit: str) -> str:
+    tost = test["tost"]
+    return (
+        f"{tost['mean_diff']:+.4f} over {tost['n']} {unit}, {100 * tost['ci_level']:.0f}% interval "
+        f"[{tost['ci_low']:+.4f}, {tost['ci_high']:+.4f}], TOST p = {tost['p']:.3g} ({CLEAN_WORDS[tost['decision']]}), "
+        f"paired t-test p = {test['ttest']['p']:.3g}"
+    )
+
+
 def _clean_verdict(payload: Mapping[str, Any]) -> str:
     ens = payload["clean"][-1]
-    tost = ens["tost"]
+    tost = ens["folds"]["tost"]
     supported = tost["decision"] in ("equivalent", "higher")
     word = "HOLDS" if supported else ("does NOT hold" if tost["decision"] == "lower" else "is NOT shown")
     return (
         f"Claim 'the fine-tuned ensemble loses no clean performance' {word} at a margin of +-{tost['margin']:g} "
-        f"kappa: {ens['tuned']} minus {ens['baseline']} clean kappa {tost['mean_diff']:+.4f} over "
-        f"{tost['n']} folds, {100 * tost['ci_level']:.0f}% interval [{tost['ci_low']:+.4f}, {tost['ci_high']:+.4f}], "
-        f"TOST p = {tost['p']:.3g} ({CLEAN_WORDS[tost['decision']]}). Each model against its own baseline: "
+        f"kappa on the shared folds: {ens['tuned']} minus {ens['baseline']} clean kappa "
+        f"{_tost_text(ens['folds'], 'folds')}. On the whole pool, one difference per seed (each seed's own "
+        f"baselines): {_tost_text(ens['seeds'], 'seeds')}. Each model against its own baseline (folds; seeds): "
         + "; ".join(
-            f"{c['tuned']} {c['tost']['mean_diff']:+.4f} ({c['tost']['decision']})" for c in payload["clean"][:-1]
+            f"{c['tuned']} {c['folds']['tost']['mean_diff']:+.4f} ({c['folds']['tost']['decision']}; "
+            f"{c['seeds']['tost']['decision']})"
+            for c in payload["clean"][:-1]
         )
         + "."
     )
@@ -81,6 +91,9 @@ def _attack_table(payload: Mapping[str, Any]) -> pd.DataFrame:
                 "kappa base": _ci(g["baseline"], fmt="{:.3f}"),
                 "kappa FT": _ci(g["finetuned"], fmt="{:.3f}"),
                 "gain x 100": _ci(g["gain"], 100),
+                "gain x 100 per seed": "; ".join(
+                    _ci({"mean": p["change"], **p}, 100, "{:+.1f}") for p in g["gain"]["per_seed"]
+                ),
             }
         )
     return pd.DataFrame(records).set_index(["model", "attack", "eps"])
@@ -89,17 +102,17 @@ def _attack_table(payload: Mapping[str, Any]) -> pd.DataFrame:
 def _clean_table(payload: Mapping[str, Any]) -> pd.DataFrame:
     records = []
     for c in payload["clean"]:
-        records.append(
-            {
-                "comparison": f"{c['tuned']} vs {c['baseline']}",
-                "kappa baseline": f"{c['kappa_baseline']:.3f}",
-                "kappa FT (seeds)": _ci(c["kappa_tuned"], fmt="{:.3f}"),
-                "diff, folds (95% CI)": _ci(c["diff_folds"], fmt="{:+.4f}"),
-                "TOST p": f"{c['tost']['p']:.3g}",
-                "decision": c["tost"]["decision"],
-                "t-test p": f"{c['ttest']['p']:.3g}",
-            }
-        )
+        record = {
+            "comparison": f"{c['tuned']} vs {c['baseline']}",
+            "kappa baseline": _ci(c["kappa_baseline"], fmt="{:.3f}"),
+            "kappa FT": _ci(c["kappa_tuned"], fmt="{:.3f}"),
+        }
+        for test in ("folds", "seeds"):
+            record[f"diff, {test} (95% CI)"] = _ci(c[test]["diff"], fmt="{:+.4f}")
+            record[f"TOST p, {test}"] = f"{c[test]['tost']['p']:.3g}"
+            record[f"decision, {test}"] = c[test]["tost"]["decision"]
+            record[f"t-test p, {test}"] = f"{c[test]['ttest']['p']:.3g}"
+        records.append(record)
     return pd.DataFrame(records).set_index("comparison")
 
 
@@ -134,8 +147,9 @@ def uap_sections(payload: Mapping[str, Any]) -> list[Any]:
     section = Section(
         "UAP attacks and UAP fine-tuning defence (paper B)",
         f"{payload['dataset']}, {len(payload['labels'])} test images, quadratic-weighted kappa, "
-        f"{len(payload['seeds'])} seeds (each: UAP fine-tuning and every attack re-run; data, split and baselines "
-        f"fixed). UAPs fitted on {cfg['uap']['fit']} validation images against the model evaluated (white-box). "
+        f"{len(payload['seeds'])} seeds (each: baselines trained, UAP fine-tuned and attacked anew; data, split, "
+        f"fitting and test images fixed). UAPs fitted on {cfg['uap']['fit']} validation images against the model "
+        "evaluated (white-box). "
         f"Fine-tuned on {', '.join(cfg['finetune']['methods'])} UAPs (L-inf {cfg['finetune']['eps']}; family: "
         f"{', '.join(families)}).",
     )
@@ -143,16 +157,20 @@ def uap_sections(payload: Mapping[str, Any]) -> list[Any]:
     section.paragraph(_clean_verdict(payload), css="verdict")
     section.table(
         _attack_table(payload),
-        caption="Kappa under each attack, baseline vs UAP fine-tuned (FT): mean [95% t interval] over seeds; gain = "
-        "FT - base. Relation: how the attack relates to the fine-tuning UAPs (seen = same algorithm family and norm; "
-        "unseen norm = a fine-tuning family in L2; unseen family = another algorithm; per-image PGD).",
+        caption="Kappa under each attack, baseline vs UAP fine-tuned (FT): mean [95% t interval] over seeds. Gain = "
+        f"FT - base per seed, with its 95% paired bootstrap interval over the test images ({cfg['bootstrap']} "
+        "replicates, the same images for both models); over seeds, their mean with a between-seed t interval widened "
+        "by the image-bootstrap variance of that mean. Relation: how the attack relates to the fine-tuning UAPs "
+        "(seen = same algorithm family and norm; unseen norm = a fine-tuning family in L2; unseen family = another "
+        "algorithm; per-image PGD).",
     )
     section.table(
         _clean_table(payload),
-        caption=f"Clean kappa: each FT model vs its own baseline, FT ensemble vs the ensemble of the same baselines. "
-        f"diff = mean over {cfg['clean_test']['folds']} shared folds of the test pool (FT fold kappas averaged over "
-        f"seeds); TOST = paired equivalence test at +-{cfg['clean_test']['margin']:g} kappa, alpha "
-        f"{cfg['clean_test']['alpha']:g}.",
+        caption=f"Clean kappa (mean over seeds [95% t interval]): each FT model vs its own baseline, FT ensemble vs "
+        f"the ensemble of the same seed's baselines. Folds: mean difference over {cfg['clean_test']['folds']} "
+        f"shared folds of the test pool (both sides' fold kappas averaged over seeds); seeds: whole-pool difference, "
+        f"one per seed. TOST = paired equivalence test at +-{cfg['clean_test']['margin']:g} kappa, alpha "
+        f"{cfg['clean_test']['alpha']:g}; t-test = paired t-test (paper B's test).",
     )
     section.figure(
         _confusions(payload),
