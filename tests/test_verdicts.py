@@ -167,3 +167,11 @@ def test_still_caught_names_the_configurations_and_the_adaptive_outcome() -> Non
     assert "adaptive TPR 0.90" in claim(rows, "still caught").text
     none = [r for d in DETECTORS for r in detector_rows(d)] + success_rows()
     assert claim(none, "still caught").holds is False
+
+
+def test_caught_needs_more_than_half_of_the_aes_at_90_tnr() -> None:
+    rows = detector_rows("kd", change=(-0.05, -0.09, -0.01), tpr=DEFEATED_TPR) + success_rows()
+    found = evidence(rows_frame(rows))["kd"]
+    assert not found.defeated and not found.caught  # its AUROC barely fell, but it flags only half of the AEs
+    rows = detector_rows("kd", change=(-0.3, -0.4, -0.2), tpr=DEFEATED_TPR + 0.01) + success_rows()
+    assert evidence(rows_frame(rows))["kd"].caught

@@ -17,8 +17,8 @@ pre-registration; docs/runs.md, "Verdict rules"). Per dataset and detector layer
 5. *The constraint, not the schedule*: of the detectors HFC defeats, those the weight-0 arm (HFC's schedule with
    the constraint switched off, ``variant`` "w0") does not defeat; holds for at least :data:`MIN_DEFEATED`.
 6. *What still catches HFC*: the detector configurations (detector x layer arm) that *catch* the HFC set --
-   applicable and not defeated by the rules above --, and which of them still catch the adaptive set (HFC in
-   ``typical`` mode, ``variant`` "adaptive").
+   applicable, and flagging more than :data:`DEFEATED_TPR` of its AEs at 90% TNR --, and which of them still catch
+   the adaptive set (HFC in ``typical`` mode, ``variant`` "adaptive").
 7. *Mechanism*: at the deepest constrained layer HFC AEs' log-likelihood under the target class's mixtures is
    closer to clean images' than plain AEs' is.
 
@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from engine.metrics.significance import mean_ci
+from engine.runs.plan import ADAPTIVE
 
 EASY_AUROC = 0.9  # median plain AUROC for "easy to detect" (the predecessor paper reports > 0.98)
 APPLICABLE_AUROC = 0.5  # the plain AUROC interval's lower bound must exceed chance
@@ -45,7 +46,6 @@ MIN_DEFEATED = 5  # of the seven detectors of the HFC paper's table
 MIN_SUCCESS = 0.9  # an attack set whose success falls below this hides partly by failing
 PAPER_DETECTORS = ("kd", "bu", "lid", "maha", "svm", "safetynet", "dnn", "dnr")
 MAIN = ""  # the ``variant`` of the main plain and HFC sets
-ADAPTIVE = "adaptive"  # the ``variant`` of the adaptive HFC set (typical mode)
 SCHEDULE_ONLY = "w0"  # the ``variant`` of the weight-0 arm (HFC's schedule, no constraint)
 
 
@@ -85,8 +85,10 @@ class DetectorEvidence:
 
     @property
     def caught(self) -> bool:
-        """The set is still caught: the detector is applicable and not defeated by it."""
-        return self.applicable and not self.defeated
+        """The set is still caught: the detector is applicable and flags more than :data:`DEFEATED_TPR` of its AEs
+        at 90% TNR (a detector that is not defeated only because its AUROC fell little, from a low TPR, does not
+        catch the set)."""
+        return self.applicable and bool(self.tpr.value > DEFEATED_TPR)
 
     def text(self) -> str:
         mark = "defeated" if self.applicable and self.defeated else ("not applicable" if not self.applicable else "")
