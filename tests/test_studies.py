@@ -12,8 +12,6 @@ from scipy.stats import ttest_rel
 from sklearn.metrics import cohen_kappa_score
 from statsmodels.stats.weightstats import DescrStatsW, ttost_paired
 
-from engine.attacks import PGD
-from engine.data import as_tensors
 from engine.detectors import TiedGaussian
 from engine.metrics import (
     mean_ci,
@@ -25,15 +23,12 @@ from engine.metrics import (
     weighted_pairwise_cosine,
 )
 from engine.metrics.roc import bootstrap_weights
-from engine.models import FeatureExtractor, build_model, load_model
-from engine.runs import ROW_COLUMNS, STUDIES, Artifacts, ResultStore, RunContext
+from engine.models import build_model, load_model
+from engine.runs import Artifacts, RunContext
 from engine.runs.overrides import merge
 from engine.runs.studies import (
-    STRESS_DEFAULTS,
-    STRESS_TINY,
     Ensemble,
     craft_uap,
-    matched_models,
     run_stress_study,
     run_uap_study,
     uap_finetune,
@@ -307,71 +302,6 @@ def test_ensemble_is_the_mean_softmax():
 
 # ---------------------------------------------------------------------------------------------------------------
 # The studies end to end (tiny settings)
-
-
-def _check_rows(rows):
-    assert rows
-    for r in rows:
-        assert set(r) <= set(ROW_COLUMNS) and r["detector"] == "" and isinstance(r["value"], float)
-
-
-def test_stress_study_end_to_end_and_resume(tmp_path):
-    result = run_stress_study(STRESS_TINY, tmp_path)
-    _check_rows(result.rows)
-    metrics = {r["metric"] for r in result.rows}
-    for prefix in ("feature_deviation@", "shift_cosine@", "maha_auroc@", "maha_distance_ratio@"):
-        assert f"{prefix}layer4.1.relu2" in metrics
-    assert {r["attack"] for r in result.rows} == {"", "pgd", "noise"}
-    verdict = result.payload["verdict"]
-    words = {"holds", "not shown", "reversed", "undecided"}
-    assert verdict["medical_more_vulnerable"] in words and verdict["binary_shifts_aligned"] in words
-    value, low, high = verdict["per_eps"][0]["ratios"]["fundus-synth:binary"]["deviation_mean"]
-    assert low <= value <= high
-    html = "".join(s.render() for s in STUDIES["stress"].sections(result.payload))
-    assert "Claim" in html and "matched on validation accuracy" in html
-    with ResultStore(tmp_path / "store") as store:
-        store.commit("stress", "study", result.payload, result.rows)
-        assert len(store.rows()) == len(result.rows)
-    checkpoints = sorted((tmp_path / "models").glob("*/model.pt"))
-    stamps = [p.stat().st_mtime_ns for p in checkpoints]
-    again = run_stress_study(STRESS_TINY, tmp_path)
-    assert [p.stat().st_mtime_ns for p in checkpoints] == stamps  # reused, not retrained
-    assert again.rows == result.rows
-
-
-def test_stress_models_are_matched_on_validation_accuracy(tmp_path):
-    ctx = RunContext(Artifacts(tmp_path), progress=False)
-    cfg = merge(STRESS_DEFAULTS, STRESS_TINY, name="stress config")
-    chosen = matched_models(cfg, ctx)
-    finals = [load_model(ctx.artifacts.path(c["ref"]).parents[1] / "model.pt").meta for c in chosen]
-    target = min(c["val_accuracy"][f["best_epoch"]] for c, f in zip(chosen, finals, strict=True))  # weakest model
-    for c in chosen:
-        gaps = np.abs(np.asarray(c["val_accuracy"]) - target)
-        assert gaps[c["epoch"] - 1] == gaps.min() and c["ref"].endswith(f"epochs/{c['epoch']}.pt")
-        assert ctx.model(c["ref"]).meta["epoch_metrics"]["val_accuracy"] == c["val_accuracy"][c["epoch"] - 1]
-
-
-def test_stress_statistics_use_only_the_successful_aes(tmp_path):
-    cfg = merge(STRESS_DEFAULTS, {**STRESS_TINY, "pool": 40}, name="stress config")
-    result = run_stress_study(cfg, tmp_path)
-    ctx = RunContext(Artifacts(tmp_path), progress=False)
-    chosen = matched_models(cfg, ctx)[0]
-    entry = result.payload["datasets"][0]
-    model = ctx.model(chosen["ref"])
-    x, y = as_tensors(chosen["splits"].test, cfg["pool"])
-    keep = model(x).argmax(1) == y
-    adv = PGD(model, eps=cfg["eps"][0], steps=cfg["pgd_steps"], seed=cfg["seed"])(x[keep], y[keep])
-    ok = adv.success
-    assert 2 <= int(ok.sum()) < int(keep.sum()), "the check needs both failed and successful AEs"
-    pgd = next(r for r in entry["results"] if r["attack"] == "pgd")
-    assert pgd["n"] == int(ok.sum()) and pgd["success_rate"] == pytest.approx(float(ok.float().mean()))
-    extractor = FeatureExtractor(model, [layer := cfg["layers"][-1]])
-    with torch.no_grad():
-        clean = extractor(x[keep][ok])[1][layer].double().numpy()
-        shifted = extractor(adv.adv[ok])[1][layer].double().numpy()
-    extractor.remove()
-    assert pgd["deviation"][-1] == pytest.approx(float(np.mean(relative_deviation(clean, shifted))), rel=1e-5)
-    assert pgd["cosine"][-1] == pytest.approx(mean_pairwise_cosine(shifted - clean, y[keep][ok].numpy()), abs=1e-6)
 
 
 def test_craft_uap_depends_on_its_seed():

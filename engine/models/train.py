@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ def train(
     split_hash: str | None = None,
     max_steps_per_epoch: int | None = None,
     snapshots: bool = False,
+    snapshot_every: int | None = None,
 ) -> TrainResult:
     """Train ``model`` (from build_model) on ``train_ds``, early-stopping on ``monitor`` over ``val_ds``.
 
@@ -106,7 +108,11 @@ def train(
     to ``out_dir/model.pt`` (``TrainResult.checkpoint``). ``test_ds`` (optional) is evaluated with the best
     weights. With ``resume=True`` an existing ``out_dir/last.pt`` of the same configuration is continued.
     ``snapshots=True`` also keeps every epoch's weights as ``out_dir/epochs/<epoch>.pt`` (epochs from 1, their
-    validation metrics in the metadata), e.g. to pick a checkpoint by validation accuracy.
+    validation metrics in the metadata), e.g. to pick a checkpoint by validation accuracy. ``snapshot_every=k``
+    does the same every k optimizer steps (counted from the start of training): the weights go to
+    ``out_dir/steps/<step>.pt`` and their validation metrics (with ``step`` and ``epoch``) to the epoch's history
+    record under ``"snapshots"``. The global random state is restored after each snapshot's evaluation, so the
+    training is the same with or without snapshots.
     """
     if not isinstance(model, ImageClassifier):
         raise TypeError(f"model must be an ImageClassifier from build_model, got {type(model).__name__}")
@@ -115,6 +121,8 @@ def train(
     _check("lr", lr, lr > 0, "> 0")
     _check("weight_decay", weight_decay, weight_decay >= 0, ">= 0")
     _check("patience", patience, isinstance(patience, int) and patience >= 1, "an int >= 1")
+    every_ok = snapshot_every is None or (isinstance(snapshot_every, int) and snapshot_every >= 1)
+    _check("snapshot_every", snapshot_every, every_ok, "None or an int >= 1")
     _check("schedule", schedule, schedule in SCHEDULES, f"one of {SCHEDULES}")
     _check("monitor", monitor, monitor in MONITORS, f"one of {tuple(MONITORS)}")
     num_classes = model.config["num_classes"]
@@ -148,6 +156,7 @@ def train(
         "split_hash": split_hash,
         "max_steps_per_epoch": max_steps_per_epoch,
         **({"snapshots": True} if snapshots else {}),  # absent when off: older last.pt files still resume
+        **({"snapshot_every": snapshot_every} if snapshot_every else {}),
     }
     meta: dict[str, Any] = {
         "input_size": list(train_ds[0][0].shape),
@@ -173,6 +182,16 @@ def train(
         "history": [],
         "stop": False,
     }
+    taken: list[dict[str, Any]] = []  # the current epoch's step snapshots
+
+    def snapshot(step: int) -> None:
+        if snapshot_every and step % snapshot_every == 0:
+            with torch.random.fork_rng(devices=[]):  # keeps the epoch's dropout randomness
+                val = evaluate(model, val_ds, batch_size=max(batch_size, 128))  # restores train mode
+            metrics = {"step": step, "epoch": (step - 1) // steps}
+            metrics.update({f"val_{k}": v for k, v in val.items() if k != "confusion"})
+            save_checkpoint(out_dir / "steps" / f"{step}.pt", model, {**meta, "step_metrics": metrics})
+            taken.append(metrics)
 
     if resume and last_path.is_file():
         ckpt = load_checkpoint(last_path, map_location=device)
@@ -196,8 +215,11 @@ def train(
                 record = _run_epoch(
                     model, train_ds, targets, opt, sched, augmenter=augmenter, balanced=balanced,
                     batch_size=batch_size, drop_last=drop_last, steps=steps, seed=seed, epoch=epoch, device=device,
-                    progress=progress, epochs=epochs,
+                    progress=progress, epochs=epochs, on_step=snapshot,
                 )  # fmt: skip
+                if snapshot_every:
+                    record["snapshots"] = taken[:]
+                    taken.clear()
                 val = evaluate(model, val_ds, batch_size=max(batch_size, 128))
                 record.update({f"val_{k}": v for k, v in val.items() if k != "confusion"})
                 score = sign * val[monitor]
@@ -261,8 +283,10 @@ def _run_epoch(
     device: str,
     progress: bool,
     epochs: int,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """One epoch of ``steps`` optimizer steps; randomness seeded from (seed, epoch)."""
+    """One epoch of ``steps`` optimizer steps; randomness seeded from (seed, epoch). ``on_step`` is called after
+    every step with the number of steps taken since training began."""
     epoch_seed = seed * 1_000_003 + epoch
     torch.manual_seed(epoch_seed)  # dropout
     sample_gen = torch.Generator().manual_seed(epoch_seed)
@@ -293,6 +317,8 @@ def _run_epoch(
         count += len(y)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.update()
+        if on_step is not None:
+            on_step(epoch * steps + step + 1)
     bar.close()
     seconds = time.perf_counter() - start
     return {

@@ -1,25 +1,38 @@
 """Paper A's stress test and fixed-direction analysis (docs/methods.md, Studies) as one study run.
 
 For models of one architecture trained on medical data (fundus-synth binary, cxr-synth) and natural photos
-(`natural`), compared at matched clean accuracy (each model's epoch whose *validation* accuracy is closest to the
-weakest model's), and for each L-inf eps of a small grid, on the test images the model classifies correctly and
-the untargeted PGD attack *fools* (failed AEs are left out; the noise control uses the same images):
+(`natural`), each trained with ``seeds`` training seeds (``seed``, ``seed`` + 1, ...; the split is the same for
+every seed), and for each L-inf eps of a small grid, on the correctly classified test images of the pool:
 
 * relative feature deviation ||f_l(x') - f_l(x)|| / ||f_l(x)|| per layer (GAP of every hooked layer), for x' the
-  PGD example and for x' = x + uniform noise of the same budget (the control);
+  untargeted PGD example and for x' = x + uniform noise of the same budget (the control);
 * alignment of the feature shifts f_l(x') - f_l(x): mean pairwise cosine over samples of the same clean class
   (near 1 = one fixed direction; an untargeted attack on a binary model pushes the two classes oppositely);
 * Mahalanobis outlier score of the shifted features: squared distance to the nearest class mean under a tied
   covariance fitted on clean training features; reported as the AUROC of shifted vs clean features and as the
   ratio of their mean scores.
 
-Percentile bootstrap intervals (images resampled) for the quantities the verdicts use (stress_report.py).
+Each quantity is measured in two variants: on the images PGD *fools* (``fooled``; failed AEs left out, the paper's
+protocol and the one the verdicts use) and on *all* attacked images (``attacked``). The noise control perturbs
+the same images.
+
+Matched clean accuracy (``match_accuracy``): within one seed, every model is trained keeping a snapshot every
+``match_every`` optimisation steps with its *validation* accuracy; the target is the weakest model's best snapshot
+accuracy, and each model is measured at its snapshot closest to it (the latest on ties). Test data plays no part.
+
+Verdicts (stress_report.py). Per seed, "medical features are more vulnerable" holds when every medical model's PGD
+deviation over the natural model's (averaged over layers, and at the deepest layer) has its 95% percentile
+bootstrap interval (fooled images resampled) above 1 at every eps; it cannot be decided (None) on a seed whose
+matched models' clean test accuracies (whole test split) differ by more than ``MAX_ACCURACY_GAP`` = 0.05. Across
+seeds a claim holds only when it holds on every seed; otherwise it takes the worst seed's word, and None when some
+seed has None. The seeds' ratios are also reported as their mean with a 95% Student-t interval over seeds, on both
+image variants; that interval informs, it does not decide.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +42,7 @@ import torch
 from engine.attacks import PGD, noise_like
 from engine.data import as_tensors
 from engine.detectors import TiedGaussian
-from engine.metrics import auroc, mean_pairwise_cosine, relative_deviation, weighted_pairwise_cosine
+from engine.metrics import auroc, mean_ci, mean_pairwise_cosine, relative_deviation, weighted_pairwise_cosine
 from engine.metrics.roc import bootstrap_weights
 from engine.models import FeatureExtractor, extract_pooled, predict_logits
 from engine.runs.artifacts import Artifacts
@@ -37,14 +50,18 @@ from engine.runs.context import RunContext
 from engine.runs.overrides import merge
 from engine.runs.schema import dataset_label
 from engine.runs.studies.base import StudyResult, study_row
-from engine.runs.studies.stress_report import stress_verdict
+from engine.runs.studies.stress_report import seeds_verdict, stress_verdict
 
+# Sized for the default audit's budget (docs/studies.md, Measured cost): per seed 1,080 training images (16 steps of
+# 64 an epoch, 8 epochs: 128 steps, a snapshot every 6 = 21 per model) instead of the 2,100 of the earlier single
+# seed, and a 160-image pool; the 360-image validation and test splits keep the accuracies precise to about 0.02.
 STRESS_DEFAULTS: dict[str, Any] = {
     "seed": 0,
+    "seeds": 3,
     "datasets": [
-        {"name": "fundus-synth", "task": "binary", "n": 3000, "image_size": 64, "group": "medical"},
-        {"name": "cxr-synth", "n": 3000, "image_size": 64, "group": "medical"},
-        {"name": "natural", "n": 3000, "image_size": 64, "group": "natural"},
+        {"name": "fundus-synth", "task": "binary", "n": 1800, "image_size": 64, "group": "medical"},
+        {"name": "cxr-synth", "n": 1800, "image_size": 64, "group": "medical"},
+        {"name": "natural", "n": 1800, "image_size": 64, "group": "natural"},
     ],
     "model": {
         "arch": "resnet18",
@@ -55,23 +72,26 @@ STRESS_DEFAULTS: dict[str, Any] = {
         "lr": 0.003,
         "batch_size": 64,
     },
-    "split": {"val": 0.15, "test": 0.15},
+    "split": {"val": 0.2, "test": 0.2},
     "match_accuracy": True,
+    "match_every": 6,
     "layers": "activations",
     "eps": ["1/256", "2/256", "4/256"],
     "pgd_steps": 10,
-    "pool": 200,
+    "pool": 160,
     "train_features": 600,
     "reg": 1e-3,
     "bootstrap": 1000,
 }
 
 STRESS_TINY: dict[str, Any] = {
+    "seeds": 2,
     "datasets": [
         {"name": "fundus-synth", "task": "binary", "n": 160, "image_size": 16, "group": "medical"},
         {"name": "natural", "n": 160, "image_size": 16, "group": "natural"},
     ],
     "model": {"width": 0.125, "epochs": 3, "batch_size": 32},
+    "match_every": 2,
     "layers": ["relu", "layer2.1.relu2", "layer4.1.relu2"],
     "eps": ["4/256"],
     "pgd_steps": 2,
@@ -87,6 +107,7 @@ ROW_METRIC = {
     "maha_auroc": "maha_auroc",
     "maha_ratio": "maha_distance_ratio",
 }
+ROW_SUFFIX = {"fooled": "", "attacked": "_all"}  # feature_deviation@<layer> vs feature_deviation_all@<layer>
 
 
 @torch.no_grad()
@@ -128,106 +149,178 @@ def shift_statistics(
     return out, replicates
 
 
-def matched_models(cfg: Mapping[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
-    """Per dataset: its splits and the model to measure. With ``match_accuracy`` every model is trained keeping
-    its epoch snapshots; the target is the lowest validation accuracy among the final models, and each model is
-    replaced by its snapshot whose validation accuracy is closest to it (the latest on ties). Test data is never
-    used for the choice."""
-    settings = {**cfg["model"], "snapshots": True} if cfg["match_accuracy"] else cfg["model"]
-    chosen = []
+def match_snapshots(curves: Sequence[Sequence[float]]) -> list[int]:
+    """Per model, the index of its snapshot whose validation accuracy is closest to the target, the weakest
+    model's best (the lowest of the models' highest accuracies); the latest snapshot on ties."""
+    target = min(max(curve) for curve in curves)
+    picks = []
+    for curve in curves:
+        gaps = [abs(a - target) for a in curve]
+        picks.append(max(i for i, gap in enumerate(gaps) if gap == min(gaps)))
+    return picks
+
+
+def _loader_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in spec.items() if k != "group"}
+
+
+def matched_models(cfg: Mapping[str, Any], ctx: RunContext, seed: int) -> list[dict[str, Any]]:
+    """Per dataset: its splits, the reference of the model to measure (trained with ``seed``), its snapshot
+    ``step`` (None unmatched: the final best-on-validation model) and validation accuracy. With
+    ``match_accuracy`` the models are trained with a snapshot every ``match_every`` steps and each is replaced
+    by its snapshot chosen by :func:`match_snapshots`. Test data is never used for the choice."""
+    matching = cfg["match_accuracy"]
+    settings = {**cfg["model"], "snapshot_every": cfg["match_every"]} if matching else cfg["model"]
+    trained = []
     for spec in cfg["datasets"]:
-        splits = ctx.splits({k: v for k, v in spec.items() if k != "group"}, cfg["split"], cfg["seed"])
-        ref = ctx.trained(splits, settings, cfg["seed"])
-        meta = ctx.model(ref).meta
-        val = [h["val_accuracy"] for h in meta["history"]]
-        chosen.append({"splits": splits, "ref": ref, "epoch": meta["best_epoch"] + 1, "val_accuracy": val})
-    if cfg["match_accuracy"]:
-        target = min(c["val_accuracy"][c["epoch"] - 1] for c in chosen)
-        for c in chosen:
-            gaps = [abs(a - target) for a in c["val_accuracy"]]
-            c["epoch"] = max(e + 1 for e, gap in enumerate(gaps) if gap == min(gaps))
-            c["ref"] = ctx.artifacts.ref(ctx.artifacts.path(c["ref"]).parent / "epochs" / f"{c['epoch']}.pt")
+        splits = ctx.splits(_loader_spec(spec), cfg["split"], cfg["seed"])
+        ref = ctx.trained(splits, settings, seed)
+        trained.append((spec, splits, ref, ctx.model(ref).meta))
+    if not matching:
+        return [
+            {"splits": s, "ref": r, "step": None, "val_accuracy": m["metrics"]["val"]["accuracy"]}
+            for _, s, r, m in trained
+        ]
+    snapshots = [[snap for record in m["history"] for snap in record["snapshots"]] for *_, m in trained]
+    for (spec, *_), snaps in zip(trained, snapshots, strict=True):
+        if not snaps:
+            raise ValueError(
+                f"stress config: match_every={cfg['match_every']} exceeds the optimisation steps of training on "
+                f"{dataset_label(spec)}, so it has no snapshot to match; lower match_every"
+            )
+    picks = match_snapshots([[s["val_accuracy"] for s in snaps] for snaps in snapshots])
+    chosen = []
+    for (_, splits, ref, _), snaps, pick in zip(trained, snapshots, picks, strict=True):
+        step = snaps[pick]["step"]
+        path = ctx.artifacts.path(ref).parent / "steps" / f"{step}.pt"
+        accuracy = snaps[pick]["val_accuracy"]
+        chosen.append({"splits": splits, "ref": ctx.artifacts.ref(path), "step": step, "val_accuracy": accuracy})
     return chosen
 
 
-def _study_dataset(spec: Mapping[str, Any], cfg: Mapping[str, Any], ctx: RunContext, chosen: Mapping[str, Any]):
-    """The payload entry of one dataset and the bootstrap replicates of its PGD and noise results."""
-    seed, splits = cfg["seed"], chosen["splits"]
+def _subset(features: Mapping[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
+    return {layer: f[keep] for layer, f in features.items()}
+
+
+def _measure(
+    spec: Mapping[str, Any], cfg: Mapping[str, Any], ctx: RunContext, chosen: Mapping[str, Any], seed: int
+) -> tuple[dict[str, Any], dict[tuple[str, str, str], dict[str, np.ndarray]]]:
+    """The payload entry of one dataset's model and the bootstrap replicates of its results, keyed by
+    (variant, attack, eps)."""
+    splits = chosen["splits"]
     model = ctx.model(chosen["ref"])
     extractor = FeatureExtractor(model, cfg["layers"])
     try:
-        x, y = as_tensors(splits.test, cfg["pool"])
-        correct = predict_logits(model, x).argmax(1) == y.numpy()
-        accuracy = float(correct.mean())
-        x, y = x[correct], y[correct]
+        test_x, test_y = as_tensors(splits.test)
+        correct = predict_logits(model, test_x).argmax(1) == test_y.numpy()
+        in_pool = correct[: cfg["pool"]]
+        x, y = test_x[: cfg["pool"]][in_pool], test_y[: cfg["pool"]][in_pool]
         train_x, train_y = as_tensors(splits.train, cfg["train_features"])
         gaussians = {
             n: TiedGaussian(cfg["reg"]).fit(f, train_y.numpy()) for n, f in layer_features(extractor, train_x).items()
         }
+        clean = layer_features(extractor, x)
         results, replicates = [], {}
-        layers = list(gaussians)
         for i, eps in enumerate(cfg["eps"]):
             adv = PGD(model, eps=eps, steps=cfg["pgd_steps"], seed=seed)(x, y)
-            ok = adv.success.cpu().numpy()
-            n = int(ok.sum())
-            for name in ("pgd", "noise"):
-                stats = {q: [float("nan")] * len(layers) for q in QUANTITIES}
-                replicates[(name, eps)] = {}
-                if n >= 2:  # at least one pair of successful AEs to measure
-                    images = adv.adv.detach()[ok] if name == "pgd" else noise_like(x[ok], eps, seed=seed)
-                    weights = bootstrap_weights(np.random.default_rng([seed, i]), n, cfg["bootstrap"])
-                    stats, replicates[(name, eps)] = shift_statistics(
-                        layer_features(extractor, x[ok]), layer_features(extractor, images), y[ok].numpy(),
-                        gaussians, weights,
-                    )  # fmt: skip
-                rate = adv.success_rate if name == "pgd" else None
-                results.append({"attack": name, "eps": eps, "success_rate": rate, "n": n, **stats})
+            fooled = adv.success.cpu().numpy()
+            shifted = {
+                "pgd": layer_features(extractor, adv.adv.detach()),
+                "noise": layer_features(extractor, noise_like(x, eps, seed=seed)),
+            }
+            for variant, keep in (("fooled", fooled), ("attacked", np.ones_like(fooled))):
+                n = int(keep.sum())
+                weights = bootstrap_weights(np.random.default_rng([seed, i]), n, cfg["bootstrap"]) if n >= 2 else None
+                for name, features in shifted.items():  # PGD and noise: the same images and resamples
+                    stats = {q: [float("nan")] * len(gaussians) for q in QUANTITIES}
+                    replicates[(variant, name, eps)] = {}
+                    if weights is not None:  # at least one pair of images to measure
+                        stats, replicates[(variant, name, eps)] = shift_statistics(
+                            _subset(clean, keep), _subset(features, keep), y[keep].numpy(), gaussians, weights
+                        )
+                    rate = adv.success_rate if name == "pgd" else None
+                    results.append({"attack": name, "eps": eps, "variant": variant, "success_rate": rate, "n": n})
+                    results[-1].update(stats)
     finally:
         extractor.remove()
     entry = {
         "label": dataset_label(spec),
         "group": spec.get("group", "medical"),
-        "epoch": chosen["epoch"],
-        "val_accuracy": chosen["val_accuracy"][chosen["epoch"] - 1],
-        "accuracy": accuracy,
-        "n_correct": int(correct.sum()),
-        "layers": layers,
+        "step": chosen["step"],
+        "val_accuracy": chosen["val_accuracy"],
+        "accuracy": float(correct.mean()),
+        "n_test": len(correct),
+        "n_correct": int(in_pool.sum()),
+        "layers": list(gaussians),
         "results": results,
     }
     return entry, replicates
 
 
-def run_stress_study(config: Mapping[str, Any] | None, workdir: Path, context: RunContext | None = None) -> StudyResult:
-    """Train (or reuse) one model per dataset, match their accuracies, measure the stress-test quantities.
-
-    ``config`` is merged over :data:`STRESS_DEFAULTS` (unknown keys raise). Each dataset spec may carry
-    ``group`` ("medical" or "natural"; default medical). Models are cached under ``workdir`` (or the artifact
-    location of ``context``). Returns rows and a JSON payload (report: stress_report.stress_sections).
-    """
-    start = time.perf_counter()
-    cfg = merge(STRESS_DEFAULTS, config or {}, name="stress config")
-    ctx = context or RunContext(Artifacts(workdir), progress=False)
+def _check(cfg: Mapping[str, Any]) -> None:
     groups = {spec.get("group", "medical") for spec in cfg["datasets"]}
     if not groups <= {"medical", "natural"}:
         raise ValueError(f"stress config: datasets[].group must be 'medical' or 'natural', got {sorted(groups)}")
-    measured = [
-        _study_dataset(spec, cfg, ctx, chosen)
-        for spec, chosen in zip(cfg["datasets"], matched_models(cfg, ctx), strict=True)
-    ]
-    datasets = [entry for entry, _ in measured]
-    payload = {"config": cfg, "datasets": datasets, "verdict": stress_verdict(measured)}
+    for key in ("seeds", "match_every"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"stress config: {key} must be an int >= 1, got {value!r}")
+
+
+def _rows(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rows of every dataset's quantities: the mean over seeds in ``value``, its 95% t interval in ci_low/ci_high."""
+    arch = payload["config"]["model"]["arch"]
+    runs = [run["datasets"] for run in payload["runs"]]
     rows = []
-    arch = cfg["model"]["arch"]
-    for d in datasets:
-        rows.append(study_row(d["label"], arch, "clean_accuracy", d["accuracy"]))
-        for r in d["results"]:
+
+    def add(label: str, metric: str, values: list[float], **extra: Any) -> None:
+        ci = mean_ci(values)
+        rows.append(study_row(label, arch, metric, ci["mean"], ci_low=ci["low"], ci_high=ci["high"], **extra))
+
+    for k, d in enumerate(runs[0]):
+        seeds = [datasets[k] for datasets in runs]
+        add(d["label"], "clean_accuracy", [s["accuracy"] for s in seeds])
+        for j, r in enumerate(d["results"]):
             base = {"attack": r["attack"], "eps": r["eps"]}
-            if r["success_rate"] is not None:
-                rows.append(study_row(d["label"], arch, "attack_success_rate", r["success_rate"], **base))
+            if r["success_rate"] is not None and r["variant"] == "fooled":
+                add(d["label"], "attack_success_rate", [s["results"][j]["success_rate"] for s in seeds], **base)
             for q in QUANTITIES:
-                for layer, value in zip(d["layers"], r[q], strict=True):
-                    rows.append(study_row(d["label"], arch, f"{ROW_METRIC[q]}@{layer}", value, **base))
-    return StudyResult("stress", rows, payload, time.perf_counter() - start)
+                for i, layer in enumerate(d["layers"]):
+                    metric = f"{ROW_METRIC[q]}{ROW_SUFFIX[r['variant']]}@{layer}"
+                    add(d["label"], metric, [s["results"][j][q][i] for s in seeds], **base)
+    return rows
 
 
-__all__ = ["STRESS_DEFAULTS", "STRESS_TINY", "matched_models", "run_stress_study", "shift_statistics"]
+def run_stress_study(config: Mapping[str, Any] | None, workdir: Path, context: RunContext | None = None) -> StudyResult:
+    """Per seed: train (or reuse) one model per dataset, match their accuracies, measure the stress-test
+    quantities and judge the claims; then judge them across seeds.
+
+    ``config`` is merged over :data:`STRESS_DEFAULTS` (unknown keys raise). Each dataset spec may carry
+    ``group`` ("medical" or "natural"; default medical). Models are cached under ``workdir`` (or the artifact
+    location of ``context``). Returns rows (means over seeds) and a JSON payload with every seed's numbers
+    (report: stress_report.stress_sections).
+    """
+    start = time.perf_counter()
+    cfg = merge(STRESS_DEFAULTS, config or {}, name="stress config")
+    _check(cfg)
+    ctx = context or RunContext(Artifacts(workdir), progress=False)
+    seeds = [cfg["seed"] + i for i in range(cfg["seeds"])]
+    runs = []
+    for seed in seeds:
+        measured = [
+            _measure(spec, cfg, ctx, chosen, seed)
+            for spec, chosen in zip(cfg["datasets"], matched_models(cfg, ctx, seed), strict=True)
+        ]
+        runs.append({"seed": seed, "datasets": [entry for entry, _ in measured], "verdict": stress_verdict(measured)})
+    payload = {"config": cfg, "seeds": seeds, "runs": runs, "verdict": seeds_verdict(runs)}
+    return StudyResult("stress", _rows(payload), payload, time.perf_counter() - start)
+
+
+__all__ = [
+    "STRESS_DEFAULTS",
+    "STRESS_TINY",
+    "match_snapshots",
+    "matched_models",
+    "run_stress_study",
+    "shift_statistics",
+]
