@@ -3,7 +3,8 @@
 Setup as the default audit: ResNet-18 width 0.25 with dropout 0.3 (random weights, BatchNorm statistics from the
 data; the cost does not depend on the weights) on fundus-synth binary; detectors as the audit fits them: pooled
 features of every activation, DNN on every activation's raw map (width 0.25), KD/SVM on the last layer, DNR on
-the last three, LID on all, MAHA on the stage outputs (magnitude 0.002, and 0: the fast mode), BU with 50 passes.
+the last three, LID on all, MAHA on the stage outputs (magnitude 0.002, and 0: the fast mode), BU with 50 passes,
+typicality on the layers the audit's HFC constrains (two-component mixtures per class, as the audit's).
 Fitted on 200 clean images and their noise-perturbed copies (the cost does not depend on what the detectors learnt).
 
 Rows, per runtime (torch; onnxruntime on the export with the detectors' outputs): the model alone (logits of every
@@ -34,9 +35,18 @@ import numpy as np
 import torch
 
 from engine.data import load_dataset
-from engine.detectors import BU, DNN, DNR, KD, LID, MAHA, SVM, FeatureCache
+from engine.detectors import BU, DNN, DNR, KD, LID, MAHA, SVM, FeatureCache, Typicality
 from engine.export import OnnxModel, export_onnx
-from engine.models import build_model, load_model, resolve_layers, save_checkpoint, spatial_layers, stage_outputs
+from engine.mixture import GaussianMixture
+from engine.models import (
+    build_model,
+    early_stages,
+    load_model,
+    resolve_layers,
+    save_checkpoint,
+    spatial_layers,
+    stage_outputs,
+)
 from engine.score import Scorer, score_dataset
 
 TOGETHER = ("kd", "lid", "svm", "dnr", "dnn")
@@ -75,7 +85,11 @@ def setup(root: Path, quick: bool, images: int | None) -> tuple[Path, dict[str, 
         "maha": MAHA(layers=maha_layers, magnitude=0.002),
         "maha_m0": MAHA(layers=maha_layers, magnitude=0.0),
         "bu": BU(passes=50),
+        "typicality": Typicality(),
     }
+    hfc_layers = early_stages(model, layers, shape)  # the layers the audit's HFC constrains, with its mixtures
+    mixtures = {n: [GaussianMixture.fit(clean.layer(n)[y == c], 2, reg_covar=1e-4) for c in (0, 1)] for n in hfc_layers}
+    detectors["typicality"].set_reference(mixtures, clean)
     paths = {}
     for name, det in detectors.items():
         det.fit(cache, clean, noisy)

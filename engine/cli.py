@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = command("run", "run (or resume) an audit; no config = the default audit on embedded data")
     run.add_argument("config", nargs="?", help="YAML config (merged over the defaults)")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. attack.steps=40 (see docs/runs.md)")
-    run.add_argument("--quick", action="store_true", help="fewer images, one eps, BIM/PGD only")
+    run.add_argument("--quick", action="store_true", help="short audit: fundus-synth, 1500 images, PGD, no studies")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--executor", choices=choices()["executor"], help="where cells run (default: the config's)")
     run.add_argument("--address", help="Ray cluster to run on: auto or <head host>:<port> (implies --executor ray)")

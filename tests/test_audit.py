@@ -46,11 +46,14 @@ def test_cli_run_writes_results_card_and_report(tiny_run):
     assert set(det["hfc"]) == {True, False} and det["value"].between(0, 1).all()
     assert (det["ci_low"] <= det["value"] + 1e-12).all() and (det["value"] <= det["ci_high"] + 1e-12).all()
     asr = frame[frame["metric"] == "attack_success_rate"]
-    assert len(asr) == 2 and asr["value"].between(0, 1).all()
+    assert len(asr) == 4 and asr["value"].between(0, 1).all()  # plain, HFC, HFC weight 0, adaptive HFC
     html = (run_dir / "report.html").read_text()
     for needle in (
         "Detection on fundus-synth:binary",
-        "change [95% CI]",
+        "HFC change",
+        "HFC w0",
+        "Defence table",
+        "Diagnostics on fundus-synth:binary",
         "AUROC plain",
         "ROC curves",
         "data:image/png;base64",
@@ -68,13 +71,13 @@ def test_resume_after_crash_recomputes_only_missing_cells(tiny_run, capsys):
     cfg, run_dir = tiny_run
     before = pd.read_csv(run_dir / "results.csv")
     db = sqlite3.connect(run_dir / "store.sqlite")
-    with db:  # simulate a crash after the attack cells: the detector cells never committed
-        db.execute("DELETE FROM rows WHERE cell IN (SELECT key FROM cells WHERE stage IN ('detect', 'projection'))")
-        db.execute("DELETE FROM cells WHERE stage IN ('detect', 'projection')")
+    with db:  # simulate a crash after the attack cells: the detector and features cells never committed
+        db.execute("DELETE FROM rows WHERE cell IN (SELECT key FROM cells WHERE stage IN ('detect', 'features'))")
+        db.execute("DELETE FROM cells WHERE stage IN ('detect', 'features')")
     db.close()
     assert main(["run", str(cfg), "--no-progress"]) == 0
     after = pd.read_csv(run_dir / "results.csv")
-    key = ["dataset", "attack", "eps", "hfc", "detector", "metric"]
+    key = ["dataset", "seed", "attack", "eps", "hfc", "variant", "arm", "detector", "metric"]
     pd.testing.assert_frame_equal(
         before.sort_values(key).reset_index(drop=True), after.sort_values(key).reset_index(drop=True)
     )

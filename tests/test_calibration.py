@@ -39,7 +39,7 @@ def test_calibration_images_come_from_the_validation_split_never_the_pool(tmp_pa
     torch.manual_seed(0)
     model = build_model("resnet18", 2, width=0.0625, small_stem=True).eval()
     inputs = {"dataset": spec, "split": split, "seed": 0, "dataset_label": "fundus"}
-    inputs["hfc_config"] = {"calibration": {"images": 30}}
+    inputs["calibration"] = {"images": 30}
     x_cal, _ = calibration_images(ctx, inputs, model)
     pool, _ = ctx.pool(spec, split, 0, None)
     val = torch.stack([im for im, _ in ctx.splits(spec, split, 0).val])

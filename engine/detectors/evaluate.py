@@ -190,7 +190,7 @@ def _metric_rows(detector: str, scores: EvalScores, fitted: str, n_boot: int, se
         base = {"detector": detector, "attack": name, "subset": subset}
         rows += _rows({**base, "n_neg": n_neg, "n_pos": boot.n_positive[(name, subset)]}, metrics)
     for (a, b), sides in boot.paired.items():
-        count = {"n_neg": n_neg, "n_pos": boot.n_paired[(a, b)]}
+        count = {"n_neg": n_neg, "n_pos": boot.n_paired[(a, b)], "versus": b[0]}
         for side, attack, subset in ((a, a[0], "paired"), (b, b[0], "paired"), ("change", b[0], "change")):
             rows += _rows({"detector": detector, "attack": attack, "subset": subset, **count}, sides[side])
     return rows

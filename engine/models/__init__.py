@@ -26,9 +26,12 @@ from engine.models.conventions import (
 )
 from engine.models.evaluate import channel_stats, evaluate, label_with_model, predict_logits
 from engine.models.features import (
+    CONSTRAINED,
+    EARLY_STAGES,
     STAGE_OUTPUTS,
     FeatureExtractor,
     available_layers,
+    early_stages,
     extract_pooled,
     feature_points,
     layer_shapes,
@@ -41,6 +44,8 @@ from engine.models.memory import auto_batch_size, eval_mode, model_device, model
 from engine.models.train import TrainResult, train, train_model
 
 __all__ = [
+    "CONSTRAINED",
+    "EARLY_STAGES",
     "OUTPUT_KINDS",
     "STAGE_OUTPUTS",
     "Augment",
@@ -52,6 +57,7 @@ __all__ = [
     "TrainResult",
     "auto_batch_size",
     "available_layers",
+    "early_stages",
     "extract_pooled",
     "feature_points",
     "input_shape",

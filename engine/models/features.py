@@ -25,6 +25,8 @@ from engine.models.onnx import Tap
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.PReLU)
 LAYER_KINDS = ("all", "activations", "blocks")
 STAGE_OUTPUTS = "stage_outputs"  # a layer selection (e.g. detector.maha.layers) meaning :func:`stage_outputs`
+EARLY_STAGES = "early_stages"  # a layer selection (e.g. hfc.layers) meaning :func:`early_stages`
+CONSTRAINED = "constrained"  # a detector layer selection: the layers HFC constrains (resolved by the run layer)
 CALL_SEP = "@"  # ``relu@1``: the second call of a module that runs several times in one forward pass
 
 
@@ -167,6 +169,17 @@ def stage_outputs(model: nn.Module, layers: Sequence[str], input_shape: Sequence
         last[tuple(shape[1:])] = name
     order = list(shapes)
     return sorted(set(last.values()), key=order.index)
+
+
+def early_stages(model: nn.Module, layers: Sequence[str], input_shape: Sequence[int]) -> list[str]:
+    """The layers among ``layers`` at every spatial resolution but the smallest, in forward order: for a ResNet the
+    stem to the third stage, for a VGG every block but the last (the early and middle stages the HFC reference
+    constrains, whose width rule leaves a ResNet-50's last stages free). A flat (dense) output counts as the
+    smallest resolution."""
+    shapes = layer_shapes(model, layers, input_shape)
+    sizes = {name: (shape[1] * shape[2] if len(shape) == 3 else 0) for name, shape in shapes.items()}
+    smallest = min(sizes.values())
+    return [name for name in shapes if sizes[name] > smallest]
 
 
 def pool_feature(feature: torch.Tensor) -> torch.Tensor:

@@ -16,18 +16,21 @@ from engine.metrics import roc_curves
 from engine.report.figures import loglik_figure, projection_figure, roc_figure
 from engine.report.tables import (
     METRIC_LABELS,
-    PARTS,
     calibration_table,
     clean_table,
+    defence_table,
     detection_table,
+    diagnostics_table,
     loglik_table,
     paired_table,
+    seed_table,
     success_table,
+    transfer_table,
 )
 from engine.report.verdicts import verdicts
 from engine.runs import STUDIES, Projection, RunResult
 from engine.runs.artifacts import load_scores
-from engine.runs.plan import headline
+from engine.runs.plan import detector_arms, headline, run_seeds
 
 
 def summary_lines(result: RunResult) -> list[str]:
@@ -38,16 +41,19 @@ def summary_lines(result: RunResult) -> list[str]:
 def roc_section(section: Section, result: RunResult) -> None:
     """ROC curves (plain vs HFC) of every detector, one figure per (dataset, attack) at its largest budget."""
     groups: dict[tuple[str, str, str], list[tuple[str, str, np.ndarray, np.ndarray]]] = {}
+    first_seed = run_seeds(result.config)[0]
     for cell, payload in result.payloads.get("detect", []):
-        if "skipped" in payload:
+        if "skipped" in payload or cell.inputs["seed"] != first_seed:
             continue
+        arm = cell.inputs.get("arm")
+        detector = cell.inputs["detector"] + ("" if arm is None else f" ({arm})")
         scores = load_scores(result.artifacts.path(payload["directory"]))
         for attack_set, name in (("plain", "plain"), ("hfc", "HFC")):
             positives = scores.positives(attack_set) if attack_set in scores.adversarial else []
             if len(positives):
                 fpr, tpr = (curve[0] for curve in roc_curves(scores.negatives.reshape(-1), positives))
                 group = (cell.inputs["dataset_label"], cell.inputs["attack"], str(cell.inputs["eps"]))
-                groups.setdefault(group, []).append((cell.inputs["detector"], name, fpr, tpr))
+                groups.setdefault(group, []).append((detector, name, fpr, tpr))
     largest: dict[tuple[str, str], str] = {}
     for dataset, attack, eps in groups:
         if (dataset, attack) not in largest or _budget(eps) > _budget(largest[dataset, attack]):
@@ -81,38 +87,81 @@ def projection_section(section: Section, result: RunResult) -> None:
 
 
 def headline_sections(result: RunResult) -> list[Section]:
-    """Verdicts, then per dataset the paper-style heatmap table (plain | HFC | paired change), attack success."""
+    """Verdicts, then per dataset and detector layer arm the paper-style heatmap tables (plain | each HFC set |
+    paired change), the per-seed changes of a several-seed run, the diagnostics, and attack success."""
     attack, eps = headline(result.config)
+    seeds = run_seeds(result.config)
     claims = Section(
         "Verdicts",
         f"The HFC paper's claims judged at the headline setting ({attack}" + ("" if eps is None else f", eps {eps}")
-        + "): detectors fitted on plain AEs, scored on plain and on HFC AEs of the same test images.",
+        + f"; {len(seeds)} seed{'s' if len(seeds) > 1 else ''}) by the pre-registered rules of docs/runs.md: detectors "
+        "fitted on plain AEs, scored on plain and on HFC AEs of the same test images, per detector layer arm.",
     )
     for v in verdicts(result.rows, attack, eps):
         claims.paragraph(v.text, css="verdict " + {True: "holds", False: "fails", None: ""}[v.holds])
     sections = [claims]
-    datasets = list(dict.fromkeys(r["dataset"] for r in result.rows if r.get("detector")))
-    for dataset in datasets:
-        section = Section(f"Detection on {dataset}")
-        for metric, label in METRIC_LABELS.items():
-            text, values = paired_table(result.rows, dataset, metric)
-            if text.empty:
-                continue
-            section.heatmap(
-                text,
-                values,
-                {"plain": (0.5, 1.0, "RdYlGn"), "HFC": (0.5, 1.0, "RdYlGn"), PARTS[2]: (-0.5, 0.5, "RdBu")}
-                if metric == "auroc"
-                else {"plain": (0.0, 1.0, "RdYlGn"), "HFC": (0.0, 1.0, "RdYlGn"), PARTS[2]: (-1.0, 1.0, "RdBu")},
-                caption=f"{label} of each detector (fitted on plain AEs) on plain and on HFC AEs of the same images "
-                "(those where both attacks succeeded; negatives: their clean and noise copies), and the paired change "
-                "HFC minus plain with its 95% bootstrap CI over images (* : CI excludes zero).",
+    arms = list(detector_arms(result.config))
+    for dataset in dict.fromkeys(r["dataset"] for r in result.rows if r.get("detector")):
+        for arm in arms:
+            title = f"Detection on {dataset}" + ("" if arm is None else f", detectors on the {arm!r} layers")
+            section = Section(title, ARM_NOTES.get(arm, ""))
+            for metric, label in METRIC_LABELS.items():
+                text, values = paired_table(result.rows, dataset, metric, arm)
+                if text.empty:
+                    continue
+                value_scale = (0.5, 1.0, "RdYlGn") if metric == "auroc" else (0.0, 1.0, "RdYlGn")
+                change_scale = (-0.5, 0.5, "RdBu") if metric == "auroc" else (-1.0, 1.0, "RdBu")
+                scales = {part: change_scale if part.endswith("change") else value_scale for _, part in text.columns}
+                section.heatmap(
+                    text,
+                    values,
+                    scales,
+                    caption=f"{label} of each detector (fitted on plain AEs) on plain AEs and on each HFC set of the "
+                    "same images (those where both attacks succeeded; negatives: their clean and noise copies), and "
+                    "the paired change (that set minus plain) with its 95% interval (* : excludes zero). 'HFC w0' is "
+                    "HFC's schedule with weight 0: what the longer schedule alone does.",
+                )
+            defence = defence_table(result.rows, dataset, attack, eps, arm)
+            if not defence.empty:
+                section.table(
+                    defence,
+                    caption="Defence table: every detector on plain, HFC and adaptive-HFC AEs (95% intervals); "
+                    "'caught' = the detector is applicable and not defeated by that set under the verdict rules.",
+                )
+            transfer = transfer_table(result.rows, dataset, arm)
+            if not transfer.empty:
+                section.table(
+                    transfer,
+                    caption="Cross-attack transfer: detectors fitted on one attack's plain AEs, scored on every "
+                    "attack's plain and HFC AEs at the same budget (AUROC with its 95% interval; another attack's "
+                    "sets on the images where both attacks succeeded).",
+                )
+            per_seed = seed_table(result.rows, dataset, arm)
+            if not per_seed.empty:
+                section.table(per_seed, float_format="{:+.2f}")
+            sections.append(section)
+        diagnostics = diagnostics_table(result.rows, dataset)
+        if not diagnostics.empty:
+            sections.append(
+                Section(
+                    f"Diagnostics on {dataset}",
+                    "Why a detector may score AEs as more normal than clean images: the medians of the MC-dropout "
+                    "variance (BU's signal) and of the logit margin, and the mean log-likelihood of the deepest "
+                    "constrained layer (clean and noise images under their class's mixtures, AEs under the target "
+                    "class's), at the headline setting on the images where both attacks succeeded.",
+                ).table(diagnostics, float_format="{:.4g}")
             )
-        sections.append(section)
     success = success_table(result.rows)
     if not success.empty:
         sections.append(Section("Attack success", "On the correctly classified test pool.").table(success))
     return sections
+
+
+ARM_NOTES = {
+    "same": "The detectors read the layers HFC constrains (the paper's easiest case for HFC).",
+    "unconstrained": "The detectors read every activation: KD and SVM the final pooled feature and DNR the last "
+    "three layers, which HFC does not constrain; LID, MAHA and DNN combine constrained and unconstrained layers.",
+}
 
 
 def build_report(result: RunResult) -> str:

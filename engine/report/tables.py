@@ -9,82 +9,213 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from engine.report.verdicts import MAIN, estimate, evidence, rows_frame
+from engine.runs.plan import ADAPTIVE, TRANSFER
+
 TABLE_METRICS = ("auroc", "tpr_at_tnr90")
 METRIC_LABELS = {"auroc": "AUROC", "tpr_at_tnr90": "TPR@90%TNR"}
-PARTS = ("plain", "HFC", "change [95% CI]")
+DIAGNOSTIC_LABELS = {
+    "mc_variance": "MC-dropout variance (median)",
+    "logit_margin": "logit margin (median)",
+    "loglik": "deepest constrained layer log-likelihood (mean)",
+}
+SET_LABELS = {"clean": "clean", "noise": "noise", "plain": "plain AE", "hfc": "HFC AE"}
 
 
 def _frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame(list(rows))
+    return _with_setting(rows_frame(rows))
+
+
+def _with_setting(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return frame
+    frame = frame.copy()
     pairs = zip(frame["attack"], frame["eps"], strict=True)
     frame["setting"] = [f"{a} {e}" if isinstance(e, str) and e else str(a) for a, e in pairs]
     return frame
 
 
 def paired_table(
-    rows: Sequence[dict[str, Any]], dataset: str, metric: str = "auroc"
+    rows: Sequence[dict[str, Any]], dataset: str, metric: str = "auroc", arm: str | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(text, values) of the paper-style table for ``dataset``: detectors as rows; per (attack, eps) the metric on
-    plain and on HFC AEs of the same images (both attacks succeeded) and the paired change with its CI."""
-    frame = _frame(rows)
+    """(text, values) of the paper-style table for ``dataset`` and detector layer ``arm``: detectors as rows; per
+    (attack, eps) the metric on plain AEs and on each HFC set (the calibrated HFC set, and the fixed-weight sets
+    such as weight 0) of the same images (both attacks succeeded), and each set's paired change with its interval
+    (the image bootstrap with one seed, the between-seed t interval with several)."""
+    frame = rows_frame(rows)
     if frame.empty:
         return pd.DataFrame(), pd.DataFrame()
-    frame = frame[(frame["dataset"] == dataset) & frame["detector"].fillna("").ne("")]
+    frame = frame[(frame["dataset"] == dataset) & frame["detector"].ne("")]
+    frame = frame[frame["arm"].isna()] if arm is None else frame[frame["arm"] == arm]
+    frame = _with_setting(frame)
     paired = frame[frame["metric"] == f"{metric}@paired"]
-    change = frame[frame["metric"] == f"{metric}_change"]
     if paired.empty:
         return pd.DataFrame(), pd.DataFrame()
+    hfc_sets = paired[paired["hfc"] & ~paired["variant"].str.startswith(TRANSFER)]
+    variants = list(dict.fromkeys(hfc_sets["variant"]))
+    parts = ["plain", *[p for v in variants for p in _parts(v)]]
     settings = list(dict.fromkeys(paired["setting"]))
     detectors = list(dict.fromkeys(paired["detector"]))
-    columns = pd.MultiIndex.from_tuples([(s, p) for s in settings for p in PARTS])
+    columns = pd.MultiIndex.from_tuples([(s, p) for s in settings for p in parts])
     text = pd.DataFrame("–", index=detectors, columns=columns)
     values = pd.DataFrame(np.nan, index=detectors, columns=columns)
-    for r in paired.itertuples():
-        part = "HFC" if r.hfc else "plain"
-        text.loc[r.detector, (r.setting, part)] = f"{r.value:.2f}"
-        values.loc[r.detector, (r.setting, part)] = r.value
-    for r in change.itertuples():
-        mark = "*" if r.ci_high < 0 or r.ci_low > 0 else ""
-        text.loc[r.detector, (r.setting, PARTS[2])] = f"{r.value:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]{mark}"
-        values.loc[r.detector, (r.setting, PARTS[2])] = r.value
+    for (setting, detector), group in frame.groupby(["setting", "detector"], sort=False):
+        plain = group[~group["hfc"] & group["variant"].eq(MAIN) & (group["metric"] == f"{metric}@paired")]
+        if not plain.empty:  # the plain side of the pair with the HFC set
+            est = estimate(plain)
+            text.loc[detector, (setting, "plain")] = f"{est.value:.2f}"
+            values.loc[detector, (setting, "plain")] = est.value
+        for variant in variants:
+            on_set = group[group["hfc"] & group["variant"].eq(variant)]
+            value = estimate(on_set[on_set["metric"] == f"{metric}@paired"])
+            change = estimate(on_set[on_set["metric"] == f"{metric}_change"])
+            name, delta = _parts(variant)
+            text.loc[detector, (setting, name)] = f"{value.value:.2f}"
+            values.loc[detector, (setting, name)] = value.value
+            mark = "*" if change.high < 0 or change.low > 0 else ""
+            text.loc[detector, (setting, delta)] = f"{change.text(signed=True)}{mark}"
+            values.loc[detector, (setting, delta)] = change.value
     text.index = [d.upper() for d in text.index]
     values.index = text.index
     return text, values
 
 
-def success_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """Attack success (on the correctly classified pool) per (dataset, attack, eps), plain and HFC."""
-    frame = _frame(rows)
+def _parts(variant: str) -> tuple[str, str]:
+    """The (value, change) column names of an HFC set."""
+    name = "HFC" if variant == MAIN else f"HFC {variant}"
+    return name, f"{name} change"
+
+
+def defence_table(rows: Sequence[dict[str, Any]], dataset: str, attack: str, eps: str | None,
+                  arm: str | None) -> pd.DataFrame:  # fmt: skip
+    """Per detector on layer ``arm`` at the headline (``attack``, ``eps``): AUROC and TPR at 90% TNR with their
+    intervals on plain, HFC and adaptive-HFC AEs (the latter two on the images where plain and that set both
+    succeeded), each set marked caught / not caught by the verdict rules (applicable and not defeated)."""
+    frame = rows_frame(rows)
     if frame.empty:
         return frame
-    asr = frame[frame["metric"] == "attack_success_rate"]
-    if asr.empty:
+    eps_match = frame["eps"].isna() if eps is None else frame["eps"].astype(str) == str(eps)
+    head = frame[(frame["dataset"] == dataset) & (frame["attack"] == attack) & eps_match & frame["detector"].ne("")]
+    head = head[head["arm"].isna()] if arm is None else head[head["arm"] == arm]
+    records = {}
+    for variant, name in ((MAIN, "HFC"), (ADAPTIVE, "adaptive HFC")):
+        for detector, found in evidence(head, variant).items():
+            record = records.setdefault(detector.upper(), {})
+            if not record:
+                plain_tpr = estimate(head[(head["detector"] == detector) & ~head["hfc"] & head["variant"].eq(MAIN)
+                                          & (head["metric"] == "tpr_at_tnr90")])  # fmt: skip
+                record["plain AUROC"] = found.plain_auroc.text()
+                record["plain TPR@90%TNR"] = plain_tpr.text()
+            record[f"{name} AUROC"] = found.auroc.text()
+            record[f"{name} TPR@90%TNR"] = found.tpr.text()
+            record[f"{name}"] = "caught" if found.caught else "not caught"
+    return pd.DataFrame.from_dict(records, orient="index")
+
+
+def transfer_table(rows: Sequence[dict[str, Any]], dataset: str, arm: str | None) -> pd.DataFrame:
+    """The cross-attack transfer matrix on layer ``arm``: per detector and the attack it was fitted on (plain AEs),
+    its AUROC [interval] on every attack's plain and HFC AEs at the same budget (another attack's sets on the images
+    where both it and the fitted attack succeeded); empty for a run with one attack."""
+    frame = rows_frame(rows)
+    if frame.empty:
+        return frame
+    frame = frame[(frame["dataset"] == dataset) & frame["detector"].ne("")]
+    frame = frame[frame["arm"].isna()] if arm is None else frame[frame["arm"] == arm]
+    transfer = frame["variant"].str.startswith(TRANSFER)
+    if not transfer.any():
         return pd.DataFrame()
-    table = asr.pivot_table(index=["dataset", "setting"], columns="hfc", values="value", aggfunc="first")
-    table.columns = ["success HFC" if h else "success plain" for h in table.columns]
+    own_plain = frame[~frame["hfc"] & frame["variant"].eq(MAIN) & (frame["metric"] == "auroc")]
+    own_hfc = frame[frame["hfc"] & frame["variant"].eq(MAIN) & (frame["metric"] == "auroc@paired")]
+    other = frame[transfer & (frame["metric"] == "auroc@paired")]
+    records: dict[tuple[str, str], dict[str, str]] = {}
+    for part, scored in ((own_plain, lambda r: r.attack), (own_hfc, lambda r: f"{r.attack}+hfc"),
+                         (other, lambda r: r.variant.removeprefix(TRANSFER))):  # fmt: skip
+        for (detector, attack, eps, name), group in part.groupby(
+            ["detector", "attack", part["eps"].fillna(""), part.apply(scored, axis=1)], sort=False
+        ):
+            fitted = f"{attack} {eps}".strip()
+            target = name.replace("+hfc", " HFC") if name.endswith("+hfc") else f"{name} plain"
+            records.setdefault((detector.upper(), fitted), {})[target] = estimate(group).text()
+    table = pd.DataFrame.from_dict(records, orient="index").fillna("–")
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["detector", "fitted on"])
     return table
 
 
+def diagnostics_table(rows: Sequence[dict[str, Any]], dataset: str) -> pd.DataFrame:
+    """Per image set (clean, noise, plain AEs, HFC AEs) at the headline setting: median MC-dropout variance, median
+    logit margin and mean deepest-constrained-layer log-likelihood (averaged over seeds)."""
+    frame = rows_frame(rows)
+    if frame.empty:
+        return frame
+    diag = frame[(frame["dataset"] == dataset) & frame["metric"].str.startswith("diag_")].copy()
+    if diag.empty:
+        return pd.DataFrame()
+    diag["quantity"] = diag["metric"].str.removeprefix("diag_").str.split("@").str[0]
+    diag["set"] = diag["metric"].str.split("@").str[1]
+    table = diag.pivot_table(index="set", columns="quantity", values="value", aggfunc="mean", sort=False)
+    table = table.rename(columns=DIAGNOSTIC_LABELS, index=SET_LABELS)
+    return table[[c for c in DIAGNOSTIC_LABELS.values() if c in table.columns]]
+
+
+def seed_table(rows: Sequence[dict[str, Any]], dataset: str, arm: str | None) -> pd.DataFrame:
+    """Per detector and seed, the paired AUROC change of the HFC set (main variant), with the between-seed mean and
+    t interval: empty when the run has one seed."""
+    frame = rows_frame(rows)
+    if frame.empty or frame["seed"].nunique() < 2:
+        return pd.DataFrame()
+    frame = frame[(frame["dataset"] == dataset) & frame["detector"].ne("") & frame["hfc"] & frame["variant"].eq(MAIN)]
+    frame = frame[frame["arm"].isna()] if arm is None else frame[frame["arm"] == arm]
+    change = _with_setting(frame[frame["metric"] == "auroc_change"])
+    if change.empty:
+        return pd.DataFrame()
+    table = change.pivot_table(index=["setting", "detector"], columns="seed", values="value", aggfunc="first")
+    table.columns = [f"seed {c}" for c in table.columns]
+    table["between seeds"] = [estimate(g).text(signed=True) for _, g in change.groupby(["setting", "detector"])]
+    return table
+
+
+def success_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Attack success (on the correctly classified pool) per (dataset, attack, eps) of the plain and each HFC set,
+    averaged over seeds."""
+    frame = _frame(rows)
+    if frame.empty:
+        return frame
+    asr = frame[frame["metric"] == "attack_success_rate"].copy()
+    if asr.empty:
+        return pd.DataFrame()
+    asr["set"] = [_set_name(h, v) for h, v in zip(asr["hfc"], asr["variant"], strict=True)]
+    table = asr.pivot_table(index=["dataset", "setting"], columns="set", values="value", aggfunc="mean", sort=False)
+    table.columns = [f"success {c}" for c in table.columns]
+    return table
+
+
+def _set_name(hfc: bool, variant: str) -> str:
+    return "plain" if not hfc else _parts(variant)[0]
+
+
 def detection_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """The long table: per (dataset, attack, eps, detector) AUROC and TPR@90%TNR on each set's own successful AEs,
-    plain and HFC, with the attack success rates beside them."""
-    frame = pd.DataFrame(list(rows))
-    if frame.empty or "detector" not in frame:
+    """The long table: per (dataset, attack, eps, layer arm, detector) AUROC and TPR@90%TNR on each set's own
+    successful AEs (plain and each HFC set), with the attack success rates beside them (means over seeds)."""
+    frame = rows_frame(rows)
+    if frame.empty:
         return pd.DataFrame()
     keys = ["dataset", "attack", "eps"]
-    det = frame[frame["metric"].isin(TABLE_METRICS) & frame["detector"].fillna("").ne("")]
+    det = frame[frame["metric"].isin(TABLE_METRICS) & frame["detector"].ne("")].copy()
     if det.empty:
         return pd.DataFrame()
-    table = det.pivot_table(index=[*keys, "detector"], columns=["metric", "hfc"], values="value", aggfunc="first")
-    table.columns = [f"{METRIC_LABELS[m]} {'HFC' if h else 'plain'}" for m, h in table.columns]
-    order = [f"{METRIC_LABELS[m]} {s}" for m in TABLE_METRICS for s in ("plain", "HFC")]
+    det["arm"] = det["arm"].fillna("")
+    det["set"] = [_set_name(h, v) for h, v in zip(det["hfc"], det["variant"], strict=True)]
+    table = det.pivot_table(
+        index=[*keys, "arm", "detector"], columns=["metric", "set"], values="value", aggfunc="mean", sort=False
+    )
+    table.columns = [f"{METRIC_LABELS[m]} {s}" for m, s in table.columns]
+    order = [f"{METRIC_LABELS[m]} {s}" for m in TABLE_METRICS for s in dict.fromkeys(det["set"])]
     table = table[[c for c in order if c in table.columns]]
-    asr = frame[frame["metric"] == "attack_success_rate"]
+    asr = frame[frame["metric"] == "attack_success_rate"].copy()
     if not asr.empty:
-        asr = asr.pivot_table(index=keys, columns="hfc", values="value", aggfunc="first")
-        asr.columns = [f"success {'HFC' if h else 'plain'}" for h in asr.columns]
+        asr["set"] = [_set_name(h, v) for h, v in zip(asr["hfc"], asr["variant"], strict=True)]
+        asr = asr.pivot_table(index=keys, columns="set", values="value", aggfunc="mean", sort=False)
+        asr.columns = [f"success {c}" for c in asr.columns]
         table = table.join(asr, on=keys)
     return table
 

@@ -2,12 +2,13 @@
 
 A run's ``detect`` cells each fit one detector for one (dataset, model, attack, eps) on plain AEs and score plain
 and HFC AEs with it (the HFC protocol), so a fitted detector is named by the key
-``<dataset>/<model>/<attack>/<eps>/<detector>`` (e.g. ``fundus-synth_binary/resnet18/pgd/8-256/kd``): each part is
-the row's label made file-name safe (:func:`engine.runs.artifacts.slug`), eps is written as on the command line
-with ``-`` for ``/`` (``none`` for an attack without a budget). Whether the AEs were HFC ones is not part of the
-key: the same fitted detector has an AUROC on both. Everything comes from the run's own records: the cells of the
-config last run in the directory (the store's plan), their payloads (where the fitted detector lives) and their
-rows (what it is, its AUROC with the bootstrap CI), never from directory names.
+``<dataset>/<model>/<attack>/<eps>/<arm>/<detector>`` (e.g. ``fundus-synth_binary/resnet18/pgd/8-256/same/kd``):
+each part is the row's label made file-name safe (:func:`engine.runs.artifacts.slug`), eps is written as on the
+command line with ``-`` for ``/`` (``none`` for an attack without a budget), the detector layer arm only when the
+run has arms, and a ``seed<k>`` part after the model when the run has several seeds. Whether the AEs were HFC
+ones is not part of the key: the same fitted detector has an AUROC on both. Everything comes from the run's own
+records: the cells of the config last run in the directory (the store's plan), their payloads (where the fitted
+detector lives) and their rows (what it is, its AUROC with the bootstrap CI), never from directory names.
 
 ``select(run_dir, pattern)`` picks entries by a glob over the key (``fnmatch``, case-sensitive; ``*`` also spans
 ``/``, so ``fundus*/pgd/8-256/*`` matches every model's detectors).
@@ -15,6 +16,7 @@ rows (what it is, its AUROC with the bootstrap CI), never from directory names.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -55,11 +57,16 @@ class FittedDetector:
     path: Path
     auroc: Auroc | None
     auroc_hfc: Auroc | None
+    arm: str | None = None
+    seed: int | None = None
+    several_seeds: bool = False
 
     @property
     def key(self) -> str:
         eps = "none" if self.eps is None else slug(self.eps.replace("/", "-"))
-        return "/".join([slug(self.dataset), slug(self.model), slug(self.attack), eps, slug(self.detector)])
+        parts = [slug(self.dataset), slug(self.model), *([f"seed{self.seed}"] if self.several_seeds else [])]
+        parts += [slug(self.attack), eps, *([slug(self.arm)] if self.arm else []), slug(self.detector)]
+        return "/".join(parts)
 
 
 def catalog(run_dir: str | os.PathLike[str]) -> list[FittedDetector]:
@@ -75,6 +82,8 @@ def catalog(run_dir: str | os.PathLike[str]) -> list[FittedDetector]:
         keys = finished if planned is None else [key for key in planned if key in done]
         keys = [key for key in keys if "fitted" in store.payload(key)]  # not a detector skipped for its model
         entries = [_entry(store.rows([key]), artifacts.path(store.payload(key)["fitted"])) for key in keys]
+    if len({e.seed for e in entries}) > 1:
+        entries = [dataclasses.replace(e, several_seeds=True) for e in entries]
     seen: dict[str, FittedDetector] = {}
     for entry in entries:
         if entry.key in seen:
@@ -116,7 +125,11 @@ def _artifact_location(run_dir: Path) -> Path:
 
 def _entry(rows: list[dict[str, Any]], path: Path) -> FittedDetector:
     """A catalog entry from a detect cell's rows (its identity and AUROC rows) and its fitted directory."""
-    auroc = {r["hfc"]: Auroc(r["value"], r["ci_low"], r["ci_high"]) for r in rows if r["metric"] == "auroc"}
+    auroc = {
+        r["hfc"]: Auroc(r["value"], r["ci_low"], r["ci_high"])
+        for r in rows
+        if r["metric"] == "auroc" and not r.get("variant")  # the main plain and HFC sets
+    }
     first = rows[0]
     return FittedDetector(
         dataset=first["dataset"],
@@ -127,4 +140,6 @@ def _entry(rows: list[dict[str, Any]], path: Path) -> FittedDetector:
         path=path,
         auroc=auroc.get(False),
         auroc_hfc=auroc.get(True),
+        arm=first.get("arm"),
+        seed=first.get("seed"),
     )

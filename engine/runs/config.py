@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
-from engine.attacks import ATTACKS, HFC_MODES, NOISE_KINDS, TARGET_MODES
+from engine.attacks import ATTACKS, HFC_MODES, NOISE_KINDS, TARGET_MODES, parse_eps
 from engine.data import LOADERS, SYNTHETIC
 from engine.detectors import DETECTORS
-from engine.models import STAGE_OUTPUTS, InputConvention
+from engine.models import CONSTRAINED, STAGE_OUTPUTS, InputConvention
 from engine.models.classifier import ARCHITECTURES
 from engine.models.conventions import check_output
 from engine.runs.cluster import check_executor_settings
@@ -35,6 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "name": "default",
     "output_dir": "runs",
     "seed": 0,
+    "seeds": None,  # several seeds: the audit once per seed (data, split, training, mixtures, attacks, detectors)
+    "threads": 2,  # torch threads of the run (fixed, so results do not move with the machine's core count)
     "device": "cpu",
     "executor": "local",
     "artifacts": None,  # the artifact location: None is <run dir>/artifacts; a directory or an fsspec URL
@@ -62,11 +64,11 @@ DEFAULTS: dict[str, Any] = {
         "output": "logits",
         "parity_tolerance": 1e-4,
     },
-    # The headline grid (docs/runs.md, "The default regime"): PGD and CW-Linf at 8/256, the top of the HFC paper's
-    # budgets, where these small from-scratch models' plain AEs are as detectable as the paper's. The full grid of
-    # attacks and budgets is configs/full-grid.yaml.
+    # The headline grid (docs/runs.md, "The default regime"): PGD at 8/256, the top of the HFC paper's budgets, where
+    # these small from-scratch models' plain AEs are as detectable as the paper's. CW-Linf, the other budgets and
+    # attacks are in configs/full-grid.yaml.
     "models": [],  # several models in one run: entries merged over `model` (configs/paper.yaml)
-    "attacks": ["pgd", "cw_linf"],
+    "attacks": ["pgd"],
     "eps": ["8/256"],
     # As the HFC reference code (gen_base_adv.py): 10 steps of 2 eps / steps, targeted; its CW margin has confidence
     # 100 and its MI-FGSM momentum 0.5.
@@ -81,18 +83,27 @@ DEFAULTS: dict[str, Any] = {
         "mifgsm": {"momentum": 0.5},
     },
     # The reference's HFC: nearest-component term normalised per layer, weight 1; here the weight is the largest of
-    # the grid (from 1 down) keeping 90% HFC success on validation images, and HFC runs twice the plain steps.
+    # the grid (from 1 down) keeping 90% HFC success on validation images, and HFC runs twice the plain steps. It
+    # constrains the early and middle stages (every resolution but the last: the reference's width rule leaves a
+    # ResNet-50's last stages free), so the "unconstrained" detector arm reads layers HFC never touches; the
+    # weight-0 set (fixed_weights) runs HFC's schedule without the constraint, to attribute the drop.
     "hfc": {
         "enabled": True,
-        "layers": "activations",
+        "layers": "early_stages",
+        "max_channels": None,
         "mode": "nearest",
         "lam": "auto",
         "calibration": {"target": 0.9, "grid": [1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001], "images": 100},
         "steps": 20,
+        "step_size": None,
+        "fixed_weights": [0.0],
+        "adaptive": True,  # one more HFC set at the headline setting, in typical mode (aims at the clean typical set)
+        "options": {},  # per attack, options of its HFC sets merged over attack.<attack> (e.g. cw_linf: {kappa: 10})
         "n_components": 2,
         "reg_covar": 1e-4,
+        "fit": {"bayesian": False, "n_init": 1, "max_iter": 100, "augment": 0},
     },
-    "detectors": ["kd", "bu", "lid", "maha", "svm", "dnn", "dnr"],
+    "detectors": ["kd", "bu", "lid", "maha", "svm", "dnn", "dnr", "typicality"],
     # Per-detector settings (a detector's own keyword arguments) sit beside the protocol's. DNN: Metzen's subnetworks
     # on every constrained layer, trained to convergence (early stopping), at a quarter width (full width costs 16x:
     # not within a CPU budget); DNR: C and gamma by cross-validation on clean training data, as Sotgiu et al.; MAHA on
@@ -102,8 +113,15 @@ DEFAULTS: dict[str, Any] = {
         "bootstrap": 1000,
         "train_limit": 1000,
         "layers": "activations",
-        "raw_layers": "activations",
+        "raw_layers": None,
         "noise": "uniform",
+        "noise_eps": None,
+        # the same detectors on two layer sets: those HFC constrains, and every layer (KD and SVM then read the
+        # final pooled feature, DNR the last three layers: all unconstrained)
+        "arms": {
+            "same": {"layers": CONSTRAINED},
+            "unconstrained": {"layers": "activations"},
+        },
         **{name: {} for name in DETECTORS},
         "dnn": {"width": 0.25, "epochs": 50, "patience": 3},
         "dnr": {"C": "cv", "gamma": "cv"},
@@ -189,7 +207,8 @@ def _model_labels(config: dict[str, Any]) -> None:
 def _free_form(dotted: str) -> bool:
     """Keys whose contents are not checked against DEFAULTS (dataset specs, study and per-method options)."""
     head, _, rest = dotted.partition(".")
-    return head in ("datasets", "models", "study", "resources") or dotted.startswith("model.options") or (
+    free = ("model.options", "detector.arms.", "hfc.options.")
+    return head in ("datasets", "models", "study", "resources") or dotted.startswith(free) or (
         head in ("attack", "detector") and rest.split(".")[0] in (*ATTACKS, *DETECTORS) and "." in rest
     )
 
@@ -217,8 +236,9 @@ def validate(config: Mapping[str, Any]) -> None:
     _positive_int(config, "detector.train_limit")
     _positive_int(config, "hfc.calibration.images")
     raw = config["detector"]["raw_layers"]
-    if not (isinstance(raw, (str, list)) or (isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0)):
-        raise ConfigError(f"config key 'detector.raw_layers' must be a count >= 0 or layer patterns, got {raw!r}")
+    count = isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0
+    if not (raw is None or isinstance(raw, (str, list)) or count):
+        raise ConfigError(f"config key 'detector.raw_layers' must be null, a count >= 0 or layer patterns, got {raw!r}")
     for part in ("val", "test"):
         if not 0 <= config["split"][part] < 1:
             raise ConfigError(f"config key 'split.{part}' must be a fraction in [0, 1), got {config['split'][part]!r}")
@@ -231,11 +251,18 @@ def validate(config: Mapping[str, Any]) -> None:
     targeted = config["attack"]["targeted"]
     if not (isinstance(targeted, bool) or targeted in TARGET_MODES):
         raise ConfigError(f"config key 'attack.targeted' must be true, false or one of {TARGET_MODES}")
+    _seeds(config)
     _hfc(config["hfc"])
+    _arms(config["detector"]["arms"])
+    _optional_eps(config, "detector.noise_eps", config["detector"]["noise_eps"])
     _model(config["model"])
     _headline(config)
     check_executor_settings(config)
     _method_options(config, "attack", ATTACKS, lambda cls: cls.parameters())
+    hfc_options = config["hfc"]["options"]
+    if not isinstance(hfc_options, Mapping) or set(hfc_options) - set(ATTACKS):
+        raise ConfigError(f"config key 'hfc.options' must map attacks {list(ATTACKS)} to options, got {hfc_options!r}")
+    _method_options(config["hfc"], "options", ATTACKS, lambda cls: cls.parameters(), "hfc.options")
     _method_options(config, "detector", DETECTORS, lambda cls: list(inspect.signature(cls.__init__).parameters))
 
 
@@ -251,6 +278,68 @@ def _hfc(hfc: Mapping[str, Any]) -> None:
     steps = hfc["steps"]
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ConfigError(f"config key 'hfc.steps' must be a positive integer or null (attack.steps), got {steps!r}")
+    weights = hfc["fixed_weights"]
+    if not isinstance(weights, list) or not all(_number(w) and w >= 0 for w in weights):
+        raise ConfigError(f"config key 'hfc.fixed_weights' must be a list of weights >= 0, got {weights!r}")
+    max_channels = hfc["max_channels"]
+    if max_channels is not None and (not isinstance(max_channels, int) or isinstance(max_channels, bool)
+                                     or max_channels < 1):  # fmt: skip
+        raise ConfigError(f"config key 'hfc.max_channels' must be a positive integer or null, got {max_channels!r}")
+    step = hfc["step_size"]
+    if step is not None:
+        try:
+            ok = parse_eps(step) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"config key 'hfc.step_size' must be null or a step > 0 such as '1/1024', got {step!r}")
+    if not isinstance(hfc["adaptive"], bool):
+        raise ConfigError(f"config key 'hfc.adaptive' must be true or false, got {hfc['adaptive']!r}")
+    fit = hfc["fit"]
+    if not isinstance(fit["bayesian"], bool):
+        raise ConfigError(f"config key 'hfc.fit.bayesian' must be true or false, got {fit['bayesian']!r}")
+    for key in ("n_init", "max_iter"):
+        if isinstance(fit[key], bool) or not isinstance(fit[key], int) or fit[key] < 1:
+            raise ConfigError(f"config key 'hfc.fit.{key}' must be a positive integer, got {fit[key]!r}")
+    if isinstance(fit["augment"], bool) or not isinstance(fit["augment"], int) or fit["augment"] < 0:
+        raise ConfigError(f"config key 'hfc.fit.augment' must be an integer >= 0, got {fit['augment']!r}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _seeds(config: Mapping[str, Any]) -> None:
+    seeds, threads = config["seeds"], config["threads"]
+    ints = isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    if seeds is not None and not (ints and len(set(seeds)) == len(seeds)):
+        raise ConfigError(f"config key 'seeds' must be null or a list of distinct integers, got {seeds!r}")
+    if isinstance(config["seed"], bool) or not isinstance(config["seed"], int):
+        raise ConfigError(f"config key 'seed' must be an integer, got {config['seed']!r}")
+    if threads is not None:
+        _positive_int(config, "threads")
+
+
+def _arms(arms: Any) -> None:
+    """``detector.arms``: null, or a mapping of arm names to ``layers`` / ``raw_layers`` selections."""
+    if arms is None:
+        return
+    if not isinstance(arms, Mapping) or not all(isinstance(name, str) and name for name in arms):
+        raise ConfigError(f"config key 'detector.arms' must be null or a mapping of arm names, got {arms!r}")
+    for name, arm in arms.items():
+        if not isinstance(arm, Mapping) or set(arm) - {"layers", "raw_layers"}:
+            raise ConfigError(f"config key 'detector.arms.{name}' must be a mapping with 'layers' and/or 'raw_layers'")
+
+
+def _optional_eps(config: Mapping[str, Any], key: str, value: Any) -> None:
+    if value is None:
+        return
+    try:
+        budget = parse_eps(value)
+    except (TypeError, ValueError):
+        budget = -1.0
+    if not budget >= 0:
+        raise ConfigError(f"config key {key!r} must be null or a budget >= 0 such as '2/255' or 0.01, got {value!r}")
 
 
 def _model(model: Mapping[str, Any]) -> None:
@@ -280,13 +369,17 @@ def _positive_int(config: Mapping[str, Any], key: str) -> None:
             raise ConfigError(f"config key {key!r} must be a positive integer, got {value!r}")
 
 
-def _method_options(config: Mapping[str, Any], section: str, registry: Mapping[str, Any], params: Any) -> None:
-    """``<section>.<method>`` must be a mapping of keyword arguments the method's class accepts."""
+def _method_options(
+    config: Mapping[str, Any], section: str, registry: Mapping[str, Any], params: Any, key: str | None = None
+) -> None:
+    """``<section>.<method>`` (named ``key`` in messages) must be a mapping of keyword arguments the method's class
+    accepts."""
+    key = key or section
     for method, cls in registry.items():
         options = config[section].get(method, {})
         if not isinstance(options, Mapping):
-            raise ConfigError(f"config key '{section}.{method}' must be a mapping of {method} options")
+            raise ConfigError(f"config key '{key}.{method}' must be a mapping of {method} options")
         accepted = [p for p in params(cls) if p not in ("self", "model", "seed", "constraint", "eps")]
         unknown = sorted(set(options) - set(accepted))
         if unknown:
-            raise ConfigError(f"config key '{section}.{method}' has unknown options {unknown}; allowed: {accepted}")
+            raise ConfigError(f"config key '{key}.{method}' has unknown options {unknown}; allowed: {accepted}")

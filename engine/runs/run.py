@@ -34,7 +34,7 @@ from engine.runs.cluster import RayExecutor
 from engine.runs.config import validate
 from engine.runs.context import RunContext
 from engine.runs.executor import Executor, LocalExecutor
-from engine.runs.plan import build_cells
+from engine.runs.plan import build_cells, run_seeds
 from engine.runs.progress import CostModel, Machine
 from engine.runs.schema import ROW_COLUMNS
 from engine.runs.stages import STAGES
@@ -67,6 +67,8 @@ def run_dir(config: Mapping[str, Any]) -> Path:
 def execute(config: dict[str, Any], progress: bool = True, context: RunContext | None = None) -> RunResult:
     """Run (or resume) the run described by ``config``; write results.csv/.parquet and run_card.json."""
     validate(config)
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
     directory = run_dir(config)
     ctx = context or RunContext(open_artifacts(artifact_location(config)), device=config["device"], progress=progress)
     artifacts = ctx.artifacts
@@ -131,6 +133,7 @@ def run_card(
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": config,
         "seed": config["seed"],
+        "seeds": run_seeds(config),
         "git_commit": _git_commit(),
         "versions": {
             "python": platform.python_version(),
@@ -151,7 +154,8 @@ def run_card(
         "peak_rss_gib": peak_memory_gib(),
         "eta": eta_quality(trace, wall_seconds, costs),
         "hfc_calibration": [  # with every trial
-            {k: cell.inputs[k] for k in ("dataset_label", "model_label", "attack", "eps")} | dict(payload)
+            {k: cell.inputs[k] for k in ("dataset_label", "model_label", "seed", "attack", "eps", "variant")}
+            | dict(payload)
             for cell, payload in calibrations
         ],
     }

@@ -13,7 +13,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-ROW_COLUMNS = ("dataset", "model", "attack", "eps", "hfc", "detector", "metric", "value", "ci_low", "ci_high")
+ROW_COLUMNS = (
+    "dataset", "model", "seed", "attack", "eps", "hfc", "variant", "arm", "detector", "metric", "value", "ci_low",
+    "ci_high",
+)  # fmt: skip
+# seed: the run seed of the cell (engine.runs.plan.run_seeds); variant: an HFC set beside the main one ("w0": weight
+# 0 at HFC's schedule), "" for the main plain and HFC sets; arm: the detector layer arm (detector.arms)
 NUMBER_COLUMNS = ("value", "ci_low", "ci_high")
 
 
@@ -55,5 +60,7 @@ def normalise_row(raw: Mapping[str, Any]) -> dict[str, Any]:
             value = str(value)
         elif value is not None and col == "hfc":
             value = bool(value)
+        elif value is not None and col == "seed":
+            value = int(value)
         out[col] = value
     return out

@@ -32,8 +32,8 @@ CREATE TABLE IF NOT EXISTS cells (
 );
 CREATE TABLE IF NOT EXISTS rows (
     cell TEXT NOT NULL REFERENCES cells(key),
-    dataset TEXT, model TEXT, attack TEXT, eps TEXT, hfc INTEGER, detector TEXT,
-    metric TEXT NOT NULL, value REAL, ci_low REAL, ci_high REAL
+    dataset TEXT, model TEXT, seed INTEGER, attack TEXT, eps TEXT, hfc INTEGER, variant TEXT, arm TEXT,
+    detector TEXT, metric TEXT NOT NULL, value REAL, ci_low REAL, ci_high REAL
 );
 CREATE INDEX IF NOT EXISTS rows_cell ON rows(cell);
 CREATE TABLE IF NOT EXISTS plan (position INTEGER PRIMARY KEY, key TEXT NOT NULL);
@@ -51,6 +51,10 @@ class ResultStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(rows)")}
+        for name, kind in (("seed", "INTEGER"), ("variant", "TEXT"), ("arm", "TEXT")):
+            if name not in columns:  # a store written before these columns existed
+                self._db.execute(f"ALTER TABLE rows ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         self._db.close()
@@ -81,7 +85,8 @@ class ResultStore:
                 "INSERT OR REPLACE INTO cells(key, stage, payload, seconds, finished) VALUES (?, ?, ?, ?, ?)",
                 (key, stage, json.dumps(payload, sort_keys=True), seconds, time.time()),
             )
-            db.executemany(f"INSERT INTO rows VALUES (?, {', '.join('?' * len(ROW_COLUMNS))})", records)
+            columns = ", ".join(("cell", *ROW_COLUMNS))
+            db.executemany(f"INSERT INTO rows ({columns}) VALUES ({', '.join('?' * (1 + len(ROW_COLUMNS)))})", records)
 
     def rows(self, keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Metric rows in commit order: of the cells ``keys`` (in that order), or of every cell when None."""

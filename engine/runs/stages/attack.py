@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from engine.attacks import ATTACKS, HFC, AdvWriter, Attack, parse_eps
+from engine.attacks import ATTACKS, HFC, AdvWriter, Attack, extract_features, parse_eps, typical_reference
 from engine.models import predict_logits
 from engine.runs.cells import Cell, CellOutput
 from engine.runs.context import RunContext
@@ -43,16 +43,35 @@ def make_attack(name: str, model: nn.Module, settings: Mapping[str, Any], constr
     return cls(model, **{k: v for k, v in options.items() if k in cls.parameters()})
 
 
+def hfc_constraint(
+    ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any], model: nn.Module, lam: float
+) -> HFC:
+    """The HFC constraint of an HFC cell at weight ``lam``; in ``typical`` mode (the adaptive attack) with each
+    (layer, class)'s clean median and scale of the log-likelihood, from the correctly classified validation
+    images (never the attacked pool)."""
+    gmms = ctx.artifacts.gmms(deps[inputs["gmms_cell"]]["directory"])
+    typical = None
+    if inputs["mode"] == "typical":
+
+        def reference() -> dict[str, Any]:
+            val = ctx.splits(inputs["dataset"], inputs["split"], inputs["seed"]).val
+            feats, logits, labels = extract_features(model, val, list(gmms))
+            correct = (logits.argmax(1) == labels).numpy()
+            return typical_reference(gmms, {k: v[correct] for k, v in feats.items()}, labels.numpy()[correct])
+
+        typical = ctx.memo(("typical", inputs["gmms_cell"]), reference)
+    return HFC(gmms, lam=lam, mode=inputs["mode"], typical=typical)
+
+
 def run_attack(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any]) -> CellOutput:
     """Attack the pool in batches, appending each to the adversarial set (a resumed cell skips stored batches)."""
     model_info = deps[inputs["model_cell"]]
     model = ctx.model(model_info["checkpoint"])
     x, y = ctx.pool(inputs["dataset"], inputs["split"], inputs["seed"], inputs["pool"])
     constraint = None
-    if inputs["hfc"]:
-        hfc = inputs["hfc_config"]
-        lam = deps[inputs["calibrate_cell"]]["lam"] if inputs.get("calibrate_cell") else hfc["lam"]
-        constraint = HFC(ctx.artifacts.gmms(deps[inputs["gmms_cell"]]["directory"]), lam=lam, mode=hfc["mode"])
+    lam = deps[inputs["calibrate_cell"]]["lam"] if inputs.get("calibrate_cell") else inputs.get("lam")
+    if inputs["hfc"] and lam:  # weight 0: HFC's schedule alone
+        constraint = hfc_constraint(ctx, inputs, deps, model, lam)
     attack = make_attack(inputs["attack"], model, inputs, constraint)
     directory = ctx.artifacts.directory("adversarial", inputs["label"], fingerprint(dict(inputs)))
     writer = AdvWriter(directory, classes=model_info["classes"], name=inputs["label"])
@@ -72,6 +91,7 @@ def run_attack(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, An
         "attack": inputs["attack"],
         "eps": inputs["eps"],
         "hfc": inputs["hfc"],
+        "variant": inputs["variant"],
         "detector": "",
         "metric": "attack_success_rate",
         "value": float(success[correct].mean()) if correct.any() else float("nan"),

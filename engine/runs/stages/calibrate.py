@@ -15,12 +15,11 @@ from typing import Any
 
 import torch
 
-from engine.attacks import HFC
 from engine.data import as_tensors
 from engine.models import predict_logits
 from engine.runs.cells import Cell, CellOutput
 from engine.runs.context import RunContext
-from engine.runs.stages.attack import ATTACK_EFFICIENCY, attack_passes, make_attack
+from engine.runs.stages.attack import ATTACK_EFFICIENCY, attack_passes, hfc_constraint, make_attack
 
 
 def calibration_images(ctx: RunContext, inputs: Mapping[str, Any], model: torch.nn.Module) -> tuple[Any, Any]:
@@ -28,7 +27,7 @@ def calibration_images(ctx: RunContext, inputs: Mapping[str, Any], model: torch.
     splits = ctx.splits(inputs["dataset"], inputs["split"], inputs["seed"])
     x, y = as_tensors(splits.val, name=f"the validation split of {inputs['dataset_label']}")
     correct = torch.from_numpy(predict_logits(model, x).argmax(1) == y.numpy())
-    keep = correct.nonzero()[:, 0][: inputs["hfc_config"]["calibration"]["images"]]
+    keep = correct.nonzero()[:, 0][: inputs["calibration"]["images"]]
     if len(keep) == 0:
         raise ValueError(
             f"{inputs['dataset_label']}: no validation image is classified correctly, so the HFC weight cannot be "
@@ -64,17 +63,17 @@ def largest_passing(
 def run_calibrate(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any]) -> CellOutput:
     """Bisect the weight grid for the largest weight whose HFC attack reaches the target success rate."""
     model = ctx.model(deps[inputs["model_cell"]]["checkpoint"])
-    gmms = ctx.artifacts.gmms(deps[inputs["gmms_cell"]]["directory"])
-    hfc, calibration = inputs["hfc_config"], inputs["hfc_config"]["calibration"]
+    calibration = inputs["calibration"]
     x, y = calibration_images(ctx, inputs, model)
 
     def success(lam: float) -> float:
-        return make_attack(inputs["attack"], model, inputs, HFC(gmms, lam=lam, mode=hfc["mode"]))(x, y).success_rate
+        constraint = hfc_constraint(ctx, inputs, deps, model, lam) if lam else None
+        return make_attack(inputs["attack"], model, inputs, constraint)(x, y).success_rate
 
     lam, trials = largest_passing(calibration["grid"], success, calibration["target"])
     reached = trials[lam] >= calibration["target"]
     row = {"dataset": inputs["dataset_label"], "model": inputs["model_label"], "attack": inputs["attack"]}
-    row |= {"eps": inputs["eps"], "hfc": True, "detector": ""}
+    row |= {"eps": inputs["eps"], "hfc": True, "variant": inputs["variant"], "detector": ""}
     rows = [
         {**row, "metric": "hfc_lam", "value": lam},
         {**row, "metric": "hfc_calibration_success", "value": trials[lam]},
@@ -92,7 +91,7 @@ def run_calibrate(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str,
 def calibrate_cost(cell: Cell, machine: Any) -> tuple[str, float]:
     """About log2(grid) HFC attacks on the calibration images."""
     inputs = cell.inputs
-    calibration = inputs["hfc_config"]["calibration"]
+    calibration = inputs["calibration"]
     trials = max(1, len(calibration["grid"]).bit_length())
     passes = attack_passes(inputs, hfc=True) * calibration["images"] * trials
     return "calibrate", ATTACK_EFFICIENCY * machine.seconds(passes * machine.model_flops(**cell.hint["model"]))

@@ -18,10 +18,11 @@ from torch import nn
 from engine.attacks import noise_like
 from engine.data import as_tensors
 from engine.detectors import DETECTORS, Detector, FeatureCache, Features, TooFewExamples, run_protocol
-from engine.models import STAGE_OUTPUTS, dropout_modules, resolve_layers, spatial_layers, stage_outputs
+from engine.models import CONSTRAINED, STAGE_OUTPUTS, dropout_modules, resolve_layers, spatial_layers, stage_outputs
 from engine.runs.artifacts import save_scores
 from engine.runs.cells import Cell, CellOutput
 from engine.runs.context import RunContext
+from engine.runs.plan import HFC_SET, PLAIN, set_identity
 from engine.runs.schema import fingerprint
 
 PAIRED_METRICS = ("auroc", "tpr_at_tnr90")
@@ -33,26 +34,29 @@ MODEL_PASSES = {"bu": 2.5, "maha": 7.0}  # forward passes per pool image (featur
 
 
 def feature_layers(
-    model: nn.Module, inputs: Mapping[str, Any], input_shape: Sequence[int]
+    model: nn.Module, inputs: Mapping[str, Any], input_shape: Sequence[int], constrained: Sequence[str] = ()
 ) -> tuple[list[str], list[str]]:
-    """(pooled layers, raw-map layers) of the detectors: ``detector.layers``, and ``raw_layers`` (patterns, or a
-    count: the deepest of those layers), keeping those whose outputs are spatial maps (a dense head's activations
-    are pooled features only)."""
-    layers = resolve_layers(model, inputs["layers"])
+    """(pooled layers, raw-map layers) of the detectors: the arm's ``layers``, and ``raw_layers`` (patterns; a
+    count: the deepest of those layers; null: all of them), keeping those whose outputs are spatial maps (a dense
+    head's activations are pooled features only); ``constrained`` stands for the layers HFC constrains."""
+    resolve = lambda sel: resolve_layers(model, list(constrained) if sel == CONSTRAINED else sel)  # noqa: E731
+    layers = resolve(inputs["layers"])
     raw = inputs["raw_layers"]
     if isinstance(raw, (str, list)):
-        return layers, spatial_layers(model, resolve_layers(model, raw), input_shape)
+        return layers, spatial_layers(model, resolve(raw), input_shape)
     maps = spatial_layers(model, layers, input_shape)
-    return layers, maps[len(maps) - raw :] if raw > 0 else []
+    return layers, maps if raw is None else (maps[len(maps) - raw :] if raw > 0 else [])
 
 
-def _cache(ctx: RunContext, checkpoint: str, inputs: Mapping[str, Any], input_shape: Sequence[int]) -> FeatureCache:
+def _cache(
+    ctx: RunContext, checkpoint: str, inputs: Mapping[str, Any], input_shape: Sequence[int], constrained: Sequence[str]
+) -> FeatureCache:
+    layers, raw_layers = feature_layers(ctx.model(checkpoint), inputs, input_shape, constrained)
+
     def build() -> FeatureCache:
-        model = ctx.model(checkpoint)
-        layers, raw_layers = feature_layers(model, inputs, input_shape)
-        return FeatureCache(model, layers=layers, raw_layers=raw_layers, device=ctx.device)
+        return FeatureCache(ctx.model(checkpoint), layers=layers, raw_layers=raw_layers, device=ctx.device)
 
-    return ctx.memo(("cache", checkpoint, inputs["layers"], str(inputs["raw_layers"])), build)
+    return ctx.memo(("cache", checkpoint, tuple(layers), tuple(raw_layers)), build)
 
 
 def _features(ctx: RunContext, cache: FeatureCache, key: Sequence[Any], x: torch.Tensor, y: torch.Tensor) -> Features:
@@ -80,22 +84,21 @@ def make_detector(name: str, options: Mapping[str, Any], seed: int, model: nn.Mo
 def run_detect(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any]) -> CellOutput:
     """Fit one detector on plain AEs (``fit_fraction`` of the pool) and score plain and HFC AEs on the rest."""
     checkpoint = deps[inputs["model_cell"]]["checkpoint"]
-    if inputs["detector"] == "bu" and not dropout_modules(ctx.model(checkpoint)):
-        reason = "the model has no dropout layers for BU's MC-dropout passes (ONNX/TorchScript conversions lack them)"
-        log.warning("%s %s: BU skipped: %s", inputs["dataset_label"], inputs["model_label"], reason)
+    reason = _not_runnable(ctx, inputs, checkpoint)
+    if reason:
+        log.warning("%s %s: %s skipped: %s", inputs["dataset_label"], inputs["model_label"], inputs["detector"], reason)
         return CellOutput({"skipped": reason})
     spec, split, seed = inputs["dataset"], inputs["split"], inputs["seed"]
     x, y = ctx.pool(spec, split, seed, inputs["pool"])
-    cache = _cache(ctx, checkpoint, inputs, tuple(x.shape[1:]))
+    constrained = deps[inputs["gmms_cell"]]["layers"] if inputs["gmms_cell"] else []
+    cache = _cache(ctx, checkpoint, inputs, tuple(x.shape[1:]), constrained)
     pool_key = fingerprint([spec, split, seed, inputs["pool"]])
     clean = _features(ctx, cache, ("clean", pool_key), x, y)
     noise_x = noise_like(x, inputs["noise_eps"], kind=inputs["noise"], seed=seed)
     noise = _features(ctx, cache, ("noise", pool_key, str(inputs["noise_eps"]), inputs["noise"]), noise_x, y)
-    plain_ref, hfc_ref = deps[inputs["plain_cell"]]["directory"], deps[inputs["hfc_cell"]]["directory"]
-    plain, plain_success = _adversarial_features(ctx, cache, plain_ref, y)
-    transfer = None
-    if inputs["hfc_cell"] != inputs["plain_cell"]:
-        transfer = {"hfc": _adversarial_features(ctx, cache, hfc_ref, y)}
+    plain, plain_success = _adversarial_features(ctx, cache, deps[inputs["plain_cell"]]["directory"], y)
+    sets = inputs["sets"].items()
+    transfer = {name: _adversarial_features(ctx, cache, deps[key]["directory"], y) for name, key in sets}
     train = None
     if inputs["detector"] in ("kd", "maha", "dnr"):
         splits = ctx.splits(spec, split, seed)
@@ -103,11 +106,15 @@ def run_detect(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, An
         train = _features(ctx, cache, ("train", pool_key, inputs["train_limit"]), train_x, train_y)
     model = ctx.model(checkpoint)
     detector = make_detector(inputs["detector"], inputs["options"], seed, model, cache, tuple(x.shape[1:]))
+    if hasattr(detector, "set_reference"):  # typicality: HFC's mixtures, clean validation images as its reference
+        val_x, val_y = as_tensors(ctx.splits(spec, split, seed).val, name="the validation split")
+        reference = _features(ctx, cache, ("val", pool_key), val_x, val_y)
+        detector.set_reference(ctx.artifacts.gmms(deps[inputs["gmms_cell"]]["directory"]), reference)
     protocol = {"fit_fraction": inputs["fit_fraction"], "seed": seed, "n_boot": inputs["bootstrap"]}
     try:
         result = run_protocol(
             [detector], clean, plain, plain_success, noise=noise, labels=y.numpy(), source=cache,
-            transfer=transfer, train=train, attack_name="plain", **protocol,
+            transfer=transfer, train=train, attack_name=PLAIN, **protocol,
         )  # fmt: skip
     except TooFewExamples as exc:
         pool = inputs["pool"] or "the whole test split"
@@ -120,24 +127,39 @@ def run_detect(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, An
     detector.set_thresholds(scores.negatives[:, 0])  # clean images of the evaluation split: flags at FPRS
     detector.save(directory / "fitted", model=model, checkpoint=ctx.artifacts.path(checkpoint))
     save_scores(directory, scores)
-    base = {k: inputs[k] for k in ("attack", "eps", "detector")}
+    base = {k: inputs[k] for k in ("attack", "eps", "detector", "arm")}
     base.update(dataset=inputs["dataset_label"], model=inputs["model_label"])
     rows = [{**base, **row} for row in detection_rows(result.to_rows())]
     payload = {"directory": ctx.artifacts.ref(directory), "fitted": ctx.artifacts.ref(directory / "fitted")}
     return CellOutput(payload, rows)
 
 
+def _not_runnable(ctx: RunContext, inputs: Mapping[str, Any], checkpoint: str) -> str | None:
+    """Why the cell's detector cannot run on this model and run (a report note, not an error), or None."""
+    if inputs["detector"] == "bu" and not dropout_modules(ctx.model(checkpoint)):
+        return "the model has no dropout layers for BU's MC-dropout passes (ONNX/TorchScript conversions lack them)"
+    if inputs["detector"] == "typicality" and not inputs["gmms_cell"]:
+        return "typicality reads HFC's mixtures, and hfc.enabled is false"
+    return None
+
+
 def detection_rows(protocol_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Result rows of the protocol's rows: the successful subset under the metric's own name, the others as
-    ``metric@subset``; the paired plain-vs-HFC comparison (auroc and TPR at 90% TNR) as ``metric@paired`` for both
-    sets and ``metric_change`` (HFC minus plain, on the HFC row)."""
+    ``metric@subset``; the paired comparison of plain and each other set (auroc and TPR at 90% TNR) as
+    ``metric@paired`` for both sets and ``metric_change`` (that set minus plain, on its row; the plain side only for
+    the pair with the HFC set, so each row is unique). Each set's rows carry its ``hfc`` and ``variant`` columns
+    (:func:`engine.runs.plan.set_identity`)."""
     out = []
     for r in protocol_rows:
         subset, metric = r["subset"], r["metric"]
         if subset in ("paired", "change") and metric not in PAIRED_METRICS:
             continue
         name = {"successful": metric, "change": f"{metric}_change"}.get(subset, f"{metric}@{subset}")
-        out.append({"hfc": r["attack"] == "hfc", "metric": name, **{k: r[k] for k in ("value", "ci_low", "ci_high")}})
+        if subset == "paired" and r["attack"] == PLAIN and r["versus"] != HFC_SET:
+            continue  # the plain side of another pair: that set's paired value minus its change
+        hfc, variant = set_identity(r["attack"])
+        values = {k: r[k] for k in ("value", "ci_low", "ci_high")}
+        out.append({"hfc": hfc, "variant": variant, "metric": name, **values})
     return out
 
 

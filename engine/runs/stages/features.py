@@ -14,19 +14,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from engine.attacks import HFC, extract_features
-from engine.models import predict_logits, resolve_layers
+from engine.attacks import HFC, extract_features, noise_like
+from engine.models import dropout_modules, mc_dropout, model_device, model_dtype, predict_logits, resolve_layers
 from engine.runs.artifacts import Projection
 from engine.runs.cells import Cell, CellOutput
 from engine.runs.context import RunContext
 from engine.runs.schema import fingerprint
 
 GROUPS = {"clean": "clean", "plain": "plain AE", "hfc": "HFC AE"}
+DIAGNOSTIC_SETS = ("clean", "noise", "plain", "hfc")
+MC_PASSES = 20  # MC-dropout passes of the diagnostics (BU itself uses 50)
+DIAGNOSTIC_BATCH = 64
 
 
 def run_features(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any]) -> CellOutput:
-    """Per-layer mixture log-likelihood rows of clean, plain and HFC features, and the projection artifact."""
+    """Per-layer mixture log-likelihood rows of clean, plain and HFC features, the diagnostics of clean, noise,
+    plain and HFC images, and the projection artifact."""
     model = ctx.model(deps[inputs["model_cell"]]["checkpoint"])
     gmms = ctx.artifacts.gmms(deps[inputs["gmms_cell"]]["directory"])
     x, y = ctx.pool(inputs["dataset"], inputs["split"], inputs["seed"], inputs["pool"])
@@ -43,23 +48,58 @@ def run_features(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, 
     chosen = chosen or [layers[min(1, len(layers) - 1)], layers[-1]]
     hooked = resolve_layers(model, [*gmms, *chosen])
     constraint = HFC(gmms)
+    base = {"dataset": inputs["dataset_label"], "model": inputs["model_label"], "detector": "", "variant": ""}
     rows, projection = [], {}
     for name, (images, classes) in sets.items():
         feats, _, _ = extract_features(model, (images, classes), hooked)
         loglik = constraint.log_likelihood(feats, classes)
-        base = {"dataset": inputs["dataset_label"], "model": inputs["model_label"], "detector": ""}
-        base |= {"attack": "", "eps": None} if name == "clean" else {"attack": inputs["attack"], "eps": inputs["eps"]}
-        base["hfc"] = name == "hfc"
+        where = {"attack": "", "eps": None} if name == "clean" else {"attack": inputs["attack"], "eps": inputs["eps"]}
+        where["hfc"] = name == "hfc"
         rows += [
-            {**base, "metric": f"feature_loglik@{layer}", "value": float(np.mean(v))} for layer, v in loglik.items()
+            {**base, **where, "metric": f"feature_loglik@{layer}", "value": float(np.mean(v))}
+            for layer, v in loglik.items()
         ]
         projection[GROUPS[name]] = {layer: feats[layer].numpy() for layer in chosen}
+    noise = noise_like(x[both], inputs["noise_eps"], kind=inputs["noise"], seed=inputs["seed"])
+    sets["noise"] = (noise, y[both])
+    setting = {"attack": inputs["attack"], "eps": inputs["eps"], "hfc": False}
+    for name in DIAGNOSTIC_SETS:
+        found = diagnostics(model, constraint, *sets[name], seed=inputs["seed"])
+        rows += [{**base, **setting, "metric": f"diag_{quantity}@{name}", "value": v} for quantity, v in found.items()]
     directory = ctx.artifacts.directory("projections", inputs["label"], fingerprint(dict(inputs)))
     Projection(chosen, projection).save(directory)
     payload = {"directory": ctx.artifacts.ref(directory), "layers": chosen, "n": int(both.sum())}
     return CellOutput(payload, rows)
 
 
+def diagnostics(
+    model: nn.Module, constraint: HFC, images: torch.Tensor, classes: torch.Tensor, seed: int = 0
+) -> dict[str, float]:
+    """Why a detector may go the other way on a set of images: the median MC-dropout variance of the softmax
+    (mean over classes, :data:`MC_PASSES` passes seeded with ``seed``; NaN without dropout), the median logit
+    margin (top logit minus the runner-up) and the mean log-likelihood of the deepest constrained layer under the
+    mixtures of ``classes`` (clean and noise images: their own class; AEs: the class aimed at)."""
+    logits = torch.from_numpy(predict_logits(model, images))
+    top = logits.topk(2, dim=1).values
+    out = {"logit_margin": float((top[:, 0] - top[:, 1]).median())}
+    variance = float("nan")
+    if dropout_modules(model):
+        per_image = []
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), mc_dropout(model):
+            torch.manual_seed(seed)
+            for chunk in images.split(DIAGNOSTIC_BATCH):
+                chunk = chunk.to(model_device(model), model_dtype(model))
+                probs = torch.stack([torch.softmax(model(chunk), 1) for _ in range(MC_PASSES)])
+                per_image.append(probs.var(0).mean(1).cpu())
+        variance = float(torch.cat(per_image).median())
+    out["mc_variance"] = variance
+    deepest = HFC(constraint.gmms, layers=constraint.layers[-1:])
+    feats, _, _ = extract_features(model, (images, classes), deepest.layers)
+    out["loglik"] = float(np.mean(deepest.log_likelihood(feats, classes)[deepest.layers[0]]))
+    return out
+
+
 def features_cost(cell: Cell, machine: Any) -> tuple[str, float]:
-    """Three feature passes over the pool plus the mixtures' log-likelihoods."""
-    return "features", machine.seconds(3 * cell.hint["pool"] * machine.model_flops(**cell.hint["model"]))
+    """Three feature passes over the pool, the diagnostics' passes (MC-dropout included) over four sets."""
+    passes = 3 + 4 * (MC_PASSES + 2)
+    return "features", machine.seconds(passes * cell.hint["pool"] * machine.model_flops(**cell.hint["model"]))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from torch import nn
+
 from engine.attacks import fit_hfc_gmms, save_hfc_gmms
-from engine.models import evaluate
+from engine.models import EARLY_STAGES, early_stages, evaluate, layer_shapes, resolve_layers
 from engine.runs.cells import Cell, CellOutput
 from engine.runs.context import MEMORY, RunContext
 from engine.runs.schema import dataset_label, fingerprint
@@ -42,18 +44,41 @@ def run_model(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any
     return CellOutput(payload, rows)
 
 
+def constrained_layers(model: nn.Module, hfc: Mapping[str, Any], input_shape: Sequence[int]) -> list[str]:
+    """The layers HFC constrains: ``hfc.layers`` (names, globs, ``activations`` or ``early_stages``), keeping those
+    of at most ``hfc.max_channels`` channels when set (the reference's width rule)."""
+    layers = hfc["layers"]
+    if layers == EARLY_STAGES:
+        layers = early_stages(model, resolve_layers(model, "activations"), input_shape)
+    layers = resolve_layers(model, layers)
+    if hfc["max_channels"] is not None:
+        shapes = layer_shapes(model, layers, input_shape)
+        layers = [name for name in layers if shapes[name][0] <= hfc["max_channels"]]
+    if not layers:
+        raise ValueError(
+            f"no layer left for HFC to constrain: hfc.layers {hfc['layers']!r} with hfc.max_channels "
+            f"{hfc['max_channels']} (raise it or choose other layers)"
+        )
+    return layers
+
+
 def run_gmms(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any]) -> CellOutput:
-    """Fit the per-(layer, class) mixtures of HFC on training features."""
+    """Fit the per-(layer, class) mixtures of HFC on training features (``hfc.fit``: sklearn's Bayesian or plain
+    mixture, its n_init and max_iter, and augmented copies of the training images)."""
     model = ctx.model(deps[inputs["model_cell"]]["checkpoint"])
     splits = ctx.splits(inputs["dataset"], inputs["split"], inputs["seed"])
-    hfc = inputs["hfc"]
+    hfc, fit = inputs["hfc"], inputs["hfc"]["fit"]
     gmms = fit_hfc_gmms(
         model,
         splits.train,
-        hfc["layers"],
+        constrained_layers(model, hfc, tuple(splits.dataset[0][0].shape)),
         n_components=hfc["n_components"],
+        bayesian=fit["bayesian"],
+        augment=fit["augment"],
         seed=inputs["seed"],
         reg_covar=hfc["reg_covar"],
+        n_init=fit["n_init"],
+        max_iter=fit["max_iter"],
     )
     label = f"{dataset_label(inputs['dataset'])}-{inputs['model_label']}"
     directory = save_hfc_gmms(gmms, ctx.artifacts.directory("gmms", label, fingerprint(dict(inputs))))
@@ -70,9 +95,12 @@ def model_cost(cell: Cell, machine: Any) -> tuple[str, float]:
 
 
 def gmms_cost(cell: Cell, machine: Any) -> tuple[str, float]:
-    """One feature pass over the training split, plus sklearn's EM per (layer, class) on those features."""
+    """One feature pass over the training split (and its augmented copies), plus sklearn's EM per (layer, class) on
+    those features, once per ``n_init``."""
+    fit = cell.inputs["hfc"]["fit"]
+    images = 0.7 * cell.hint["n"] * (1 + fit["augment"])
     flops = machine.model_flops(**cell.hint["model"])
-    return "gmms", machine.seconds(0.7 * cell.hint["n"] * flops) + EM_SECONDS * cell.hint["n"]
+    return "gmms", machine.seconds(images * flops) + EM_SECONDS * images * fit["n_init"]
 
 
 def _is_number(value: Any) -> bool:

@@ -25,12 +25,19 @@ def _training(model_cfg: Mapping[str, Any], n: int, flops: float) -> float:
 
 
 def stress_cost(cfg: Mapping[str, Any], machine: Any) -> float:
-    """Per dataset: training, then untargeted PGD and feature passes on the pool for every eps."""
+    """Per seed and dataset: training (with a validation pass at every snapshot when accuracies are matched), then
+    untargeted PGD and feature passes on the pool for every eps."""
     total = 0.0
     for spec in cfg["datasets"]:
         flops = _flops(machine, cfg["model"], spec)
+        n = int(spec.get("n", 3000))
         attack = len(cfg["eps"]) * cfg["pool"] * (3 * (cfg["pgd_steps"] + 2) + 2) * flops
-        total += _training(cfg["model"], int(spec.get("n", 3000)), flops) + attack
+        snapshots = 0.0
+        if cfg["match_accuracy"]:
+            train_n = n * (1 - cfg["split"]["val"] - cfg["split"]["test"])
+            steps = cfg["model"]["epochs"] * train_n / cfg["model"]["batch_size"]
+            snapshots = steps / cfg["match_every"] * n * cfg["split"]["val"] * flops
+        total += cfg["seeds"] * (_training(cfg["model"], n, flops) + snapshots + attack)
     return STUDY_EFFICIENCY * machine.seconds(total)
 
 
@@ -42,8 +49,8 @@ def _craft(cfg: Mapping[str, Any], kind: str, flops: float) -> float:
 
 
 def uap_cost(cfg: Mapping[str, Any], machine: Any) -> float:
-    """Per model: training once; per seed, UAP fine-tuning (with its regenerated UAPs) and the evaluation (every
-    UAP of the study and PGD) of the baseline and of the fine-tuned model."""
+    """Per model and seed: training the baseline, UAP fine-tuning (with its regenerated UAPs) and the evaluation
+    (every UAP of the study and PGD) of the baseline and of the fine-tuned model."""
     spec, ft, n = cfg["dataset"], cfg["finetune"], int(cfg["dataset"].get("n", 2000))
     total = 0.0
     for model_cfg in cfg["models"]:
@@ -52,5 +59,5 @@ def uap_cost(cfg: Mapping[str, Any], machine: Any) -> float:
         evaluation += len(cfg["pgd"]["eps"]) * cfg["eval"] * 3 * (cfg["pgd"]["steps"] + 1) * flops
         regenerations = -(-ft["epochs"] // ft["regenerate_every"]) * sum(_craft(cfg, m, flops) for m in ft["methods"])
         finetune = ft["epochs"] * 0.7 * n * 3 * flops + regenerations
-        total += _training(model_cfg, n, flops) + cfg["seeds"] * (finetune + 2 * evaluation)
+        total += cfg["seeds"] * (_training(model_cfg, n, flops) + finetune + 2 * evaluation)
     return STUDY_EFFICIENCY * machine.seconds(total)
