@@ -115,27 +115,29 @@ def defence_table(rows: Sequence[dict[str, Any]], dataset: str, attack: str, eps
 def transfer_table(rows: Sequence[dict[str, Any]], dataset: str, arm: str | None) -> pd.DataFrame:
     """The cross-attack transfer matrix on layer ``arm``: per detector and the attack it was fitted on (plain AEs),
     its AUROC [interval] on every attack's plain and HFC AEs at the same budget (another attack's sets on the images
-    where both it and the fitted attack succeeded); empty for a run with one attack."""
+    where both it and the fitted attack succeeded); for a run with one attack, its diagonal."""
     frame = rows_frame(rows)
     if frame.empty:
         return frame
     frame = frame[(frame["dataset"] == dataset) & frame["detector"].ne("")]
     frame = frame[frame["arm"].isna()] if arm is None else frame[frame["arm"] == arm]
     transfer = frame["variant"].str.startswith(TRANSFER)
-    if not transfer.any():
-        return pd.DataFrame()
     own_plain = frame[~frame["hfc"] & frame["variant"].eq(MAIN) & (frame["metric"] == "auroc")]
     own_hfc = frame[frame["hfc"] & frame["variant"].eq(MAIN) & (frame["metric"] == "auroc@paired")]
     other = frame[transfer & (frame["metric"] == "auroc@paired")]
     records: dict[tuple[str, str], dict[str, str]] = {}
     for part, scored in ((own_plain, lambda r: r.attack), (own_hfc, lambda r: f"{r.attack}+hfc"),
                          (other, lambda r: r.variant.removeprefix(TRANSFER))):  # fmt: skip
+        if part.empty:
+            continue
         for (detector, attack, eps, name), group in part.groupby(
             ["detector", "attack", part["eps"].fillna(""), part.apply(scored, axis=1)], sort=False
         ):
             fitted = f"{attack} {eps}".strip()
             target = name.replace("+hfc", " HFC") if name.endswith("+hfc") else f"{name} plain"
             records.setdefault((detector.upper(), fitted), {})[target] = estimate(group).text()
+    if not records:
+        return pd.DataFrame()
     table = pd.DataFrame.from_dict(records, orient="index").fillna("–")
     table.index = pd.MultiIndex.from_tuples(table.index, names=["detector", "fitted on"])
     return table

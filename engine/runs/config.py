@@ -65,10 +65,11 @@ DEFAULTS: dict[str, Any] = {
         "parity_tolerance": 1e-4,
     },
     # The headline grid (docs/runs.md, "The default regime"): PGD at 8/256, the top of the HFC paper's budgets, where
-    # these small from-scratch models' plain AEs are as detectable as the paper's. CW-Linf, the other budgets and
-    # attacks are in configs/full-grid.yaml.
+    # these small from-scratch models' plain AEs are as detectable as the paper's; CW-Linf beside it, so detectors
+    # fitted on one attack score the other (the transfer matrix). The other budgets and attacks are in
+    # configs/full-grid.yaml.
     "models": [],  # several models in one run: entries merged over `model` (configs/paper.yaml)
-    "attacks": ["pgd"],
+    "attacks": ["pgd", "cw_linf"],
     "eps": ["8/256"],
     # As the HFC reference code (gen_base_adv.py): 10 steps of 2 eps / steps, targeted; its CW margin has confidence
     # 100 and its MI-FGSM momentum 0.5.
