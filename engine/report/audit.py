@@ -126,7 +126,8 @@ def headline_sections(result: RunResult) -> list[Section]:
                 section.table(
                     defence,
                     caption="Defence table: every detector on plain, HFC and adaptive-HFC AEs (95% intervals); "
-                    "'caught' = the detector is applicable and not defeated by that set under the verdict rules.",
+                    "'caught' = the detector is applicable and flags more than half of that set's AEs at 90% TNR (the "
+                    "verdict rules).",
                 )
             transfer = transfer_table(result.rows, dataset, arm)
             if not transfer.empty:

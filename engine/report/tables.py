@@ -67,6 +67,8 @@ def paired_table(
             values.loc[detector, (setting, "plain")] = est.value
         for variant in variants:
             on_set = group[group["hfc"] & group["variant"].eq(variant)]
+            if on_set.empty:  # a set run at another setting only (the adaptive one: the headline)
+                continue
             value = estimate(on_set[on_set["metric"] == f"{metric}@paired"])
             change = estimate(on_set[on_set["metric"] == f"{metric}_change"])
             name, delta = _parts(variant)
@@ -90,7 +92,7 @@ def defence_table(rows: Sequence[dict[str, Any]], dataset: str, attack: str, eps
                   arm: str | None) -> pd.DataFrame:  # fmt: skip
     """Per detector on layer ``arm`` at the headline (``attack``, ``eps``): AUROC and TPR at 90% TNR with their
     intervals on plain, HFC and adaptive-HFC AEs (the latter two on the images where plain and that set both
-    succeeded), each set marked caught / not caught by the verdict rules (applicable and not defeated)."""
+    succeeded), each set marked caught / not caught by the verdict rules (applicable, TPR at 90% TNR above 0.5)."""
     frame = rows_frame(rows)
     if frame.empty:
         return frame
@@ -192,6 +194,10 @@ def success_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _set_name(hfc: bool, variant: str) -> str:
+    """A set's column name: plain, HFC, HFC w0, HFC adaptive, or another attack's (transfer) plain / HFC set."""
+    if variant.startswith(TRANSFER):
+        attack = variant.removeprefix(TRANSFER).removesuffix("+hfc")
+        return f"{attack} {'HFC' if hfc else 'plain'}"
     return "plain" if not hfc else _parts(variant)[0]
 
 
