@@ -3,6 +3,7 @@ sets, the typicality detector, the cross-attack transfer matrix, and the report'
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -96,3 +97,21 @@ def test_catalog_keys_name_seed_and_arm(evidence_run):
     assert "fundus-synth_binary/resnet18/seed3/pgd/8-256/same/kd" in keys
     assert "fundus-synth_binary/resnet18/seed4/bim/8-256/unconstrained/typicality" in keys
     assert len(keys) == 2 * 2 * 2 * 3
+
+
+def test_release_keeps_only_what_was_handed_over_in_memory(tmp_path):
+    from engine.data import ArrayDataset
+    from engine.models import build_model
+    from engine.runs import Artifacts, RunContext
+
+    ctx = RunContext(Artifacts(tmp_path), progress=False)
+    given = ArrayDataset(np.zeros((4, 3, 8, 8), np.float32), np.array([0, 1, 0, 1]), ["a", "b"], "given")
+    ctx.register_dataset({"name": "memory", "label": "given"}, given)
+    ref = ctx.register_model(build_model("resnet18", 2, width=0.0625), "m")
+    ctx.memo("features", lambda: np.ones(3))
+    ctx.dataset({"name": "fundus-synth", "task": "binary", "n": 20, "image_size": 16})
+    ctx.release()
+    assert ctx.dataset({"name": "memory", "label": "given"}) is given
+    assert ctx.model(ref) is not None
+    assert ctx.memo("features", lambda: None) is None  # rebuilt on demand
+    assert len(ctx._datasets) == 1

@@ -38,6 +38,7 @@ class RunContext:
         self.device = device
         self.progress = progress
         self._datasets: dict[str, ImageDataset] = {}
+        self._registered: set[str] = set()  # keys of in-memory datasets handed over (never released)
         self._models: dict[str, nn.Module] = {}
         self._memo: dict[Any, Any] = {}
 
@@ -45,6 +46,7 @@ class RunContext:
     def register_dataset(self, spec: Mapping[str, Any], dataset: ImageDataset) -> None:
         """Serve ``dataset`` for ``spec`` (an in-memory dataset handed to engine.audit)."""
         self._datasets[fingerprint(dict(spec))] = dataset
+        self._registered.add(fingerprint(dict(spec)))
 
     def dataset(self, spec: Mapping[str, Any]) -> ImageDataset:
         key = fingerprint(dict(spec))
@@ -149,6 +151,13 @@ class RunContext:
     def clear(self) -> None:
         """Drop memoised features and pools (keeps datasets and models)."""
         self._memo.clear()
+
+    def release(self) -> None:
+        """Drop everything held for the cells run so far (memo, datasets, models): they are rebuilt on demand.
+        In-memory datasets and models handed to engine.audit stay."""
+        self._memo.clear()
+        self._datasets = {k: v for k, v in self._datasets.items() if k in self._registered}
+        self._models = {k: v for k, v in self._models.items() if str(k).startswith(MEMORY)}
 
 
 @contextmanager

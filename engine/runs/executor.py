@@ -76,10 +76,15 @@ class LocalExecutor:
     ) -> dict[str, float]:
         order, finished, progress = resume(cells, store, costs, self.progress)
         timings: dict[str, float] = {}
+        seed = None
         try:
             for cell in order:
                 if cell.key in finished:
                     continue
+                if context is not None and cell.inputs.get("seed", seed) != seed:
+                    if seed is not None:  # a new seed's cells: what the last seed's held is not needed again
+                        context.release()
+                    seed = cell.inputs["seed"]
                 deps = {key: store.payload(key) for key in cell.deps}
                 progress.begin(cell.key)
                 try:
