@@ -39,6 +39,7 @@ TINY = [
     "detector.train_limit=120",
     "detector.bu={passes: 4}",
     "studies=[]",
+    "threads=1",  # as many threads as a Ray cell's one claimed CPU: rows bitwise equal
 ]
 ROOT = str(Path(__file__).resolve().parent.parent)
 

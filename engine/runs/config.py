@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "output_dir": "runs",
     "seed": 0,
     "seeds": None,  # several seeds: the audit once per seed (data, split, training, mixtures, attacks, detectors)
-    "threads": 2,  # torch threads of the run (fixed, so results do not move with the machine's core count)
+    "threads": 2,  # threads of a local run's cells (fixed, so results do not move with the machine's core count)
     "device": "cpu",
     "executor": "local",
     "artifacts": None,  # the artifact location: None is <run dir>/artifacts; a directory or an fsspec URL

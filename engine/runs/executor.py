@@ -10,11 +10,13 @@ command resumes.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from engine.runs.cells import Cell, CellOutput, Stage, topological
+from engine.runs.context import threads
 from engine.runs.progress import CostModel, Progress
 from engine.runs.store import ResultStore
 
@@ -65,10 +67,12 @@ def resume(
 
 
 class LocalExecutor:
-    """Runs cells one after another in this process, committing each to the store as it finishes."""
+    """Runs cells one after another in this process, committing each to the store as it finishes, with ``threads``
+    torch / BLAS / OpenMP threads (None: the process's own)."""
 
-    def __init__(self, progress: bool = True) -> None:
+    def __init__(self, progress: bool = True, threads: int | None = None) -> None:
         self.progress = progress
+        self.threads = threads
         self.trace: list[tuple[float, float]] = []  # (elapsed, predicted total) at every finished cell
 
     def run(
@@ -77,23 +81,25 @@ class LocalExecutor:
         order, finished, progress = resume(cells, store, costs, self.progress)
         timings: dict[str, float] = {}
         seed = None
+        limit = threads(self.threads) if self.threads else contextlib.nullcontext()
         try:
-            for cell in order:
-                if cell.key in finished:
-                    continue
-                if context is not None and cell.inputs.get("seed", seed) != seed:
-                    if seed is not None:  # a new seed's cells: what the last seed's held is not needed again
-                        context.release()
-                    seed = cell.inputs["seed"]
-                deps = {key: store.payload(key) for key in cell.deps}
-                progress.begin(cell.key)
-                try:
-                    out, seconds = run_cell(stages[cell.stage], context, cell.inputs, deps)
-                except Exception as exc:
-                    raise CellFailed(cell.label or cell.key, exc) from exc
-                store.commit(cell.key, cell.stage, out.payload, out.rows, seconds)
-                progress.end(cell.key, seconds)
-                timings[cell.stage] = timings.get(cell.stage, 0.0) + seconds
+            with limit:
+                for cell in order:
+                    if cell.key in finished:
+                        continue
+                    if context is not None and cell.inputs.get("seed", seed) != seed:
+                        if seed is not None:  # a new seed's cells: what the last seed's held is not needed again
+                            context.release()
+                        seed = cell.inputs["seed"]
+                    deps = {key: store.payload(key) for key in cell.deps}
+                    progress.begin(cell.key)
+                    try:
+                        out, seconds = run_cell(stages[cell.stage], context, cell.inputs, deps)
+                    except Exception as exc:
+                        raise CellFailed(cell.label or cell.key, exc) from exc
+                    store.commit(cell.key, cell.stage, out.payload, out.rows, seconds)
+                    progress.end(cell.key, seconds)
+                    timings[cell.stage] = timings.get(cell.stage, 0.0) + seconds
         finally:
             progress.close()
             self.trace = progress.trace

@@ -67,8 +67,6 @@ def run_dir(config: Mapping[str, Any]) -> Path:
 def execute(config: dict[str, Any], progress: bool = True, context: RunContext | None = None) -> RunResult:
     """Run (or resume) the run described by ``config``; write results.csv/.parquet and run_card.json."""
     validate(config)
-    if config["threads"]:
-        torch.set_num_threads(config["threads"])
     directory = run_dir(config)
     ctx = context or RunContext(open_artifacts(artifact_location(config)), device=config["device"], progress=progress)
     artifacts = ctx.artifacts
@@ -107,7 +105,7 @@ def make_executor(config: Mapping[str, Any], progress: bool = True) -> Executor:
     """The executor ``config["executor"]`` names."""
     if config["executor"] == "ray":
         return RayExecutor(config, artifact_location(config), progress=progress)
-    return LocalExecutor(progress=progress)
+    return LocalExecutor(progress=progress, threads=config["threads"])
 
 
 def write_tables(result: RunResult) -> None:
@@ -145,7 +143,7 @@ def run_card(
             "node": platform.node(),
             "machine": platform.machine(),
             "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": config["threads"] or torch.get_num_threads(),  # a local run's; Ray cells': their cpus
             "system": platform.platform(),
         },
         "seconds_per_stage": {k: round(v, 2) for k, v in stage_seconds.items()},
