@@ -121,25 +121,14 @@ def headline_sections(result: RunResult) -> list[Section]:
                     "the paired change (that set minus plain) with its 95% interval (* : excludes zero). 'HFC w0' is "
                     "HFC's schedule with weight 0: what the longer schedule alone does.",
                 )
-            defence = defence_table(result.rows, dataset, attack, eps, arm)
-            if not defence.empty:
-                section.table(
-                    defence,
-                    caption="Defence table: every detector on plain, HFC and adaptive-HFC AEs (95% intervals); "
-                    "'caught' = the detector is applicable and flags more than half of that set's AEs at 90% TNR (the "
-                    "verdict rules).",
-                )
-            transfer = transfer_table(result.rows, dataset, arm)
-            if not transfer.empty:
-                section.table(
-                    transfer,
-                    caption="Cross-attack transfer: detectors fitted on one attack's plain AEs, scored on every "
-                    "attack's plain and HFC AEs at the same budget (AUROC with its 95% interval; another attack's "
-                    "sets on the images where both attacks succeeded).",
-                )
-            per_seed = seed_table(result.rows, dataset, arm)
-            if not per_seed.empty:
-                section.table(per_seed, float_format="{:+.2f}")
+            extra = (
+                (defence_table(result.rows, dataset, attack, eps, arm), DEFENCE_CAPTION, "{:.3f}"),
+                (transfer_table(result.rows, dataset, arm), TRANSFER_CAPTION, "{:.3f}"),
+                (seed_table(result.rows, dataset, arm), SEED_CAPTION, "{:+.2f}"),
+            )
+            for table, caption, float_format in extra:
+                if not table.empty:
+                    section.table(table, caption=caption, float_format=float_format)
             sections.append(section)
         diagnostics = diagnostics_table(result.rows, dataset)
         if not diagnostics.empty:
@@ -158,6 +147,15 @@ def headline_sections(result: RunResult) -> list[Section]:
     return sections
 
 
+DEFENCE_CAPTION = (
+    "Defence table: every detector on plain, HFC and adaptive-HFC AEs (95% intervals); 'caught' = the detector is "
+    "applicable and flags more than half of that set's AEs at 90% TNR (the verdict rules)."
+)
+TRANSFER_CAPTION = (
+    "Cross-attack transfer: detectors fitted on one attack's plain AEs, scored on every attack's plain and HFC AEs at "
+    "the same budget (AUROC with its 95% interval; another attack's sets on the images where both attacks succeeded)."
+)
+SEED_CAPTION = "Paired AUROC change of the HFC set per seed, and its between-seed mean with the 95% t interval."
 ARM_NOTES = {
     "same": "The detectors read the layers HFC constrains (the paper's easiest case for HFC).",
     "unconstrained": "The detectors read every activation: KD and SVM the final pooled feature and DNR the last "
