@@ -24,7 +24,6 @@ from engine.runs.context import RunContext
 from engine.runs.schema import fingerprint
 
 GROUPS = {"clean": "clean", "plain": "plain AE", "hfc": "HFC AE"}
-DIAGNOSTIC_SETS = ("clean", "noise", "plain", "hfc")
 MC_PASSES = 20  # MC-dropout passes of the diagnostics (BU itself uses 50)
 DIAGNOSTIC_BATCH = 64
 
@@ -49,40 +48,35 @@ def run_features(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, 
     hooked = resolve_layers(model, [*gmms, *chosen])
     constraint = HFC(gmms)
     base = {"dataset": inputs["dataset_label"], "model": inputs["model_label"], "detector": "", "variant": ""}
+    sets["noise"] = (noise_like(x[both], inputs["noise_eps"], kind=inputs["noise"], seed=inputs["seed"]), y[both])
+    setting = {"attack": inputs["attack"], "eps": inputs["eps"]}
     rows, projection = [], {}
-    for name, (images, classes) in sets.items():
+    for name, (images, classes) in sets.items():  # clean, plain, hfc, noise
         feats, _, _ = extract_features(model, (images, classes), hooked)
         loglik = constraint.log_likelihood(feats, classes)
-        where = {"attack": "", "eps": None} if name == "clean" else {"attack": inputs["attack"], "eps": inputs["eps"]}
-        where["hfc"] = name == "hfc"
-        rows += [
-            {**base, **where, "metric": f"feature_loglik@{layer}", "value": float(np.mean(v))}
-            for layer, v in loglik.items()
-        ]
-        projection[GROUPS[name]] = {layer: feats[layer].numpy() for layer in chosen}
-    noise = noise_like(x[both], inputs["noise_eps"], kind=inputs["noise"], seed=inputs["seed"])
-    sets["noise"] = (noise, y[both])
-    setting = {"attack": inputs["attack"], "eps": inputs["eps"], "hfc": False}
-    for name in DIAGNOSTIC_SETS:
-        found = diagnostics(model, constraint, *sets[name], seed=inputs["seed"])
-        rows += [{**base, **setting, "metric": f"diag_{quantity}@{name}", "value": v} for quantity, v in found.items()]
+        if name in GROUPS:
+            where = {"attack": "", "eps": None} if name == "clean" else dict(setting)
+            rows += [
+                {**base, **where, "hfc": name == "hfc", "metric": f"feature_loglik@{layer}", "value": float(np.mean(v))}
+                for layer, v in loglik.items()
+            ]
+            projection[GROUPS[name]] = {layer: feats[layer].numpy() for layer in chosen}
+        found = {**diagnostics(model, images, inputs["seed"]), "loglik": float(np.mean(loglik[constraint.layers[-1]]))}
+        rows += [{**base, **setting, "hfc": False, "metric": f"diag_{quantity}@{name}", "value": v}
+                 for quantity, v in found.items()]  # fmt: skip
     directory = ctx.artifacts.directory("projections", inputs["label"], fingerprint(dict(inputs)))
     Projection(chosen, projection).save(directory)
     payload = {"directory": ctx.artifacts.ref(directory), "layers": chosen, "n": int(both.sum())}
     return CellOutput(payload, rows)
 
 
-def diagnostics(
-    model: nn.Module, constraint: HFC, images: torch.Tensor, classes: torch.Tensor, seed: int = 0
-) -> dict[str, float]:
-    """Why a detector may go the other way on a set of images: the median MC-dropout variance of the softmax
-    (mean over classes, :data:`MC_PASSES` passes seeded with ``seed``; NaN without dropout), the median logit
-    margin (top logit minus the runner-up) and the mean log-likelihood of the deepest constrained layer under the
-    mixtures of ``classes`` (clean and noise images: their own class; AEs: the class aimed at)."""
+def diagnostics(model: nn.Module, images: torch.Tensor, seed: int = 0) -> dict[str, float]:
+    """Why a detector may go the other way on a set of images (beside the deepest constrained layer's
+    log-likelihood): the median logit margin (top logit minus the runner-up) and the median MC-dropout variance of
+    the softmax (mean over classes, :data:`MC_PASSES` passes seeded with ``seed``; NaN without dropout)."""
     logits = torch.from_numpy(predict_logits(model, images))
     top = logits.topk(2, dim=1).values
-    out = {"logit_margin": float((top[:, 0] - top[:, 1]).median())}
-    variance = float("nan")
+    out = {"logit_margin": float((top[:, 0] - top[:, 1]).median()), "mc_variance": float("nan")}
     if dropout_modules(model):
         per_image = []
         with torch.no_grad(), torch.random.fork_rng(devices=[]), mc_dropout(model):
@@ -91,15 +85,11 @@ def diagnostics(
                 chunk = chunk.to(model_device(model), model_dtype(model))
                 probs = torch.stack([torch.softmax(model(chunk), 1) for _ in range(MC_PASSES)])
                 per_image.append(probs.var(0).mean(1).cpu())
-        variance = float(torch.cat(per_image).median())
-    out["mc_variance"] = variance
-    deepest = HFC(constraint.gmms, layers=constraint.layers[-1:])
-    feats, _, _ = extract_features(model, (images, classes), deepest.layers)
-    out["loglik"] = float(np.mean(deepest.log_likelihood(feats, classes)[deepest.layers[0]]))
+        out["mc_variance"] = float(torch.cat(per_image).median())
     return out
 
 
 def features_cost(cell: Cell, machine: Any) -> tuple[str, float]:
-    """Three feature passes over the pool, the diagnostics' passes (MC-dropout included) over four sets."""
-    passes = 3 + 4 * (MC_PASSES + 2)
+    """Per set (clean, plain, HFC, noise): one feature pass, one prediction and the MC-dropout passes."""
+    passes = 4 * (MC_PASSES + 2)
     return "features", machine.seconds(passes * cell.hint["pool"] * machine.model_flops(**cell.hint["model"]))
