@@ -13,7 +13,8 @@ from test_attacks import check_linf, make_data, one_thread, train_tiny  # noqa: 
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 
 from engine.attacks import HFC, HFC_MODES, PGD, fit_hfc_gmms, typical_reference
-from engine.attacks.hfc import MAD_TO_SD, extract_features
+from engine.attacks.hfc import extract_features
+from engine.metrics.significance import MAD_TO_SD
 
 LAYERS = ["relu1", "relu2"]
 

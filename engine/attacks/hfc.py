@@ -29,6 +29,7 @@ from torch import nn
 from engine.attacks.base import check_images
 from engine.data import iter_batches
 from engine.fileio import atomic_write
+from engine.metrics import robust_location_scale
 from engine.mixture import GaussianMixture
 from engine.models import Augment, FeatureExtractor, eval_mode, extract_pooled, model_device, model_dtype
 from engine.models.features import resolve_layers
@@ -37,7 +38,6 @@ from engine.ops import gmm_log_prob, hfc_loss
 log = logging.getLogger("engine.attacks")
 MANIFEST = "hfc_gmms.json"
 HFC_MODES = ("nearest", "loglik", "typical")
-MAD_TO_SD = 1.482602218505602  # 1 / Phi^-1(3/4): a normal's standard deviation over its median absolute deviation
 # The reference's training-feature augmentation (datasets.py, APTOS: resize to 280, random 256 crop, random
 # horizontal and vertical flips) as an Augment: both flips and a shift of up to 12/256 of the image per axis.
 HFC_REFERENCE_AUGMENT = Augment(
@@ -197,7 +197,8 @@ def typical_reference(
         log_p = _class_log_likelihood(per_class, features[name], labels)
         counts = np.bincount(labels, minlength=num_classes)
         rare.update(c for c in range(num_classes) if counts[c] < min_images)
-        stats = [_median_scale(log_p[labels == c] if counts[c] >= min_images else log_p) for c in range(num_classes)]
+        stats = [robust_location_scale(log_p[labels == c] if counts[c] >= min_images else log_p)
+                 for c in range(num_classes)]  # fmt: skip
         median, scale = (np.array(v) for v in zip(*stats, strict=True))
         if not np.all(scale > 0):
             raise ValueError(f"layer {name!r}: the clean log-likelihoods of a class are all equal (scale 0)")
@@ -205,11 +206,6 @@ def typical_reference(
     if rare:
         log.warning("typical reference: classes %s have < %d clean images, so use all images", sorted(rare), min_images)
     return out
-
-
-def _median_scale(values: np.ndarray) -> tuple[float, float]:
-    median = float(np.median(values))
-    return median, MAD_TO_SD * float(np.median(np.abs(values - median)))
 
 
 def extract_features(

@@ -17,10 +17,10 @@ import numpy as np
 
 from engine.detectors.base import Detector
 from engine.detectors.features import Features
+from engine.metrics import robust_location_scale
 from engine.mixture import GaussianMixture
 from engine.ops import gmm_log_prob
 
-MAD_TO_SD = 1.482602218505602  # 1 / Phi^-1(3/4): a normal's standard deviation over its median absolute deviation
 log = logging.getLogger("engine.detectors")
 
 
@@ -156,8 +156,7 @@ class Typicality(Detector):
 
 def _location_scale(values: np.ndarray, layer: str, who: str) -> tuple[float, float]:
     """(median, 1.4826 x MAD) of reference log-likelihoods; ValueError when they have no spread."""
-    median = float(np.median(values))
-    scale = MAD_TO_SD * float(np.median(np.abs(values - median)))
+    median, scale = robust_location_scale(values)
     if not scale > 0:
         raise ValueError(
             f"typicality: the reference log-likelihoods of layer {layer!r}, {who}, have no spread (MAD 0 over "

@@ -14,7 +14,14 @@ from engine.metrics.roc import (
     tpr_at_tnr,
 )
 from engine.metrics.shift import mean_pairwise_cosine, relative_deviation, weighted_pairwise_cosine
-from engine.metrics.significance import mean_ci, paired_ttest, percentile_ci, resample_kappas, tost_paired
+from engine.metrics.significance import (
+    mean_ci,
+    paired_ttest,
+    percentile_ci,
+    resample_kappas,
+    robust_location_scale,
+    tost_paired,
+)
 
 __all__ = [
     "accuracy",
@@ -31,6 +38,7 @@ __all__ = [
     "quadratic_weighted_kappa",
     "relative_deviation",
     "resample_kappas",
+    "robust_location_scale",
     "roc_curves",
     "tnr_at_tpr",
     "tost_paired",

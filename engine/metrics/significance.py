@@ -66,6 +66,17 @@ def _pairs(a: Any, b: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     return a[keep], b[keep]
 
 
+MAD_TO_SD = 1.482602218505602  # 1 / Phi^-1(3/4): a normal's standard deviation over its median absolute deviation
+
+
+def robust_location_scale(values: Any) -> tuple[float, float]:
+    """(median, MAD_TO_SD x median absolute deviation) of ``values``: a normal's mean and standard deviation,
+    robust to outliers."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    median = float(np.median(x))
+    return median, MAD_TO_SD * float(np.median(np.abs(x - median)))
+
+
 def mean_ci(values: Any, level: float = 0.95) -> dict[str, Any]:
     """Mean of the finite ``values`` with its Student-t confidence interval (``level``), e.g. over seeds.
 
