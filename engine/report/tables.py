@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.report.verdicts import MAIN, estimate, evidence, rows_frame
+from engine.report.verdicts import MAIN, at_setting, estimate, evidence, rows_frame
 from engine.runs.plan import ADAPTIVE, TRANSFER
 
 TABLE_METRICS = ("auroc", "tpr_at_tnr90")
@@ -96,8 +96,8 @@ def defence_table(rows: Sequence[dict[str, Any]], dataset: str, attack: str, eps
     frame = rows_frame(rows)
     if frame.empty:
         return frame
-    eps_match = frame["eps"].isna() if eps is None else frame["eps"].astype(str) == str(eps)
-    head = frame[(frame["dataset"] == dataset) & (frame["attack"] == attack) & eps_match & frame["detector"].ne("")]
+    head = at_setting(frame, attack, eps)
+    head = head[(head["dataset"] == dataset) & head["detector"].ne("")]
     head = head[head["arm"].isna()] if arm is None else head[head["arm"] == arm]
     records = {}
     for variant, name in ((MAIN, "HFC"), (ADAPTIVE, "adaptive HFC")):

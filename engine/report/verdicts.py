@@ -122,7 +122,8 @@ def rows_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return frame
 
 
-def _setting(frame: pd.DataFrame, attack: str, eps: str | None) -> pd.DataFrame:
+def at_setting(frame: pd.DataFrame, attack: str, eps: str | None) -> pd.DataFrame:
+    """The rows of ``frame`` at (``attack``, ``eps``); eps None: an attack without a budget."""
     eps_match = frame["eps"].isna() if eps is None else frame["eps"].astype(str) == str(eps)
     return frame[(frame["attack"] == attack) & eps_match]
 
@@ -177,7 +178,7 @@ def verdicts(rows: Sequence[dict[str, Any]], attack: str, eps: str | None) -> li
     out: list[Verdict | None] = []
     setting = f"{attack}" + ("" if eps is None else f" at eps {eps}")
     for dataset, rows_ds in frame.groupby("dataset", sort=False):
-        head = _setting(rows_ds, attack, eps)
+        head = at_setting(rows_ds, attack, eps)
         detect = head[head["detector"].ne("")]
         if detect.empty:
             continue
