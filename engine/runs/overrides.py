@@ -9,8 +9,10 @@ import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from engine.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config key or value is invalid; the message names the key and what is allowed."""
 
 
