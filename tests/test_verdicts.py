@@ -16,6 +16,7 @@ from engine.report.verdicts import (
     rows_frame,
     verdicts,
 )
+from engine.runs.schema import Metric, Subset, row
 
 DETECTORS = ("kd", "bu", "lid", "maha", "svm", "dnn", "dnr")
 
@@ -31,23 +32,21 @@ def detector_rows(
 ) -> list[dict[str, Any]]:
     """The rows a detect cell writes for one detector, plain set and one HFC set."""
     base = {"dataset": "d", "model": "m", "attack": "pgd", "eps": "8/256", "detector": name, "arm": arm, "seed": seed}
-    rows = [{**base, "hfc": True, "variant": variant, "metric": "auroc_change", "value": change[0],
-             "ci_low": change[1], "ci_high": change[2]},
-            {**base, "hfc": True, "variant": variant, "metric": "auroc@paired", "value": plain[0] + change[0],
-             "ci_low": 0.0, "ci_high": 1.0},
-            {**base, "hfc": True, "variant": variant, "metric": "tpr_at_tnr90@paired", "value": tpr,
-             "ci_low": 0.0, "ci_high": 1.0}]  # fmt: skip
+    hfc = {**base, "hfc": True, "variant": variant}
+    rows = [row(Metric.AUROC, change[0], subset=Subset.CHANGE, ci_low=change[1], ci_high=change[2], **hfc),
+            row(Metric.AUROC, plain[0] + change[0], subset=Subset.PAIRED, ci_low=0.0, ci_high=1.0, **hfc),
+            row(Metric.TPR_AT_TNR90, tpr, subset=Subset.PAIRED, ci_low=0.0, ci_high=1.0, **hfc)]  # fmt: skip
     if variant == "":
-        rows.append({**base, "hfc": False, "variant": "", "metric": "auroc", "value": plain[0], "ci_low": plain[1],
-                     "ci_high": plain[2]})  # fmt: skip
+        rows.append(row(Metric.AUROC, plain[0], subset=Subset.SUCCESSFUL, ci_low=plain[1], ci_high=plain[2],
+                        hfc=False, variant="", **base))  # fmt: skip
     return rows
 
 
 def success_rows(plain: float = 1.0, hfc: float = 0.98, seed: int = 0, variant: str = "") -> list[dict[str, Any]]:
     base = {"dataset": "d", "model": "m", "attack": "pgd", "eps": "8/256", "detector": "", "seed": seed}
-    out = [{**base, "hfc": True, "variant": variant, "metric": "attack_success_rate", "value": hfc}]
+    out = [row(Metric.ATTACK_SUCCESS_RATE, hfc, hfc=True, variant=variant, **base)]
     if variant == "":
-        out.append({**base, "hfc": False, "variant": "", "metric": "attack_success_rate", "value": plain})
+        out.append(row(Metric.ATTACK_SUCCESS_RATE, plain, hfc=False, variant="", **base))
     return out
 
 

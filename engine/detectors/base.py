@@ -38,6 +38,12 @@ class NotFittedError(RuntimeError):
     """A detector was used before ``fit`` (or ``load``)."""
 
 
+class TooFewExamples(ValueError):
+    """The data cannot feed a detector or the detection protocol: too few correctly classified images, no
+    successful AE to fit on or to evaluate, or fewer examples than a detector needs (LID's k + 1). A run reports
+    the detector as not measurable there and goes on."""
+
+
 @dataclass(frozen=True)
 class Needs:
     """What a fitted detector needs from the model besides the logits: pooled (N, C) features and raw maps of
@@ -161,7 +167,7 @@ class Detector:
         noise = None if noise is None else self._features(noise, "noise")
         train = clean if train is None else self._features(train, "train")
         if len(clean) == 0 or len(adversarial) == 0:
-            raise ValueError(f"fit needs clean and adversarial examples, got {len(clean)} and {len(adversarial)}")
+            raise TooFewExamples(f"fit needs clean and adversarial examples, got {len(clean)} and {len(adversarial)}")
         self.layers_ = self._resolve_layers(clean)
         self.dims_ = {name: int(clean.pooled[name].shape[1]) for name in self.layers_ if name in clean.pooled}
         clean_s, adv_s, noise_s = self._fit(clean, adversarial, noise, train)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.detectors.base import Detector, class_labels
+from engine.detectors.base import Detector, TooFewExamples, class_labels
 from engine.detectors.features import Features
 from engine.ops import kde_log_density, knn_distances, lid
 
@@ -136,7 +136,7 @@ class LID(Detector):
 
     def _fit(self, clean, adversarial, noise, train):
         if len(clean) <= self.k + 1:
-            raise ValueError(f"LID needs more than k+1={self.k + 1} clean examples, got {len(clean)}")
+            raise TooFewExamples(f"LID needs more than k+1={self.k + 1} clean examples, got {len(clean)}")
         batches = self._batches(len(clean))
         self.refs_ = []
         clean_scores = np.empty((len(clean), len(self.layers_)))

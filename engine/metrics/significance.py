@@ -95,6 +95,21 @@ def mean_ci(values: Any, level: float = 0.95) -> dict[str, Any]:
     return {"mean": mean, "low": float(low), "high": float(high), "n": len(x), "level": float(level)}
 
 
+def binomial_ci(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval of a proportion ``successes`` / ``trials``, e.g. an attack's success rate;
+    (NaN, NaN) for zero trials. Conservative: it covers at least ``level`` for every true proportion."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    if isinstance(trials, bool) or int(trials) != trials or trials < 0:
+        raise ValueError(f"trials must be an int >= 0, got {trials!r}")
+    if isinstance(successes, bool) or int(successes) != successes or not 0 <= successes <= trials:
+        raise ValueError(f"successes must be an int in [0, trials={trials}], got {successes!r}")
+    if trials == 0:
+        return float("nan"), float("nan")
+    interval = stats.binomtest(int(successes), int(trials)).proportion_ci(confidence_level=level, method="exact")
+    return float(interval.low), float(interval.high)
+
+
 def percentile_ci(replicates: Any, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the finite ``replicates`` (NaN, NaN when there are none)."""
     x = np.asarray(replicates, dtype=np.float64).ravel()

@@ -19,9 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from engine.runs.schema import ROW_COLUMNS, normalise_row
+from engine.runs.schema import CI_LEVEL, ROW_COLUMNS, legacy_metric, normalise_row
 
 STORE_FILE = "store.sqlite"
+MIGRATED_COLUMNS = (  # columns added to the rows table after its first version, in the order they came
+    ("seed", "INTEGER"), ("variant", "TEXT"), ("arm", "TEXT"), ("eps_value", "REAL"), ("subset", "TEXT"),
+    ("layer", "TEXT"), ("ci_level", "REAL"), ("n_neg", "INTEGER"), ("n_pos", "INTEGER"),
+)  # fmt: skip
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
     key TEXT PRIMARY KEY,
@@ -32,8 +36,9 @@ CREATE TABLE IF NOT EXISTS cells (
 );
 CREATE TABLE IF NOT EXISTS rows (
     cell TEXT NOT NULL REFERENCES cells(key),
-    dataset TEXT, model TEXT, seed INTEGER, attack TEXT, eps TEXT, hfc INTEGER, variant TEXT, arm TEXT,
-    detector TEXT, metric TEXT NOT NULL, value REAL, ci_low REAL, ci_high REAL
+    dataset TEXT, model TEXT, seed INTEGER, attack TEXT, eps TEXT, eps_value REAL, hfc INTEGER, variant TEXT,
+    arm TEXT, detector TEXT, metric TEXT NOT NULL, subset TEXT, layer TEXT, value REAL, ci_low REAL, ci_high REAL,
+    ci_level REAL, n_neg INTEGER, n_pos INTEGER
 );
 CREATE INDEX IF NOT EXISTS rows_cell ON rows(cell);
 CREATE TABLE IF NOT EXISTS plan (position INTEGER PRIMARY KEY, key TEXT NOT NULL);
@@ -51,10 +56,30 @@ class ResultStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a store written by an earlier version to the current row schema: add the columns it lacks; rows
+        written before ``subset`` and ``layer`` existed get their metric names split into (metric, subset, layer)
+        (:func:`engine.runs.schema.legacy_metric`), their ``eps_value`` and, with an interval, its ``ci_level``; in one
+        transaction."""
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(rows)")}
-        for name, kind in (("seed", "INTEGER"), ("variant", "TEXT"), ("arm", "TEXT")):
-            if name not in columns:  # a store written before these columns existed
-                self._db.execute(f"ALTER TABLE rows ADD COLUMN {name} {kind}")
+        missing = [(name, kind) for name, kind in MIGRATED_COLUMNS if name not in columns]
+        if not missing:
+            return
+        with self._transaction() as db:
+            for name, kind in missing:
+                db.execute(f"ALTER TABLE rows ADD COLUMN {name} {kind}")
+            if "subset" in columns:
+                return
+            for rowid, metric, detector, eps in list(db.execute("SELECT rowid, metric, detector, eps FROM rows")):
+                name, subset, layer = legacy_metric(metric, detector)
+                eps_value = normalise_row({"metric": name, "eps": eps})["eps_value"]
+                db.execute(
+                    "UPDATE rows SET metric = ?, subset = ?, layer = ?, eps_value = ? WHERE rowid = ?",
+                    (name, subset, layer, eps_value, rowid),
+                )
+            db.execute("UPDATE rows SET ci_level = ? WHERE ci_low IS NOT NULL AND ci_high IS NOT NULL", (CI_LEVEL,))
 
     def close(self) -> None:
         self._db.close()

@@ -15,10 +15,11 @@ import numpy as np
 from torch import nn
 
 from engine.attacks import ATTACKS, HFC, AdvWriter, Attack, extract_features, parse_eps, typical_reference
+from engine.metrics import binomial_ci
 from engine.models import predict_logits
 from engine.runs.cells import Cell, CellOutput
 from engine.runs.context import RunContext
-from engine.runs.schema import fingerprint
+from engine.runs.schema import Metric, fingerprint, row
 
 ATTACK_EFFICIENCY = 0.35  # attack steps (large batches, input gradients only) vs training steps, seconds per FLOP
 ATTACK_OVERHEAD = 15  # forward-pass equivalents per image besides the steps (checks, prediction, storage; measured)
@@ -85,18 +86,19 @@ def run_attack(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, An
         writer.append(result.adv, y[index], index=index, target=result.target, success=result.success)
     success = ctx.artifacts.adversarial(ctx.artifacts.ref(directory)).success
     correct = predict_logits(model, x, batch).argmax(1) == y.numpy()
-    row = {
-        "dataset": inputs["dataset_label"],
-        "model": inputs["model_label"],
-        "attack": inputs["attack"],
-        "eps": inputs["eps"],
-        "hfc": inputs["hfc"],
-        "variant": inputs["variant"],
-        "detector": "",
-        "metric": "attack_success_rate",
-        "value": float(success[correct].mean()) if correct.any() else float("nan"),
-    }
-    return CellOutput({"directory": ctx.artifacts.ref(directory), "n": len(x)}, [row])
+    setting = {k: inputs[k] for k in ("attack", "eps", "hfc", "variant")}
+    rate = success_row(int(success[correct].sum()), int(correct.sum()), dataset=inputs["dataset_label"],
+                       model=inputs["model_label"], detector="", **setting)  # fmt: skip
+    return CellOutput({"directory": ctx.artifacts.ref(directory), "n": len(x)}, [rate])
+
+
+def success_row(successes: int, trials: int, **columns: Any) -> dict[str, Any]:
+    """The attack success rate row: ``successes`` of ``trials`` (the correctly classified pool) with its exact
+    binomial interval; n_pos / n_neg count the successful / failed attacks (NaN rate without trials)."""
+    low, high = binomial_ci(successes, trials)
+    value = successes / trials if trials else float("nan")
+    return row(Metric.ATTACK_SUCCESS_RATE, value, ci_low=low, ci_high=high, n_pos=successes,
+               n_neg=trials - successes, **columns)  # fmt: skip
 
 
 def attack_passes(inputs: Mapping[str, Any], hfc: bool) -> float:

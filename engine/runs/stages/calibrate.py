@@ -19,6 +19,7 @@ from engine.data import as_tensors
 from engine.models import predict_logits
 from engine.runs.cells import Cell, CellOutput
 from engine.runs.context import RunContext
+from engine.runs.schema import Metric, row
 from engine.runs.stages.attack import ATTACK_EFFICIENCY, attack_passes, hfc_constraint, make_attack
 
 
@@ -72,12 +73,9 @@ def run_calibrate(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str,
 
     lam, trials = largest_passing(calibration["grid"], success, calibration["target"])
     reached = trials[lam] >= calibration["target"]
-    row = {"dataset": inputs["dataset_label"], "model": inputs["model_label"], "attack": inputs["attack"]}
-    row |= {"eps": inputs["eps"], "hfc": True, "variant": inputs["variant"], "detector": ""}
-    rows = [
-        {**row, "metric": "hfc_lam", "value": lam},
-        {**row, "metric": "hfc_calibration_success", "value": trials[lam]},
-    ]
+    columns = {"dataset": inputs["dataset_label"], "model": inputs["model_label"], "attack": inputs["attack"]}
+    columns |= {"eps": inputs["eps"], "hfc": True, "variant": inputs["variant"], "detector": ""}
+    rows = [row(Metric.HFC_LAM, lam, **columns), row(Metric.HFC_CALIBRATION_SUCCESS, trials[lam], **columns)]
     payload = {
         "lam": lam,
         "reached": reached,
@@ -85,6 +83,11 @@ def run_calibrate(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str,
         "images": len(x),
         "trials": [{"lam": k, "success": v} for k, v in sorted(trials.items(), reverse=True)],
     }
+    if not reached:  # the model resists the attack even with the weakest constraint: the run goes on with it
+        payload["note"] = (
+            f"no weight of the grid reaches {calibration['target']:g} success on the {len(x)} calibration images "
+            f"(at {lam:g}, the smallest: {trials[lam]:.2f}), so the smallest weight is used"
+        )
     return CellOutput(payload, rows)
 
 

@@ -21,7 +21,7 @@ from engine.models import dropout_modules, mc_dropout, model_device, model_dtype
 from engine.runs.artifacts import Projection
 from engine.runs.cells import Cell, CellOutput
 from engine.runs.context import RunContext
-from engine.runs.schema import fingerprint
+from engine.runs.schema import Metric, fingerprint, row
 
 GROUPS = {"clean": "clean", "plain": "plain AE", "hfc": "HFC AE"}
 MC_PASSES = 20  # MC-dropout passes of the diagnostics (BU itself uses 50)
@@ -36,8 +36,11 @@ def run_features(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, 
     x, y = ctx.pool(inputs["dataset"], inputs["split"], inputs["seed"], inputs["pool"])
     plain, hfc = (ctx.artifacts.adversarial(deps[inputs[key]]["directory"]) for key in ("plain_cell", "hfc_cell"))
     both = torch.from_numpy(plain.success & hfc.success)
-    if not both.any():
-        raise ValueError(f"{inputs['label']}: no pool image where both the plain and the HFC attack succeeded")
+    base = {"dataset": inputs["dataset_label"], "model": inputs["model_label"], "detector": "", "variant": ""}
+    setting = {"attack": inputs["attack"], "eps": inputs["eps"]}
+    if not both.any():  # the model resisted one of the attacks: nothing to measure, the run goes on
+        reason = "no pool image where both the plain and the HFC attack succeeded"
+        return CellOutput({"not_measurable": reason}, [row(Metric.NOT_MEASURABLE, 0, hfc=False, **base, **setting)])
     sets = {"clean": (x[both], y[both])}
     for name, adv in (("plain", plain), ("hfc", hfc)):  # under the class the attack aimed at (or reached)
         aimed = adv.target if adv.target is not None else predict_logits(model, adv.images).argmax(1)
@@ -47,22 +50,18 @@ def run_features(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, 
     chosen = chosen or [layers[min(1, len(layers) - 1)], layers[-1]]
     hooked = resolve_layers(model, [*gmms, *chosen])
     constraint = HFC(gmms)
-    base = {"dataset": inputs["dataset_label"], "model": inputs["model_label"], "detector": "", "variant": ""}
     sets["noise"] = (noise_like(x[both], inputs["noise_eps"], kind=inputs["noise"], seed=inputs["seed"]), y[both])
-    setting = {"attack": inputs["attack"], "eps": inputs["eps"]}
     rows, projection = [], {}
     for name, (images, classes) in sets.items():  # clean, plain, hfc, noise
         feats, _, _ = extract_features(model, (images, classes), hooked)
         loglik = constraint.log_likelihood(feats, classes)
         if name in GROUPS:
             where = {"attack": "", "eps": None} if name == "clean" else dict(setting)
-            rows += [
-                {**base, **where, "hfc": name == "hfc", "metric": f"feature_loglik@{layer}", "value": float(np.mean(v))}
-                for layer, v in loglik.items()
-            ]
+            rows += [row(Metric.FEATURE_LOGLIK, float(np.mean(v)), layer=layer, hfc=name == "hfc", **base, **where)
+                     for layer, v in loglik.items()]  # fmt: skip
             projection[GROUPS[name]] = {layer: feats[layer].numpy() for layer in chosen}
         found = {**diagnostics(model, images, inputs["seed"]), "loglik": float(np.mean(loglik[constraint.layers[-1]]))}
-        rows += [{**base, **setting, "hfc": False, "metric": f"diag_{quantity}@{name}", "value": v}
+        rows += [row(f"diag_{quantity}", v, subset=name, hfc=False, **base, **setting)
                  for quantity, v in found.items()]  # fmt: skip
     directory = ctx.artifacts.directory("projections", inputs["label"], fingerprint(dict(inputs)))
     Projection(chosen, projection).save(directory)

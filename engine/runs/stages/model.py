@@ -11,7 +11,7 @@ from engine.attacks import fit_hfc_gmms, save_hfc_gmms
 from engine.models import EARLY_STAGES, early_stages, evaluate, layer_shapes, resolve_layers
 from engine.runs.cells import Cell, CellOutput
 from engine.runs.context import MEMORY, RunContext
-from engine.runs.schema import dataset_label, fingerprint
+from engine.runs.schema import Metric, dataset_label, fingerprint, row
 
 EM_SECONDS = 3e-3  # sklearn EM over every hooked layer per dataset image (measured: 1-14 s per default-audit cell)
 TRAINING_KEYS = ("arch", "width", "dropout", "epochs", "lr", "batch_size")  # model.* keys that shape training
@@ -35,12 +35,12 @@ def run_model(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any
     model = ctx.model(checkpoint)
     metrics = {k: v for k, v in evaluate(model, splits.test).items() if _is_number(v)}
     base = {"dataset": dataset_label(spec), "model": inputs["model_label"]}
-    rows = [{**base, "metric": f"clean_{k}", "value": v} for k, v in metrics.items()]
+    rows = [row(f"clean_{k}", v, **base) for k, v in metrics.items()]
     payload = {"checkpoint": checkpoint, "classes": list(splits.train.classes), "metrics": metrics}
     conversion = getattr(model, "meta", {}).get("conversion")
     if conversion:  # an imported model file: how it was converted and how close it is to its reference runtime
         payload["conversion"] = conversion
-        rows += [{**base, "metric": "conversion_max_abs_diff", "value": conversion["max_abs_diff"]}]
+        rows += [row(Metric.CONVERSION_MAX_ABS_DIFF, conversion["max_abs_diff"], **base)]
     return CellOutput(payload, rows)
 
 
