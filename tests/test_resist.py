@@ -100,10 +100,17 @@ TINY = {
     "name": "resists",
     "datasets": [{"name": "fundus-synth", "task": "binary", "n": 400, "image_size": 32}],
     "model": {"width": 0.125, "epochs": 2, "batch_size": 32},
-    "eps": ["1/65536", "8/256"],  # the first far too small to flip any prediction: the model resists it
-    "headline": {"eps": "1/65536"},
+    "attacks": ["pgd"],
+    "eps": ["1/1048576", "8/256"],  # the first far too small to flip (almost) any prediction: the model resists it
+    "headline": {"eps": "1/1048576"},
     "attack": {"steps": 3, "pool": 60, "batch_size": 60},
-    "hfc": {"n_components": 1, "steps": 3, "calibration": {"images": 20, "grid": [1.0, 0.1]}},
+    "hfc": {
+        "n_components": 1,
+        "steps": 3,
+        "fixed_weights": [],
+        "adaptive": False,
+        "calibration": {"images": 20, "grid": [1.0, 0.1]},
+    },
     "detectors": ["kd", "lid"],
     "detector": {"bootstrap": 10, "train_limit": 100, "arms": None, "lid": {"k": 60}},  # LID: more than the pool
     "studies": [],
@@ -118,16 +125,19 @@ def test_a_run_on_a_model_that_resists_completes_with_its_results(tmp_path, caps
     out = capsys.readouterr().out
     frame = pd.read_csv(tmp_path / "runs" / "resists" / "results.csv")
     plain = frame[(frame["metric"] == "attack_success_rate") & ~frame["hfc"].astype(bool)]
-    tiny = plain[plain["eps"] == "1/65536"].iloc[0]
-    assert tiny["value"] == 0 and tiny["n_pos"] == 0 and tiny["n_neg"] > 0 and tiny["ci_level"] == CI_LEVEL
-    assert tiny["ci_high"] == pytest.approx(binomial_ci(0, int(tiny["n_neg"]))[1])
-    unmeasured = frame[frame["metric"] == "not_measurable"]
-    assert {(r.detector if isinstance(r.detector, str) else "", r.eps) for r in unmeasured.itertuples()} == {
-        ("kd", "1/65536"), ("lid", "1/65536"), ("", "1/65536"), ("lid", "8/256")  # LID: k + 1 > clean examples
+    (tiny,) = plain[plain["eps"] == "1/1048576"].itertuples()
+    assert tiny.value < RESISTED_SUCCESS and tiny.value == tiny.n_pos / (tiny.n_pos + tiny.n_neg)
+    assert (tiny.ci_low, tiny.ci_high) == pytest.approx(binomial_ci(int(tiny.n_pos), int(tiny.n_pos + tiny.n_neg)))
+    assert tiny.ci_level == CI_LEVEL
+    unmeasured = frame[(frame["metric"] == "not_measurable") & frame["detector"].notna()]
+    assert set(zip(unmeasured["detector"], unmeasured["eps"], strict=True)) == {
+        ("kd", "1/1048576"),
+        ("lid", "1/1048576"),
+        ("lid", "8/256"),  # LID: k + 1 > clean examples
     }
     kd = frame[(frame["detector"] == "kd") & (frame["eps"] == "8/256") & (frame["metric"] == "auroc")]
     assert set(kd["subset"]) >= {"successful", "paired", "change"} and kd["n_pos"].notna().all()
-    assert "The model resisted pgd on fundus-synth:binary (resnet18) at eps 1/65536 (success 0.00" in out
+    assert "The model resisted pgd on fundus-synth:binary (resnet18) at eps 1/1048576 (success 0.00" in out
     assert "Not measurable on fundus-synth:binary (resnet18) at pgd eps 8/256" in out
     html = (tmp_path / "runs" / "resists" / "report.html").read_text()
     assert "LID needs more than k+1=61 clean examples" in html and "The model resisted pgd" in html

@@ -192,8 +192,8 @@ def verdicts(rows: Sequence[dict[str, Any]], attack: str, eps: str | None) -> li
     setting = f"{attack}" + ("" if eps is None else f" at eps {eps}")
     for dataset, rows_ds in frame.groupby("dataset", sort=False):
         head = at_setting(rows_ds, attack, eps)
-        detect = head[head["detector"].ne("")]
-        if detect.empty:
+        detect = head[head["detector"].ne("") & head["metric"].ne(Metric.NOT_MEASURABLE)]
+        if detect.empty:  # nothing measured here (engine.report.robustness says why)
             continue
         attacks = head[head["detector"].eq("")]
         seeds = rows_ds["seed"].nunique()

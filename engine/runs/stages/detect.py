@@ -2,7 +2,9 @@
 protocol, with a paired comparison).
 
 Features are extracted once per process and image set (one forward pass per batch for every hooked layer) and
-memoised in the run context, so the seven detectors of one (attack, eps) share them.
+memoised in the run context, so the seven detectors of one (attack, eps) share them. Data too small for the protocol
+(``TooFewExamples``: e.g. a model that resists the budget leaves no successful AE) makes the cell a
+``not_measurable`` row, not an error.
 """
 
 from __future__ import annotations
@@ -121,8 +123,8 @@ def run_detect(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, An
     except TooFewExamples as exc:  # too few successful AEs or clean images here: a result, and the run goes on
         successful = int((plain_success & (clean.preds == y.numpy())).sum())
         pool = inputs["pool"] or "the whole test split"
-        reason = f"{exc} (pool of {len(x)} test images; more: raise attack.pool (now {pool}) or the budget)"
-        log.warning("%s: %s not measurable: %s", inputs["label"], inputs["detector"], reason)
+        reason = f"{exc} (a pool of {len(x)} test images; attack.pool: {pool})"
+        log.warning("%s: not measurable: %s", inputs["label"], reason)
         not_measurable = row(Metric.NOT_MEASURABLE, successful, n_pos=successful, hfc=False, variant="", **base)
         return CellOutput({"not_measurable": reason, "successful": successful}, [not_measurable])
     directory = ctx.artifacts.directory("detectors", inputs["label"], fingerprint(dict(inputs)))
