@@ -174,3 +174,17 @@ def test_caught_needs_more_than_half_of_the_aes_at_90_tnr() -> None:
     assert not found.defeated and not found.caught  # its AUROC barely fell, but it flags only half of the AEs
     rows = detector_rows("kd", change=(-0.3, -0.4, -0.2), tpr=DEFEATED_TPR + 0.01) + success_rows()
     assert evidence(rows_frame(rows))["kd"].caught
+
+
+def test_mechanism_reads_the_deepest_layers_loglikelihood() -> None:
+    base = {"dataset": "d", "model": "m", "detector": "", "variant": ""}
+    loglik = {"layer1": (-1.0, -2.0, -1.5), "layer4": (-10.0, -500.0, -20.0)}  # clean, plain, HFC; deepest last
+    rows = [r for d in DETECTORS for r in detector_rows(d)] + success_rows()
+    for layer, (clean, plain, hfc) in loglik.items():
+        rows.append(row(Metric.FEATURE_LOGLIK, clean, layer=layer, attack="", hfc=False, **base))
+        for value, on_hfc in ((plain, False), (hfc, True)):
+            rows.append(row(Metric.FEATURE_LOGLIK, value, layer=layer, attack="pgd", eps="8/256", hfc=on_hfc, **base))
+    verdict = claim(rows, "mechanism")
+    assert verdict.holds is True
+    assert "(layer4)" in verdict.text
+    assert "HFC AEs -20.0, plain AEs -500.0, clean images under their own class -10.0" in verdict.text

@@ -158,7 +158,7 @@ def diagnostics_table(rows: Sequence[dict[str, Any]], dataset: str) -> pd.DataFr
     if diag.empty:
         return pd.DataFrame()
     table = diag.pivot_table(index="subset", columns="metric", values="value", aggfunc="mean", sort=False)
-    table = table.rename(columns=DIAGNOSTIC_LABELS, index=SET_LABELS)
+    table = table.rename(columns=DIAGNOSTIC_LABELS, index=SET_LABELS).rename_axis(index="set", columns="quantity")
     return table[[c for c in DIAGNOSTIC_LABELS.values() if c in table.columns]]
 
 
