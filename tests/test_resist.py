@@ -124,6 +124,7 @@ def test_a_run_on_a_model_that_resists_completes_with_its_results(tmp_path, caps
     assert main(["run", str(path), "--no-progress"]) == 0
     out = capsys.readouterr().out
     frame = pd.read_csv(tmp_path / "runs" / "resists" / "results.csv")
+    assert (frame["seed"] == 0).all()
     plain = frame[(frame["metric"] == "attack_success_rate") & ~frame["hfc"].astype(bool)]
     (tiny,) = plain[plain["eps"] == "1/1048576"].itertuples()
     assert tiny.value < RESISTED_SUCCESS and tiny.value == tiny.n_pos / (tiny.n_pos + tiny.n_neg)

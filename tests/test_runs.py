@@ -132,6 +132,17 @@ def test_row_takes_a_metric_of_the_vocabulary_and_fills_the_tidy_columns():
         row("auroc@paired", 0.9)
 
 
+def test_rows_of_the_constructor_get_their_cells_seed(tmp_path):
+    def rate(context, inputs, deps):
+        return CellOutput({}, [row(Metric.ATTACK_SUCCESS_RATE, 0.5), row(Metric.HFC_LAM, 0.1, seed=9)])
+
+    stages = {"rate": Stage("rate", rate, lambda cell, machine: ("rate", 1.0))}
+    cell = Cell("rate", {"seed": 3})
+    with ResultStore(tmp_path) as store:
+        LocalExecutor(progress=False).run([cell], store, None, stages, CostModel({cell.key: ("rate", 1.0)}))
+        assert [r["seed"] for r in store.rows()] == [3, 9]  # a row's own seed wins
+
+
 def test_the_vocabulary_names_every_metric_and_subset_of_the_detection_protocol():
     assert {*METRICS, "auroc_reversed"} <= set(Metric)
     assert {*SUBSETS, "paired", "change"} == set(Subset)
@@ -180,9 +191,7 @@ def test_an_old_store_is_migrated_to_the_tidy_columns(tmp_path):
 CRASH_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from engine.detectors.evaluate import SUBSETS
-from engine.metrics.roc import METRICS
-from engine.runs import Cell, CellOutput, LocalExecutor, ResultStore, Stage
+    from engine.runs import Cell, CellOutput, LocalExecutor, ResultStore, Stage
     from engine.runs.progress import CostModel
 
     def slow(context, inputs, deps):

@@ -48,7 +48,8 @@ def run_cell(
     start = time.perf_counter()
     out = stage.run(context, inputs, deps)
     for row in out.rows:  # every row of a seeded cell carries its seed
-        row.setdefault("seed", inputs.get("seed"))
+        if row.get("seed") is None:
+            row["seed"] = inputs.get("seed")
     if context is not None:
         context.artifacts.publish()
     return out, time.perf_counter() - start
