@@ -40,7 +40,7 @@ class NotFittedError(RuntimeError):
 
 class TooFewExamples(ValueError):
     """The data cannot feed a detector or the detection protocol: too few correctly classified images, no
-    successful AE to fit on or to evaluate, or fewer examples than a detector needs (LID's k + 1). A run reports
+    successful AE to fit on, or fewer examples than a detector needs (LID's k + 1). A run reports
     the detector as not measurable there and goes on."""
 
 

@@ -7,7 +7,7 @@ rate on the correctly classified pool (the attack cells' rows, which count their
 1. The model **resisted** a budget when the plain attack succeeds on fewer than :data:`RESISTED_SUCCESS` of the
    pool there (a result, with its exact binomial interval, not an error).
 2. Detection is **not measurable** where a detect cell had too few examples (``not_measurable`` rows: no successful
-   AE in the fit or the evaluation part, fewer examples than the detector needs); their reasons are in the cells'
+   AE in the fit part, fewer examples than the detector needs); their reasons are in the cells'
    payloads.
 3. **Possible gradient masking** when success does not rise toward 1 as the budget grows: below
    :data:`MASKING_SUCCESS` at the largest budget, or lower at a larger budget than at a smaller one beyond both
