@@ -40,7 +40,8 @@ from engine.detectors import (
 from engine.export import export_onnx
 from engine.mixture import GaussianMixture
 from engine.models import build_model, load_model, resolve_layers, save_checkpoint
-from engine.score import Scorer, find_detectors, score_dataset
+from engine.runs.catalog import locate
+from engine.score import Scorer, score_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -204,10 +205,10 @@ def test_readme_export_then_score_flow(tmp_path, monkeypatch, capsys):
             rows = pd.read_csv(tmp_path / "scores.csv")
             assert len(rows) == 40 and list(rows["index"]) == list(range(40))
             assert sorted(c.removeprefix("score_") for c in rows.columns if c.startswith("score_")) == kinds
-            assert all(rows[f"flag_{k}"].dtype == bool for k in kinds)
+            assert all(rows[f"flag_{k}@0.05"].dtype == bool for k in kinds)
             assert "model (onnxruntime)" in capsys.readouterr().out
     # the export of the README before: layer4's pooled features only; score says in one line what is missing
-    model = str(fitted_checkpoint([d for p in detectors for d in find_detectors(p)]))
+    model = str(fitted_checkpoint([entry.path for entry in locate(detectors)]))
     assert main(["export", "--model", model, "--out", "plain.onnx", "--layers", "layer4*"]) == 0
     capsys.readouterr()
     argv = ["score", "--model", "plain.onnx", "--detectors", *detectors, "--data", "fundus-synth:binary"]
@@ -243,7 +244,7 @@ def test_resumed_job_after_kill_9_writes_the_same_file(fitted, tmp_path, monkeyp
     script.write_text(RESUME_JOB.format(size=SIZE))
     killed = tmp_path / f"killed{suffix}"
     job = [sys.executable, str(script), str(checkpoint), str(killed), *map(str, dirs)]
-    assert subprocess.run(job, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode == -signal.SIGKILL
+    assert subprocess.run(job, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}).returncode == -signal.SIGKILL
     parts = tmp_path / f".killed{suffix}.parts"
     assert len(list(parts.glob("part-*.parquet"))) == 2 and not killed.exists()  # rows 0-15 in two parts
     monkeypatch.setattr(engine.score, "PART_ROWS", 8)
@@ -268,7 +269,7 @@ def test_a_different_job_on_the_same_output_is_refused(fitted, tmp_path):
 def test_detectors_without_thresholds_score_without_a_flag(fitted, tmp_path):
     _, checkpoint, _, dirs = fitted
     old = Detector.load(next(d for d in dirs if d.name == "kd"))
-    old.thresholds_ = {}  # saved before thresholds were recorded
+    old.thresholds_, old.clean_scores_ = {}, None  # saved before thresholds were recorded
     data = ArrayDataset(images(4, 0), np.zeros(4, dtype=np.int64))
     with pytest.warns(UserWarning, match=r"\['kd'\] record no thresholds"):
         score_dataset(checkpoint, [old.save(tmp_path / "kd")], data, tmp_path / "out.csv", progress=False)
