@@ -405,13 +405,17 @@ def _scorer(
     return Scorer(model or fitted_checkpoint(dirs), dirs, names=names, **options)
 
 
+def _check_data(scorer: Scorer, dataset: torch.utils.data.Dataset) -> None:
+    """Refuse an empty data set, or images of another size than the detectors were fitted on, before work."""
+    if len(dataset) == 0:
+        raise ScoreError("data is empty: no images to score")
+    scorer.check_images(dataset[0][0].shape)
+
+
 def _batches(
     scorer: Scorer, dataset: torch.utils.data.Dataset, start: int, progress: bool, what: str
 ) -> Iterator[tuple[int, np.ndarray, Batch]]:
     """(first index, labels, scored batch) for the images of ``dataset`` from ``start`` on."""
-    if len(dataset) == 0:
-        raise ScoreError("data is empty: no images to score")
-    scorer.check_images(dataset[0][0].shape)
     rest = torch.utils.data.Subset(dataset, range(start, len(dataset)))
     loader = torch.utils.data.DataLoader(rest, batch_size=scorer.batch_size, shuffle=False)
     with tqdm(total=len(dataset), initial=start, desc=what, unit="image", disable=not progress) as bar:
@@ -448,6 +452,7 @@ def score_dataset(
         model_path, detector_paths, select, batch_size=batch_size, runtime=runtime,
         allow_model_mismatch=allow_model_mismatch, allow_size_mismatch=allow_size_mismatch, device=device,
     )  # fmt: skip
+    _check_data(scorer, dataset)
     thresholds = scorer.thresholds(fprs, calibration)
     model_file = model_path if isinstance(model_path, (str, os.PathLike)) else None
     job = {
@@ -538,6 +543,7 @@ def calibrate(
         model, detector_paths, select, batch_size=batch_size, runtime=runtime,
         allow_model_mismatch=allow_model_mismatch, allow_size_mismatch=allow_size_mismatch, device=device,
     )  # fmt: skip
+    _check_data(scorer, dataset)
     scores: dict[str, list[np.ndarray]] = {name: [] for name in scorer.names}
     for _, _, batch in _batches(scorer, dataset, 0, progress, "calibrate"):
         for name, values in batch.scores.items():
