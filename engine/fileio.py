@@ -9,7 +9,8 @@ from pathlib import Path
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then fsync and rename onto ``path``: readers see the old file or the whole new one."""
+    """Call ``write(tmp_path)`` then fsync and rename onto ``path``: readers see the old file or the whole new one;
+    the directory is fsynced after the rename, so a power loss does not forget the new name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -22,4 +23,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+    fsync_directory(path.parent)
     return path
+
+
+def fsync_directory(path: str | os.PathLike[str]) -> None:
+    """Flush a directory's entries (names created, renamed or removed in it) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
