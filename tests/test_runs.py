@@ -143,7 +143,7 @@ def test_kill_9_loses_at_most_the_cell_in_flight(tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until some, not all, cells are committed
         if (run_dir / "store.sqlite").exists():
-            with ResultStore(run_dir) as store:
+            with ResultStore(run_dir, readonly=True) as store:
                 if 5 <= len(store.cells()) < 40:
                     break
         time.sleep(0.02)

@@ -99,6 +99,20 @@ def read_image(path: str | Path) -> np.ndarray:
         return as_hwc(np.asarray(im))
 
 
+def header_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image or DICOM file read from its header, without decoding the pixels (PIL's ``verify`` also
+    checks a PNG's chunks, so most truncated PNGs fail here)."""
+    if Path(path).suffix.lower() in DICOM_SUFFIXES or not Path(path).suffix:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return int(ds.Rows), int(ds.Columns)
+    with Image.open(path) as im:
+        width, height = im.size
+        im.verify()
+    return height, width
+
+
 def window(values: np.ndarray, center: float | None = None, width: float | None = None) -> np.ndarray:
     """DICOM linear VOI window (PS3.3 C.11.2.1.2) to [0, 1]; min-max when no window is given."""
     values = np.asarray(values, dtype=np.float64)
