@@ -111,12 +111,12 @@ def execute(config: dict[str, Any], progress: bool = True, context: RunContext |
 
 def recompute(store: ResultStore, cells: Sequence[Cell]) -> None:
     """Forget the finished cells whose artifact files are gone (deleted, or lost with a disk), so they run again."""
-    stale = {cell: missing for cell in cells if (missing := store.missing(cell.key))}
-    for cell, missing in stale.items():
+    stale = [(cell, missing) for cell in cells if (missing := store.missing(cell.key))]
+    for cell, missing in stale:
         log.warning(
             "%s: %d artifact file(s) missing (e.g. %s): the cell runs again", cell.label, len(missing), missing[0]
         )
-    store.forget(cell.key for cell in stale)
+    store.forget(cell.key for cell, _ in stale)
 
 
 def input_identities(cells: Sequence[Cell]) -> dict[str, Any]:

@@ -73,7 +73,11 @@ class ResultStore:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock = _lock(self.run_dir / LOCK_FILE)
-        self._db = _open_writer(self.path)
+        try:
+            self._db = _open_writer(self.path)
+        except StoreError:
+            os.close(self._lock)
+            raise
         self._db.executescript(_SCHEMA)
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(rows)")}
         for name, kind in (("seed", "INTEGER"), ("variant", "TEXT"), ("arm", "TEXT")):
