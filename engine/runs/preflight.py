@@ -113,6 +113,8 @@ def check_model(
         model = context.open_user_model(spec)
     except UserError:
         raise
+    except ValueError as exc:  # the loader's own checks (shape, layout, parity): their message says what to fix
+        raise UserError(f"model.checkpoint {path!r}: {_first_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - a user's file fails to load in as many ways as there are formats
         raise UserError(
             f"model.checkpoint {path!r} cannot be loaded ({type(exc).__name__}: {_first_line(exc)}); expected an "
