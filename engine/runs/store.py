@@ -257,6 +257,8 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
         except sqlite3.OperationalError:  # a read-only directory cannot hold the WAL index: read the file as it is
             db = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
             _check(db)
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cells'").fetchone() is None:
+            raise sqlite3.DatabaseError("no cells table: not a results store, or one still being created")
     except sqlite3.DatabaseError as exc:
         raise StoreError(
             f"results store {str(path)!r} is unreadable ({exc}); `hfc-engine run` with this run's config moves it "
