@@ -378,17 +378,14 @@ def check_output(output: str | os.PathLike[str]) -> Path:
 
 
 def data_fingerprint(dataset: torch.utils.data.Dataset) -> str:
-    """A hash (16 hex digits) of what ``dataset`` holds: an engine dataset's fingerprint (class names, labels and
-    pixels or file names) and the bytes of its files; any other dataset's images and labels, read once."""
-    digest = hashlib.sha256()
+    """What ``dataset`` holds, as 16 hex digits: an engine dataset's fingerprint (class names, labels, and pixels or
+    file names and bytes); for any other dataset a hash of its images and labels, read once."""
     if isinstance(dataset, ImageDataset):
-        digest.update(dataset.fingerprint.encode())
-        for path in dataset.paths or ():
-            digest.update(file_sha256(path).encode())
-    else:
-        for i in range(len(dataset)):
-            image, label = dataset[i]
-            digest.update(torch.as_tensor(image).numpy().tobytes() + str(int(label)).encode())
+        return dataset.fingerprint
+    digest = hashlib.sha256()
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        digest.update(torch.as_tensor(image).numpy().tobytes() + str(int(label)).encode())
     return digest.hexdigest()[:16]
 
 

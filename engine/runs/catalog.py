@@ -86,7 +86,7 @@ def catalog(run_dir: str | os.PathLike[str]) -> list[FittedDetector]:
     if not is_run(run_dir):
         raise CatalogError(f"{str(run_dir)!r} is not a run directory (no {STORE_FILE}; `hfc-engine run` makes one)")
     artifacts = Artifacts(_artifact_location(run_dir))
-    with ResultStore(run_dir) as store:
+    with ResultStore(run_dir, readonly=True) as store:
         finished = [key for key, _, _ in store.cells("detect")]  # in the order they finished
         planned, done = store.plan(), set(finished)
         keys = finished if planned is None else [key for key in planned if key in done]
