@@ -21,7 +21,7 @@ LAYERS = [  # module-name prefixes per layer, lowest first
     ("engine.attacks", "engine.detectors", "engine.export"),
     ("engine.runs",),
     ("engine.report",),
-    ("engine.audit", "engine.score", "engine.cli", "engine.bench"),
+    ("engine.auditing", "engine.score", "engine.cli", "engine.bench"),
 ]  # fmt: skip
 LAZY_ALLOWED = {("engine.ops._backend", "engine._C")}
 
