@@ -15,6 +15,7 @@ checked against its class's constructor (names, annotated types, and the class's
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import inspect
 import math
@@ -171,6 +172,11 @@ class ModelInput:
     def conform(cls, value: Any, dotted: str, rules: Mapping[str, Any]) -> Any:
         if not _finite(value):
             raise ConfigError(f"config key {dotted!r} must be {cls.describe(rules)}, got {show(value)}")
+        allowed = [f.name for f in dataclasses.fields(InputConvention)]
+        unknown = sorted(set(value) - set(allowed)) if isinstance(value, Mapping) else []
+        if unknown:
+            where = f"{dotted}.{unknown[0]}"
+            raise ConfigError(f"unknown config key {where!r}; allowed: {allowed}", where)
         if rules.get("partial") and isinstance(value, Mapping):
             return value  # a `models` entry's part: checked once merged over `model`
         try:
