@@ -85,6 +85,7 @@ def run_audit(config: dict[str, Any], progress: bool = True, context: RunContext
 def audit(
     model: nn.Module | str | os.PathLike[str],
     data: Any,
+    /,
     *,
     run_dir: str | os.PathLike[str] | None = None,
     input: Mapping[str, Any] | None = None,
@@ -92,7 +93,7 @@ def audit(
     progress: bool = False,
     **config: Any,
 ) -> AuditReport:
-    """Audit a trained ``model`` on ``data``; keyword arguments are run config keys (docs/runs.md).
+    """Audit a trained ``model`` on ``data`` (both positional); keyword arguments are run config keys (docs/runs.md).
 
     ``model``: an nn.Module or TorchScript module taking [0,1] NCHW images, or a model file (ONNX, TorchScript,
     checkpoint); ``input`` and ``output`` declare other conventions (see engine.models.load_model). ``data``: an
