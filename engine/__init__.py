@@ -38,8 +38,8 @@ _LAZY = {
     "detectors": ("engine.detectors", None),
     "export": ("engine.export", None),
     "GaussianMixture": ("engine.mixture", "GaussianMixture"),
-    "audit": ("engine.audit", "audit"),
-    "AuditReport": ("engine.audit", "AuditReport"),
+    "audit": ("engine.auditing", "audit"),
+    "AuditReport": ("engine.auditing", "AuditReport"),
 }
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from engine.audit import run_audit
+from engine.auditing import run_audit
 from engine.bench import OPS, run_table
 from engine.data import load_dataset, split_dataset
 from engine.detectors import FPRS, Detector, fitted_checkpoint

@@ -14,14 +14,14 @@ from pathlib import Path
 
 ENGINE = Path(__file__).resolve().parent.parent / "engine"
 LAYERS = [  # module-name prefixes per layer, lowest first
-    ("engine._C", "engine._C_cuda", "engine.fileio", "engine.html", "engine.mixture", "engine.ops", "engine.reference",
-     "engine.metrics", "engine.kernels", "engine.errors"),
+    ("engine._C", "engine._C_cuda", "engine.errors", "engine.fileio", "engine.html", "engine.mixture", "engine.ops",
+     "engine.reference", "engine.metrics", "engine.kernels"),
     ("engine.data",),
     ("engine.models",),
     ("engine.attacks", "engine.detectors", "engine.export"),
     ("engine.runs",),
     ("engine.report",),
-    ("engine.audit", "engine.score", "engine.cli", "engine.bench"),
+    ("engine.auditing", "engine.score", "engine.cli", "engine.bench"),
 ]  # fmt: skip
 LAZY_ALLOWED = {("engine.ops._backend", "engine._C")}
 

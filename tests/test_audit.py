@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from engine.audit import audit
+from engine import audit
 from engine.cli import main
 from engine.data import ArrayDataset
 from engine.models import build_model
@@ -125,12 +125,10 @@ def test_audit_api_in_memory(tmp_path):
         dataset,
         attacks=["pgd"],
         detectors=["maha"],
-        hfc=False,
+        hfc={"enabled": False, "layers": "layer4*relu*"},
         eps=["32/256"],
-        steps=10,
-        pool=60,
+        attack={"steps": 10, "pool": 60},
         run_dir=tmp_path / "api",
-        layers="layer4*relu*",
     )
     assert (tmp_path / "api" / "report.html").exists()
     table = report.table()
