@@ -175,10 +175,11 @@ ARCHITECTURES = {"efficientnet": EfficientNetLike, "vit": ViTLike, "mobilenetv3"
 
 
 def bright_dark(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` noisy 16 px RGB images in [0, 1], dark (label 0, mean 0.25) or bright (label 1, mean 0.7)."""
+    """``n`` noisy 16 px RGB images in [0, 1] like tests/foreign.py's image folders: bright (label 0, mean 0.7) or
+    dark (label 1, mean 0.25), the folders' sorted class order."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % 2
-    images = rng.normal(np.where(labels, 0.7, 0.25)[:, None, None, None], 30 / 255, (n, 3, SIZE, SIZE))
+    images = rng.normal(np.where(labels, 0.25, 0.7)[:, None, None, None], 30 / 255, (n, 3, SIZE, SIZE))
     return torch.tensor(np.clip(images, 0, 1), dtype=torch.float32), torch.tensor(labels)
 
 

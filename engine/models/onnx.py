@@ -203,7 +203,7 @@ def insert_taps(graph_module: fx.GraphModule) -> fx.GraphModule:
             owner[node], ops[node] = node, str(_op(node))
     points = {node: {"activations"} for node in ops if _is_feature(node)}
     for node in graph.nodes:
-        if _is_residual_add(node, constant) and _is_feature(node):
+        if _is_residual_add(node, constant) and _is_feature(node) and node not in owner:  # not GELU's x + c x^3
             users = {owner.get(user) for user in node.users}
             end = users.pop() if len(users) == 1 and None not in users else node
             points.setdefault(end, set()).add("blocks")
@@ -288,10 +288,11 @@ def convert_onnx(
     then input gradients (:func:`certify_gradients` with onnxruntime's central differences)."""
     graph_module, seconds, converted = _convert(model, source, probe)
     run = _onnxruntime(model)
-    diff = float(np.max(np.abs(converted.numpy().astype(np.float64) - run(probe))))
+    outputs = run(probe)
+    diff = float(np.max(np.abs(converted.numpy().astype(np.float64) - outputs)))
     conversion = Conversion(source, f"onnx2fx {_converter().__version__}", seconds, diff, tolerance, "onnxruntime")
     check_parity(conversion)
-    references = [_central_differences(run, probe, step) for step in GRADIENT_STEPS]
+    references = [_central_differences(run, probe, outputs, step) for step in GRADIENT_STEPS]
     certify_gradients(conversion, graph_module, probe, references)
     return graph_module, conversion
 
@@ -311,7 +312,7 @@ def _onnxruntime(model: onnx.ModelProto) -> Callable[[torch.Tensor], np.ndarray]
     return lambda x: session.run(None, {name: x.numpy()})[0].astype(np.float64)
 
 
-Derivatives = Callable[[torch.Tensor, list[torch.Tensor]], tuple[list[float], list[torch.Tensor]]]
+Derivatives = Callable[[torch.Tensor, list[torch.Tensor]], tuple[list[float], list[torch.Tensor], float]]
 
 
 def certify_gradients(
@@ -322,9 +323,11 @@ def certify_gradients(
 
     For :data:`GRADIENT_DIRECTIONS` seeded random unit directions v of the input space and one seeded random unit
     weighting w of the outputs, a reference ``(w, [v...])`` returns its derivatives of ``w . f(x)`` along each v
-    and the directions it actually took (central differences move a float32 input, which rounds). ``module``'s
-    derivative along a direction is its autograd input gradient of ``w . f(x)`` (one backward pass, the one
-    attacks use) dotted with it; the error is the norm of the differences over the norm of the reference's.
+    and the directions it actually took (central differences move a float32 input, which rounds), and the
+    smallest derivative it resolves. ``module``'s derivative along a direction is its autograd input gradient of
+    ``w . f(x)`` (one backward pass, the one attacks use) dotted with it; the error is the norm of the differences
+    over the norm of the reference's, or over its resolution when larger (a saturated model whose outputs do not
+    move in float32 is not refused for rounding).
     ``references`` are tried in turn until one is within the tolerance; the smallest error is recorded.
     """
     started = time.perf_counter()
@@ -333,15 +336,16 @@ def certify_gradients(
     output = _first(module(x))
     weights = torch.randn(output.shape, generator=generator, dtype=output.dtype)
     weights = weights / weights.norm()
-    (gradient,) = torch.autograd.grad((output * weights).sum(), x)
+    gradient = _input_gradient((output * weights).sum(), x)
     directions = [torch.randn(probe.shape, generator=generator, dtype=probe.dtype) for _ in range(GRADIENT_DIRECTIONS)]
     directions = [v / v.norm() for v in directions]
     if conversion.tolerance is not None:
         conversion.gradient_tolerance = GRADIENT_TOLERANCE[conversion.reference]
     for reference in references:
-        expected, taken = reference(weights, directions)
+        expected, taken, resolution = reference(weights, directions)
         ours = np.array([float((gradient.double() * v.double()).sum()) for v in taken])
-        scale, error = float(np.linalg.norm(expected)), float(np.linalg.norm(ours - np.array(expected)))
+        scale = max(float(np.linalg.norm(expected)), resolution * len(directions) ** 0.5)
+        error = float(np.linalg.norm(ours - np.array(expected)))
         error = error / scale if scale > 0 else (0.0 if error == 0 else float("inf"))
         conversion.gradient_rel_error = min(error, conversion.gradient_rel_error or float("inf"))
         if conversion.gradient_tolerance is None or conversion.gradient_rel_error <= conversion.gradient_tolerance:
@@ -350,20 +354,34 @@ def certify_gradients(
     check_parity(conversion)
 
 
-def _central_differences(run: Callable[[torch.Tensor], np.ndarray], probe: torch.Tensor, step: float) -> Derivatives:
+def _input_gradient(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d value / d x, zero where autograd finds no path (a graph detached from its input)."""
+    if not value.requires_grad:
+        return torch.zeros_like(x)
+    (gradient,) = torch.autograd.grad(value, x, allow_unused=True)
+    return torch.zeros_like(x) if gradient is None else gradient
+
+
+def _central_differences(
+    run: Callable[[torch.Tensor], np.ndarray], probe: torch.Tensor, outputs: np.ndarray, step: float
+) -> Derivatives:
     """A reference for :func:`certify_gradients` from ``run`` (onnxruntime) by central differences in float32:
     each input value moves by ``step`` times the probe's spread (RMS); the direction taken is the difference of
-    the two rounded inputs."""
+    the two rounded inputs; the resolution is float32's epsilon times the weighted ``outputs`` (``run(probe)``)
+    over the step."""
     step = step * float(probe.double().std()) * probe.numel() ** 0.5
 
-    def derivatives(weights: torch.Tensor, directions: list[torch.Tensor]) -> tuple[list[float], list[torch.Tensor]]:
+    def derivatives(
+        weights: torch.Tensor, directions: list[torch.Tensor]
+    ) -> tuple[list[float], list[torch.Tensor], float]:
         w = weights.double().numpy()
         values, taken = [], []
         for direction in directions:
             plus, minus = probe + step * direction, probe - step * direction
             values.append(float((w * (run(plus) - run(minus))).sum()) / (2 * step))
             taken.append((plus.double() - minus.double()) / (2 * step))
-        return values, taken
+        resolution = float(np.finfo(np.float32).eps * np.abs(w * outputs).sum()) / step
+        return values, taken, resolution
 
     return derivatives
 
@@ -371,10 +389,12 @@ def _central_differences(run: Callable[[torch.Tensor], np.ndarray], probe: torch
 def _autograd(module: nn.Module, probe: torch.Tensor) -> Derivatives:
     """The reference for :func:`certify_gradients` from ``module``'s own autograd (the TorchScript module)."""
 
-    def derivatives(weights: torch.Tensor, directions: list[torch.Tensor]) -> tuple[list[float], list[torch.Tensor]]:
+    def derivatives(
+        weights: torch.Tensor, directions: list[torch.Tensor]
+    ) -> tuple[list[float], list[torch.Tensor], float]:
         x = probe.detach().clone().requires_grad_(True)
-        (gradient,) = torch.autograd.grad((_first(module(x)) * weights).sum(), x)
-        return [float((gradient.double() * v.double()).sum()) for v in directions], directions
+        gradient = _input_gradient((_first(module(x)) * weights).sum(), x)
+        return [float((gradient.double() * v.double()).sum()) for v in directions], directions, 0.0
 
     return derivatives
 
