@@ -2,11 +2,13 @@
 
 :func:`convert_onnx` turns an ONNX graph into a ``torch.fx.GraphModule`` with the ``onnx2fx`` converter (the
 optional ``onnx`` extra; it needs no torchvision) and checks it against onnxruntime on the same inputs: the largest
-absolute output difference is recorded, and above ``tolerance`` the load fails. Every activation node and every
-residual block output of the graph gets a :class:`Tap` module named after its ONNX node (``net/layer1/0/relu1/Relu``
+absolute output difference is recorded, and above ``tolerance`` the load fails; :func:`certify_gradients` then
+checks its input gradients against onnxruntime's central differences. Every activation (a single node, or one
+exported as several: SiLU as Sigmoid+Mul, GELU as Erf/Div/Mul/Add...) and every block output (residual Add, DenseNet
+concatenation) gets a :class:`Tap` module named after its ONNX node (``net/layer1/0/relu1/Relu``, ``.../act/Gelu``
 or the name a user gave the node), so feature hooks find one distinct, stably named layer per call site.
 :func:`convert_torchscript` exports a TorchScript module to ONNX in memory and converts it the same way, checked
-against the TorchScript module itself.
+(outputs and gradients) against the TorchScript module itself.
 """
 
 from __future__ import annotations
