@@ -22,7 +22,9 @@ from torch import fx, nn
 from engine.models.classifier import backbone
 from engine.models.onnx import Tap
 
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.PReLU)
+# activation modules (nn.ReLU6 is an nn.Hardtanh); a converted graph taps the same activations (engine.models.onnx)
+_ACTIVATIONS = (nn.ReLU, nn.Hardtanh, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+                nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus)  # fmt: skip
 LAYER_KINDS = ("all", "activations", "blocks")
 STAGE_OUTPUTS = "stage_outputs"  # a layer selection (e.g. detector.maha.layers) meaning :func:`stage_outputs`
 EARLY_STAGES = "early_stages"  # a layer selection (e.g. hfc.layers) meaning :func:`early_stages`

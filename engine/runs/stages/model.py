@@ -40,7 +40,8 @@ def run_model(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any
     conversion = getattr(model, "meta", {}).get("conversion")
     if conversion:  # an imported model file: how it was converted and how close it is to its reference runtime
         payload["conversion"] = conversion
-        rows += [{**base, "metric": "conversion_max_abs_diff", "value": conversion["max_abs_diff"]}]
+        rows += [{**base, "metric": "conversion_max_abs_diff", "value": conversion["max_abs_diff"]},
+                 {**base, "metric": "conversion_gradient_rel_error", "value": conversion["gradient_rel_error"]}]
     return CellOutput(payload, rows)
 
 
