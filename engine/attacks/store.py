@@ -119,6 +119,12 @@ class AdvWriter:
             raise ValueError("images must hold values in [0,1]")
         if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"labels must be integers of shape ({n},), got {labels.dtype} {labels.shape}")
+        missing = [key for key, value in meta.items() if value is None]
+        if missing:
+            raise ValueError(
+                f"metadata {missing} is None: leave such keys out (an untargeted attack's result has no target; "
+                "append_result does this)"
+            )
         arrays = {key: _to_numpy(value) for key, value in meta.items()}
         for key, value in arrays.items():
             if value.shape[:1] != (n,):

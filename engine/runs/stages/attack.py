@@ -82,7 +82,7 @@ def run_attack(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, An
         if set(index.tolist()) <= done:
             continue
         result = attack(x[index], y[index])
-        writer.append(result.adv, y[index], index=index, target=result.target, success=result.success)
+        writer.append_result(result, index, labels=y[index])
     success = ctx.artifacts.adversarial(ctx.artifacts.ref(directory)).success
     correct = predict_logits(model, x, batch).argmax(1) == y.numpy()
     row = {
