@@ -6,6 +6,7 @@ See docs/models.md for the layer naming scheme and the checkpoint format.
 from engine.models.augment import Augment
 from engine.models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from engine.models.classifier import (
+    ARCHITECTURES,
     ImageClassifier,
     Normalize,
     available_models,
@@ -44,6 +45,7 @@ from engine.models.memory import auto_batch_size, eval_mode, model_device, model
 from engine.models.train import TrainResult, train, train_model
 
 __all__ = [
+    "ARCHITECTURES",
     "CONSTRAINED",
     "EARLY_STAGES",
     "OUTPUT_KINDS",
