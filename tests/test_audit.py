@@ -37,6 +37,7 @@ def tiny_run(tmp_path_factory):
     return cfg, root / "runs" / "tiny"
 
 
+@pytest.mark.slow
 def test_cli_run_writes_results_card_and_report(tiny_run):
     _, run_dir = tiny_run
     frame = pd.read_csv(run_dir / "results.csv")
@@ -67,6 +68,7 @@ def test_cli_run_writes_results_card_and_report(tiny_run):
     assert '"seconds_per_stage"' in card and '"git_commit"' in card
 
 
+@pytest.mark.slow
 def test_resume_after_crash_recomputes_only_missing_cells(tiny_run):
     cfg, run_dir = tiny_run
     before = pd.read_csv(run_dir / "results.csv")
@@ -103,6 +105,7 @@ def test_config_error_is_one_line_and_exit_2(capsys):
         main(["run", "hfc.mode=exact", "--no-progress", "--debug"])
 
 
+@pytest.mark.slow
 def test_study_command_runs_a_study_with_overrides(tmp_path, monkeypatch):
     import yaml
 
@@ -116,6 +119,7 @@ def test_study_command_runs_a_study_with_overrides(tmp_path, monkeypatch):
     assert "Stress test" in (tmp_path / "runs" / "study-stress" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_audit_api_in_memory(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 200)

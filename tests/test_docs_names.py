@@ -14,7 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_NAME = re.compile(r"(?<![\w.-])engine(?:\.\w+)+")
 MARKDOWN_FILE = re.compile(r"[\w./-]*[\w-]\.md\b")
-PARENT_PATH = re.compile(r"(?<![\w.])(?:\.\./)+[\w./-]*")
+# A relative path climbing out of the citing file's directory (not one inside a longer path, e.g. $ORIGIN/../lib).
+PARENT_PATH = re.compile(r"(?<![\w./$])(?:\.\./)+[\w./-]*")
 # Absolute paths into a machine's checkouts or home directories (never part of a clone elsewhere).
 MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:work|check|home|root|Users)/[\w./-]*")
 
