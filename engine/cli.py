@@ -19,7 +19,7 @@ from engine.bench import OPS, run_table
 from engine.data import load_dataset, split_dataset
 from engine.detectors import FPRS, Detector, fitted_checkpoint
 from engine.export import export_onnx
-from engine.models import OUTPUT_KINDS, feature_points, input_shape, layer_shapes, load_model, train_model
+from engine.models import OUTPUT_KINDS, TrainConfig, feature_points, input_shape, layer_shapes, load_model, train_model
 from engine.models.classifier import ARCHITECTURES
 from engine.report import summary_lines
 from engine.runs import STUDIES, CellFailed, ConfigError, choices, load_config
@@ -140,18 +140,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     splits = split_dataset(dataset, val=0.15, test=0.15, seed=args.seed)
     out_dir = Path(args.out)
     splits.save(out_dir / "splits.json")
+    config = TrainConfig(
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, balanced=args.balanced
+    )
     result = train_model(
-        splits,
-        args.arch,
-        out_dir,
-        width=args.width,
-        dropout=args.dropout,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        balanced=args.balanced,
-        progress=not args.no_progress,
+        splits, args.arch, config, out_dir, width=args.width, dropout=args.dropout, progress=not args.no_progress
     )
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics["val"].items() if isinstance(v, float))
     print(f"checkpoint: {result.checkpoint} (best epoch {result.best_epoch}); validation {metrics}")

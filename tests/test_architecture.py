@@ -39,7 +39,8 @@ MODULES = _modules()
 
 
 def _resolve(name: str) -> str:
-    """The engine module an import names (``from engine.x import y`` may name module engine.x.y)."""
+    """The engine module an import names (``from engine.<pkg> import <name>`` may name module
+    ``engine.<pkg>.<name>``)."""
     if name.split(".")[:2] in (["engine", "_C"], ["engine", "_C_cuda"]):  # the compiled extensions
         return ".".join(name.split(".")[:2])
     while name not in MODULES and "." in name:

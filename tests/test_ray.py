@@ -21,6 +21,8 @@ from engine.runs.cluster import RayExecutor
 from engine.runs.progress import CostModel
 from engine.runs.staging import StagedArtifacts
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a local Ray instance: seconds to start, minutes in all
+
 TINY = [
     "datasets=[{name: fundus-synth, task: binary, n: 400, image_size: 32}]",
     "model.width=0.125",

@@ -28,7 +28,7 @@ OUTPUT_KINDS = ("logits", "probabilities", "log_probabilities")
 FINGERPRINT_KEY = "fingerprint"  # ONNX metadata / converted model meta: the source model's fingerprint
 
 
-def state_fingerprint(module: nn.Module) -> str:
+def _weights_digest(module: nn.Module) -> str:
     """Hash (16 hex digits) of ``module``'s parameters and persistent buffers: dtypes, shapes and values in
     state_dict order, not their names (a wrapper's prefix or a TorchScript copy keeps the fingerprint)."""
     digest = hashlib.sha256()
@@ -40,12 +40,13 @@ def state_fingerprint(module: nn.Module) -> str:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """The fingerprint fitted detectors record: the source model's when ``model`` was converted from a file that
-    carries one (an ONNX export's metadata, a TorchScript module's weights), else :func:`state_fingerprint`."""
+    """A model's one fingerprint (what fitted detectors record): the source model's when ``model`` was converted
+    from a file that carries one (an ONNX export's metadata, a TorchScript module's weights), else a hash (16 hex
+    digits) of its weights: parameters and persistent buffers, dtypes, shapes and values in state_dict order."""
     meta = getattr(model, "meta", None)
     if isinstance(meta, Mapping) and meta.get(FINGERPRINT_KEY):
         return str(meta[FINGERPRINT_KEY])
-    return state_fingerprint(model)
+    return _weights_digest(model)
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ def torchscript_model(
         c, h, w = convention.size
         shape = (c, h, w) if convention.layout == "NCHW" else (h, w, c)
     graph, conversion = convert_torchscript(module, source, shape, tolerance)
-    return _foreign(graph, convention, output, name, conversion, state_fingerprint(module))
+    return _foreign(graph, convention, output, name, conversion, model_fingerprint(module))
 
 
 def _foreign(

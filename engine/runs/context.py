@@ -21,7 +21,7 @@ from torch import nn
 from engine.data import ImageDataset, Splits, as_tensors, content_fingerprint, load_dataset, split_dataset
 from engine.errors import UserError
 from engine.fileio import atomic_write, file_sha256
-from engine.models import label_with_model, load_model, train_model
+from engine.models import TrainConfig, label_with_model, load_model, train_model
 from engine.runs.artifacts import Artifacts
 from engine.runs.schema import dataset_label, fingerprint
 
@@ -137,8 +137,10 @@ class RunContext:
         directory = self.artifacts.directory("models", f"{settings['arch']}-{splits.dataset.name}", key)
         final = directory / "model.pt"
         if not final.is_file():
-            arch = settings.pop("arch")
-            train_model(splits, arch, directory, seed=seed, progress=self.progress, device=self.device, **settings)
+            config, build = TrainConfig.split({**settings, "seed": seed})
+            train_model(
+                splits, build.pop("arch"), config, directory, progress=self.progress, device=self.device, **build
+            )
         return self.artifacts.ref(final)
 
     # -- memo -------------------------------------------------------------------------------------------------
