@@ -14,8 +14,8 @@ from pathlib import Path
 
 ENGINE = Path(__file__).resolve().parent.parent / "engine"
 LAYERS = [  # module-name prefixes per layer, lowest first
-    ("engine._C", "engine._C_cuda", "engine.fileio", "engine.html", "engine.mixture", "engine.ops", "engine.reference",
-     "engine.metrics", "engine.kernels"),
+    ("engine._C", "engine._C_cuda", "engine.errors", "engine.fileio", "engine.html", "engine.mixture", "engine.ops",
+     "engine.reference", "engine.metrics", "engine.kernels"),
     ("engine.data",),
     ("engine.models",),
     ("engine.attacks", "engine.detectors", "engine.export"),

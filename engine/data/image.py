@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from engine.errors import UserError, UserTypeError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, what PIL's convert("L") uses
@@ -28,15 +30,15 @@ def parse_size(image_size: SizeLike) -> tuple[int, int] | None:
     elif isinstance(image_size, tuple | list) and len(image_size) == 2:
         size = (int(image_size[0]), int(image_size[1]))
     else:
-        raise TypeError(f"image_size: expected an int or (height, width), got {image_size!r}")
+        raise UserTypeError(f"image_size: expected an int or (height, width), got {image_size!r}")
     if min(size) < 1:
-        raise ValueError(f"image_size: expected positive sizes, got {image_size!r}")
+        raise UserError(f"image_size: expected positive sizes, got {image_size!r}")
     return size
 
 
 def check_channels(channels: int | None) -> int | None:
     if channels not in (None, 1, 3):
-        raise ValueError(f"channels: expected 1, 3 or None (keep), got {channels!r}")
+        raise UserError(f"channels: expected 1, 3 or None (keep), got {channels!r}")
     return channels
 
 
@@ -45,7 +47,7 @@ def as_hwc(img: np.ndarray) -> np.ndarray:
     if img.ndim == 2:
         return img[:, :, None]
     if img.ndim != 3 or img.shape[2] not in (1, 2, 3, 4):
-        raise ValueError(f"image: expected (H, W) or (H, W, C) with C in 1..4, got shape {img.shape}")
+        raise UserError(f"image: expected (H, W) or (H, W, C) with C in 1..4, got shape {img.shape}")
     if img.shape[2] == 2:  # grey + alpha
         return img[:, :, :1]
     return img[:, :, :3]

@@ -13,6 +13,7 @@ import torch
 
 from engine.data.base import ArrayDataset, FileDataset
 from engine.data.image import DICOM_SUFFIXES, IMAGE_SUFFIXES, SizeLike, fundus_crop, read_dicom, read_image
+from engine.errors import UserError
 
 log = logging.getLogger("engine.data")
 APTOS_GRADES = ["0 no DR", "1 mild", "2 moderate", "3 severe", "4 proliferative"]
@@ -28,7 +29,7 @@ __all__ = ["aptos", "arrays", "chest_xray", "dicom", "image_csv", "image_folder"
 def _root(root: str | Path, what: str) -> Path:
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise ValueError(f"{what}: root {str(path)!r} is not a directory")
+        raise UserError(f"{what}: root {str(path)!r} is not a directory")
     return path
 
 
@@ -36,7 +37,7 @@ def _parts(split: str | Sequence[str]) -> list[str]:
     parts = list(SPLITS) if split == "all" else [split] if isinstance(split, str) else list(split)
     bad = [s for s in parts if s not in SPLITS]
     if bad or not parts:
-        raise ValueError(f"split: expected 'all' or some of {SPLITS}, got {split!r}")
+        raise UserError(f"split: expected 'all' or some of {SPLITS}, got {split!r}")
     return parts
 
 
@@ -57,7 +58,7 @@ def _is_image(path: Path) -> bool:
 def _class_files(folder: Path, recursive: bool = False) -> list[Path]:
     files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if _is_image(p))
     if not files:
-        raise ValueError(f"class folder {str(folder)!r} is empty (no image files)")
+        raise UserError(f"class folder {str(folder)!r} is empty (no image files)")
     return files
 
 
@@ -81,14 +82,14 @@ def image_folder(
     for label, cls in enumerate(classes):
         folder = root / cls
         if not folder.is_dir():
-            raise ValueError(f"image_folder: class folder {str(folder)!r} does not exist")
+            raise UserError(f"image_folder: class folder {str(folder)!r} does not exist")
         files = sorted(p for p in folder.iterdir() if _is_image(p))
         if not files:
             log.warning("image_folder: class folder %s is empty: class %r has no images", folder, cls)
         paths += files
         labels += [label] * len(files)
     if not paths:
-        raise ValueError(f"image_folder: every class folder under {str(root)!r} is empty (no image files)")
+        raise UserError(f"image_folder: every class folder under {str(root)!r} is empty (no image files)")
     return FileDataset(paths, labels, classes, name or root.name, read_image, image_size, channels, root, **kwargs)
 
 
@@ -106,15 +107,15 @@ def image_csv(
     unless ``classes`` gives the order). Without a ``label_column`` the set is unlabelled."""
     table = Path(path).expanduser()
     if not table.is_file():
-        raise ValueError(f"image_csv: {str(table)!r} is not a file")
+        raise UserError(f"image_csv: {str(table)!r} is not a file")
     with open(table, newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         rows = list(reader)
     if path_column not in columns:
-        raise ValueError(f"image_csv: {str(table)!r} has no column {path_column!r} (path_column); has {columns}")
+        raise UserError(f"image_csv: {str(table)!r} has no column {path_column!r} (path_column); has {columns}")
     if not rows:
-        raise ValueError(f"image_csv: {str(table)!r} has no rows (empty dataset)")
+        raise UserError(f"image_csv: {str(table)!r} has no rows (empty dataset)")
     paths = [table.parent / row[path_column] for row in rows]
     name = name or table.stem
     if label_column not in columns:
@@ -124,7 +125,7 @@ def image_csv(
     classes = list(classes) if classes is not None else sorted(set(values), key=_class_order)
     unknown = sorted(set(values) - set(classes))
     if unknown:
-        raise ValueError(f"image_csv: {str(table)!r}: labels {unknown} are not among classes {classes}")
+        raise UserError(f"image_csv: {str(table)!r}: labels {unknown} are not among classes {classes}")
     labels = [classes.index(v) for v in values]
     return FileDataset(paths, labels, classes, name, read_image, image_size, channels, table.parent, **kwargs)
 
@@ -154,7 +155,7 @@ def chest_xray(
         for label, cls in enumerate(CXR_CLASSES):
             folder = root / part / cls
             if not folder.is_dir():
-                raise ValueError(f"chest_xray: missing folder {str(folder)!r} (expected {part}/{cls})")
+                raise UserError(f"chest_xray: missing folder {str(folder)!r} (expected {part}/{cls})")
             files = _class_files(folder)
             paths += files
             labels += [label] * len(files)
@@ -182,29 +183,29 @@ def aptos(
     ``task='grade'`` gives 5 classes, ``'binary'`` gives diagnosis > 0. ``crop`` applies the fundus bounding-box
     crop. Rows whose image is missing are skipped like unreadable files."""
     if task not in ("grade", "binary"):
-        raise ValueError(f"task: expected 'grade' or 'binary', got {task!r}")
+        raise UserError(f"task: expected 'grade' or 'binary', got {task!r}")
     root = _root(root, "aptos")
     table = root / csv_name
     if not table.is_file():
-        raise ValueError(f"aptos: {str(table)!r} not found")
+        raise UserError(f"aptos: {str(table)!r} not found")
     with open(table, newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in ("id_code", "diagnosis") if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"aptos: {str(table)!r} is missing column(s) {missing} (has {reader.fieldnames})")
+            raise UserError(f"aptos: {str(table)!r} is missing column(s) {missing} (has {reader.fieldnames})")
         rows = list(reader)
     paths, grades = [], []
     for line, row in enumerate(rows, start=2):
         try:
             grade = int(row["diagnosis"])
         except (TypeError, ValueError):
-            raise ValueError(f"aptos: {table}:{line}: diagnosis {row['diagnosis']!r} is not an integer") from None
+            raise UserError(f"aptos: {table}:{line}: diagnosis {row['diagnosis']!r} is not an integer") from None
         if not 0 <= grade <= 4:
-            raise ValueError(f"aptos: {table}:{line}: diagnosis {grade} outside 0-4")
+            raise UserError(f"aptos: {table}:{line}: diagnosis {grade} outside 0-4")
         paths.append(root / images_dir / f"{row['id_code']}.png")
         grades.append(grade)
     if not paths:
-        raise ValueError(f"aptos: {str(table)!r} has no rows (empty dataset)")
+        raise UserError(f"aptos: {str(table)!r} has no rows (empty dataset)")
     grades = np.asarray(grades)
     labels, classes = (grades, APTOS_GRADES) if task == "grade" else ((grades > 0).astype(np.int64), APTOS_BINARY)
     decode = functools.partial(_read_aptos, threshold=crop_threshold) if crop else read_image
@@ -229,15 +230,15 @@ def dicom(
         files = [Path(p) for p in ([root] if isinstance(root, str | Path) else root)]
         missing = [str(p) for p in files if not p.is_file()]
         if missing or not files:
-            raise ValueError(f"dicom: expected a folder or existing files, missing: {missing or 'no files given'}")
+            raise UserError(f"dicom: expected a folder or existing files, missing: {missing or 'no files given'}")
         base = Path(files[0]).parent
     if not files:
-        raise ValueError(f"dicom: no DICOM files under {str(root)!r}")
+        raise UserError(f"dicom: no DICOM files under {str(root)!r}")
     folder_names = [p.parent.name for p in files]
     classes = sorted(set(folder_names)) if classes is None else list(classes)
     unknown = sorted(set(folder_names) - set(classes))
     if unknown:
-        raise ValueError(f"dicom: folders {unknown} are not among classes {classes}")
+        raise UserError(f"dicom: folders {unknown} are not among classes {classes}")
     labels = [classes.index(n) for n in folder_names]
     return FileDataset(files, labels, classes, name or base.name, read_dicom, image_size, channels, base, **kwargs)
 
@@ -252,17 +253,17 @@ def medmnist(
     """MedMNIST ``.npz`` (keys ``{train,val,test}_images`` / ``_labels``; any size; grey or RGB)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"medmnist: file {str(path)!r} not found")
+        raise UserError(f"medmnist: file {str(path)!r} not found")
     with np.load(path) as npz:
         images, labels = [], []
         for part in _parts(split):
             keys = [f"{part}_images", f"{part}_labels"]
             missing = [k for k in keys if k not in npz.files]
             if missing:
-                raise ValueError(f"medmnist: {str(path)!r} is missing key(s) {missing} (has {npz.files})")
+                raise UserError(f"medmnist: {str(path)!r} is missing key(s) {missing} (has {npz.files})")
             lab = npz[keys[1]]
             if lab.ndim == 2 and lab.shape[1] > 1:
-                raise ValueError(f"medmnist: {keys[1]} is multi-label {lab.shape}; only single-label tasks")
+                raise UserError(f"medmnist: {keys[1]} is multi-label {lab.shape}; only single-label tasks")
             images.append(npz[keys[0]])
             labels.append(lab.reshape(-1))
     name = f"{path.stem}-{split if isinstance(split, str) else '+'.join(split)}"
@@ -289,9 +290,9 @@ def detect_kind(path: str | Path) -> str:
         kinds = {".npz": "medmnist", ".csv": "image_csv"}
         if path.suffix.lower() in kinds or _is_dicom(path):
             return kinds.get(path.suffix.lower(), "dicom")
-        raise ValueError(f"path {str(path)!r}: a single file must be a MedMNIST .npz, a CSV or a DICOM file")
+        raise UserError(f"path {str(path)!r}: a single file must be a MedMNIST .npz, a CSV or a DICOM file")
     if not path.is_dir():
-        raise ValueError(f"path {str(path)!r} does not exist")
+        raise UserError(f"path {str(path)!r} does not exist")
     if (path / "train.csv").is_file() and (path / "train_images").is_dir():
         return "aptos"
     if any((p / "train" / "NORMAL").is_dir() for p in (path, path / "chest_xray")):

@@ -12,6 +12,7 @@ against the TorchScript module itself.
 from __future__ import annotations
 
 import io
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ import numpy as np
 import onnx
 import torch
 from torch import fx, nn
+
+from engine.errors import UserError
 
 ACTIVATION_OPS = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "HardSwish", "Mish", "Clip")
 PROBE_SHAPES = ((3, 224, 224), (1, 224, 224))  # tried in turn when a TorchScript model's input shape is not declared
@@ -53,9 +56,10 @@ def _converter() -> Any:
     try:
         import onnx2fx  # noqa: PLC0415 - optional extra, imported when an ONNX or TorchScript model is loaded
     except ImportError:
-        raise ImportError(
-            "loading ONNX or TorchScript models needs the onnx extra: pip install 'hfc-engine[onnx]'"
-        ) from None
+        what = "loading ONNX or TorchScript models needs the onnx2fx converter"
+        if sys.version_info < (3, 11):  # onnx2fx is published for Python >= 3.11 only: the onnx extra is empty here
+            raise UserError(f"{what}, which needs Python >= 3.11 (this is {sys.version.split()[0]})") from None
+        raise UserError(f"{what}: pip install '.[onnx]' in an hfc-engine checkout (or pip install onnx2fx)") from None
     return onnx2fx
 
 
@@ -131,7 +135,7 @@ def onnx_input_dims(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
-        raise ValueError(f"model must have one image input, the ONNX graph has {[i.name for i in inputs]}")
+        raise UserError(f"model must have one image input, the ONNX graph has {[i.name for i in inputs]}")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
     return inputs[0].name, dims
 
@@ -142,7 +146,7 @@ def convert_onnx(
     """Convert ``model`` and compare it with onnxruntime on ``probe`` (the raw input the graph takes)."""
     problem = _unsupported(model, source)
     if problem:
-        raise ValueError(problem)
+        raise UserError(problem)
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -175,7 +179,7 @@ def _onnxruntime_outputs(model: onnx.ModelProto, probe: torch.Tensor) -> np.ndar
 def check_parity(conversion: Conversion) -> None:
     """Raise when the converted model's outputs differ from the reference by more than the tolerance."""
     if conversion.tolerance is not None and not conversion.max_abs_diff <= conversion.tolerance:
-        raise ValueError(
+        raise UserError(
             f"{conversion.source}: the converted model differs from {conversion.reference} by up to "
             f"{conversion.max_abs_diff:.3g} (tolerance {conversion.tolerance:g}); pass parity_tolerance= "
             "(model.parity_tolerance) to accept it"
@@ -217,7 +221,7 @@ def _runnable_probe(module: nn.Module, source: str, shape: Sequence[int] | None)
                 module(probe)
         except Exception as exc:  # noqa: BLE001 - any failure means "not this input shape"
             if shape:
-                raise ValueError(f"{source}: the model does not run on inputs of shape {tuple(shape)}: {exc}") from None
+                raise UserError(f"{source}: the model does not run on inputs of shape {tuple(shape)}: {exc}") from None
             continue
         return probe
-    raise ValueError(f"{source}: the model runs on none of the inputs {PROBE_SHAPES}; declare input_size (C, H, W)")
+    raise UserError(f"{source}: the model runs on none of the inputs {PROBE_SHAPES}; declare input_size (C, H, W)")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
+from engine.errors import UserError, UserTypeError
 from engine.models.augment import Augment
 from engine.models.checkpoint import load_checkpoint, save_checkpoint
 from engine.models.classifier import ARCHITECTURES, ImageClassifier, build_model, load_torchvision_state_dict
@@ -74,7 +75,7 @@ def _scheduler(opt: torch.optim.Optimizer, schedule: str, lr: float, total: int)
 
 def _check(name: str, value: Any, ok: bool, expected: str) -> None:
     if not ok:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+        raise UserError(f"{name} must be {expected}, got {value!r}")
 
 
 def train(
@@ -115,7 +116,7 @@ def train(
     training is the same with or without snapshots.
     """
     if not isinstance(model, ImageClassifier):
-        raise TypeError(f"model must be an ImageClassifier from build_model, got {type(model).__name__}")
+        raise UserTypeError(f"model must be an ImageClassifier from build_model, got {type(model).__name__}")
     _check("epochs", epochs, isinstance(epochs, int) and epochs >= 1, "an int >= 1")
     _check("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "an int >= 1")
     _check("lr", lr, lr > 0, "> 0")
@@ -130,12 +131,12 @@ def train(
     _check("monitor", monitor, monitor != "kappa" or num_classes > 2, "'kappa' only for > 2-class models")
     targets = _targets(train_ds)
     if len(targets) == 0 or len(val_ds) == 0:
-        raise ValueError(f"train_ds and val_ds must be non-empty, got {len(targets)} and {len(val_ds)} items")
+        raise UserError(f"train_ds and val_ds must be non-empty, got {len(targets)} and {len(val_ds)} items")
     if targets.min() < 0 or targets.max() >= num_classes:
-        raise ValueError(f"train_ds labels must be in [0, {num_classes - 1}] (the model's num_classes)")
+        raise UserError(f"train_ds labels must be in [0, {num_classes - 1}] (the model's num_classes)")
     classes = getattr(train_ds, "classes", None)
     if classes is not None and len(classes) != num_classes:
-        raise ValueError(f"train_ds has {len(classes)} classes but the model has num_classes={num_classes}")
+        raise UserError(f"train_ds has {len(classes)} classes but the model has num_classes={num_classes}")
     augmenter = Augment() if augment is True else (augment or None)
 
     out_dir = Path(out_dir)
@@ -197,7 +198,7 @@ def train(
         ckpt = load_checkpoint(last_path, map_location=device)
         saved = ckpt.get("train_state", {})
         if saved.get("run_key") != run_key:
-            raise ValueError(
+            raise UserError(
                 f"{last_path} belongs to a different training configuration; use another out_dir or resume=False"
             )
         model.load_state_dict(ckpt["state_dict"])
@@ -350,7 +351,7 @@ def train_model(
     """
     train_ds, val_ds = getattr(splits, "train", None), getattr(splits, "val", None)
     if train_ds is None or val_ds is None:
-        raise TypeError("splits must have .train and .val datasets (e.g. engine.data.split_dataset(...))")
+        raise UserTypeError("splits must have .train and .val datasets (e.g. engine.data.split_dataset(...))")
     _check(
         "normalization",
         normalization,
@@ -358,7 +359,7 @@ def train_model(
         "'dataset', 'imagenet' or 'none'",
     )
     if arch not in ARCHITECTURES:
-        raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
+        raise UserError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
     build = {k: options.pop(k) for k in list(options) if k in ARCHITECTURES[arch][1]}
     image = train_ds[0][0]
     classes = getattr(train_ds, "classes", None)

@@ -25,6 +25,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from engine.errors import UserError
 from engine.runs.artifacts import Artifacts, slug
 from engine.runs.run import CARD_FILE
 from engine.runs.staging import is_url
@@ -74,7 +75,7 @@ def catalog(run_dir: str | os.PathLike[str]) -> list[FittedDetector]:
     directory, or if two detectors share a key (datasets or models with the same label)."""
     run_dir = Path(run_dir)
     if not is_run(run_dir):
-        raise ValueError(f"{str(run_dir)!r} is not a run directory (no {STORE_FILE}; `hfc-engine run` makes one)")
+        raise UserError(f"{str(run_dir)!r} is not a run directory (no {STORE_FILE}; `hfc-engine run` makes one)")
     artifacts = Artifacts(_artifact_location(run_dir))
     with ResultStore(run_dir) as store:
         finished = [key for key, _, _ in store.cells("detect")]  # in the order they finished
@@ -87,7 +88,7 @@ def catalog(run_dir: str | os.PathLike[str]) -> list[FittedDetector]:
     seen: dict[str, FittedDetector] = {}
     for entry in entries:
         if entry.key in seen:
-            raise ValueError(
+            raise UserError(
                 f"two fitted detectors of {str(run_dir)!r} are both {entry.key!r} ({seen[entry.key].path} and "
                 f"{entry.path}): give the run's datasets distinct labels and its models distinct names"
             )
@@ -103,7 +104,7 @@ def select(run_dir: str | os.PathLike[str], pattern: str) -> list[FittedDetector
     if not chosen:
         keys = [e.key for e in entries]
         some = ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
-        raise ValueError(f"no fitted detector of {str(run_dir)!r} matches {pattern!r}; available: {some or 'none'}")
+        raise UserError(f"no fitted detector of {str(run_dir)!r} matches {pattern!r}; available: {some or 'none'}")
     return chosen
 
 
@@ -119,7 +120,7 @@ def _artifact_location(run_dir: Path) -> Path:
     if location is None:
         return run_dir / "artifacts"
     if is_url(str(location)):
-        raise ValueError(f"the run in {str(run_dir)!r} keeps its artifacts at {location}; the catalog reads local ones")
+        raise UserError(f"the run in {str(run_dir)!r} keeps its artifacts at {location}; the catalog reads local ones")
     return Path(location).expanduser()
 
 
