@@ -1,34 +1,48 @@
 """The ``hfc-engine`` command line: a thin layer over the Python API.
 
-A user error (a bad config key, a missing dataset root, data too small for the protocol...) prints one line on
-stderr saying what was wrong and exits with status 2; ``--debug`` shows the traceback instead. Ctrl-C keeps every
-finished cell: rerunning the same command resumes.
+A user error (engine.errors.UserError: a bad config key, a missing dataset root, data too small for the protocol...,
+also when it surfaces inside a cell; or a file the system refused to read or write) prints one line on stderr saying
+what was wrong and exits with status 2. Any other exception is a bug: the traceback, a line asking for a report, and
+status 1. ``--debug`` (before or after the subcommand) lets every exception through as Python shows it. Ctrl-C keeps
+every finished cell: rerunning the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import pandas as pd
+import torch
+import yaml
 
 from engine.audit import run_audit
 from engine.bench import OPS, run_table
 from engine.data import load_dataset, split_dataset
 from engine.detectors import Detector, fitted_checkpoint
+from engine.errors import UserError
 from engine.export import export_onnx
 from engine.models import OUTPUT_KINDS, feature_points, input_shape, layer_shapes, load_model, train_model
 from engine.models.classifier import ARCHITECTURES
 from engine.report import summary_lines
-from engine.runs import STUDIES, CellFailed, ConfigError, choices, load_config
+from engine.runs import QUICK, STUDIES, choices, load_config
 from engine.runs.catalog import catalog, is_run, select
+from engine.runs.executor import cell_error
 from engine.score import RUNTIMES, find_detectors, score_dataset
 
 BENCH_COLUMNS = ("op", "shape", "ours_s", "baseline", "baseline_s", "speedup", "gflops", "gemm_multiple")
 DEFAULT_INPUT = (3, 224, 224)  # `layers` input shape when neither --input-size nor the model records one
-USER_ERRORS = (ConfigError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
+PRESETS_PACKAGE = "engine.presets"  # configs/*.yaml, installed with the package (setup.py)
+REPORT_LINE = (
+    "hfc-engine: this is a bug in hfc-engine, not in your input: please report it on the hfc-engine issue tracker "
+    "with the command you ran and the traceback above"
+)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -36,6 +50,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     path, overrides = args.config, list(args.overrides)
     if path is not None and "=" in path and not Path(path).exists():  # `hfc-engine run key=value ...`
         path, overrides = None, [path, *overrides]
+    if path is not None:
+        path = config_path(path)
+    if args.device:
+        overrides.append(f"device={args.device}")
     if args.executor or args.address:  # --address alone means a Ray run
         overrides.append(f"executor={args.executor or 'ray'}")
     if args.address:
@@ -49,6 +67,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(line)
     print(f"report: {report.run_dir / 'report.html'}")
     return 0
+
+
+def presets() -> dict[str, Path]:
+    """The shipped configs (configs/*.yaml) by name: installed as the package data ``engine.presets``, or read from
+    the checkout's configs/ when hfc-engine runs from a source tree that was not installed."""
+    spec = importlib.util.find_spec(PRESETS_PACKAGE)
+    folders = [Path(p) for p in spec.submodule_search_locations or []] if spec else []
+    folders.append(Path(__file__).resolve().parent.parent / "configs")
+    folder = next((f for f in folders if f.is_dir()), None)
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder else {}
+
+
+def config_path(config: str) -> Path:
+    """``run``'s config argument: a YAML file, or the name of a shipped preset (``paper`` or ``paper.yaml``)."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    shipped = presets()
+    name = path.name.removesuffix(".yaml")
+    if path.parent == Path(".") and name in shipped:
+        return shipped[name]
+    raise UserError(f"config {config!r} is neither a YAML file nor a preset; presets: {sorted(shipped)}")
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -76,6 +116,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         fpr=args.fpr,
         runtime=args.runtime,
         allow_model_mismatch=args.allow_model_mismatch,
+        device=args.device,
     )
     model_s = summary.model_seconds or float("nan")
     resumed = f" (continuing after {summary.resumed} rows already written)" if summary.resumed else ""
@@ -93,7 +134,7 @@ def _detector_paths(paths: Sequence[str], pattern: str | None) -> list[str | Pat
     """``--detectors``: a run directory stands for its fitted detectors whose key matches ``--select`` (all of them
     without it, see engine.runs.catalog); other paths are fitted detector directories, searched recursively."""
     if pattern is not None and not any(map(is_run, paths)):
-        raise ValueError(f"--select {pattern!r} picks detectors of a run directory; none of --detectors is one")
+        raise UserError(f"--select {pattern!r} picks detectors of a run directory; none of --detectors is one")
     return [d for p in paths for d in ([e.path for e in select(p, pattern or "*")] if is_run(p) else [p])]
 
 
@@ -129,6 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         balanced=args.balanced,
         progress=not args.no_progress,
+        device=args.device,
     )
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics["val"].items() if isinstance(v, float))
     print(f"checkpoint: {result.checkpoint} (best epoch {result.best_epoch}); validation {metrics}")
@@ -139,7 +181,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Export a model to ONNX (verified against PyTorch with onnxruntime)."""
     dirs = [d for p in args.detectors or [] for d in find_detectors(p)]
     if args.model is None and not dirs:
-        raise ValueError("export: give --model, or --detectors to export the model they were fitted on")
+        raise UserError("export: give --model, or --detectors to export the model they were fitted on")
     model = args.model or fitted_checkpoint(dirs)
     detectors = [Detector.load(d) for d in dirs]
     path = export_onnx(
@@ -154,6 +196,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     """List a model's feature points (names for hfc.layers / detector.layers globs), their kinds and shapes."""
     convention = {"layout": args.layout, "range": args.range, "size": args.input_size}
     model = load_model(args.model, input={k: v for k, v in convention.items() if v is not None}, output=args.output)
+    model.to(args.device)
     shape = args.input_size or input_shape(model) or DEFAULT_INPUT
     points = feature_points(model)
     shapes = layer_shapes(model, list(points), shape)
@@ -184,29 +227,85 @@ def _wide() -> pd.option_context:
     return pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 500)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``hfc-engine run: error: ...``, status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help shows the usage)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default after its help, unless the help already states it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if unset or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def device(value: str) -> str:
+    """``--device``: a torch device this machine has (cpu, cuda, cuda:1, mps...)."""
+    try:
+        parsed = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    backend = getattr(torch, parsed.type, None)
+    if parsed.type != "cpu" and not (backend is not None and backend.is_available()):
+        raise argparse.ArgumentTypeError(f"{value!r}: this torch {torch.__version__} sees no {parsed.type} device")
+    if parsed.index is not None and parsed.type != "cpu" and parsed.index >= backend.device_count():
+        raise argparse.ArgumentTypeError(f"{value!r}: only {backend.device_count()} {parsed.type} device(s) visible")
+    return value
+
+
+def version() -> str:
+    """The installed package's version."""
+    try:
+        return importlib.metadata.version("hfc-engine")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed: pip install . in the checkout)"
+
+
+def _quick_help() -> str:
+    settings = yaml.safe_dump(QUICK, default_flow_style=True, width=10**6).strip()
+    return f"a short audit: merge {settings} over the defaults (then the config file and overrides)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # --debug is accepted before and after the subcommand: a subcommand's copy sets it only when given (SUPPRESS),
+    # so it never resets the top-level flag
+    debug = "let errors through with their traceback"
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    parser = argparse.ArgumentParser(prog="hfc-engine", description=__doc__, parents=[common])
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
+    parser = Parser(prog="hfc-engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help=debug)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, parents=[common])
+    def command(name: str, help_text: str, group: argparse._SubParsersAction = sub) -> argparse.ArgumentParser:
+        return group.add_parser(
+            name, help=help_text, description=help_text, parents=[common], formatter_class=HelpFormatter
+        )
+
+    def device_option(cmd: argparse.ArgumentParser, default: str | None, help_text: str) -> None:
+        cmd.add_argument("--device", type=device, default=default, help=help_text)
 
     run = command("run", "run (or resume) an audit; no config = the default audit on embedded data")
-    run.add_argument("config", nargs="?", help="YAML config (merged over the defaults)")
+    run.add_argument("config", nargs="?", help=f"YAML config merged over the defaults, or a preset: {list(presets())}")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. attack.steps=40 (see docs/runs.md)")
-    run.add_argument("--quick", action="store_true", help="short audit: fundus-synth, 1500 images, PGD, no studies")
+    run.add_argument("--quick", action="store_true", help=_quick_help())
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    device_option(run, None, "torch device of every model, e.g. cuda (default: the config's device, cpu)")
     run.add_argument("--executor", choices=choices()["executor"], help="where cells run (default: the config's)")
     run.add_argument("--address", help="Ray cluster to run on: auto or <head host>:<port> (implies --executor ray)")
     run.set_defaults(func=cmd_run)
 
     titles = "; ".join(f"{n}: {s.title}" for n, s in STUDIES.items())
     study = command("study", f"run one of the papers' studies: {titles}")
-    study.add_argument("name", choices=list(STUDIES))
+    study.add_argument("name", choices=list(STUDIES), help="the study")
     study.add_argument("overrides", nargs="*", help="study settings, e.g. eps=[0.004] (see docs/studies.md)")
-    study.add_argument("--no-progress", action="store_true")
+    study.add_argument("--no-progress", action="store_true", help="no progress bars")
     study.set_defaults(func=cmd_study)
 
     score = command("score", "batch-score a dataset with a model and fitted detectors")
@@ -229,28 +328,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-model-mismatch", action="store_true", help="score with a model the detectors were not fitted on"
     )
     score.add_argument("--no-progress", action="store_true")
+    device_option(score, "cpu", "torch device of the model and detectors")
     score.set_defaults(func=cmd_score)
 
     runs = command("runs", "inspect finished runs").add_subparsers(dest="runs_command", required=True)
-    show = runs.add_parser("show", help="list a run's fitted detectors by key, with AUROC and path", parents=[common])
+    show = command("show", "list a run's fitted detectors by key, with AUROC and path", runs)
     show.add_argument("run_dir", help="run directory, e.g. runs/default")
     show.add_argument("--select", metavar="PATTERN", help="only keys matching this glob, e.g. '*/*/pgd/8-256/kd'")
     show.set_defaults(func=cmd_runs_show)
 
-    train = command("train", "train a classifier on a dataset")
+    train = command("train", "train a classifier on a dataset's seeded 70/15/15 train/val/test split")
     train.add_argument("--data", required=True, help="dataset spec, e.g. fundus-synth:grade or aptos:/path")
-    train.add_argument("--arch", default="resnet18", choices=list(ARCHITECTURES))
+    train.add_argument("--arch", default="resnet18", choices=list(ARCHITECTURES), help="architecture")
     train.add_argument("--out", default="runs/train", help="output directory (resumes if it holds last.pt)")
-    train.add_argument("--width", type=float, default=0.25)
-    train.add_argument("--dropout", type=float, default=0.3)
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--lr", type=float, default=3e-3)
-    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--width", type=float, default=0.25, help="channel width multiplier (1 = the standard model)")
+    train.add_argument("--dropout", type=float, default=0.3, help="dropout before the classifier (BU needs > 0)")
+    train.add_argument("--epochs", type=int, default=10, help="training epochs")
+    train.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    train.add_argument("--batch-size", type=int, default=64, help="images per training step")
     train.add_argument("--balanced", action="store_true", help="class-balanced sampling")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--image-size", type=int)
+    train.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and the order")
+    train.add_argument("--image-size", type=int, help="resize images to this size (default: the dataset's)")
     train.add_argument("--task", help="task of the dataset (e.g. grade or binary)")
-    train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    device_option(train, "cpu", "torch device to train on")
     train.set_defaults(func=cmd_train)
 
     export = command("export", "export a model to ONNX, verified with onnxruntime")
@@ -264,10 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     layers = command("layers", "list a model's layers (feature points), their kinds and output shapes")
     layers.add_argument("--model", required=True, help="checkpoint (.pt), ONNX (.onnx) or TorchScript file")
-    layers.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="input shape (C H W)")
-    layers.add_argument("--layout", choices=["NCHW", "NHWC"], help="layout the model file takes (default NCHW)")
-    layers.add_argument("--range", type=float, nargs=2, metavar=("LOW", "HIGH"), help="input value range")
+    layers.add_argument(
+        "--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+        help=f"input shape (default: the model's own, else {' '.join(map(str, DEFAULT_INPUT))})",
+    )  # fmt: skip
+    layers.add_argument("--layout", choices=["NCHW", "NHWC"], help="layout the model file takes (default: NCHW)")
+    layers.add_argument("--range", type=float, nargs=2, metavar=("LOW", "HIGH"), help="input values (default: 0 1)")
     layers.add_argument("--output", default="logits", choices=OUTPUT_KINDS, help="what the model returns")
+    device_option(layers, "cpu", "torch device to run the model on")
     layers.set_defaults(func=cmd_layers)
 
     bench = command("bench", "run the kernel benchmark suite and print the table")
@@ -284,12 +389,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hfc-engine: interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - user errors become one line; anything else keeps its traceback
-        cause = exc.error if isinstance(exc, CellFailed) else exc
-        if args.debug or not isinstance(cause, USER_ERRORS):
+    except Exception as exc:  # noqa: BLE001 - a user error becomes one line; anything else is a bug to report
+        if args.debug:  # the exception as Python shows it (and a post-mortem debugger can catch it)
             raise
-        print(f"hfc-engine: error: {exc} (--debug shows the traceback)", file=sys.stderr)
+        cell, cause = cell_error(exc)
+        if not _user_error(cause):
+            traceback.print_exc()
+            print(REPORT_LINE, file=sys.stderr)
+            return 1
+        where = f"{cell}: " if cell else ""
+        message = " ".join(str(cause).split())  # one line, whatever the message holds
+        print(f"hfc-engine: error: {where}{message} (--debug shows the traceback)", file=sys.stderr)
         return 2
+
+
+def _user_error(exc: BaseException) -> bool:
+    """A failure the user caused: a UserError, or a file the system refused to open, read or write (an OSError
+    naming a file: missing, a directory, no permission, disk full)."""
+    return isinstance(exc, UserError) or (isinstance(exc, OSError) and exc.filename is not None)
 
 
 if __name__ == "__main__":

@@ -175,7 +175,9 @@ def _result(ray: Any, cell: Cell, payload: Any, results: Any) -> tuple[dict[str,
     try:
         return ray.get(payload), ray.get(results)
     except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
+        cause: BaseException = exc
+        while isinstance(cause, ray.exceptions.RayTaskError) and isinstance(getattr(cause, "cause", None), Exception):
+            cause = cause.cause  # the cell's own exception (a UserError stays one), however often Ray wrapped it
         raise CellFailed(cell.label or cell.key, cause) from exc
     except ray.exceptions.RayError as exc:  # the worker died more than ray.retries times, or its node was lost
         raise CellFailed(cell.label or cell.key, exc) from exc
