@@ -78,6 +78,7 @@ def test_score_resolves_a_run_through_the_catalog(run_dir, monkeypatch):
     monkeypatch.setattr(engine.cli, "load_dataset", lambda spec, **options: spec)
     monkeypatch.setattr(engine.cli, "score_dataset", score_dataset)
     argv = ["score", "--model", "m.pt", "--data", "fundus-synth", "--detectors", str(run_dir), "--select", "*/lid"]
+    argv.append("--debug")  # let the probe exception through
     with pytest.raises(Scored) as scored:
         main(argv)
     assert scored.value.args[0] == [e.path for e in select(run_dir, "*/lid")]
