@@ -27,7 +27,7 @@ from engine.runs.progress import CostModel
 from engine.runs.staging import open_artifacts
 from engine.runs.store import ResultStore
 
-INSTALL_HINT = "pip install 'hfc-engine[ray]' (in a checkout: pip install -e '.[ray]')"
+INSTALL_HINT = "pip install '.[ray]' in an hfc-engine checkout, or pip install 'ray==<your cluster's version>'"
 RESOURCE_KEYS = ("cpus", "gpus", "memory_gb")
 HOST_STAGES = ("data",)  # stages that never use the run's device: no GPU claimed for them by default
 
