@@ -8,6 +8,7 @@ import inspect
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,34 @@ def test_onnx2fx_contract():
     x = torch.tensor([[-1.0, 0.5, 2.0, -3.0]])
     expected = torch.softmax((x.clamp(min=0) + x) * torch.tensor([1.0, 2.0, 3.0, 4.0]), dim=-1)
     torch.testing.assert_close(module(x), expected)
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [((3, 10, 14), r"needs the onnx2fx converter, which needs Python >= 3.11 \(this is Python 3.10\)$"),
+     ((3, 11, 7), r"needs the onnx2fx converter: pip install '\.\[onnx\]' in an hfc-engine checkout")],
+)  # fmt: skip
+def test_a_missing_converter_says_what_to_do(version, message, monkeypatch):
+    from engine.models.onnx import _converter
+
+    monkeypatch.setitem(sys.modules, "onnx2fx", None)  # as if not installed
+    monkeypatch.setattr(sys, "version_info", version)
+    with pytest.raises(UserError, match=message):
+        _converter()
+
+
+def test_a_gpu_without_the_cuda_provider_warns(monkeypatch):
+    import onnxruntime
+    import torch
+
+    from engine.export import default_providers
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.warns(RuntimeWarning, match="no CUDA provider .* pip install onnxruntime-gpu"):
+        assert default_providers() == ["CPUExecutionProvider"]
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: both)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning when the provider is there
+        assert default_providers() == both

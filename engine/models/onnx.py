@@ -58,7 +58,8 @@ def _converter() -> Any:
     except ImportError:
         what = "loading ONNX or TorchScript models needs the onnx2fx converter"
         if sys.version_info < (3, 11):  # onnx2fx is published for Python >= 3.11 only: the onnx extra is empty here
-            raise UserError(f"{what}, which needs Python >= 3.11 (this is {sys.version.split()[0]})") from None
+            python = ".".join(map(str, sys.version_info[:2]))
+            raise UserError(f"{what}, which needs Python >= 3.11 (this is Python {python})") from None
         raise UserError(f"{what}: pip install '.[onnx]' in an hfc-engine checkout (or pip install onnx2fx)") from None
     return onnx2fx
 
