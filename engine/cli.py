@@ -25,16 +25,16 @@ import yaml
 from engine.audit import run_audit
 from engine.bench import OPS, run_table
 from engine.data import load_dataset, split_dataset
-from engine.detectors import Detector, fitted_checkpoint
+from engine.detectors import FPRS, Detector, fitted_checkpoint
 from engine.errors import UserError
 from engine.export import export_onnx
 from engine.models import OUTPUT_KINDS, feature_points, input_shape, layer_shapes, load_model, train_model
 from engine.models.classifier import ARCHITECTURES
 from engine.report import summary_lines
 from engine.runs import QUICK, STUDIES, choices, load_config
-from engine.runs.catalog import catalog, is_run, select
+from engine.runs.catalog import catalog, locate, select
 from engine.runs.executor import cell_error
-from engine.score import RUNTIMES, find_detectors, score_dataset
+from engine.score import RUNTIMES, calibrate, check_output, score_dataset
 
 BENCH_COLUMNS = ("op", "shape", "ours_s", "baseline", "baseline_s", "speedup", "gflops", "gemm_multiple")
 DEFAULT_INPUT = (3, 224, 224)  # `layers` input shape when neither --input-size nor the model records one
@@ -103,19 +103,22 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    """Stream a dataset through a model and fitted detectors; write per-image rows."""
-    detectors = _detector_paths(args.detectors, args.select)
+    """Stream a dataset through a model and fitted detectors; write per-image rows and the thresholds used."""
+    check_output(args.out)  # before the data is read
     dataset = load_dataset(args.data, **_dataset_options(args))
     summary = score_dataset(
         args.model,
-        detectors,
+        args.detectors,
         dataset,
         args.out,
         batch_size=args.batch_size,
         progress=not args.no_progress,
-        fpr=args.fpr,
+        fpr=args.fpr or [0.05],
+        calibration=args.calibration,
+        select=args.select,
         runtime=args.runtime,
         allow_model_mismatch=args.allow_model_mismatch,
+        allow_size_mismatch=args.allow_size_mismatch,
         device=args.device,
     )
     model_s = summary.model_seconds or float("nan")
@@ -124,18 +127,39 @@ def cmd_score(args: argparse.Namespace) -> int:
         f"scored {summary.rows - summary.resumed} images{resumed} in {summary.seconds:.1f}s "
         f"({summary.images_per_second:.1f} images/s); model ({summary.runtime}) {summary.model_seconds:.1f}s, "
         f"detectors {summary.detector_seconds:.1f}s ({100 * summary.detector_seconds / model_s:.0f}% of the model "
-        f"time: {', '.join(f'{k} {100 * v / model_s:.0f}%' for k, v in summary.per_detector.items())}); flags at "
-        f"{args.fpr:g} clean false-positive rate -> {summary.output}"
+        f"time: {', '.join(f'{k} {100 * v / model_s:.0f}%' for k, v in summary.per_detector.items())}) "
+        f"-> {summary.output}"
     )
+    print(f"thresholds (score > threshold is flagged) -> {summary.thresholds_file}")
+    for threshold in summary.thresholds:
+        print(f"  {threshold}")
     return 0
 
 
-def _detector_paths(paths: Sequence[str], pattern: str | None) -> list[str | Path]:
-    """``--detectors``: a run directory stands for its fitted detectors whose key matches ``--select`` (all of them
-    without it, see engine.runs.catalog); other paths are fitted detector directories, searched recursively."""
-    if pattern is not None and not any(map(is_run, paths)):
-        raise UserError(f"--select {pattern!r} picks detectors of a run directory; none of --detectors is one")
-    return [d for p in paths for d in ([e.path for e in select(p, pattern or "*")] if is_run(p) else [p])]
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Reset detectors' thresholds on a site's own clean images: save their scores beside each detector."""
+    dataset = load_dataset(args.data, **_dataset_options(args))
+    thresholds = calibrate(
+        args.model,
+        args.detectors,
+        dataset,
+        source=args.data,
+        fpr=args.fpr or FPRS,
+        select=args.select,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        runtime=args.runtime,
+        allow_model_mismatch=args.allow_model_mismatch,
+        allow_size_mismatch=args.allow_size_mismatch,
+        device=args.device,
+    )
+    print(
+        f"calibrated on {len(dataset)} clean images of {args.data}: saved beside each detector in calibrations/ "
+        "(score reads the newest; --calibration fit for the fit's own)"
+    )
+    for threshold in thresholds:
+        print(f"  {threshold}")
+    return 0
 
 
 def cmd_runs_show(args: argparse.Namespace) -> int:
@@ -179,7 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a model to ONNX (verified against PyTorch with onnxruntime)."""
-    dirs = [d for p in args.detectors or [] for d in find_detectors(p)]
+    dirs = [entry.path for entry in locate(args.detectors)] if args.detectors else []
     if args.model is None and not dirs:
         raise UserError("export: give --model, or --detectors to export the model they were fitted on")
     model = args.model or fitted_checkpoint(dirs)
@@ -308,28 +332,55 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
     study.set_defaults(func=cmd_study)
 
+    def scoring(parser: argparse.ArgumentParser) -> None:  # the options `score` and `calibrate` share
+        parser.add_argument(
+            "--detectors", required=True, nargs="+", help="fitted detector dir(s), searched recursively, or run dir(s)"
+        )
+        parser.add_argument(
+            "--select", metavar="PATTERN", help="a run's detectors by key glob, e.g. 'fundus*/pgd/8-256/*'"
+        )
+        parser.add_argument("--data", required=True, help="dataset spec, e.g. fundus-synth:binary or chest_xray:/path")
+        parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
+        parser.add_argument(
+            "--image-size",
+            type=int,
+            help="resize images to this size (the detectors' fit size unless --allow-size-mismatch)",
+        )
+        parser.add_argument(
+            "--runtime", choices=RUNTIMES, default="auto", help="forward pass in (auto: onnxruntime for an export)"
+        )
+        parser.add_argument(
+            "--allow-model-mismatch", action="store_true", help="score with a model the detectors were not fitted on"
+        )
+        parser.add_argument(
+            "--allow-size-mismatch", action="store_true", help="score images of another size than the detectors' fit"
+        )
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+        device_option(parser, "cpu", "torch device of the model and detectors")
+
     score = command("score", "batch-score a dataset with a model and fitted detectors")
     score.add_argument("--model", required=True, help="checkpoint (.pt), TorchScript or ONNX (.onnx) file")
-    score.add_argument(
-        "--detectors", required=True, nargs="+", help="fitted detector dir(s), searched recursively, or run dir(s)"
-    )
-    score.add_argument("--select", metavar="PATTERN", help="a run's detectors by key glob, e.g. 'fundus*/pgd/8-256/*'")
-    score.add_argument("--data", required=True, help="dataset spec, e.g. fundus-synth:binary or chest_xray:/path")
+    scoring(score)
     score.add_argument("--out", default="scores.csv", help="output .csv or .parquet (default: scores.csv)")
-    score.add_argument("--batch-size", type=int, default=128)
-    score.add_argument("--image-size", type=int, help="resize images to this size")
     score.add_argument(
-        "--fpr", type=float, default=0.05, help="flag at this clean false-positive rate (0.01, 0.05, 0.1)"
-    )
+        "--fpr", type=float, nargs="+", action="extend", metavar="RATE",
+        help="flag at these clean false-positive rates in (0, 1), a list or repeated (default: 0.05)",
+    )  # fmt: skip
     score.add_argument(
-        "--runtime", choices=RUNTIMES, default="auto", help="forward pass in (auto: onnxruntime for an export)"
-    )
-    score.add_argument(
-        "--allow-model-mismatch", action="store_true", help="score with a model the detectors were not fitted on"
-    )
-    score.add_argument("--no-progress", action="store_true")
-    device_option(score, "cpu", "torch device of the model and detectors")
+        "--calibration", default="latest",
+        help="clean scores the thresholds come from: latest (the newest calibration, else the fit's), fit, or a "
+        "calibration's name",
+    )  # fmt: skip
     score.set_defaults(func=cmd_score)
+
+    calib = command("calibrate", "reset detectors' thresholds on a site's own clean images (saved beside them)")
+    calib.add_argument("--model", help="model file (default: the one --detectors were fitted on)")
+    scoring(calib)
+    calib.add_argument(
+        "--fpr", type=float, nargs="+", action="extend", metavar="RATE",
+        help=f"report thresholds at these rates (default: {' '.join(map(str, FPRS))}); any rate works later",
+    )  # fmt: skip
+    calib.set_defaults(func=cmd_calibrate)
 
     runs = command("runs", "inspect finished runs").add_subparsers(dest="runs_command", required=True)
     show = command("show", "list a run's fitted detectors by key, with AUROC and path", runs)

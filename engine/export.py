@@ -9,8 +9,12 @@ models here; the tracing exporter is the default because it takes ~0.5 s instead
 Fitted detectors say what they need (:meth:`engine.detectors.Detector.needs`); ``export_onnx(...,
 detectors=[...])`` adds it: pooled features and raw maps of their layers, and for MC-dropout detectors (BU) an
 output marking each dropout layer's input (``dropout:<layer>``, its rate in the metadata) so the converted graph
-can get its dropout back (engine.score). The metadata carries the source model's fingerprint, which detectors
-fitted on that model recorded.
+can get its dropout back. The metadata carries the source model's fingerprint, which detectors fitted on that model
+recorded.
+
+An export is read back by :class:`OnnxModel` (onnxruntime) and by :func:`converted_export` (a differentiable torch
+module, for gradients and MC-dropout passes: the graph converted by engine.models.onnx, its dropout put back);
+:func:`is_export` tells an export from a foreign ONNX file.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from engine.data import iter_batches
-from engine.detectors import Detector, Needs
+from engine.detectors import Detector, FeatureCache, Needs
 from engine.errors import UserError, UserTypeError
 from engine.models import (
     FeatureExtractor,
@@ -39,6 +43,7 @@ from engine.models import (
     pool_feature,
     resolve_layers,
 )
+from engine.models.onnx import FirstOutput, restore_dropout
 
 EXPORTERS = ("torchscript", "dynamo")
 INPUT_NAME = "input"
@@ -225,6 +230,37 @@ def _verify(path: Path, x: torch.Tensor, expected: list[np.ndarray], names: list
                     f"ONNX output {name!r} differs from PyTorch by {diff:.3g} > {limit:.3g} "
                     f"(batch {n}); the file was not written"
                 )
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an ONNX file written by :func:`export_onnx` (its metadata names the producer)."""
+    path = Path(path)
+    if path.suffix.lower() != ".onnx" or not path.is_file():
+        return False
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(p.key == "producer" and p.value == "hfc-engine" for p in proto.metadata_props)
+
+
+def converted_export(
+    path: str | os.PathLike, raw_layers: Sequence[str] = (), batch_size: int = 128, device: str = "cpu"
+) -> FeatureCache:
+    """An export converted to a differentiable torch module, as a :class:`FeatureCache` whose features are the
+    file's feature outputs (raw maps kept for ``raw_layers``), with its dropout layers put back."""
+    foreign, onnx_model = load_model(path), OnnxModel(path)
+    graph, names = foreign.net, onnx_model.output_names
+    rates = onnx_model.metadata.get("dropout", {})
+    restore_dropout(graph, names, {DROPOUT_PREFIX + layer: rate for layer, rate in rates.items()})
+
+    def extract(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = dict(zip(names, graph(x), strict=True))
+        feats = {n.removeprefix(FEATURE_PREFIX): v for n, v in out.items() if n.startswith(FEATURE_PREFIX)}
+        feats.update({n.removeprefix(RAW_PREFIX): v for n, v in out.items() if n.startswith(RAW_PREFIX)})
+        return out[LOGITS_NAME], feats
+
+    module = FirstOutput(graph, foreign.meta)
+    return FeatureCache(module, raw_layers=raw_layers, batch_size=batch_size, device=device, extractor=extract)
 
 
 def default_providers() -> list[str]:

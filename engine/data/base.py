@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from engine.data.image import SizeLike, check_channels, parse_size, prepare, to_tensor
 from engine.errors import UserError, UserTypeError
+from engine.fileio import file_sha256
 
 log = logging.getLogger("engine.data")
 
@@ -76,7 +77,7 @@ class ImageDataset(Dataset):
 
     @property
     def fingerprint(self) -> str:
-        """sha256 (hex, 16 chars) of class names, targets and content (pixels or relative paths)."""
+        """sha256 (hex, 16 chars) of class names, targets and content (pixels, or relative paths and file bytes)."""
         if getattr(self, "_fingerprint", None) is None:
             h = hashlib.sha256()
             h.update("\x00".join(self.classes).encode())
@@ -241,9 +242,9 @@ class FileDataset(ImageDataset):
 
     def _content_digest(self, h: hashlib._Hash) -> None:
         h.update(repr((self._size, self._channels)).encode())
-        for p in self.paths:
+        for p in self.paths:  # each file's name and bytes: a file replaced under the same name changes it
             rel = os.path.relpath(p, self.root) if self.root else os.path.basename(p)
-            h.update(rel.replace(os.sep, "/").encode() + b"\x00")
+            h.update(rel.replace(os.sep, "/").encode() + b"\x00" + file_sha256(p).encode())
 
 
 class SubsetDataset(ImageDataset):

@@ -6,6 +6,7 @@ uint8 (C, H, W); ``to_tensor`` gives the float32 (C, H, W) tensor in [0, 1] that
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,29 @@ def read_image(path: str | Path) -> np.ndarray:
         if im.mode not in ("L", "RGB"):
             im = im.convert("RGBA" if "A" in im.mode or im.mode == "P" else "RGB")
         return as_hwc(np.asarray(im))
+
+
+def header_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image or DICOM file read from its header, without decoding the pixels; PIL's ``verify`` checks
+    a PNG's chunks and a JPEG must end with its end-of-image marker, so truncated files fail here."""
+    if Path(path).suffix.lower() in DICOM_SUFFIXES or not Path(path).suffix:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return int(ds.Rows), int(ds.Columns)
+    with Image.open(path) as im:
+        width, height = im.size
+        im.verify()
+        if im.format == "JPEG" and not _ends_with_eoi(path):
+            raise OSError("JPEG file is truncated (no end-of-image marker)")
+    return height, width
+
+
+def _ends_with_eoi(path: str | Path) -> bool:
+    """Whether a JPEG file ends with the end-of-image marker FFD9 (trailing zero padding allowed)."""
+    with open(path, "rb") as fh:
+        fh.seek(max(0, os.fstat(fh.fileno()).st_size - 64))
+        return fh.read().rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
 def minmax(values: np.ndarray) -> np.ndarray:

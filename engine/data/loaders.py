@@ -23,7 +23,9 @@ SPLITS = ("train", "val", "test")
 
 UNLABELLED = "unlabelled"  # the one class of a dataset without labels (engine.data.with_labels labels it)
 
-__all__ = ["aptos", "arrays", "chest_xray", "dicom", "image_csv", "image_folder", "medmnist"]
+__all__ = [
+    "aptos", "arrays", "chest_xray", "csv_table", "dicom", "image_csv", "image_folder", "medmnist", "source_files",
+]
 
 
 def _root(root: str | Path, what: str) -> Path:
@@ -106,28 +108,77 @@ def image_csv(
     """A CSV of image paths (relative to the CSV's folder, or absolute) and labels (class names or indices; sorted
     unless ``classes`` gives the order). Without a ``label_column`` the set is unlabelled."""
     table = Path(path).expanduser()
+    paths, labels, classes = csv_table(table, path_column, label_column, classes)
+    name = name or table.stem
+    if labels is None:
+        return FileDataset(paths, [0] * len(paths), [UNLABELLED], name, read_image, image_size, channels,
+                           table.parent, labelled=False, **kwargs)  # fmt: skip
+    return FileDataset(paths, labels, classes, name, read_image, image_size, channels, table.parent, **kwargs)
+
+
+def csv_table(
+    table: Path, path_column: str = "path", label_column: str = "label", classes: Sequence[str] | None = None
+) -> tuple[list[Path], list[int] | None, list[str]]:
+    """(image paths, label indices or None without a ``label_column``, classes) of an image CSV, checked without
+    opening an image: UTF-8 text, the path column, at least one row, no empty label (which would become a class
+    ``""``), labels among ``classes`` when given."""
     if not table.is_file():
         raise UserError(f"image_csv: {str(table)!r} is not a file")
-    with open(table, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        rows = list(reader)
+    columns, rows = read_csv(table, "image_csv")
     if path_column not in columns:
         raise UserError(f"image_csv: {str(table)!r} has no column {path_column!r} (path_column); has {columns}")
     if not rows:
         raise UserError(f"image_csv: {str(table)!r} has no rows (empty dataset)")
-    paths = [table.parent / row[path_column] for row in rows]
-    name = name or table.stem
+    paths = [table.parent / (row[path_column] or "") for row in rows]
     if label_column not in columns:
-        return FileDataset(paths, [0] * len(paths), [UNLABELLED], name, read_image, image_size, channels,
-                           table.parent, labelled=False, **kwargs)  # fmt: skip
-    values = [str(row[label_column]).strip() for row in rows]
+        return paths, None, [UNLABELLED]
+    values = [str(row[label_column] or "").strip() for row in rows]
+    empty = [line for line, value in enumerate(values, start=2) if not value]
+    if empty:
+        raise UserError(
+            f"image_csv: {str(table)!r}: {len(empty)} row(s) have an empty {label_column!r} (label_column), e.g. lines "
+            f"{empty[:5]}: fill in their labels or drop the rows (an empty label is not a class)"
+        )
     classes = list(classes) if classes is not None else sorted(set(values), key=_class_order)
     unknown = sorted(set(values) - set(classes))
     if unknown:
         raise UserError(f"image_csv: {str(table)!r}: labels {unknown} are not among classes {classes}")
-    labels = [classes.index(v) for v in values]
-    return FileDataset(paths, labels, classes, name, read_image, image_size, channels, table.parent, **kwargs)
+    return paths, [classes.index(v) for v in values], classes
+
+
+def read_csv(table: Path, what: str) -> tuple[list[str], list[dict[str, str]]]:
+    """(column names, rows) of a UTF-8 CSV (a byte-order mark is fine); UserError for another encoding or a file
+    that is not CSV text."""
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{what}: {str(table)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
+            "save it as UTF-8 CSV"
+        ) from None
+    except csv.Error as exc:
+        raise UserError(f"{what}: {str(table)!r} is not a readable CSV ({exc})") from None
+
+
+def source_files(path: str | Path, path_column: str = "path") -> list[tuple[str, Path]]:
+    """(name, file) of every file a loader reads at ``path``, in a stable order: a folder gives every image, DICOM and
+    CSV file under it (hidden ones left out) named relative to it; a CSV gives itself and the files its
+    ``path_column`` names; any other file itself. Missing files named by a CSV are left out (the loader skips them)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = (p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(p for p in found if p.suffix.lower() == ".csv" or _is_image(p))
+        return [(p.relative_to(path).as_posix(), p) for p in files]
+    if not path.is_file():
+        raise UserError(f"path {str(path)!r} does not exist")
+    out = [(path.name, path)]
+    if path.suffix.lower() == ".csv":
+        columns, rows = read_csv(path, "image_csv")
+        named = sorted({row[path_column] for row in rows if row.get(path_column)}) if path_column in columns else []
+        out += [(name, path.parent / name) for name in named if (path.parent / name).is_file()]
+    return out
 
 
 def _class_order(value: str) -> tuple[int, float | str]:
@@ -188,12 +239,10 @@ def aptos(
     table = root / csv_name
     if not table.is_file():
         raise UserError(f"aptos: {str(table)!r} not found")
-    with open(table, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("id_code", "diagnosis") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise UserError(f"aptos: {str(table)!r} is missing column(s) {missing} (has {reader.fieldnames})")
-        rows = list(reader)
+    columns, rows = read_csv(table, "aptos")
+    missing = [c for c in ("id_code", "diagnosis") if c not in columns]
+    if missing:
+        raise UserError(f"aptos: {str(table)!r} is missing column(s) {missing} (has {columns})")
     paths, grades = [], []
     for line, row in enumerate(rows, start=2):
         try:

@@ -141,6 +141,8 @@ class Detector:
         self.combiner_ = LayerCombiner()
         self.model_: dict[str, Any] = {}  # fingerprint and layers of the model fitted on (set by save(model=))
         self.thresholds_: dict[str, Any] = {}  # {"fpr": {fpr: threshold}, "images": n} (set_thresholds)
+        self.clean_scores_: np.ndarray | None = None  # the clean scores the thresholds came from (set_thresholds)
+        self.input_size_: tuple[int, ...] | None = None  # (C, H, W) of the images it was fitted on, when known
 
     # -- public API -------------------------------------------------------------------------------------------
     def fit(
@@ -164,6 +166,7 @@ class Detector:
         if len(clean) == 0 or len(adversarial) == 0:
             raise UserError(f"fit needs clean and adversarial examples, got {len(clean)} and {len(adversarial)}")
         self.layers_ = self._resolve_layers(clean)
+        self.input_size_ = None if clean.images is None else tuple(int(s) for s in clean.images.shape[1:])
         self.dims_ = {name: int(clean.pooled[name].shape[1]) for name in self.layers_ if name in clean.pooled}
         clean_s, adv_s, noise_s = self._fit(clean, adversarial, noise, train)
         neg = clean_s if noise_s is None else np.concatenate([clean_s, noise_s])
@@ -196,6 +199,7 @@ class Detector:
         images the detector was not fitted on (the audit's evaluation split)."""
         clean = np.asarray(clean_scores, dtype=np.float64)
         self.thresholds_ = {"fpr": {str(f): fpr_threshold(clean, f) for f in fprs}, "images": len(clean)}
+        self.clean_scores_ = clean  # saved: thresholds at any rate (engine.detectors.thresholds)
         return self
 
     def threshold(self, fpr: float) -> float:
@@ -233,6 +237,8 @@ class Detector:
         arrays = {f"state/{k}": np.asarray(v) for k, v in self._state().items()}
         if self.combine == "lr":
             arrays.update({f"combiner/{k}": v for k, v in self.combiner_.state().items()})
+        if self.clean_scores_ is not None:
+            arrays["thresholds/clean_scores"] = self.clean_scores_
         config = {
             "format": FORMAT_VERSION,
             "detector": type(self).__name__,
@@ -241,6 +247,7 @@ class Detector:
             "dims": self.dims_,
             "model": self.model_,
             "thresholds": self.thresholds_,
+            "input_size": self.input_size_,
         }
         (path / "config.json").write_text(json.dumps(config, indent=2))
         np.savez(path / "arrays.npz", **arrays)
@@ -258,9 +265,11 @@ class Detector:
         det = _REGISTRY[config["detector"]](**config["params"])
         det.layers_, det.dims_ = config["layers"], {k: int(v) for k, v in config["dims"].items()}
         det.model_, det.thresholds_ = config.get("model", {}), config.get("thresholds", {})
+        det.input_size_ = tuple(config["input_size"]) if config.get("input_size") else None
         with np.load(path / "arrays.npz", allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         det._set_state({k[6:]: v for k, v in arrays.items() if k.startswith("state/")})
+        det.clean_scores_ = arrays.get("thresholds/clean_scores")
         if det.combine == "lr":
             det.combiner_.set_state({k[9:]: v for k, v in arrays.items() if k.startswith("combiner/")})
         if source is not None:

@@ -15,6 +15,7 @@ from engine.metrics.roc import (
 )
 from engine.metrics.shift import mean_pairwise_cosine, relative_deviation, weighted_pairwise_cosine
 from engine.metrics.significance import (
+    binomial_ci,
     mean_ci,
     paired_ttest,
     percentile_ci,
@@ -26,6 +27,7 @@ from engine.metrics.significance import (
 __all__ = [
     "accuracy",
     "auroc",
+    "binomial_ci",
     "bootstrap_metrics",
     "classification_metrics",
     "confusion_matrix",

@@ -1,5 +1,6 @@
 """Comparisons of models on the same test images and over repeated seeds: quadratic kappa over shared resamples,
-the paired t-test, the paired equivalence test (TOST) and Student-t confidence intervals of a mean."""
+the paired t-test, the paired equivalence test (TOST), Student-t confidence intervals of a mean and the exact
+binomial interval of a proportion."""
 
 from __future__ import annotations
 
@@ -93,6 +94,18 @@ def mean_ci(values: Any, level: float = 0.95) -> dict[str, Any]:
         half = stats.t.ppf((1 + level) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
         low, high = mean - half, mean + half
     return {"mean": mean, "low": float(low), "high": float(high), "n": len(x), "level": float(level)}
+
+
+def binomial_ci(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval of a binomial proportion: ``successes`` of ``trials`` (NaN, NaN for none)."""
+    if not 0 <= successes <= trials or not 0 < level < 1:
+        raise ValueError(f"need 0 <= successes <= trials and 0 < level < 1, got {successes}, {trials}, {level}")
+    if trials == 0:
+        return float("nan"), float("nan")
+    alpha = 1 - level
+    low = stats.beta.ppf(alpha / 2, successes, trials - successes + 1) if successes > 0 else 0.0
+    high = stats.beta.ppf(1 - alpha / 2, successes + 1, trials - successes) if successes < trials else 1.0
+    return float(low), float(high)
 
 
 def percentile_ci(replicates: Any, level: float = 0.95) -> tuple[float, float]:

@@ -15,7 +15,7 @@ import io
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,3 +226,37 @@ def _runnable_probe(module: nn.Module, source: str, shape: Sequence[int] | None)
             continue
         return probe
     raise UserError(f"{source}: the model runs on none of the inputs {PROBE_SHAPES}; declare input_size (C, H, W)")
+
+
+# -- graph surgery on a converted hfc-engine export (engine.export.converted_export) ------------------------------
+
+
+def restore_dropout(graph: fx.GraphModule, names: Sequence[str], marks: Mapping[str, float]) -> fx.GraphModule:
+    """Put dropout back into a converted graph whose outputs are ``names``: for each output named in ``marks``
+    (output name -> dropout rate; the export marks a dropout layer's input as an output), insert ``nn.Dropout(rate)``
+    after its node for every other user of that node; returns the graph, recompiled."""
+    output = next(n for n in graph.graph.nodes if n.op == "output")
+    for i, (name, node) in enumerate(zip(names, output.args[0], strict=True)):
+        if name not in marks:
+            continue
+        target = f"restored_dropout{i}"
+        graph.add_submodule(target, nn.Dropout(float(marks[name])))
+        with graph.graph.inserting_after(node):
+            drop = graph.graph.call_module(target, (node,))
+        node.replace_all_uses_with(drop, delete_user_cb=lambda user, drop=drop: user not in (drop, output))
+        if not drop.users:
+            raise ValueError(f"{name}: nothing in the converted graph reads this dropout layer's output")
+    graph.recompile()
+    return graph
+
+
+class FirstOutput(nn.Module):
+    """A converted graph with several outputs returning only its first (the logits); ``meta`` as the model's."""
+
+    def __init__(self, graph: fx.GraphModule, meta: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.graph = graph
+        self.meta = dict(meta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x)[0]

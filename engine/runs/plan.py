@@ -21,7 +21,7 @@ from engine.data import SYNTHETIC
 from engine.models import CONSTRAINED
 from engine.models.classifier import ARCHITECTURES
 from engine.runs.cells import Cell
-from engine.runs.context import MEMORY, checkpoint_ref
+from engine.runs.context import MEMORY, checkpoint_identity, content_keyed
 from engine.runs.overrides import merge
 from engine.runs.schema import dataset_label
 
@@ -91,14 +91,14 @@ def build_cells(config: Mapping[str, Any]) -> list[Cell]:
 
 
 def _dataset_cells(config: Mapping[str, Any], spec: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> list[Cell]:
-    label, model = dataset_label(spec), model_label(model_cfg)
+    spec, label, model = content_keyed(spec), dataset_label(spec), model_label(model_cfg)
     seed, split, attack_cfg = config["seed"], config["split"], config["attack"]
     n = int(spec.get("n", 1000))
     hint = {"model": _model_hint(model_cfg, spec), "n": n, "pool": attack_cfg["pool"] or int(n * split["test"])}
     common = {"dataset": spec, "dataset_label": label, "model_label": model, "seed": seed, "split": split}
     model_cfg = dict(model_cfg)
     if model_cfg["checkpoint"] and not str(model_cfg["checkpoint"]).startswith(MEMORY):
-        model_cfg["checkpoint"] = checkpoint_ref(model_cfg["checkpoint"])
+        model_cfg.update(checkpoint_identity(model_cfg["checkpoint"]))
     data_cell = Cell("data", {k: common[k] for k in ("dataset", "seed", "split")}, label=f"{label} data", hint=hint)
     model_cell = Cell(
         "model", {**common, "model": model_cfg}, (data_cell.key,), label=f"{label} {model} model", hint=hint
