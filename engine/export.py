@@ -233,13 +233,18 @@ def _verify(path: Path, x: torch.Tensor, expected: list[np.ndarray], names: list
 
 
 def is_export(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is an ONNX file written by :func:`export_onnx` (its metadata names the producer)."""
+    """Whether ``path`` is an ONNX file written by :func:`export_onnx` (its metadata names the producer); not for a
+    file that does not parse (the model loader then says it is not a readable ONNX file)."""
     path = Path(path)
     if path.suffix.lower() != ".onnx" or not path.is_file():
         return False
     import onnx
+    from google.protobuf.message import DecodeError
 
-    proto = onnx.load(str(path), load_external_data=False)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except DecodeError:
+        return False
     return any(p.key == "producer" and p.value == "hfc-engine" for p in proto.metadata_props)
 
 

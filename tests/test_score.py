@@ -41,6 +41,7 @@ from engine.detectors import (
     fpr_threshold,
 )
 from engine.detectors.thresholds import Reference, ThresholdError, check_fprs
+from engine.errors import UserError
 from engine.export import export_onnx
 from engine.fileio import ResumeError
 from engine.metrics import binomial_ci
@@ -184,6 +185,14 @@ README_FLOW = {
     },  # fmt: skip
     "studies": [],
 }
+
+
+def test_a_corrupt_model_file_is_a_user_error(fitted, tmp_path):
+    _, _, _, dirs = fitted
+    corrupt = tmp_path / "m.onnx"
+    corrupt.write_bytes(b"\x08\x09not onnx\xff\xff\xff")  # does not parse as an ONNX ModelProto
+    with pytest.raises(UserError, match=rf"^{re.escape(repr(str(corrupt)))} is not a readable ONNX file"):
+        score_dataset(corrupt, dirs[:1], ArrayDataset(images(2, 0), [0, 1]), tmp_path / "out.csv", progress=False)
 
 
 def test_readme_export_then_score_flow(tmp_path, monkeypatch, capsys):
