@@ -5,11 +5,15 @@ report for anything else."""
 from __future__ import annotations
 
 import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from engine import cli
+import engine
+from engine import cli, commands
 from engine.cli import build_parser, main
 from engine.errors import UserError, UserTypeError
 from engine.models import build_model
@@ -19,17 +23,42 @@ from engine.runs.executor import CellFailed, LocalExecutor
 from engine.runs.progress import CostModel
 from engine.runs.store import ResultStore
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def _one_line(err: str) -> str:
     assert err.count("\n") == 1 and "Traceback" not in err, err
     return err.strip()
 
 
-def test_version_prints_the_installed_version(capsys):
+def test_version_prints_the_installed_version_and_the_commit(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0
-    assert capsys.readouterr().out.strip() == f"hfc-engine {importlib.metadata.version('hfc-engine')}"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+    version = importlib.metadata.version("hfc-engine")
+    assert capsys.readouterr().out.strip() == f"hfc-engine {version} (commit {head.stdout.strip()})"
+
+
+def test_outside_a_checkout_the_commit_is_the_one_recorded_at_build_time(tmp_path, monkeypatch):
+    recorded = tmp_path / "site-packages" / "engine" / "BUILD_COMMIT"  # an installed layout: no .git above it
+    monkeypatch.setattr(engine, "BUILD_COMMIT_FILE", recorded)
+    assert engine.git_commit() is None and engine.build_commit() is None and "commit" not in cli.version()
+    recorded.parent.mkdir(parents=True)
+    recorded.write_text("0123abcd\n")
+    assert engine.git_commit() == engine.build_commit() == "0123abcd" and cli.version().endswith("(commit 0123abcd)")
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"]])
+def test_version_and_help_import_neither_torch_nor_the_engine(argv):
+    code = f"import sys\nfrom engine.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+    code += "print(sorted(m for m in ('torch', 'engine.commands', 'engine.runs') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]"
+
+
+def test_every_command_has_its_arguments():
+    assert list(cli.COMMANDS) == list(commands.ARGUMENTS)
 
 
 @pytest.mark.parametrize(
@@ -48,7 +77,7 @@ def test_debug_is_accepted_before_and_after_the_subcommand(argv, debug):
 
 
 def test_debug_lets_a_user_error_through(monkeypatch):
-    monkeypatch.setattr(cli, "cmd_bench", _raiser(UserError("ops: nothing to do")))
+    monkeypatch.setattr(commands, "cmd_bench", _raiser(UserError("ops: nothing to do")))
     with pytest.raises(UserError, match="nothing to do"):
         main(["--debug", "bench"])
 
@@ -87,7 +116,7 @@ def test_run_device_overrides_the_config(monkeypatch):
         seen.update(config)
         raise UserError("stop here")
 
-    monkeypatch.setattr(cli, "run_audit", fake_audit)
+    monkeypatch.setattr(commands, "run_audit", fake_audit)
     assert main(["run", "--device", "cpu", "--no-progress"]) == 2
     assert seen["device"] == "cpu"
 
@@ -120,7 +149,7 @@ def _raiser(exc: BaseException):
 
 @pytest.mark.parametrize("bug", [KeyError("missing"), ValueError("bad internal value"), TypeError("wrong arg")])
 def test_a_bug_exits_1_with_traceback_and_a_request_to_report(bug, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "cmd_bench", _raiser(bug))
+    monkeypatch.setattr(commands, "cmd_bench", _raiser(bug))
     assert main(["bench"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("Traceback (most recent call last):") and f"{type(bug).__name__}: " in err
@@ -130,7 +159,7 @@ def test_a_bug_exits_1_with_traceback_and_a_request_to_report(bug, monkeypatch, 
 @pytest.mark.parametrize("error", [UserError("detector.k must be an int >= 1, got 0"),
                                    UserTypeError("detector.k must be an int >= 1, got 0")])  # fmt: skip
 def test_a_user_error_is_one_line_exit_2(error, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "cmd_bench", _raiser(error))
+    monkeypatch.setattr(commands, "cmd_bench", _raiser(error))
     assert main(["bench"]) == 2
     line = _one_line(capsys.readouterr().err)
     assert line == "hfc-engine: error: detector.k must be an int >= 1, got 0 (--debug shows the traceback)"
@@ -138,7 +167,7 @@ def test_a_user_error_is_one_line_exit_2(error, monkeypatch, capsys):
 
 def test_a_file_the_system_refuses_is_a_user_error(tmp_path, monkeypatch, capsys):
     missing = tmp_path / "nothing" / "scores.csv"
-    monkeypatch.setattr(cli, "cmd_bench", lambda args: missing.open())
+    monkeypatch.setattr(commands, "cmd_bench", lambda args: missing.open())
     assert main(["bench"]) == 2
     assert str(missing) in _one_line(capsys.readouterr().err)
 
@@ -157,7 +186,7 @@ def _failing_cell(tmp_path, error: BaseException) -> None:
 
 def test_a_user_error_inside_a_cell_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     error = UserError("LID needs more than k+1=21 clean examples,\ngot 19")
-    monkeypatch.setattr(cli, "cmd_bench", lambda args: _failing_cell(tmp_path, error))
+    monkeypatch.setattr(commands, "cmd_bench", lambda args: _failing_cell(tmp_path, error))
     assert main(["bench"]) == 2
     line = _one_line(capsys.readouterr().err)
     assert line == ("hfc-engine: error: fundus-synth/pgd/lid: LID needs more than k+1=21 clean examples, got 19 "
@@ -165,7 +194,7 @@ def test_a_user_error_inside_a_cell_is_one_line_exit_2(tmp_path, monkeypatch, ca
 
 
 def test_a_bug_inside_a_cell_exits_1(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "cmd_bench", lambda args: _failing_cell(tmp_path, ValueError("shapes (3,) and (4,)")))
+    monkeypatch.setattr(commands, "cmd_bench", lambda args: _failing_cell(tmp_path, ValueError("shapes (3,) and (4,)")))
     assert main(["bench"]) == 1
     err = capsys.readouterr().err
     assert "ValueError: shapes (3,) and (4,)" in err and err.strip().endswith(cli.REPORT_LINE)

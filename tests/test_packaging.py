@@ -15,7 +15,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from engine.cli import config_path, presets
+from engine.commands import config_path, presets
 from engine.errors import UserError
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
@@ -56,7 +56,7 @@ def test_presets_are_installed_with_the_package(tmp_path):
     assert sorted(p.name for p in (build / "engine" / "presets").glob("*.yaml")) == sorted(
         p.name for p in (ROOT / "configs").glob("*.yaml")
     )
-    code = "from engine.cli import config_path; print(config_path('paper'))"
+    code = "from engine.commands import config_path; print(config_path('paper'))"
     env = {**os.environ, "PYTHONPATH": str(build)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True)
     assert Path(out.stdout.decode().strip()) == build / "engine" / "presets" / "paper.yaml"
