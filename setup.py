@@ -148,9 +148,10 @@ if _want_cuda():
     )
 
 setup(
-    packages=find_packages(include=["engine", "engine.*"]) + ["engine.kernels"],
-    package_dir={"engine.kernels": "kernels"},
-    package_data={"engine": ["BUILD_COMMIT"]},
+    # engine.kernels is kernels/; engine.presets is configs/ (the shipped configs, `hfc-engine run <name>`)
+    packages=find_packages(include=["engine", "engine.*"]) + ["engine.kernels", "engine.presets"],
+    package_dir={"engine.kernels": "kernels", "engine.presets": "configs"},
+    package_data={"engine": ["BUILD_COMMIT"], "engine.presets": ["*.yaml"]},
     ext_modules=extensions,
     cmdclass={"build_ext": BuildExt},
 )

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-import engine.cli
+import engine.commands
 import engine.score
 from engine.cli import main
 from engine.runs import ResultStore
@@ -76,9 +76,10 @@ def test_score_resolves_a_run_through_the_catalog(run_dir, monkeypatch):
     def scorer(model, detectors, names, **options):
         raise Scored(detectors, names)
 
-    monkeypatch.setattr(engine.cli, "load_dataset", lambda spec, **options: spec)
+    monkeypatch.setattr(engine.commands, "load_dataset", lambda spec, **options: spec)
     monkeypatch.setattr(engine.score, "Scorer", scorer)
     argv = ["score", "--model", "m.pt", "--data", "fundus-synth", "--detectors", str(run_dir), "--select", "*/lid"]
+    argv.append("--debug")  # let the probe exception through
     with pytest.raises(Scored) as scored:
         main(argv)
     entries = select(run_dir, "*/lid")

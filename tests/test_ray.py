@@ -214,7 +214,7 @@ def test_missing_ray_is_a_one_line_config_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     assert main(["run", "executor=ray", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "needs Ray" in err and "pip install 'hfc-engine[ray]'" in err
+    assert err.count("\n") == 1 and "needs Ray" in err and "pip install '.[ray]'" in err
     assert load_config(overrides=["executor=local"])["executor"] == "local"  # a local run needs no Ray
 
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 from scipy.stats import beta, binomtest
 
-import engine.cli
+import engine.commands
 import engine.score
 from engine.cli import main
 from engine.data import ArrayDataset, load_dataset
@@ -41,6 +41,7 @@ from engine.detectors import (
     fpr_threshold,
 )
 from engine.detectors.thresholds import Reference, ThresholdError, check_fprs
+from engine.errors import UserError
 from engine.export import export_onnx
 from engine.fileio import ResumeError
 from engine.metrics import binomial_ci
@@ -186,6 +187,14 @@ README_FLOW = {
 }
 
 
+def test_a_corrupt_model_file_is_a_user_error(fitted, tmp_path):
+    _, _, _, dirs = fitted
+    corrupt = tmp_path / "m.onnx"
+    corrupt.write_bytes(b"\x08\x09not onnx\xff\xff\xff")  # does not parse as an ONNX ModelProto
+    with pytest.raises(UserError, match=rf"^{re.escape(repr(str(corrupt)))} is not a readable ONNX file"):
+        score_dataset(corrupt, dirs[:1], ArrayDataset(images(2, 0), [0, 1]), tmp_path / "out.csv", progress=False)
+
+
 def test_readme_export_then_score_flow(tmp_path, monkeypatch, capsys):
     """The README's commands, with its run directory replaced by a tiny audit's (every detector kind)."""
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**README_FLOW, "output_dir": str(tmp_path / "runs")}))
@@ -198,7 +207,7 @@ def test_readme_export_then_score_flow(tmp_path, monkeypatch, capsys):
     detectors = sorted(glob(f"{run}/artifacts/detectors/fundus-synth_binary_*"))
     assert len(detectors) == 7
     small = lambda spec, **options: ArrayDataset(images(40, 5), np.arange(40) % 2)  # noqa: E731 - a tiny data set
-    monkeypatch.setattr(engine.cli, "load_dataset", small)
+    monkeypatch.setattr(engine.commands, "load_dataset", small)
     monkeypatch.chdir(tmp_path)
     kinds = ["bu", "dnn", "dnr", "kd", "lid", "maha", "svm"]
     for command in commands[1:]:  # export, score by paths, then score by name (--select) into a fresh scores.csv
@@ -411,7 +420,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_data_is_read(
     def unread(spec, **options):
         raise AssertionError("the data was read")
 
-    monkeypatch.setattr(engine.cli, "load_dataset", unread)
+    monkeypatch.setattr(engine.commands, "load_dataset", unread)
     argv = ["score", "--model", str(checkpoint), "--detectors", str(dirs[0]), "--data", "x", "--out", str(out)]
     assert main(argv) == 2
     (line,) = capsys.readouterr().err.splitlines()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from engine.attacks import PGD, AdvWriter, load_adversarial
-from engine.audit import run_audit
+from engine.auditing import run_audit
 from engine.data import ArrayDataset
 from engine.models import build_model, predict_logits
 from engine.runs import DEFAULTS, Artifacts, RunContext

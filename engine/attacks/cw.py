@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from engine.attacks.base import Attack, flat_norm
+from engine.errors import UserError
 
 
 class CWL2(Attack):
@@ -37,10 +38,10 @@ class CWL2(Attack):
         super().__init__(model, None, "l2", targeted, "cw", kappa, constraint, seed)
         for name, value in (("steps", steps), ("search_steps", search_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+                raise UserError(f"{name} must be an int >= 1, got {value!r}")
         for name, value in (("c", c), ("lr", lr)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
+                raise UserError(f"{name} must be a finite float > 0, got {value!r}")
         self.c, self.steps, self.lr, self.search_steps = float(c), steps, float(lr), search_steps
 
     def _succeeded(self, logits: torch.Tensor, labels, target) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from engine.attacks.base import Attack, box_bounds, flat_norm, normalize_l2, parse_eps, project_l2
+from engine.errors import UserError
 
 
 class IterativeAttack(Attack):
@@ -40,9 +41,9 @@ class IterativeAttack(Attack):
     ) -> None:
         super().__init__(model, eps, norm, targeted, loss, kappa, constraint, seed)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+            raise UserError(f"steps must be an int >= 1, got {steps!r}")
         if self.eps is None:
-            raise ValueError(f"eps is required for {type(self).__name__}")
+            raise UserError(f"eps is required for {type(self).__name__}")
         self.steps = steps
         self.step_size = None if step_size is None else parse_eps(step_size, "step_size")
 
@@ -67,7 +68,7 @@ class IterativeAttack(Attack):
 
     def _perturb(self, x, labels, target, eps):
         if eps is None:
-            raise ValueError(f"eps is required for {type(self).__name__}")
+            raise UserError(f"eps is required for {type(self).__name__}")
         alpha = self.alpha(eps)
         if self.norm == "linf":
             lo, hi = box_bounds(x, eps)
@@ -129,7 +130,7 @@ class MIFGSM(IterativeAttack):
     ) -> None:
         super().__init__(model, eps, steps, **kwargs)
         if not (isinstance(momentum, (int, float)) and math.isfinite(momentum) and momentum >= 0):
-            raise ValueError(f"momentum must be a finite float >= 0, got {momentum!r}")
+            raise UserError(f"momentum must be a finite float >= 0, got {momentum!r}")
         self.momentum = float(momentum)
 
     def _direction(self, grad, state):

@@ -38,6 +38,7 @@ from engine.attacks.base import as_two_logits, check_images, check_norm, parse_e
 from engine.attacks.deepfool import deepfool
 from engine.attacks.gradient import BIM
 from engine.data import as_tensors, check_batch_size
+from engine.errors import UserError
 from engine.models import FeatureExtractor, eval_mode, model_device, model_dtype, predict_logits
 
 
@@ -307,11 +308,11 @@ def sgd_uap(
     eps, x, y, device, dtype = _setup(model, data, eps, norm)
     check_batch_size(batch_size)
     if loss not in ("ce", "margin"):
-        raise ValueError(f"loss must be 'ce' or 'margin', got {loss!r}")
+        raise UserError(f"loss must be 'ce' or 'margin', got {loss!r}")
     if schedule not in ("constant", "linear"):
-        raise ValueError(f"schedule must be 'constant' or 'linear', got {schedule!r}")
+        raise UserError(f"schedule must be 'constant' or 'linear', got {schedule!r}")
     if not kappa >= 0:
-        raise ValueError(f"kappa must be a margin >= 0, got {kappa!r}")
+        raise UserError(f"kappa must be a margin >= 0, got {kappa!r}")
     target = None if target is None else _check_target(model, x, target)
     step = eps / 10 if step_size is None else parse_eps(step_size, "step_size")
     v = torch.zeros(x.shape[1:], device=device, dtype=dtype)
@@ -372,12 +373,12 @@ def data_free_uap(
     rate ``lr``, default eps / 10, projected after every step) from a uniform random start. ``heldout`` (required)
     only scores the result."""
     if heldout is None:
-        raise ValueError("heldout data is required to measure the fooling rate of a data-free UAP")
+        raise UserError("heldout data is required to measure the fooling rate of a data-free UAP")
     start = time.perf_counter()
     eps = parse_eps(eps)
     check_norm(norm)
     if not 0.0 <= base <= 1.0:
-        raise ValueError(f"base must be a grey level in [0,1], got {base!r}")
+        raise UserError(f"base must be a grey level in [0,1], got {base!r}")
     device, dtype = model_device(model), model_dtype(model)
     gen = torch.Generator().manual_seed(seed)
     init = (torch.rand(tuple(input_shape), generator=gen, dtype=dtype) * 2 - 1) * eps
@@ -406,7 +407,7 @@ def _check_target(model, x, target) -> int:
     with torch.no_grad(), eval_mode(model):
         num_classes = as_two_logits(model(x[:1].to(model_device(model), model_dtype(model)))).shape[1]
     if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or not 0 <= target < num_classes:
-        raise ValueError(f"target must be a class index in [0, {num_classes}), got {target!r}")
+        raise UserError(f"target must be a class index in [0, {num_classes}), got {target!r}")
     return int(target)
 
 

@@ -31,6 +31,7 @@ from engine.data.loaders import (
 from engine.data.splits import Splits, split_dataset
 from engine.data.synthetic import SPECS as SYNTHETIC
 from engine.data.synthetic import synthetic
+from engine.errors import UserError, UserTypeError
 from engine.fileio import file_sha256
 
 LOADERS: dict[str, Callable[..., ImageDataset]] = {
@@ -92,13 +93,13 @@ def load_dataset(spec: str | dict[str, Any] | Path, **kwargs: Any) -> ImageDatas
         opts = dict(spec)
         name = opts.pop("kind", None) or opts.pop("name", None)  # with a kind, 'name' names the data
         if name is None:
-            raise ValueError(f"spec: a dict spec needs a 'name' or 'kind' key, got keys {sorted(spec)}")
+            raise UserError(f"spec: a dict spec needs a 'name' or 'kind' key, got keys {sorted(spec)}")
         path = opts.pop("path", None) or opts.pop("root", None)
         return _resolve(str(name), None if path is None else str(path), {**opts, **kwargs})
     if isinstance(spec, Path):
         return _resolve(detect_kind(spec), str(spec), kwargs)
     if not isinstance(spec, str):
-        raise TypeError(f"spec: expected a str, Path or dict, got {type(spec).__name__}")
+        raise UserTypeError(f"spec: expected a str, Path or dict, got {type(spec).__name__}")
     head, sep, tail = spec.partition(":")
     if spec in SYNTHETIC or (sep and head in SYNTHETIC):
         return _resolve(head, None, {**({"task": tail} if tail else {}), **kwargs})
@@ -106,7 +107,7 @@ def load_dataset(spec: str | dict[str, Any] | Path, **kwargs: Any) -> ImageDatas
         return _resolve(head, tail, kwargs)
     if Path(spec).expanduser().exists():
         return _resolve(detect_kind(spec), spec, kwargs)
-    raise ValueError(
+    raise UserError(
         f"spec: {spec!r} is neither a synthetic dataset {sorted(SYNTHETIC)}, '<kind>:<path>' with kind in "
         f"{sorted(LOADERS)}, nor an existing path"
     )
@@ -135,9 +136,9 @@ def _resolve(name: str, path: str | None, opts: dict[str, Any]) -> ImageDataset:
     kind = loader_kind(name)
     if kind not in LOADERS:
         known = sorted(LOADERS) + sorted(SYNTHETIC)
-        raise ValueError(f"spec: unknown dataset kind {name!r}; expected one of {known}")
+        raise UserError(f"spec: unknown dataset kind {name!r}; expected one of {known}")
     if kind == "arrays":
         return arrays(**opts)
     if path is None:
-        raise ValueError(f"spec: loader {kind!r} needs a path (use '{kind}:<path>' or a dict with 'path')")
+        raise UserError(f"spec: loader {kind!r} needs a path (use '{kind}:<path>' or a dict with 'path')")
     return LOADERS[kind](path, **opts)

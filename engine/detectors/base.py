@@ -26,6 +26,7 @@ import numpy as np
 from torch import nn
 
 from engine.detectors.features import FeatureCache, Features
+from engine.errors import UserError, UserTypeError
 from engine.metrics import auroc
 from engine.models import model_fingerprint
 
@@ -64,7 +65,7 @@ def fpr_threshold(clean_scores: np.ndarray, fpr: float) -> float:
     """The lowest score threshold t with at most ``fpr`` of ``clean_scores`` above it (flag: score > t)."""
     scores = np.sort(np.asarray(clean_scores, dtype=np.float64))
     if not len(scores) or not 0 < fpr < 1:
-        raise ValueError(f"need clean scores and 0 < fpr < 1, got {len(scores)} scores and fpr={fpr}")
+        raise UserError(f"need clean scores and 0 < fpr < 1, got {len(scores)} scores and fpr={fpr}")
     return float(scores[len(scores) - 1 - int(np.floor(fpr * len(scores)))])
 
 
@@ -83,7 +84,7 @@ class LayerCombiner:
 
         scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
         if scores.ndim != 2 or labels.shape != (len(scores),):
-            raise ValueError(f"scores must be (N, L) and labels (N,), got shapes {scores.shape} and {labels.shape}")
+            raise UserError(f"scores must be (N, L) and labels (N,), got shapes {scores.shape} and {labels.shape}")
         self.mean = scores.mean(0)
         self.scale = scores.std(0)
         self.scale[self.scale == 0] = 1.0
@@ -163,7 +164,7 @@ class Detector:
         noise = None if noise is None else self._features(noise, "noise")
         train = clean if train is None else self._features(train, "train")
         if len(clean) == 0 or len(adversarial) == 0:
-            raise ValueError(f"fit needs clean and adversarial examples, got {len(clean)} and {len(adversarial)}")
+            raise UserError(f"fit needs clean and adversarial examples, got {len(clean)} and {len(adversarial)}")
         self.layers_ = self._resolve_layers(clean)
         self.input_size_ = None if clean.images is None else tuple(int(s) for s in clean.images.shape[1:])
         self.dims_ = {name: int(clean.pooled[name].shape[1]) for name in self.layers_ if name in clean.pooled}
@@ -205,7 +206,7 @@ class Detector:
         """The recorded threshold flagging ``fpr`` of clean images (see :meth:`set_thresholds`)."""
         recorded = self.thresholds_.get("fpr", {})
         if str(float(fpr)) not in recorded:
-            raise ValueError(
+            raise UserError(
                 f"fpr {fpr} has no recorded threshold for this {self.name} detector; recorded: "
                 f"{[float(f) for f in recorded] or 'none (fitted outside an audit: call set_thresholds)'}"
             )
@@ -257,10 +258,10 @@ class Detector:
         """Load a detector saved with :meth:`save` (any subclass); ``source`` is needed to score images."""
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a saved detector (no config.json)")
+            raise UserError(f"{path} is not a saved detector (no config.json)")
         config = json.loads((path / "config.json").read_text())
         if config.get("format") != FORMAT_VERSION or config.get("detector") not in _REGISTRY:
-            raise ValueError(f"{path}: unknown detector {config.get('detector')!r} / format {config.get('format')}")
+            raise UserError(f"{path}: unknown detector {config.get('detector')!r} / format {config.get('format')}")
         det = _REGISTRY[config["detector"]](**config["params"])
         det.layers_, det.dims_ = config["layers"], {k: int(v) for k, v in config["dims"].items()}
         det.model_, det.thresholds_ = config.get("model", {}), config.get("thresholds", {})
@@ -282,7 +283,7 @@ class Detector:
     def _resolve_layers(self, feats: Features) -> list[str]:
         available = feats.layer_names
         if not available:
-            raise ValueError(f"{self.name}: the features hold no layers")
+            raise UserError(f"{self.name}: the features hold no layers")
         layers = self._default_layers(available) if self.layers is None else self.layers
         for name in layers:
             feats.layer(name)  # raises naming the available layers
@@ -292,7 +293,7 @@ class Detector:
         if isinstance(x, Features):
             return x
         if self.source is None:
-            raise ValueError(
+            raise UserError(
                 f"{what} is not Features: pass a FeatureCache/model as source (fit) or attach() one to score images"
             )
         return self.source.extract(x)
@@ -303,7 +304,7 @@ class Detector:
 
     def _model_source(self) -> FeatureCache:
         if self.source is None:
-            raise ValueError(f"{self.name} runs the model: fit with a FeatureCache/model or attach() one after load")
+            raise UserError(f"{self.name} runs the model: fit with a FeatureCache/model or attach() one after load")
         return self.source
 
     def _fit(
@@ -335,10 +336,10 @@ def fitted_checkpoint(directories: Iterable[str | Path]) -> Path:
     for d in directories:
         recorded = json.loads((Path(d) / "config.json").read_text()).get("model", {}).get("checkpoint")
         if recorded is None:
-            raise ValueError(f"detectors: {d} does not record the model it was fitted on; pass --model")
+            raise UserError(f"detectors: {d} does not record the model it was fitted on; pass --model")
         found.add((Path(d) / recorded).resolve())
     if len(found) != 1:
-        raise ValueError(f"detectors: fitted on {len(found)} different models {sorted(map(str, found))}; pass --model")
+        raise UserError(f"detectors: fitted on {len(found)} different models {sorted(map(str, found))}; pass --model")
     return found.pop()
 
 
@@ -352,4 +353,4 @@ def _as_source(source: FeatureCache | nn.Module | None) -> FeatureCache | None:
         return source
     if isinstance(source, nn.Module):
         return FeatureCache(source)
-    raise TypeError(f"source must be a FeatureCache, a torch.nn.Module or None, got {type(source).__name__}")
+    raise UserTypeError(f"source must be a FeatureCache, a torch.nn.Module or None, got {type(source).__name__}")

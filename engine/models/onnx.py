@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -85,9 +86,11 @@ def _converter() -> Any:
     try:
         import onnx2fx  # noqa: PLC0415 - optional extra, imported when an ONNX or TorchScript model is loaded
     except ImportError:
-        raise ImportError(
-            "loading ONNX or TorchScript models needs the onnx extra: pip install 'hfc-engine[onnx]'"
-        ) from None
+        what = "loading ONNX or TorchScript models needs the onnx2fx converter"
+        if sys.version_info < (3, 11):  # onnx2fx is published for Python >= 3.11 only: the onnx extra is empty here
+            python = ".".join(map(str, sys.version_info[:2]))
+            raise UserError(f"{what}, which needs Python >= 3.11 (this is Python {python})") from None
+        raise UserError(f"{what}: pip install '.[onnx]' in an hfc-engine checkout (or pip install onnx2fx)") from None
     return onnx2fx
 
 

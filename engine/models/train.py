@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
-from engine.errors import UserError
+from engine.errors import UserError, UserTypeError
 from engine.models.augment import Augment
 from engine.models.checkpoint import load_checkpoint, save_checkpoint
 from engine.models.classifier import ARCHITECTURES, ImageClassifier, build_model, load_torchvision_state_dict
@@ -140,10 +140,10 @@ class TrainConfig:
 def _check_model_and_data(model: ImageClassifier, data: Any, monitor: str) -> np.ndarray:
     """The training labels, after checking that the model and ``data`` (.train, .val) fit each other."""
     if not isinstance(model, ImageClassifier):
-        raise TypeError(f"model must be an ImageClassifier from build_model, got {type(model).__name__}")
+        raise UserTypeError(f"model must be an ImageClassifier from build_model, got {type(model).__name__}")
     train_ds, val_ds = getattr(data, "train", None), getattr(data, "val", None)
     if train_ds is None or val_ds is None:
-        raise TypeError("data must have .train and .val datasets (e.g. engine.data.split_dataset(...))")
+        raise UserTypeError("data must have .train and .val datasets (e.g. engine.data.split_dataset(...))")
     num_classes = model.config["num_classes"]
     _check("monitor", monitor, monitor != "auc" or num_classes == 2, "'auc' only for 2-class models")
     _check("monitor", monitor, monitor != "kappa" or num_classes > 2, "'kappa' only for > 2-class models")
@@ -410,7 +410,7 @@ def train_model(
     """
     train_ds = getattr(data, "train", None)
     if train_ds is None or getattr(data, "val", None) is None:
-        raise TypeError("data must have .train and .val datasets (e.g. engine.data.split_dataset(...))")
+        raise UserTypeError("data must have .train and .val datasets (e.g. engine.data.split_dataset(...))")
     _check(
         "normalization",
         normalization,

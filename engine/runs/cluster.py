@@ -26,7 +26,7 @@ from engine.runs.progress import CostModel
 from engine.runs.staging import open_artifacts
 from engine.runs.store import ResultStore
 
-INSTALL_HINT = "pip install 'hfc-engine[ray]' (in a checkout: pip install -e '.[ray]')"
+INSTALL_HINT = "pip install '.[ray]' in an hfc-engine checkout, or pip install 'ray==<your cluster's version>'"
 HOST_STAGES = ("data",)  # stages that never use the run's device: no GPU claimed for them by default
 
 
@@ -144,7 +144,9 @@ def _result(ray: Any, cell: Cell, payload: Any, results: Any) -> tuple[dict[str,
     try:
         return ray.get(payload), ray.get(results)
     except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
+        cause: BaseException = exc
+        while isinstance(cause, ray.exceptions.RayTaskError) and isinstance(getattr(cause, "cause", None), Exception):
+            cause = cause.cause  # the cell's own exception (a UserError stays one), however often Ray wrapped it
         raise CellFailed(cell.label or cell.key, cause) from exc
     except ray.exceptions.RayError as exc:  # the worker died more than ray.retries times, or its node was lost
         raise CellFailed(cell.label or cell.key, exc) from exc

@@ -57,7 +57,7 @@ class RunContext:
             if not dataset.labelled:
                 labels = spec.get("labels")
                 if not isinstance(labels, Mapping):
-                    raise ValueError(
+                    raise UserError(
                         f"{dataset_label(spec)}: the data has no labels (a folder without class folders, or a CSV "
                         "without a label column); add 'labels: model' to its spec to use model.checkpoint's predictions"
                     )
@@ -100,7 +100,7 @@ class RunContext:
         artifact-relative or absolute checkpoint path."""
         if ref not in self._models:
             if ref.startswith(MEMORY):
-                raise KeyError(f"model {ref!r} was handed over in memory to another process; rerun engine.audit()")
+                raise UserError(f"model {ref!r} was handed over in memory to another process; rerun engine.audit()")
             path = self.artifacts.path(ref)
             if path.name == MODEL_SPEC:
                 model = self.open_user_model(json.loads(path.read_text()))

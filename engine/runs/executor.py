@@ -29,6 +29,15 @@ class CellFailed(Exception):
         self.label, self.error = label, error
 
 
+def cell_error(exc: BaseException) -> tuple[str | None, BaseException]:
+    """(the failed cell's label or None, what it raised) for an exception that may be a CellFailed; an executor's
+    wrapping (a Ray task error) is already unwrapped into CellFailed.error."""
+    label = None
+    while isinstance(exc, CellFailed):
+        label, exc = exc.label, exc.error
+    return label, exc
+
+
 class Executor(Protocol):
     trace: list[tuple[float, float]]  # (elapsed, predicted total) at every finished cell of the last run
 

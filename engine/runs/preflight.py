@@ -111,9 +111,9 @@ def check_model(
     spec = user_model_spec(model_cfg, label, shape)
     try:
         model = context.open_user_model(spec)
-    except UserError:
-        raise
     except ValueError as exc:  # the loader's own checks (shape, layout, parity): their message says what to fix
+        if isinstance(exc, UserError) and path in str(exc):
+            raise
         raise UserError(f"model.checkpoint {path!r}: {_first_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - a user's file fails to load in as many ways as there are formats
         raise UserError(

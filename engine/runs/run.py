@@ -14,7 +14,6 @@ import logging
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -26,7 +25,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from engine import __version__
+from engine import __version__, build_commit, git_commit
 from engine.fileio import atomic_write
 from engine.ops import available
 from engine.runs.artifacts import Artifacts
@@ -45,7 +44,6 @@ from engine.runs.store import STORE_FILE, ResultStore
 
 log = logging.getLogger("engine.runs")
 CARD_FILE = "run_card.json"
-BUILD_COMMIT_FILE = Path(__file__).resolve().parent.parent / "BUILD_COMMIT"  # written by setup.py at build time
 DEPENDENCIES = (  # distributions whose versions the run card records (None when not installed)
     "torch", "numpy", "scipy", "scikit-learn", "pandas", "onnx", "onnxruntime", "onnxruntime-gpu", "onnx2torch",
     "onnx2fx", "ray", "pydicom", "triton", "pybind11",
@@ -174,7 +172,7 @@ def run_card(
         "config": config,
         "seed": config["seed"],
         "seeds": run_seeds(config),
-        "git_commit": _git_commit() or build_commit(),
+        "git_commit": git_commit(),
         "build_commit": build_commit(),
         "versions": {"python": platform.python_version(), **dependency_versions()},
         "kernels": {op: available(op) for op in KERNEL_OPS},
@@ -227,18 +225,3 @@ def dependency_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def build_commit() -> str | None:
-    """The engine's git commit recorded by setup.py when it was built (None for a build outside a checkout)."""
-    return BUILD_COMMIT_FILE.read_text().strip() or None if BUILD_COMMIT_FILE.is_file() else None
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None

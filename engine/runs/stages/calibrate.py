@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from engine.data import as_tensors
+from engine.errors import UserError
 from engine.models import predict_logits
 from engine.runs.cells import Cell, CellOutput
 from engine.runs.context import RunContext
@@ -29,7 +30,7 @@ def calibration_images(ctx: RunContext, inputs: Mapping[str, Any], model: torch.
     correct = torch.from_numpy(predict_logits(model, x).argmax(1) == y.numpy())
     keep = correct.nonzero()[:, 0][: inputs["calibration"]["images"]]
     if len(keep) == 0:
-        raise ValueError(
+        raise UserError(
             f"{inputs['dataset_label']}: no validation image is classified correctly, so the HFC weight cannot be "
             "calibrated; set hfc.lam to a number or train the model longer"
         )

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from engine.attacks import HFC, extract_features, noise_like
+from engine.errors import UserError
 from engine.models import dropout_modules, mc_dropout, model_device, model_dtype, predict_logits, resolve_layers
 from engine.runs.artifacts import Projection
 from engine.runs.cells import Cell, CellOutput
@@ -37,7 +38,7 @@ def run_features(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, 
     plain, hfc = (ctx.artifacts.adversarial(deps[inputs[key]]["directory"]) for key in ("plain_cell", "hfc_cell"))
     both = torch.from_numpy(plain.success & hfc.success)
     if not both.any():
-        raise ValueError(f"{inputs['label']}: no pool image where both the plain and the HFC attack succeeded")
+        raise UserError(f"{inputs['label']}: no pool image where both the plain and the HFC attack succeeded")
     sets = {"clean": (x[both], y[both])}
     for name, adv in (("plain", plain), ("hfc", hfc)):  # under the class the attack aimed at (or reached)
         aimed = adv.target if adv.target is not None else predict_logits(model, adv.images).argmax(1)

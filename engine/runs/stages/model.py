@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from engine.attacks import fit_hfc_gmms, save_hfc_gmms
+from engine.errors import UserError
 from engine.models import EARLY_STAGES, early_stages, evaluate, layer_shapes, resolve_layers
 from engine.runs.cells import Cell, CellOutput
 from engine.runs.context import MEMORY, RunContext
@@ -56,7 +57,7 @@ def constrained_layers(model: nn.Module, hfc: Mapping[str, Any], input_shape: Se
         shapes = layer_shapes(model, layers, input_shape)
         layers = [name for name in layers if shapes[name][0] <= hfc["max_channels"]]
     if not layers:
-        raise ValueError(
+        raise UserError(
             f"no layer left for HFC to constrain: hfc.layers {hfc['layers']!r} with hfc.max_channels "
             f"{hfc['max_channels']} (raise it or choose other layers)"
         )
