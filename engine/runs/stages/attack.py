@@ -43,7 +43,7 @@ class AttackInputs(OnModel):
     travel: float | None = reads("attack.travel")
     targeted: bool | str = reads("attack.targeted")
     batch_size: int = reads("attack.batch_size")
-    options: dict[str, Any] = reads("attack.{attack}")
+    options: dict[str, Any] = reads("attack.{attack}", absent={})
     hfc: bool = False
     variant: str = ""  # the set beside the main HFC set: w<weight> or adaptive
     gmms_cell: str | None = None

@@ -52,7 +52,7 @@ class DetectInputs(OnModel):
     fit_fraction: float = reads("detector.fit_fraction")
     bootstrap: int = reads("detector.bootstrap")
     noise: str = reads("detector.noise")
-    options: dict[str, Any] = reads("detector.{detector}")
+    options: dict[str, Any] = reads("detector.{detector}", absent={})
     train_limit: int | None = reads("detector.train_limit", when="train_features")
 
 
