@@ -52,11 +52,6 @@ class Inputs:
     (what the cell is: dataset, attack, eps, detector, the keys of the cells it reads, its label)."""
 
     @classmethod
-    def config_keys(cls) -> dict[str, str]:
-        """{field: the config key it reads} (``{field}`` parts unresolved)."""
-        return {f.name: f.metadata["config"] for f in dataclasses.fields(cls) if "config" in f.metadata}
-
-    @classmethod
     def from_config(cls: type[T], config: Mapping[str, Any], **given: Any) -> T:
         """The inputs of one cell: ``given`` fields, and every declared field read from ``config``."""
         values = dict(given)
