@@ -165,12 +165,10 @@ class Detector:
         """Why this detector cannot be fitted with ``model`` (None: not checked) when HFC's mixtures do (or do not)
         exist, or None."""
         if cls.requires.dropout and model is not None and not dropout_modules(model):
-            return (
-                f"{cls.name} needs the model's dropout layers for its MC-dropout passes, and the model has none "
-                "(ONNX and TorchScript conversions lack them)"
-            )
+            why = "ONNX/TorchScript conversions lack them"
+            return f"the model has no dropout layers for {cls.name}'s MC-dropout passes ({why})"
         if cls.requires.mixtures and not mixtures:
-            return f"{cls.name} reads HFC's mixtures, and none were fitted (hfc.enabled is false)"
+            return f"{cls.name} reads HFC's mixtures, and none were fitted"
         return None
 
     def __init__(self, layers: list[str] | str | None = None, reference_compat: bool = False, seed: int = 0) -> None:
