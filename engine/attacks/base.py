@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -229,6 +229,12 @@ class Attack:
             if not any(p.kind is p.VAR_KEYWORD for p in params):
                 break
         return [n for n in dict.fromkeys(names) if n not in ("self", "model")]
+
+    @classmethod
+    def passes(cls, steps: int, options: Mapping[str, Any]) -> int:
+        """Forward-backward passes per image when run with ``steps`` steps and its ``options`` (for cost
+        estimates): one per step, plus the clean and the final prediction."""
+        return steps + 2
 
     @classmethod
     def budgeted(cls) -> bool:

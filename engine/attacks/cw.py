@@ -10,12 +10,16 @@ midpoint, or 10 c while no upper bound is known. The result is the smallest-L2 s
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from engine.attacks.base import Attack, flat_norm
 from engine.errors import UserError
+
+SEARCH_STEPS = 5  # binary-search rounds over c by default
 
 
 class CWL2(Attack):
@@ -30,7 +34,7 @@ class CWL2(Attack):
         kappa: float = 0.0,
         steps: int = 100,
         lr: float = 0.01,
-        search_steps: int = 5,
+        search_steps: int = SEARCH_STEPS,
         targeted: bool | str = False,
         constraint: object = None,
         seed: int = 0,
@@ -43,6 +47,11 @@ class CWL2(Attack):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise UserError(f"{name} must be a finite float > 0, got {value!r}")
         self.c, self.steps, self.lr, self.search_steps = float(c), steps, float(lr), search_steps
+
+    @classmethod
+    def passes(cls, steps: int, options: Mapping[str, Any]) -> int:
+        """``steps`` Adam steps and one evaluation per search round, plus the clean and the final prediction."""
+        return options.get("search_steps", SEARCH_STEPS) * (steps + 1) + 2
 
     def _succeeded(self, logits: torch.Tensor, labels, target) -> torch.Tensor:
         pred = logits.argmax(1)

@@ -11,6 +11,7 @@ and 1.0 for MI-FGSM (Dong et al.: alpha = eps / T) and FGSM (one step of size ep
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -108,6 +109,11 @@ class FGSM(IterativeAttack):
         seed: int = 0,
     ) -> None:
         super().__init__(model, eps, 1, None, norm, targeted, loss, kappa, constraint, seed)
+
+    @classmethod
+    def passes(cls, steps: int, options: Mapping[str, Any]) -> int:
+        """One step whatever ``steps`` says."""
+        return super().passes(1, options)
 
 
 class BIM(IterativeAttack):

@@ -9,7 +9,10 @@ detector was fitted on (``save(..., model=)``) and the score thresholds that fla
 (:meth:`Detector.set_thresholds`).
 
 :meth:`Detector.needs` says what a fitted detector needs from the model besides the logits (:class:`Needs`), so a
-scorer can check a model before its first batch.
+scorer can check a model before its first batch. What a detector *class* needs to be fitted and what it costs are
+facts on the class (:class:`Requirements`, :class:`Cost`; ``fit`` checks the requirements, as ART's attacks check
+their ``_estimator_requirements``), so a run feeds and schedules a new detector with no table keyed by its name.
+Detectors a run can name are registered in :data:`DETECTORS` (:func:`register`), which also resolves saved ones.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from torch import nn
 from engine.detectors.features import FeatureCache, Features
 from engine.errors import UserError, UserTypeError
 from engine.metrics import auroc
-from engine.models import model_fingerprint
+from engine.models import dropout_modules, model_fingerprint
 
 FORMAT_VERSION = 1
 FPRS = (0.01, 0.05, 0.1)  # clean false-positive rates whose score thresholds a fitted detector records
-_REGISTRY: dict[str, type[Detector]] = {}
+DETECTORS: dict[str, type[Detector]] = {}  # the registry: detector name -> class (register)
 
 
 class NotFittedError(RuntimeError):
@@ -59,6 +62,35 @@ class Needs:
             dropout=any(n.dropout for n in needs),
             gradients=any(n.gradients for n in needs),
         )
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a detector class needs to be fitted, besides clean, adversarial and noise features: labelled clean
+    training features (a class-conditional model: ``fit(..., train=)``), the model's dropout layers (MC-dropout
+    passes), raw feature maps of spatial layers, HFC's mixtures and clean reference features (``set_reference``)."""
+
+    training_features: bool = False
+    dropout: bool = False
+    raw_maps: bool = False
+    mixtures: bool = False
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What fitting and scoring a detector costs per pool image, beside extracting the features once: its own work
+    in seconds (measured on the audits; a run refines it live) and the forward passes it runs through the model."""
+
+    seconds_per_image: float = 1e-2
+    model_passes: float = 1.0
+
+
+def register(cls: type[Detector]) -> type[Detector]:
+    """Add detector class ``cls`` to :data:`DETECTORS` under its ``name`` (a class decorator)."""
+    if cls.name in DETECTORS and DETECTORS[cls.name] is not cls:
+        raise ValueError(f"a detector named {cls.name!r} is already registered: {DETECTORS[cls.name].__name__}")
+    DETECTORS[cls.name] = cls
+    return cls
 
 
 def fpr_threshold(clean_scores: np.ndarray, fpr: float) -> float:
@@ -126,10 +158,19 @@ class Detector:
 
     name: ClassVar[str] = "detector"
     combine: ClassVar[str] = "lr"
+    requires: ClassVar[Requirements] = Requirements()
+    cost: ClassVar[Cost] = Cost()
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        _REGISTRY[cls.__name__] = cls
+    @classmethod
+    def unmet(cls, model: nn.Module | None, mixtures: bool) -> str | None:
+        """Why this detector cannot be fitted with ``model`` (None: not checked) when HFC's mixtures do (or do not)
+        exist, or None."""
+        if cls.requires.dropout and model is not None and not dropout_modules(model):
+            why = "ONNX/TorchScript conversions lack them"
+            return f"the model has no dropout layers for {cls.name}'s MC-dropout passes ({why})"
+        if cls.requires.mixtures and not mixtures:
+            return f"{cls.name} reads HFC's mixtures, and none were fitted"
+        return None
 
     def __init__(self, layers: list[str] | str | None = None, reference_compat: bool = False, seed: int = 0) -> None:
         self.layers = [layers] if isinstance(layers, str) else (list(layers) if layers is not None else None)
@@ -157,10 +198,12 @@ class Detector:
 
         ``source`` is the :class:`FeatureCache` (or a model, wrapped in one) that turns images into features, or
         ``None`` when every set is already :class:`Features`. ``train`` holds labelled clean features for the
-        class-conditional models (KD, MAHA, DNR); it defaults to ``clean`` with its labels (else predictions).
+        class-conditional models (``requires.training_features``: KD, MAHA, DNR); it defaults to ``clean`` with its
+        labels (else predictions).
         """
         self.source = _as_source(source)
         clean, adversarial = self._features(clean, "clean"), self._features(adversarial, "adversarial")
+        self._check_requirements(clean)
         noise = None if noise is None else self._features(noise, "noise")
         train = clean if train is None else self._features(train, "train")
         if len(clean) == 0 or len(adversarial) == 0:
@@ -260,9 +303,10 @@ class Detector:
         if not (path / "config.json").is_file():
             raise UserError(f"{path} is not a saved detector (no config.json)")
         config = json.loads((path / "config.json").read_text())
-        if config.get("format") != FORMAT_VERSION or config.get("detector") not in _REGISTRY:
+        classes = {cls.__name__: cls for cls in DETECTORS.values()}  # saved under the class name
+        if config.get("format") != FORMAT_VERSION or config.get("detector") not in classes:
             raise UserError(f"{path}: unknown detector {config.get('detector')!r} / format {config.get('format')}")
-        det = _REGISTRY[config["detector"]](**config["params"])
+        det = classes[config["detector"]](**config["params"])
         det.layers_, det.dims_ = config["layers"], {k: int(v) for k, v in config["dims"].items()}
         det.model_, det.thresholds_ = config.get("model", {}), config.get("thresholds", {})
         det.input_size_ = tuple(config["input_size"]) if config.get("input_size") else None
@@ -277,6 +321,14 @@ class Detector:
         return det
 
     # -- helpers for subclasses -------------------------------------------------------------------------------
+    def _check_requirements(self, clean: Features) -> None:
+        """Raise ValueError when the model or the features lack what the class requires (:attr:`requires`)."""
+        reason = self.unmet(None if self.source is None else self.source.model, mixtures=True)
+        if reason is None and self.requires.raw_maps and not clean.raw:
+            reason = f"{self.name} needs raw feature maps: extract them with FeatureCache(raw_layers=[...])"
+        if reason is not None:
+            raise ValueError(reason)
+
     def _default_layers(self, available: list[str]) -> list[str]:
         return available[-1:]
 

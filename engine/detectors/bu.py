@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.detectors.base import Detector, Needs
+from engine.detectors.base import Cost, Detector, Needs, Requirements
 from engine.detectors.features import Features
 from engine.errors import UserError
 from engine.models import dropout_modules, mc_dropout
@@ -50,6 +50,8 @@ class BU(Detector):
     """MC-dropout uncertainty: one score column (``"mc_dropout"``), turned into the detector score by LR."""
 
     name = "bu"
+    requires = Requirements(dropout=True)
+    cost = Cost(seconds_per_image=1e-3, model_passes=2.5)
 
     def __init__(self, passes: int = 50, batch_size: int = 64, reference_compat: bool = False, seed: int = 0) -> None:
         super().__init__(None, reference_compat, seed)

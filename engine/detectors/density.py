@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.detectors.base import Detector, class_labels
+from engine.detectors.base import Cost, Detector, Requirements, class_labels
 from engine.detectors.features import Features
 from engine.errors import UserError
 from engine.ops import kde_log_density, knn_distances, lid
@@ -25,6 +25,8 @@ class KD(Detector):
     """
 
     name = "kd"
+    requires = Requirements(training_features=True)
+    cost = Cost(seconds_per_image=2.3e-3)
 
     def __init__(
         self,
@@ -111,6 +113,7 @@ class LID(Detector):
     """
 
     name = "lid"
+    cost = Cost(seconds_per_image=6e-4)
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.detectors.base import Detector, Needs
+from engine.detectors.base import Cost, Detector, Needs, Requirements
 from engine.detectors.features import Features
 from engine.errors import UserError
 
@@ -47,6 +47,8 @@ class DNN(Detector):
     """Per-layer CNN detectors on raw feature maps (default: every layer whose raw map was extracted)."""
 
     name = "dnn"
+    requires = Requirements(raw_maps=True)
+    cost = Cost(seconds_per_image=7.5e-3)
     combine = "mean"
 
     def __init__(

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.detectors.base import Detector, LayerCombiner, Needs, class_labels
+from engine.detectors.base import Cost, Detector, LayerCombiner, Needs, Requirements, class_labels
 from engine.detectors.features import Features
 from engine.errors import UserError
 from engine.metrics import auroc
@@ -73,6 +73,8 @@ class MAHA(Detector):
     """
 
     name = "maha"
+    requires = Requirements(training_features=True)
+    cost = Cost(seconds_per_image=1.2e-2, model_passes=7.0)  # feature sets x input preprocessing steps
 
     def __init__(
         self,

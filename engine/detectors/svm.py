@@ -11,7 +11,7 @@ import logging
 
 import numpy as np
 
-from engine.detectors.base import Detector, class_labels
+from engine.detectors.base import Cost, Detector, Requirements, class_labels
 from engine.detectors.features import Features
 from engine.errors import UserError
 from engine.ops import mahalanobis
@@ -64,6 +64,7 @@ class SVM(Detector):
     """
 
     name = "svm"
+    cost = Cost(seconds_per_image=5e-4)
     combine = "mean"  # one column: the SVM decision value itself
 
     def __init__(
@@ -141,6 +142,8 @@ class DNR(Detector):
     """
 
     name = "dnr"
+    requires = Requirements(training_features=True)
+    cost = Cost(seconds_per_image=2e-3)
     combine = "mean"
 
     def __init__(

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from engine.detectors.base import Detector
+from engine.detectors.base import Detector, Requirements
 from engine.detectors.features import Features
 from engine.errors import UserError, UserTypeError
 from engine.metrics import robust_location_scale
@@ -37,6 +37,7 @@ class Typicality(Detector):
     """
 
     name = "typicality"
+    requires = Requirements(mixtures=True)
 
     def __init__(self, layers: list[str] | str | None = None, min_reference: int = 5, seed: int = 0) -> None:
         super().__init__(layers, False, seed)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from engine.attacks.uap import UAP_METHODS
 from engine.errors import UserError
 
-UAP_KINDS = ("deepfool", "sgd", "targeted", "data_free")  # the UAP algorithms a study evaluates and fine-tunes on
+UAP_KINDS = tuple(UAP_METHODS)  # the UAP algorithms a study evaluates and fine-tunes on (engine.attacks.uap)
 
 
 def craft_uap(
@@ -42,8 +42,8 @@ def craft_uap(
     common = {"eps": eps, "norm": norm, "heldout": fit if heldout is None else heldout, "seed": seed, **opts}
     if method == "targeted" and "target" not in opts:
         raise UserError("the targeted UAP needs options['target'] (a class index)")
-    data = tuple(fit[0].shape[1:]) if method == "data_free" else fit  # the data-free UAP needs only the shape
-    return UAP_METHODS[method](model, data, **common)
+    data = tuple(fit[0].shape[1:]) if UAP_METHODS[method].data_free else fit  # the data-free UAP: only the shape
+    return UAP_METHODS[method].craft(model, data, **common)
 
 
 def uap_finetune(

@@ -21,18 +21,12 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from engine.attacks.uap import UAP_METHODS
 from engine.errors import UserError
 from engine.metrics import mean_ci, paired_ttest, percentile_ci, quadratic_weighted_kappa, resample_kappas, tost_paired
 from engine.runs.studies.base import study_row
 
-# Algorithm family of each UAP kind: the targeted UAP's inner step is a targeted BIM, the same sign-gradient steps
-# as SGD-UAP; DeepFool-UAP adds minimal L2 steps; the data-free UAP maximises feature activations without images.
-FAMILIES = {
-    "deepfool": "DeepFool",
-    "sgd": "sign gradient",
-    "targeted": "sign gradient",
-    "data_free": "feature maximisation",
-}
+FAMILIES = {kind: method.family for kind, method in UAP_METHODS.items()}  # algorithm family of each UAP kind
 RELATIONS = {
     "seen": "seen family and norm",
     "unseen_norm": "unseen norm",
