@@ -132,3 +132,17 @@ def test_run_refuses_before_any_work_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "set image_size" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_more_mixture_components_than_training_images_per_class_are_refused(tmp_path, capsys):
+    data = _folder(tmp_path / "data", [(8, 8)], per_class=20)  # 40 images, 2 classes: 14 training images a class
+    datasets = f"datasets=[{{name: image_folder, path: {data}}}]"
+    with pytest.raises(UserError, match=r"hfc.n_components=15 is more than the about 14 training images per class"):
+        preflight(_config(tmp_path, datasets, "hfc.n_components=15"), _context(tmp_path))
+    preflight(_config(tmp_path, datasets, "hfc.n_components=14"), _context(tmp_path))
+    preflight(_config(tmp_path, datasets, "hfc.n_components=15", "hfc.enabled=false"), _context(tmp_path))
+    code = main(["run", "--no-progress", f"output_dir={tmp_path / 'runs'}", "name=pf", "studies=[]",
+                 "hfc.n_components=1000", "datasets=[{name: fundus-synth, task: binary, n: 300}]"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "hfc.n_components=1000 is more than the about 105" in err
+    assert not (tmp_path / "runs").exists()

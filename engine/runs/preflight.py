@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from engine.data import LOADERS, SYNTHETIC, loader_kind
+from engine.data import LOADERS, SYNTHETIC, loader_kind, synthetic
 from engine.data.image import header_size, parse_size
 from engine.data.loaders import csv_table, source_files
 from engine.errors import UserError
@@ -35,6 +35,9 @@ def preflight(config: Mapping[str, Any], context: RunContext) -> None:
     """Check every dataset and user model of ``config`` (see the module docstring); raise UserError on the first
     problem."""
     shapes = [dataset_shape(i, spec) for i, spec in enumerate(config["datasets"])]
+    if config["hfc"]["enabled"]:
+        for i, spec in enumerate(config["datasets"]):
+            check_components(config, i, spec)
     for model_cfg in model_configs(config):
         checkpoint = model_cfg.get("checkpoint")
         if not checkpoint or str(checkpoint).startswith(MEMORY):
@@ -60,8 +63,7 @@ def dataset_shape(index: int, spec: Mapping[str, Any]) -> tuple[int, int, int] |
     if not root.exists():
         raise UserError(f"datasets.{index}.path {str(path)!r} does not exist")
     if kind == "image_csv":
-        options = {k: spec[k] for k in ("path_column", "label_column", "classes") if k in spec}
-        files = csv_table(root, **options)[0]
+        files = csv_table(root, **csv_options(spec))[0]
     else:
         files = [file for _, file in source_files(root) if file.suffix.lower() != ".csv"]
     if kind == "aptos" and spec.get("crop", True) and size is None:
@@ -72,6 +74,47 @@ def dataset_shape(index: int, spec: Mapping[str, Any]) -> tuple[int, int, int] |
     found = common_size(files, f"datasets.{index} ({root})", index) if size is None else size
     channels = spec.get("channels", inspect.signature(LOADERS[kind]).parameters["channels"].default)
     return None if channels is None else (int(channels), *found)
+
+
+def csv_options(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of an image-CSV dataset spec that say how its table reads."""
+    return {k: spec[k] for k in ("path_column", "label_column", "classes") if k in spec}
+
+
+def images_and_classes(spec: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(images, classes) of a generated, image-folder or image-CSV dataset spec, read without decoding an image;
+    None for the other kinds."""
+    name = str(spec.get("kind") or spec["name"])
+    if name in SYNTHETIC:
+        generator = SYNTHETIC[name]
+        n = spec.get("n", inspect.signature(synthetic).parameters["n"].default)
+        return int(n), len(generator.tasks[spec.get("task") or generator.default_task])
+    kind, path = loader_kind(name), Path(str(spec.get("path") or spec.get("root") or "")).expanduser()
+    if kind == "image_folder" and path.is_dir():
+        files = [name for name, file in source_files(path) if file.suffix.lower() != ".csv"]
+        return len(files), len({name.split("/")[0] for name in files if "/" in name}) or 1
+    if kind == "image_csv" and path.is_file():
+        files, _, classes = csv_table(path, **csv_options(spec))
+        return len(files), max(1, len(classes))
+    return None
+
+
+def check_components(config: Mapping[str, Any], index: int, spec: Mapping[str, Any]) -> None:
+    """Refuse ``hfc.n_components`` above the training images of an average class of dataset ``index`` (its
+    images x the training share of the split / its classes): every class's mixture would have more components
+    than images."""
+    counted = images_and_classes(spec)
+    if counted is None:
+        return
+    images, classes = counted
+    split, components = config["split"], config["hfc"]["n_components"]
+    per_class = images * (1 - split["val"] - split["test"]) / classes
+    if components > per_class:
+        raise UserError(
+            f"hfc.n_components={components} is more than the about {per_class:.0f} training images per class of "
+            f"datasets.{index} ({images} images, {classes} classes, {1 - split['val'] - split['test']:.2f} of them "
+            f"for training): lower hfc.n_components (default 2)"
+        )
 
 
 def common_size(files: Sequence[Path], what: str, index: int) -> tuple[int, int]:
