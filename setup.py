@@ -101,6 +101,18 @@ def _cuda_arch_flags() -> list[str]:
     return [*flags, f"-gencode=arch=compute_{numbers[-1]},code=compute_{numbers[-1]}"]
 
 
+def _record_commit() -> None:
+    """Write the checkout's git commit to engine/BUILD_COMMIT (gitignored, installed with the package; the run card
+    reads it). Outside a checkout (a build from an sdist) the file is left as it is."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return
+    if out.returncode == 0 and out.stdout.strip():
+        (ROOT / "engine" / "BUILD_COMMIT").write_text(out.stdout.strip() + "\n")
+
+
+_record_commit()
 blas_include, blas_lib_dir, blas_lib = _openblas()
 extensions = [
     Pybind11Extension(
@@ -136,8 +148,10 @@ if _want_cuda():
     )
 
 setup(
-    packages=find_packages(include=["engine", "engine.*"]) + ["engine.kernels"],
-    package_dir={"engine.kernels": "kernels"},
+    # engine.kernels is kernels/; engine.presets is configs/ (the shipped configs, `hfc-engine run <name>`)
+    packages=find_packages(include=["engine", "engine.*"]) + ["engine.kernels", "engine.presets"],
+    package_dir={"engine.kernels": "kernels", "engine.presets": "configs"},
+    package_data={"engine": ["BUILD_COMMIT"], "engine.presets": ["*.yaml"]},
     ext_modules=extensions,
     cmdclass={"build_ext": BuildExt},
 )

@@ -8,9 +8,31 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import subprocess
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
+BUILD_COMMIT_FILE = Path(__file__).resolve().parent / "BUILD_COMMIT"  # written by setup.py at build time
+
+
+def build_commit() -> str | None:
+    """The engine's git commit recorded by setup.py when it was built (None for a build outside a checkout)."""
+    return BUILD_COMMIT_FILE.read_text().strip() or None if BUILD_COMMIT_FILE.is_file() else None
+
+
+def git_commit() -> str | None:
+    """The engine's commit: the checkout's when it runs from one (the folder above engine/ holds .git), else the
+    one recorded at build time, else None."""
+    checkout = BUILD_COMMIT_FILE.parent.parent
+    if (checkout / ".git").exists():
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            out = None
+        if out is not None and out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    return build_commit()
 
 
 def _preload_openblas() -> None:
@@ -38,8 +60,8 @@ _LAZY = {
     "detectors": ("engine.detectors", None),
     "export": ("engine.export", None),
     "GaussianMixture": ("engine.mixture", "GaussianMixture"),
-    "audit": ("engine.audit", "audit"),
-    "AuditReport": ("engine.audit", "AuditReport"),
+    "audit": ("engine.auditing", "audit"),
+    "AuditReport": ("engine.auditing", "AuditReport"),
 }
 
 

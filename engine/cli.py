@@ -1,280 +1,113 @@
 """The ``hfc-engine`` command line: a thin layer over the Python API.
 
-A user error (a bad config key, a missing dataset root, data too small for the protocol...) prints one line on
-stderr saying what was wrong and exits with status 2; ``--debug`` shows the traceback instead. Ctrl-C keeps every
-finished cell: rerunning the same command resumes.
+A user error (engine.errors.UserError: a bad config key, a missing dataset root, data too small for the protocol...,
+also when it surfaces inside a cell; or a file the system refused to read or write) prints one line on stderr saying
+what was wrong and exits with status 2. Any other exception is a bug: the traceback, a line asking for a report, and
+status 1. ``--debug`` (before or after the subcommand) lets every exception through as Python shows it. Ctrl-C keeps
+every finished cell: rerunning the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
-import pandas as pd
+from engine import git_commit
+from engine.errors import UserError
 
-from engine.audit import run_audit
-from engine.bench import OPS, run_table
-from engine.data import load_dataset, split_dataset
-from engine.detectors import Detector, fitted_checkpoint
-from engine.export import export_onnx
-from engine.models import OUTPUT_KINDS, feature_points, input_shape, layer_shapes, load_model, train_model
-from engine.models.classifier import ARCHITECTURES
-from engine.report import summary_lines
-from engine.runs import STUDIES, CellFailed, ConfigError, choices, load_config
-from engine.runs.catalog import catalog, is_run, select
-from engine.score import RUNTIMES, find_detectors, score_dataset
-
-BENCH_COLUMNS = ("op", "shape", "ours_s", "baseline", "baseline_s", "speedup", "gflops", "gemm_multiple")
-DEFAULT_INPUT = (3, 224, 224)  # `layers` input shape when neither --input-size nor the model records one
-USER_ERRORS = (ConfigError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    """Run (or resume) an audit and print its summary."""
-    path, overrides = args.config, list(args.overrides)
-    if path is not None and "=" in path and not Path(path).exists():  # `hfc-engine run key=value ...`
-        path, overrides = None, [path, *overrides]
-    if args.executor or args.address:  # --address alone means a Ray run
-        overrides.append(f"executor={args.executor or 'ray'}")
-    if args.address:
-        overrides.append(f"ray.address={args.address}")
-    report = run_audit(load_config(path, overrides, quick=args.quick), progress=not args.no_progress)
-    table = report.table()
-    if not table.empty:
-        with _wide():
-            print(table.round(3).to_string())
-    for line in summary_lines(report.result):
-        print(line)
-    print(f"report: {report.run_dir / 'report.html'}")
-    return 0
+COMMANDS = {  # name -> what it does; engine.commands adds each one's arguments once it is parsed
+    "run": "run (or resume) an audit; no config = the default audit on embedded data",
+    "study": "run one of the papers' studies on the embedded data",
+    "score": "batch-score a dataset with a model and fitted detectors",
+    "calibrate": "reset detectors' thresholds on a site's own clean images (saved beside them)",
+    "runs": "inspect finished runs",
+    "train": "train a classifier on a dataset's seeded 70/15/15 train/val/test split",
+    "export": "export a model to ONNX, verified with onnxruntime",
+    "layers": "list a model's layers (feature points), their kinds and output shapes",
+    "bench": "run the kernel benchmark suite and print the table",
+}
+DEBUG_HELP = "let errors through with their traceback"
+REPORT_LINE = (
+    "hfc-engine: this is a bug in hfc-engine, not in your input: please report it on the hfc-engine issue tracker "
+    "with the command you ran and the traceback above"
+)
 
 
-def cmd_study(args: argparse.Namespace) -> int:
-    """Run one of the papers' studies on the embedded data (resumable, with its own report)."""
-    overrides = [f"study.{args.name}.{item}" for item in args.overrides]
-    config = load_config(overrides=[f"name=study-{args.name}", "datasets=[]", f"studies=[{args.name}]", *overrides])
-    report = run_audit(config, progress=not args.no_progress)
-    with _wide():
-        columns = ["dataset", "model", "attack", "eps", "metric", "subset", "layer", "value"]
-        print(report.frame()[columns].to_string(index=False))
-    print(f"report: {report.run_dir / 'report.html'}")
-    return 0
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``hfc-engine run: error: ...``, status 2) and arguments added on first use:
+    a command's parser gets them (``arguments(parser)``) only when it parses or shows its help, so neither
+    ``hfc-engine --help`` nor ``--version`` imports torch and the engine."""
+
+    def __init__(self, *args: Any, arguments: Callable[[Parser], None] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._arguments = arguments
+
+    def add_command(self, group: argparse._SubParsersAction, name: str, help_text: str, **kwargs: Any) -> Parser:
+        """A subcommand of this parser (``group``: its subparsers), taking --debug too, defaults shown in its help."""
+        debug = argparse.ArgumentParser(add_help=False)  # only when given (SUPPRESS): never resets the top-level flag
+        debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+        return group.add_parser(
+            name, help=help_text, description=help_text, parents=[debug], formatter_class=HelpFormatter, **kwargs
+        )
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        self._add_arguments()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._add_arguments()
+        return super().format_help()
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help shows the usage)\n")
+
+    def _add_arguments(self) -> None:
+        add, self._arguments = self._arguments, None
+        if add is not None:
+            add(self)
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    """Stream a dataset through a model and fitted detectors; write per-image rows."""
-    detectors = _detector_paths(args.detectors, args.select)
-    dataset = load_dataset(args.data, **_dataset_options(args))
-    summary = score_dataset(
-        args.model,
-        detectors,
-        dataset,
-        args.out,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        fpr=args.fpr,
-        runtime=args.runtime,
-        allow_model_mismatch=args.allow_model_mismatch,
-    )
-    model_s = summary.model_seconds or float("nan")
-    resumed = f" (continuing after {summary.resumed} rows already written)" if summary.resumed else ""
-    print(
-        f"scored {summary.rows - summary.resumed} images{resumed} in {summary.seconds:.1f}s "
-        f"({summary.images_per_second:.1f} images/s); model ({summary.runtime}) {summary.model_seconds:.1f}s, "
-        f"detectors {summary.detector_seconds:.1f}s ({100 * summary.detector_seconds / model_s:.0f}% of the model "
-        f"time: {', '.join(f'{k} {100 * v / model_s:.0f}%' for k, v in summary.per_detector.items())}); flags at "
-        f"{args.fpr:g} clean false-positive rate -> {summary.output}"
-    )
-    return 0
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default after its help, unless the help already states it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if unset or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
-def _detector_paths(paths: Sequence[str], pattern: str | None) -> list[str | Path]:
-    """``--detectors``: a run directory stands for its fitted detectors whose key matches ``--select`` (all of them
-    without it, see engine.runs.catalog); other paths are fitted detector directories, searched recursively."""
-    if pattern is not None and not any(map(is_run, paths)):
-        raise ValueError(f"--select {pattern!r} picks detectors of a run directory; none of --detectors is one")
-    return [d for p in paths for d in ([e.path for e in select(p, pattern or "*")] if is_run(p) else [p])]
+def version() -> str:
+    """The installed package's version, and the engine's git commit when known (see engine.git_commit)."""
+    try:
+        installed = importlib.metadata.version("hfc-engine")
+    except importlib.metadata.PackageNotFoundError:
+        installed = "unknown (not installed: pip install . in the checkout)"
+    commit = git_commit()
+    return f"{installed} (commit {commit})" if commit else installed
 
 
-def cmd_runs_show(args: argparse.Namespace) -> int:
-    """List a run's fitted detectors by key, with their AUROC in the audit and their directories."""
-    entries = select(args.run_dir, args.select) if args.select else catalog(args.run_dir)
-    print(f"{len(entries)} fitted detectors in {args.run_dir}: fitted on plain AEs, AUROC on successful AEs (95% CI)")
-    if not entries:
-        return 0
-    table = [("key", "auroc", "auroc_hfc", "path")]
-    table += [(e.key, str(e.auroc or "-"), str(e.auroc_hfc or "-"), str(e.path)) for e in entries]
-    widths = [max(map(len, column)) for column in zip(*table, strict=True)]
-    for row in table:
-        print("  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths, strict=True)).rstrip())
-    return 0
+def _arguments_of(name: str) -> Callable[[Parser], None]:
+    def add(parser: Parser) -> None:
+        from engine import commands  # torch and the whole engine: only once a command is parsed
+
+        commands.ARGUMENTS[name](parser)
+
+    return add
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Train a model on a dataset's seeded train/val split and save a checkpoint."""
-    dataset = load_dataset(args.data, **_dataset_options(args))
-    splits = split_dataset(dataset, val=0.15, test=0.15, seed=args.seed)
-    out_dir = Path(args.out)
-    splits.save(out_dir / "splits.json")
-    result = train_model(
-        splits,
-        args.arch,
-        out_dir,
-        width=args.width,
-        dropout=args.dropout,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        balanced=args.balanced,
-        progress=not args.no_progress,
-    )
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics["val"].items() if isinstance(v, float))
-    print(f"checkpoint: {result.checkpoint} (best epoch {result.best_epoch}); validation {metrics}")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    """Export a model to ONNX (verified against PyTorch with onnxruntime)."""
-    dirs = [d for p in args.detectors or [] for d in find_detectors(p)]
-    if args.model is None and not dirs:
-        raise ValueError("export: give --model, or --detectors to export the model they were fitted on")
-    model = args.model or fitted_checkpoint(dirs)
-    detectors = [Detector.load(d) for d in dirs]
-    path = export_onnx(
-        model, args.out, layers=args.layers, pooled=not args.raw_features, dropout=args.dropout,
-        detectors=detectors,
-    )  # fmt: skip
-    print(f"exported and verified: {path}")
-    return 0
-
-
-def cmd_layers(args: argparse.Namespace) -> int:
-    """List a model's feature points (names for hfc.layers / detector.layers globs), their kinds and shapes."""
-    convention = {"layout": args.layout, "range": args.range, "size": args.input_size}
-    model = load_model(args.model, input={k: v for k, v in convention.items() if v is not None}, output=args.output)
-    shape = args.input_size or input_shape(model) or DEFAULT_INPUT
-    points = feature_points(model)
-    shapes = layer_shapes(model, list(points), shape)
-    print(f"{len(points)} layers of {args.model} for (C, H, W) = {tuple(shape)} inputs:")
-    width = max((len(name) for name in points), default=0)
-    for name, point in points.items():
-        print(f"{name:<{width}}  {'+'.join(sorted(point.kinds)):<22}  {shapes[name]}")
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Run the kernel benchmark suite and print its table."""
-    table = pd.DataFrame(run_table(args.ops, quick=args.quick))
-    print(table[[c for c in BENCH_COLUMNS if c in table.columns]].to_string(index=False))
-    return 0
-
-
-def _dataset_options(args: argparse.Namespace) -> dict:
-    options = {}
-    if getattr(args, "image_size", None):
-        options["image_size"] = args.image_size
-    if getattr(args, "task", None):
-        options["task"] = args.task
-    return options
-
-
-def _wide() -> pd.option_context:
-    return pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 500)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    parser = argparse.ArgumentParser(prog="hfc-engine", description=__doc__, parents=[common])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, parents=[common])
-
-    run = command("run", "run (or resume) an audit; no config = the default audit on embedded data")
-    run.add_argument("config", nargs="?", help="YAML config (merged over the defaults)")
-    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. attack.steps=40 (see docs/runs.md)")
-    run.add_argument("--quick", action="store_true", help="short audit: fundus-synth, 1500 images, PGD, no studies")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument("--executor", choices=choices()["executor"], help="where cells run (default: the config's)")
-    run.add_argument("--address", help="Ray cluster to run on: auto or <head host>:<port> (implies --executor ray)")
-    run.set_defaults(func=cmd_run)
-
-    titles = "; ".join(f"{n}: {s.title}" for n, s in STUDIES.items())
-    study = command("study", f"run one of the papers' studies: {titles}")
-    study.add_argument("name", choices=list(STUDIES))
-    study.add_argument("overrides", nargs="*", help="study settings, e.g. eps=[0.004] (see docs/studies.md)")
-    study.add_argument("--no-progress", action="store_true")
-    study.set_defaults(func=cmd_study)
-
-    score = command("score", "batch-score a dataset with a model and fitted detectors")
-    score.add_argument("--model", required=True, help="checkpoint (.pt), TorchScript or ONNX (.onnx) file")
-    score.add_argument(
-        "--detectors", required=True, nargs="+", help="fitted detector dir(s), searched recursively, or run dir(s)"
-    )
-    score.add_argument("--select", metavar="PATTERN", help="a run's detectors by key glob, e.g. 'fundus*/pgd/8-256/*'")
-    score.add_argument("--data", required=True, help="dataset spec, e.g. fundus-synth:binary or chest_xray:/path")
-    score.add_argument("--out", default="scores.csv", help="output .csv or .parquet (default: scores.csv)")
-    score.add_argument("--batch-size", type=int, default=128)
-    score.add_argument("--image-size", type=int, help="resize images to this size")
-    score.add_argument(
-        "--fpr", type=float, default=0.05, help="flag at this clean false-positive rate (0.01, 0.05, 0.1)"
-    )
-    score.add_argument(
-        "--runtime", choices=RUNTIMES, default="auto", help="forward pass in (auto: onnxruntime for an export)"
-    )
-    score.add_argument(
-        "--allow-model-mismatch", action="store_true", help="score with a model the detectors were not fitted on"
-    )
-    score.add_argument("--no-progress", action="store_true")
-    score.set_defaults(func=cmd_score)
-
-    runs = command("runs", "inspect finished runs").add_subparsers(dest="runs_command", required=True)
-    show = runs.add_parser("show", help="list a run's fitted detectors by key, with AUROC and path", parents=[common])
-    show.add_argument("run_dir", help="run directory, e.g. runs/default")
-    show.add_argument("--select", metavar="PATTERN", help="only keys matching this glob, e.g. '*/*/pgd/8-256/kd'")
-    show.set_defaults(func=cmd_runs_show)
-
-    train = command("train", "train a classifier on a dataset")
-    train.add_argument("--data", required=True, help="dataset spec, e.g. fundus-synth:grade or aptos:/path")
-    train.add_argument("--arch", default="resnet18", choices=list(ARCHITECTURES))
-    train.add_argument("--out", default="runs/train", help="output directory (resumes if it holds last.pt)")
-    train.add_argument("--width", type=float, default=0.25)
-    train.add_argument("--dropout", type=float, default=0.3)
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--lr", type=float, default=3e-3)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--balanced", action="store_true", help="class-balanced sampling")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--image-size", type=int)
-    train.add_argument("--task", help="task of the dataset (e.g. grade or binary)")
-    train.add_argument("--no-progress", action="store_true")
-    train.set_defaults(func=cmd_train)
-
-    export = command("export", "export a model to ONNX, verified with onnxruntime")
-    export.add_argument("--model", help="model file (default: the one --detectors were fitted on)")
-    export.add_argument("--out", required=True, help="output .onnx path")
-    export.add_argument("--layers", nargs="*", help="also output these layers' features (names or globs)")
-    export.add_argument("--raw-features", action="store_true", help="raw feature maps instead of GAP vectors")
-    export.add_argument("--dropout", action="store_true", help="mark the dropout layers (BU's MC-dropout passes)")
-    export.add_argument("--detectors", nargs="*", help="fitted detector dir(s): add the outputs they need")
-    export.set_defaults(func=cmd_export)
-
-    layers = command("layers", "list a model's layers (feature points), their kinds and output shapes")
-    layers.add_argument("--model", required=True, help="checkpoint (.pt), ONNX (.onnx) or TorchScript file")
-    layers.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="input shape (C H W)")
-    layers.add_argument("--layout", choices=["NCHW", "NHWC"], help="layout the model file takes (default NCHW)")
-    layers.add_argument("--range", type=float, nargs=2, metavar=("LOW", "HIGH"), help="input value range")
-    layers.add_argument("--output", default="logits", choices=OUTPUT_KINDS, help="what the model returns")
-    layers.set_defaults(func=cmd_layers)
-
-    bench = command("bench", "run the kernel benchmark suite and print the table")
-    bench.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
-    bench.add_argument("--ops", nargs="*", choices=OPS, help=f"subset of {list(OPS)} (default: all)")
-    bench.set_defaults(func=cmd_bench)
+def build_parser() -> Parser:
+    parser = Parser(prog="hfc-engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)  # also accepted after the subcommand
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    group = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in COMMANDS.items():
+        parser.add_command(group, name, help_text, arguments=_arguments_of(name))
     return parser
 
 
@@ -285,12 +118,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hfc-engine: interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - user errors become one line; anything else keeps its traceback
-        cause = exc.error if isinstance(exc, CellFailed) else exc
-        if args.debug or not isinstance(cause, USER_ERRORS):
+    except Exception as exc:  # noqa: BLE001 - a user error becomes one line; anything else is a bug to report
+        if args.debug:  # the exception as Python shows it (and a post-mortem debugger can catch it)
             raise
-        print(f"hfc-engine: error: {exc} (--debug shows the traceback)", file=sys.stderr)
+        from engine.runs.executor import cell_error  # loaded already: the command ran
+
+        cell, cause = cell_error(exc)
+        if not _user_error(cause):
+            traceback.print_exc()
+            print(REPORT_LINE, file=sys.stderr)
+            return 1
+        where = f"{cell}: " if cell else ""
+        message = " ".join(str(cause).split())  # one line, whatever the message holds
+        print(f"hfc-engine: error: {where}{message} (--debug shows the traceback)", file=sys.stderr)
         return 2
+
+
+def _user_error(exc: BaseException) -> bool:
+    """A failure the user caused: a UserError, or a file the system refused to open, read or write (an OSError
+    naming a file: missing, a directory, no permission, disk full)."""
+    return isinstance(exc, UserError) or (isinstance(exc, OSError) and exc.filename is not None)
 
 
 if __name__ == "__main__":

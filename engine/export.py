@@ -9,8 +9,12 @@ models here; the tracing exporter is the default because it takes ~0.5 s instead
 Fitted detectors say what they need (:meth:`engine.detectors.Detector.needs`); ``export_onnx(...,
 detectors=[...])`` adds it: pooled features and raw maps of their layers, and for MC-dropout detectors (BU) an
 output marking each dropout layer's input (``dropout:<layer>``, its rate in the metadata) so the converted graph
-can get its dropout back (engine.score). The metadata carries the source model's fingerprint, which detectors
-fitted on that model recorded.
+can get its dropout back. The metadata carries the source model's fingerprint, which detectors fitted on that model
+recorded.
+
+An export is read back by :class:`OnnxModel` (onnxruntime) and by :func:`converted_export` (a differentiable torch
+module, for gradients and MC-dropout passes: the graph converted by engine.models.onnx, its dropout put back);
+:func:`is_export` tells an export from a foreign ONNX file.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from engine.data import iter_batches
-from engine.detectors import Detector, Needs
+from engine.detectors import Detector, FeatureCache, Needs
+from engine.errors import UserError, UserTypeError
 from engine.models import (
     FeatureExtractor,
     ImageClassifier,
@@ -38,6 +43,7 @@ from engine.models import (
     pool_feature,
     resolve_layers,
 )
+from engine.models.onnx import FirstOutput, restore_dropout
 
 EXPORTERS = ("torchscript", "dynamo")
 INPUT_NAME = "input"
@@ -77,13 +83,13 @@ def _example_inputs(model: nn.Module, example: Any, input_shape: Sequence[int] |
         batches = iter_batches(example, 8, name="example")
         x = next(batches, None)
         if x is None:
-            raise ValueError("example must hold at least one image")
+            raise UserError("example must hold at least one image")
         return x
     if input_shape is None and isinstance(model, ImageClassifier) and "input_size" in model.config:
         size = int(model.config["input_size"])
         input_shape = (int(model.config.get("in_channels", 3)), size, size)
     if input_shape is None or len(input_shape) != 3:
-        raise ValueError(f"input_shape must be (C, H, W) when no example inputs are given, got {input_shape!r}")
+        raise UserError(f"input_shape must be (C, H, W) when no example inputs are given, got {input_shape!r}")
     return torch.rand(4, *input_shape, generator=torch.Generator().manual_seed(0))
 
 
@@ -125,19 +131,19 @@ def export_onnx(
     onnxruntime's logits differ from PyTorch's by more than ``atol``.
     """
     if exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+        raise UserError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     model = load_model(model)
     needs = Needs.union(d.needs() for d in detectors)
     requested = [*_patterns(layers), *needs.pooled, *_patterns(raw_layers), *needs.raw]
     dropout = dropout or needs.dropout
     if isinstance(model, torch.jit.ScriptModule) and (requested or dropout):
-        raise TypeError("layers cannot be hooked on a TorchScript model; pass the nn.Module")
+        raise UserTypeError("layers cannot be hooked on a TorchScript model; pass the nn.Module")
     feature_layers = resolve_layers(model, requested) if requested else []
     raw_patterns = [*_patterns(raw_layers), *needs.raw]
     raw = set(resolve_layers(model, raw_patterns) if raw_patterns else [])
     drops = dropout_layers(model) if dropout else {}
     if dropout and not drops:
-        raise ValueError("dropout: the model has no dropout layer (BU needs one: build it with dropout > 0)")
+        raise UserError("dropout: the model has no dropout layer (BU needs one: build it with dropout > 0)")
     outputs = [(FEATURE_PREFIX + n, n, not pooled) for n in feature_layers]
     outputs += [(RAW_PREFIX + n, n, True) for n in feature_layers if n in raw and pooled]
     outputs += [(DROPOUT_PREFIX + n, n, True) for n in drops]
@@ -226,11 +232,56 @@ def _verify(path: Path, x: torch.Tensor, expected: list[np.ndarray], names: list
                 )
 
 
+def is_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an ONNX file written by :func:`export_onnx` (its metadata names the producer); not for a
+    file that does not parse (the model loader then says it is not a readable ONNX file)."""
+    path = Path(path)
+    if path.suffix.lower() != ".onnx" or not path.is_file():
+        return False
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except DecodeError:
+        return False
+    return any(p.key == "producer" and p.value == "hfc-engine" for p in proto.metadata_props)
+
+
+def converted_export(
+    path: str | os.PathLike, raw_layers: Sequence[str] = (), batch_size: int = 128, device: str = "cpu"
+) -> FeatureCache:
+    """An export converted to a differentiable torch module, as a :class:`FeatureCache` whose features are the
+    file's feature outputs (raw maps kept for ``raw_layers``), with its dropout layers put back."""
+    foreign, onnx_model = load_model(path), OnnxModel(path)
+    graph, names = foreign.net, onnx_model.output_names
+    rates = onnx_model.metadata.get("dropout", {})
+    restore_dropout(graph, names, {DROPOUT_PREFIX + layer: rate for layer, rate in rates.items()})
+
+    def extract(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = dict(zip(names, graph(x), strict=True))
+        feats = {n.removeprefix(FEATURE_PREFIX): v for n, v in out.items() if n.startswith(FEATURE_PREFIX)}
+        feats.update({n.removeprefix(RAW_PREFIX): v for n, v in out.items() if n.startswith(RAW_PREFIX)})
+        return out[LOGITS_NAME], feats
+
+    module = FirstOutput(graph, foreign.meta)
+    return FeatureCache(module, raw_layers=raw_layers, batch_size=batch_size, device=device, extractor=extract)
+
+
 def default_providers() -> list[str]:
-    """CUDA (when onnxruntime-gpu and a GPU are present) then CPU."""
+    """CUDA (when onnxruntime-gpu and a GPU are present) then CPU. Warns when torch sees a GPU but onnxruntime has no
+    CUDA provider: onnxruntime-gpu is missing, or shadowed by onnxruntime installed beside it (README, GPU install)."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available and torch.cuda.is_available():
+        warnings.warn(
+            f"a CUDA GPU is visible but onnxruntime {ort.__version__} has no CUDA provider (it has {available}), so "
+            "ONNX models run on the CPU; onnxruntime and onnxruntime-gpu installed together lose it: pip uninstall "
+            "-y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
@@ -241,7 +292,7 @@ class OnnxModel:
         import onnxruntime as ort
 
         if not Path(path).is_file():
-            raise ValueError(f"path {str(path)!r} is not a file")
+            raise UserError(f"path {str(path)!r} is not a file")
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), providers=list(providers or default_providers()))
         self.input_name = self.session.get_inputs()[0].name
@@ -253,11 +304,11 @@ class OnnxModel:
         """All (or the named) outputs for one float32 batch (N,C,H,W)."""
         arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
         if arr.ndim != 4:
-            raise ValueError(f"x must be a batch of images (N,C,H,W), got shape {arr.shape}")
+            raise UserError(f"x must be a batch of images (N,C,H,W), got shape {arr.shape}")
         names = list(outputs) if outputs is not None else self.output_names
         unknown = [n for n in names if n not in self.output_names]
         if unknown:
-            raise ValueError(f"outputs {unknown} are not in the model; available: {self.output_names}")
+            raise UserError(f"outputs {unknown} are not in the model; available: {self.output_names}")
         values = self.session.run(names, {self.input_name: np.ascontiguousarray(arr, dtype=np.float32)})
         return dict(zip(names, values, strict=True))
 
@@ -274,5 +325,5 @@ class OnnxModel:
         """One output (default: logits) for every image of ``data``, concatenated: (N, ...)."""
         parts = [out[output] for out in self.iter_batches(data, batch_size, [output])]
         if not parts:
-            raise ValueError("data is empty")
+            raise UserError("data is empty")
         return np.concatenate(parts)

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.errors import UserError
+
 _WEIGHT_SUM_TOL = 1e-6
 
 
@@ -32,7 +34,7 @@ def _upper_factor(factor: np.ndarray, k: int) -> np.ndarray:
     except np.linalg.LinAlgError:
         lower = None
     if lower is None or not np.all(np.isfinite(lower)) or not np.all(np.diagonal(lower) > 0):
-        raise ValueError(f"precision of component {k} is not positive definite: raise reg_covar or use float64")
+        raise UserError(f"precision of component {k} is not positive definite: raise reg_covar or use float64")
     return np.ascontiguousarray(lower[::-1, ::-1])
 
 

@@ -2,27 +2,31 @@
 
 :class:`Scorer` holds the model (an hfc-engine checkpoint, a TorchScript or an ONNX file, or a module) and the
 detectors. Before the first batch it checks that the model is the one the detectors were fitted on (the
-fingerprint they recorded) and that it can give what each detector needs (:meth:`Detector.needs`: pooled
-features and raw maps of named layers, MC-dropout passes, input gradients), each failure one line saying what to
-do. Per batch, one forward pass (onnxruntime for an ONNX export carrying the detectors' feature outputs, else
-torch) gives the logits and every feature; only MAHA's input preprocessing (gradients) and BU's MC-dropout
-heads run the model again, in torch (an ONNX export is converted to a differentiable torch module for that).
+fingerprint they recorded), that it can give what each detector needs (:meth:`Detector.needs`: pooled features and
+raw maps of named layers, MC-dropout passes, input gradients) and that the images have the size the detectors were
+fitted on, each failure one line saying what to do. Per batch, one forward pass (onnxruntime for an ONNX export
+carrying the detectors' feature outputs, else torch) gives the logits and every feature; only MAHA's input
+preprocessing (gradients) and BU's MC-dropout heads run the model again, in torch (an ONNX export is converted to a
+differentiable torch module for that, engine.export.converted_export).
 
 :func:`score_dataset` streams a dataset through a :class:`Scorer` into CSV or Parquet: one row per image (index,
-label, prediction, logits, each detector's score and its flag at the threshold recorded for a clean
-false-positive rate). Rows are written in parts as they finish; a killed job rerun with the same arguments
-continues after the last finished part and produces the same file.
+file path, label and prediction with their class names, logits, each detector's score and its flag at each
+threshold asked for), and the thresholds with their realised clean false-positive rates beside it
+(engine.detectors.thresholds). Rows are written in parts as they finish (engine.fileio.ResumableTable); a killed
+job rerun with the same arguments continues after the last finished part and produces the same file, and a rerun
+on other data or another model file is refused. :func:`calibrate` scores a site's own clean images and saves them
+beside each detector as a new calibration, from which later thresholds are read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,22 +34,41 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import fx, nn
+from torch import nn
 from tqdm.auto import tqdm
 
-from engine.data import check_batch_size
-from engine.detectors import Detector, FeatureCache, Features, Needs
-from engine.export import DROPOUT_PREFIX, FEATURE_PREFIX, LOGITS_NAME, RAW_PREFIX, OnnxModel, export_onnx
+from engine.data import ImageDataset, check_batch_size
+from engine.detectors import FPRS, Detector, FeatureCache, Features, Needs, fitted_checkpoint
+from engine.detectors.thresholds import LATEST, Threshold, check_fprs, reference, save_calibration
+from engine.errors import UserError
+from engine.export import (
+    DROPOUT_PREFIX,
+    FEATURE_PREFIX,
+    LOGITS_NAME,
+    RAW_PREFIX,
+    OnnxModel,
+    converted_export,
+    export_onnx,
+    is_export,
+)
+from engine.fileio import ResumableTable, atomic_write, file_sha256
 from engine.models import dropout_modules, input_shape, load_model, model_fingerprint, pool_feature, resolve_layers
+from engine.runs.catalog import locate
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
+OUTPUT_SUFFIXES = (".csv", ".parquet")
 PART_ROWS = 4096  # rows per output part at least (a killed job loses at most one part)
+
+
+class ScoreError(UserError):
+    """A scoring or calibration job refused before work: a model, detector, data set or output that does not fit."""
 
 
 @dataclass
 class ScoreSummary:
     """What a scoring job did: rows written (``resumed`` of them by an earlier run), seconds (model and
-    detectors, per detector), the runtime of the forward passes and the output file."""
+    detectors, per detector), the runtime of the forward passes, the output file, the thresholds its flags used
+    and the file recording them."""
 
     rows: int
     seconds: float
@@ -55,6 +78,8 @@ class ScoreSummary:
     runtime: str = "torch"
     resumed: int = 0
     per_detector: dict[str, float] = field(default_factory=dict)
+    thresholds: list[Threshold] = field(default_factory=list)
+    thresholds_file: Path | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -78,6 +103,8 @@ class _TorchModel:
     def __init__(self, model: nn.Module, label: str, batch_size: int, device: str) -> None:
         self.module, self.label, self.batch_size, self.device = model, label, batch_size, device
         self.fingerprint = model_fingerprint(model)
+        self.classes: list[str] | None = getattr(model, "meta", {}).get("classes")
+        self.input_size = input_shape(model)
         self.cache: FeatureCache | None = None
 
     def missing(self, needs: Needs) -> str | None:
@@ -124,6 +151,9 @@ class _ExportModel:
         self.raw.update({n: FEATURE_PREFIX + n for n in self.layers if len(shapes[FEATURE_PREFIX + n]) == 4})
         self.dropout = any(n.startswith(DROPOUT_PREFIX) for n in shapes)
         self.needs, self.outputs, self._converted = Needs(), [LOGITS_NAME], None
+        self.classes: list[str] | None = self.onnx.metadata.get("classes")
+        size = self.onnx.metadata.get("input_size")
+        self.input_size = tuple(size) if isinstance(size, list) and len(size) == 3 else None
         self.fingerprint = source.fingerprint if source else self.onnx.metadata.get("fingerprint")
         if self.fingerprint is None:  # exported before fingerprints were recorded: the converted weights'
             self.fingerprint = model_fingerprint(self.torch_source().model)
@@ -180,9 +210,10 @@ class Scorer:
     ``model``: a module or a file :func:`engine.models.load_model` reads. ``runtime``: ``"auto"`` (onnxruntime
     for an ONNX export with feature outputs, torch otherwise), ``"torch"``, or ``"onnxruntime"`` (a torch model is
     exported to a temporary ONNX file with what the detectors need); except with ``"torch"``, detectors' own
-    networks (DNN) run in onnxruntime too. ``names`` labels the detectors' columns
-    (default: the detector kind, made unique). Raises ValueError, in one line, when a detector was fitted on
-    another model (unless ``allow_model_mismatch``) or needs what the model cannot give.
+    networks (DNN) run in onnxruntime too. ``names`` labels the detectors' columns (default: the detector kind,
+    made unique). Raises ScoreError, in one line, when a detector was fitted on another model (unless
+    ``allow_model_mismatch``) or needs what the model cannot give, and when images of another size than the
+    detectors were fitted on are scored (unless ``allow_size_mismatch``).
     """
 
     def __init__(
@@ -194,18 +225,20 @@ class Scorer:
         batch_size: int = 128,
         runtime: str = "auto",
         allow_model_mismatch: bool = False,
+        allow_size_mismatch: bool = False,
         device: str = "cpu",
     ) -> None:
         if runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+            raise ScoreError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         check_batch_size(batch_size)
         if not detectors:
-            raise ValueError("detectors: give at least one fitted detector")
+            raise ScoreError("detectors: give at least one fitted detector")
+        self.directories = [None if isinstance(d, Detector) else Path(d) for d in detectors]
         self.detectors = [d if isinstance(d, Detector) else Detector.load(d) for d in detectors]
         self.names = list(names) if names is not None else unique_names([d.name for d in self.detectors])
         if len(self.names) != len(self.detectors) or len(set(self.names)) != len(self.names):
-            raise ValueError(f"names must be {len(self.detectors)} distinct column names, got {self.names}")
-        self.batch_size = batch_size
+            raise ScoreError(f"names must be {len(self.detectors)} distinct column names, got {self.names}")
+        self.batch_size, self.allow_size_mismatch = batch_size, allow_size_mismatch
         self.needs = Needs.union(d.needs() for d in self.detectors)
         self._tmp = tempfile.TemporaryDirectory(prefix="hfc-score-") if runtime == "onnxruntime" else None
         tmp = Path(self._tmp.name) if self._tmp else None  # where a torch model is exported for onnxruntime
@@ -233,26 +266,55 @@ class Scorer:
                     f"detector {name} records no model fingerprint; the model cannot be checked", stacklevel=3
                 )
             elif fitted != self.model.fingerprint and not allow_model_mismatch:
-                raise ValueError(
+                raise ScoreError(
                     f"detector {name} was fitted on model {fitted}, but {self.model.label} is model "
                     f"{self.model.fingerprint}: score with the model it was fitted on, or pass "
                     "allow_model_mismatch=True (--allow-model-mismatch)"
                 )
             problem = self.model.missing(det.needs())
             if problem:
-                raise ValueError(f"detector {name}: {problem}")
+                raise ScoreError(f"detector {name}: {problem}")
 
-    def thresholds(self, fpr: float) -> dict[str, float]:
-        """The recorded threshold for clean false-positive rate ``fpr`` of each detector that records thresholds
-        (detectors saved before they were recorded have none; a warning names them), by column name."""
-        pairs = list(zip(self.names, self.detectors, strict=True))
-        unrecorded = [name for name, det in pairs if not det.thresholds_]
+    def fit_sizes(self) -> dict[str, tuple[int, ...]]:
+        """The (C, H, W) of the images each detector was fitted on (else the model's recorded input size), by
+        column name; detectors with neither are left out."""
+        pairs = zip(self.names, self.detectors, strict=True)
+        sizes = {name: det.input_size_ or self.model.input_size for name, det in pairs}
+        return {name: tuple(size) for name, size in sizes.items() if size is not None}
+
+    def check_images(self, shape: Sequence[int]) -> None:
+        """Refuse (C, H, W) images of another size than the detectors were fitted on, unless allowed."""
+        shape = tuple(int(s) for s in shape)
+        other = {name: size for name, size in self.fit_sizes().items() if size != shape}
+        if other and not self.allow_size_mismatch:
+            size = next(iter(other.values()))
+            resize = f"--image-size {size[1]}" if size[1] == size[2] else f"images resized to {size[1]}x{size[2]}"
+            raise ScoreError(
+                f"data: images are (C, H, W) = {shape}, but detectors {sorted(other)} were fitted on {size}: score "
+                f"{resize}, or pass allow_size_mismatch=True (--allow-size-mismatch) to score them as they are"
+            )
+
+    def thresholds(self, fprs: Sequence[float], calibration: str = LATEST) -> list[Threshold]:
+        """Each detector's threshold at each of ``fprs``, read from its clean scores ``calibration`` (see
+        engine.detectors.thresholds.reference); detectors without any (fitted outside an audit) are left out and
+        named in a warning, as is each threshold set on too few clean images."""
+        fprs, found, unrecorded = check_fprs(fprs), [], []
+        for name, det, directory in zip(self.names, self.detectors, self.directories, strict=True):
+            clean = reference(det, directory, calibration)
+            if clean is None:
+                unrecorded.append(name)
+                continue
+            found += [clean.threshold(name, fpr) for fpr in fprs]
         if unrecorded:
             warnings.warn(f"detectors {unrecorded} record no thresholds: their rows get no flag", stacklevel=2)
-        return {name: det.threshold(fpr) for name, det in pairs if det.thresholds_}
+        for threshold in found:
+            if threshold.warning:
+                warnings.warn(threshold.warning, stacklevel=2)
+        return found
 
     def score(self, images: torch.Tensor, labels: np.ndarray | None = None) -> Batch:
         """Scores of one batch of (N, C, H, W) images in [0, 1]: one forward pass serves every detector."""
+        self.check_images(images.shape[1:])
         start = time.perf_counter()
         features = self.model.features(images, labels)
         self.seconds["model"] += time.perf_counter() - start
@@ -273,74 +335,16 @@ def _open_model(
     tmp: Path | None,
 ) -> _TorchModel | _ExportModel:
     label = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
-    if isinstance(model, (str, os.PathLike)) and _is_export(Path(model)):
+    if isinstance(model, (str, os.PathLike)) and is_export(model):
         return _ExportModel(Path(model), label, runtime, batch_size, device)
     torch_model = _TorchModel(load_model(model), label, batch_size, device)
     if runtime != "onnxruntime":
         return torch_model
     shape = input_shape(torch_model.module)
     if shape is None:
-        raise ValueError(f"runtime: onnxruntime needs {label}'s input size to export it; use runtime='torch'")
+        raise ScoreError(f"runtime: onnxruntime needs {label}'s input size to export it; use runtime='torch'")
     path = export_onnx(torch_model.module, tmp / "model.onnx", input_shape=shape, detectors=detectors)
     return _ExportModel(path, label, runtime, batch_size, device, source=torch_model)
-
-
-def _is_export(path: Path) -> bool:
-    """An ONNX file written by ``hfc-engine export`` (its metadata names the producer)."""
-    if path.suffix.lower() != ".onnx" or not path.is_file():
-        return False
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return any(p.key == "producer" and p.value == "hfc-engine" for p in proto.metadata_props)
-
-
-def converted_export(
-    path: Path, raw_layers: Sequence[str] = (), batch_size: int = 128, device: str = "cpu"
-) -> FeatureCache:
-    """An ``hfc-engine export`` file converted to a differentiable torch module, as a :class:`FeatureCache` whose
-    features are the file's feature outputs (raw maps kept for ``raw_layers``); its dropout layers
-    (``dropout:<layer>`` outputs) are put back."""
-    foreign, onnx_model = load_model(path), OnnxModel(path)
-    graph, names = foreign.net, onnx_model.output_names
-    _restore_dropout(graph, names, onnx_model.metadata.get("dropout", {}))
-
-    def extract(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = dict(zip(names, graph(x), strict=True))
-        feats = {n.removeprefix(FEATURE_PREFIX): v for n, v in out.items() if n.startswith(FEATURE_PREFIX)}
-        feats.update({n.removeprefix(RAW_PREFIX): v for n, v in out.items() if n.startswith(RAW_PREFIX)})
-        return out[LOGITS_NAME], feats
-
-    module = _FirstOutput(graph, foreign.meta)
-    return FeatureCache(module, raw_layers=raw_layers, batch_size=batch_size, device=device, extractor=extract)
-
-
-class _FirstOutput(nn.Module):
-    """A converted export's graph returning only its logits (its first output)."""
-
-    def __init__(self, graph: fx.GraphModule, meta: Mapping[str, Any]) -> None:
-        super().__init__()
-        self.graph = graph
-        self.meta = dict(meta)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.graph(x)[0]
-
-
-def _restore_dropout(graph: fx.GraphModule, names: Sequence[str], rates: Mapping[str, float]) -> None:
-    """Insert ``nn.Dropout(rate)`` after the node behind each ``dropout:<layer>`` output, for its other users."""
-    output = next(n for n in graph.graph.nodes if n.op == "output")
-    for i, (name, node) in enumerate(zip(names, output.args[0], strict=True)):
-        if not name.startswith(DROPOUT_PREFIX):
-            continue
-        target = f"restored_dropout{i}"
-        graph.add_submodule(target, nn.Dropout(float(rates[name.removeprefix(DROPOUT_PREFIX)])))
-        with graph.graph.inserting_after(node):
-            drop = graph.graph.call_module(target, (node,))
-        node.replace_all_uses_with(drop, delete_user_cb=lambda user, drop=drop: user not in (drop, output))
-        if not drop.users:
-            raise ValueError(f"{name}: nothing in the converted graph reads this dropout layer's output")
-    graph.recompile()
 
 
 def unique_names(names: Sequence[str]) -> list[str]:
@@ -353,23 +357,69 @@ def unique_names(names: Sequence[str]) -> list[str]:
     return out
 
 
-def find_detectors(path: str | os.PathLike[str]) -> list[Path]:
-    """Fitted detector directories (holding config.json) at or under ``path``."""
-    root = Path(path)
-    if not root.exists():
-        raise ValueError(f"detectors: {str(root)!r} does not exist")
-    found = [root] if (root / "config.json").is_file() else sorted(p.parent for p in root.rglob("config.json"))
-    if not found:
-        raise ValueError(f"detectors: no fitted detector (a directory with config.json) under {str(root)!r}")
-    return found
+def column_names(kinds: Sequence[str], keys: Sequence[str | None]) -> list[str]:
+    """Column names of detectors of ``kinds`` with catalog ``keys`` (engine.runs.catalog.locate): the kind when
+    it is unique among them, else the key (``/`` as ``_``) when it has one, numbered where still repeated."""
+    pairs = zip(kinds, keys, strict=True)
+    return unique_names([k if kinds.count(k) == 1 or key is None else key.replace("/", "_") for k, key in pairs])
 
 
-def column_names(directories: Sequence[Path]) -> list[str]:
-    """Column names of saved detectors: the detector kind when it is unique among them, else the directory's
-    label (an audit's ``<label>-<hash>/fitted`` gives the label: dataset, model, attack, eps, detector)."""
-    kinds = [json.loads((d / "config.json").read_text())["detector"].lower() for d in directories]
-    labels = [(d.parent if d.name == "fitted" else d).name.rsplit("-", 1)[0] for d in directories]
-    return unique_names([k if kinds.count(k) == 1 else label for k, label in zip(kinds, labels, strict=True)])
+def check_output(output: str | os.PathLike[str]) -> Path:
+    """``output`` as a path where a .csv or .parquet file can be written; ScoreError, before any work, when it
+    has another suffix, is an existing directory or lies where nothing can be written."""
+    output = Path(output)
+    if output.suffix not in OUTPUT_SUFFIXES or output.is_dir():
+        what = "is an existing directory" if output.is_dir() else "has another suffix"
+        raise ScoreError(f"out: {str(output)!r} {what}; give a file path ending in {' or '.join(OUTPUT_SUFFIXES)}")
+    folder = next(p for p in output.absolute().parents if p.exists())  # the directory it would be created in
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ScoreError(f"out: {str(output)!r} cannot be written: {str(folder)!r} is not a writable directory")
+    return output
+
+
+def data_fingerprint(dataset: torch.utils.data.Dataset) -> str:
+    """What ``dataset`` holds, as 16 hex digits: an engine dataset's fingerprint (class names, labels, and pixels or
+    file names and bytes); for any other dataset a hash of its images and labels, read once."""
+    if isinstance(dataset, ImageDataset):
+        return dataset.fingerprint
+    digest = hashlib.sha256()
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        digest.update(torch.as_tensor(image).numpy().tobytes() + str(int(label)).encode())
+    return digest.hexdigest()[:16]
+
+
+def _scorer(
+    model: str | os.PathLike[str] | nn.Module | None, detector_paths: Sequence[str | os.PathLike[str]],
+    select: str | None, **options: Any,
+) -> Scorer:  # fmt: skip
+    """A Scorer of the saved detectors ``detector_paths`` name (engine.runs.catalog.locate), their columns named by
+    :func:`column_names`; ``model`` None: the model they were fitted on."""
+    located = locate(detector_paths, select)
+    dirs = [entry.path for entry in located]
+    detectors = [Detector.load(d) for d in dirs]
+    names = column_names([d.name for d in detectors], [entry.key for entry in located])
+    return Scorer(model or fitted_checkpoint(dirs), dirs, names=names, **options)
+
+
+def _check_data(scorer: Scorer, dataset: torch.utils.data.Dataset) -> None:
+    """Refuse an empty data set, or images of another size than the detectors were fitted on, before work."""
+    if len(dataset) == 0:
+        raise ScoreError("data is empty: no images to score")
+    scorer.check_images(dataset[0][0].shape)
+
+
+def _batches(
+    scorer: Scorer, dataset: torch.utils.data.Dataset, start: int, progress: bool, what: str
+) -> Iterator[tuple[int, np.ndarray, Batch]]:
+    """(first index, labels, scored batch) for the images of ``dataset`` from ``start`` on."""
+    rest = torch.utils.data.Subset(dataset, range(start, len(dataset)))
+    loader = torch.utils.data.DataLoader(rest, batch_size=scorer.batch_size, shuffle=False)
+    with tqdm(total=len(dataset), initial=start, desc=what, unit="image", disable=not progress) as bar:
+        for images, labels in loader:
+            yield start, labels.numpy(), scorer.score(images.float(), labels.numpy())
+            start += len(labels)
+            bar.update(len(labels))
 
 
 def score_dataset(
@@ -380,126 +430,126 @@ def score_dataset(
     batch_size: int = 128,
     progress: bool = True,
     *,
-    fpr: float = 0.05,
+    fpr: float | Sequence[float] = 0.05,
+    calibration: str = LATEST,
+    select: str | None = None,
     runtime: str = "auto",
     allow_model_mismatch: bool = False,
+    allow_size_mismatch: bool = False,
     device: str = "cpu",
 ) -> ScoreSummary:
     """Score every image of ``dataset`` (of (image, label) pairs) with the detectors saved at or under
-    ``detector_paths``; write one row per image to ``output`` (.csv or .parquet), flagging scores above each
-    detector's threshold for clean false-positive rate ``fpr``. Resumes an interrupted job with the same
-    arguments (see :class:`Scorer` for the rest)."""
-    output = Path(output)
-    if output.suffix not in (".csv", ".parquet"):
-        raise ValueError(f"output must end in .csv or .parquet, got {str(output)!r}")
-    if len(dataset) == 0:
-        raise ValueError("data is empty: no images to score")
-    dirs = [d for p in detector_paths for d in find_detectors(p)]
-    scorer = Scorer(
-        model_path, dirs, names=column_names(dirs), batch_size=batch_size, runtime=runtime,
-        allow_model_mismatch=allow_model_mismatch, device=device,
+    ``detector_paths`` (or a run's, picked by ``select``: engine.runs.catalog.locate); write one row per image to
+    ``output`` (.csv or .parquet), flagging scores above each detector's threshold for each clean false-positive
+    rate ``fpr``, read from its clean scores ``calibration``; the thresholds go to ``<output stem>.thresholds.json``.
+    Resumes an interrupted job with the same arguments and refuses one on other data or another model file (see
+    :class:`Scorer` for the rest)."""
+    output, fprs = check_output(output), check_fprs(fpr)
+    scorer = _scorer(
+        model_path, detector_paths, select, batch_size=batch_size, runtime=runtime,
+        allow_model_mismatch=allow_model_mismatch, allow_size_mismatch=allow_size_mismatch, device=device,
     )  # fmt: skip
-    thresholds = scorer.thresholds(fpr)
+    _check_data(scorer, dataset)
+    thresholds = scorer.thresholds(fprs, calibration)
+    model_file = model_path if isinstance(model_path, (str, os.PathLike)) else None
     job = {
-        "model": scorer.model.fingerprint,
-        "detectors": [str(d.resolve()) for d in dirs],
-        "columns": scorer.names,
+        "model_sha256": file_sha256(model_file) if model_file is not None else None,
+        "model_fingerprint": scorer.model.fingerprint,
+        "data_fingerprint": data_fingerprint(dataset),
         "images": len(dataset),
+        "detectors": [str(d.resolve()) for d in scorer.directories],
+        "columns": scorer.names,
         "batch_size": batch_size,
-        "fpr": fpr,
+        "thresholds": [[t.detector, t.fpr, t.calibration] for t in thresholds],
         "runtime": scorer.runtime,
     }
-    parts = _Parts(output, job)
-    resumed = parts.rows
-    rest = torch.utils.data.Subset(dataset, range(resumed, len(dataset)))
-    loader = torch.utils.data.DataLoader(rest, batch_size=batch_size, shuffle=False)
-    start, n, pending = time.perf_counter(), resumed, []
-    bar = tqdm(total=len(dataset), initial=resumed, desc="score", unit="image", disable=not progress)
-    with bar:
-        for images, labels in loader:
-            batch = scorer.score(images.float(), labels.numpy())
-            pending.append(_rows(batch, n, labels.numpy(), thresholds))
-            n += len(labels)
-            if sum(len(f) for f in pending) >= PART_ROWS:
-                parts.write(pd.concat(pending, ignore_index=True))
-                pending = []
-            bar.update(len(labels))
+    table = ResumableTable(output, job)
+    resumed = table.rows
+    start, pending, n = time.perf_counter(), [], resumed
+    label_names = getattr(dataset, "classes", None)
+    classes = scorer.model.classes or label_names  # the model's class names, else the data's
+    paths = getattr(dataset, "paths", None)
+    for first, labels, batch in _batches(scorer, dataset, resumed, progress, "score"):
+        pending.append(_rows(batch, first, labels, thresholds, paths, label_names, classes))
+        n += len(labels)
+        if sum(len(f) for f in pending) >= PART_ROWS:
+            table.write(pd.concat(pending, ignore_index=True))
+            pending = []
     if pending:
-        parts.write(pd.concat(pending, ignore_index=True))
-    parts.finish()
+        table.write(pd.concat(pending, ignore_index=True))
+    record = {"model": job["model_sha256"] or job["model_fingerprint"], "data": job["data_fingerprint"],
+              "thresholds": [t.record() for t in thresholds]}  # fmt: skip
+    thresholds_file = atomic_write(
+        output.with_suffix(".thresholds.json"), lambda tmp: tmp.write_text(json.dumps(record, indent=1))
+    )
+    table.finish()
     per_detector = {name: scorer.seconds[name] for name in scorer.names}
     return ScoreSummary(
         rows=n, seconds=time.perf_counter() - start, model_seconds=scorer.seconds["model"],
         detector_seconds=sum(per_detector.values()), output=output, runtime=scorer.runtime, resumed=resumed,
-        per_detector=per_detector,
+        per_detector=per_detector, thresholds=thresholds, thresholds_file=thresholds_file,
     )  # fmt: skip
 
 
-def _rows(batch: Batch, first: int, labels: np.ndarray, thresholds: Mapping[str, float]) -> pd.DataFrame:
-    """One row per image: index, label, prediction, logits, and per detector its score and flag (if thresholded)."""
+def _rows(
+    batch: Batch, first: int, labels: np.ndarray, thresholds: Sequence[Threshold], paths: Sequence[str] | None,
+    label_names: Sequence[str] | None, classes: Sequence[str] | None,
+) -> pd.DataFrame:  # fmt: skip
+    """One row per image: index, path, label, prediction (with class names), logits, and per detector its score
+    and its flag at each threshold."""
     logits = batch.features.logits
-    columns: dict[str, Any] = {"index": np.arange(first, first + len(logits)), "label": labels}
+    index = np.arange(first, first + len(logits))
+    columns: dict[str, Any] = {"index": index}
+    if paths is not None:
+        columns["path"] = [paths[i] for i in index]
+    columns["label"] = labels
+    if label_names is not None:
+        columns["label_name"] = [label_names[k] for k in labels]
     columns["prediction"] = logits.argmax(1)
+    if classes is not None and len(classes) == logits.shape[1]:
+        columns["prediction_name"] = [classes[k] for k in columns["prediction"]]
     columns.update({f"logit_{j}": logits[:, j] for j in range(logits.shape[1])})
     for name, scores in batch.scores.items():
         columns[f"score_{name}"] = np.asarray(scores, dtype=np.float64)
-        if name in thresholds:
-            columns[f"flag_{name}"] = columns[f"score_{name}"] > thresholds[name]
+        for t in (t for t in thresholds if t.detector == name):
+            columns[f"flag_{name}@{t.fpr:g}"] = columns[f"score_{name}"] > t.value
     return pd.DataFrame(columns)
 
 
-class _Parts:
-    """The rows of one scoring job as numbered Parquet parts in ``.<output name>.parts/`` (each written to a
-    temporary file and renamed, so a killed job leaves only whole parts), joined into ``output`` at the end.
-    ``job.json`` holds the job's settings: a rerun with the same settings continues after the parts present."""
-
-    def __init__(self, output: Path, job: Mapping[str, Any]) -> None:
-        self.output, self.dir = output, output.with_name(f".{output.name}.parts")
-        self.paths: list[Path] = []
-        if self.dir.exists():
-            recorded = json.loads((self.dir / "job.json").read_text())
-            if recorded != dict(job):
-                raise ValueError(
-                    f"output {str(output)!r} has an unfinished job with other settings in {self.dir}: rerun that "
-                    "job, delete the directory or choose another output"
-                )
-            self.paths = sorted(self.dir.glob("part-*.parquet"))
-        else:
-            self.dir.mkdir(parents=True)
-            (self.dir / "job.json").write_text(json.dumps(dict(job)))
-
-    @property
-    def rows(self) -> int:
-        """Rows in the finished parts."""
-        import pyarrow.parquet as pq
-
-        return sum(pq.read_metadata(p).num_rows for p in self.paths)
-
-    def write(self, frame: pd.DataFrame) -> None:
-        path = self.dir / f"part-{len(self.paths):06d}.parquet"
-        tmp = path.with_suffix(".tmp")
-        frame.to_parquet(tmp, index=False)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        self.paths.append(path)
-
-    def finish(self) -> None:
-        """Join the parts into the output (written to a temporary file, then renamed) and remove them."""
-        import pyarrow.parquet as pq
-
-        tmp = self.output.with_name(f".{self.output.name}.tmp")
-        if self.output.suffix == ".csv":
-            with open(tmp, "w", newline="") as fh:
-                for i, path in enumerate(self.paths):
-                    pq.read_table(path).to_pandas().to_csv(fh, header=i == 0, index=False)
-        else:
-            writer = None
-            for path in self.paths:
-                table = pq.read_table(path)
-                writer = writer or pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table)
-            if writer is not None:
-                writer.close()
-        os.replace(tmp, self.output)
-        shutil.rmtree(self.dir)
+def calibrate(
+    model: str | os.PathLike[str] | nn.Module | None,
+    detector_paths: Sequence[str | os.PathLike[str]],
+    dataset: torch.utils.data.Dataset,
+    *,
+    source: str,
+    fpr: float | Sequence[float] = FPRS,
+    select: str | None = None,
+    batch_size: int = 128,
+    progress: bool = True,
+    runtime: str = "auto",
+    allow_model_mismatch: bool = False,
+    allow_size_mismatch: bool = False,
+    device: str = "cpu",
+) -> list[Threshold]:
+    """Score the clean images of ``dataset`` (a site's own, e.g. after a scanner change) with the detectors saved
+    at or under ``detector_paths`` and save their scores beside each as a new calibration recording ``source``
+    (the data spec), the data's and the model's fingerprints and the date (engine.detectors.thresholds); returns
+    the new thresholds at each rate ``fpr``. ``model`` None: the model the detectors were fitted on."""
+    fprs = check_fprs(fpr)
+    scorer = _scorer(
+        model, detector_paths, select, batch_size=batch_size, runtime=runtime,
+        allow_model_mismatch=allow_model_mismatch, allow_size_mismatch=allow_size_mismatch, device=device,
+    )  # fmt: skip
+    _check_data(scorer, dataset)
+    scores: dict[str, list[np.ndarray]] = {name: [] for name in scorer.names}
+    for _, _, batch in _batches(scorer, dataset, 0, progress, "calibrate"):
+        for name, values in batch.scores.items():
+            scores[name].append(np.asarray(values, dtype=np.float64))
+    model_file = model if isinstance(model, (str, os.PathLike)) else None
+    provenance = {
+        "source": source, "data": data_fingerprint(dataset), "model": scorer.model.fingerprint,
+        "model_sha256": file_sha256(model_file) if model_file is not None else None,
+    }  # fmt: skip
+    for name, directory in zip(scorer.names, scorer.directories, strict=True):
+        save_calibration(directory, np.concatenate(scores[name]), **provenance)
+    return scorer.thresholds(fprs, LATEST)

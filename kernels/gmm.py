@@ -14,7 +14,8 @@ Differs from the C++/CUDA versions:
   program; ``tl.debug_barrier`` orders the staged reads and writes on a GPU);
 * ``tl.dot`` runs with ``input_precision="ieee"`` (no TF32), so float32 keeps float32 accuracy.
 
-Inputs are assumed validated and C-contiguous (``engine.ops.gmm`` does it); only the dtype is checked here.
+Inputs are assumed validated and C-contiguous (``engine.ops.gmm`` does it); only the dtype and the mode are
+checked here (engine.ops._checks).
 Tile sizes are the module constants below (overridable).
 """
 
@@ -25,17 +26,10 @@ import triton
 import triton.language as tl
 
 from engine.ops._backend import register
+from engine.ops._checks import check_dtype, check_mode
 
 BLOCK_N = 32  # rows per program
 BLOCK_D = 16  # feature tile of the projections (tl.dot needs >= 16)
-
-_DTYPES = (torch.float32, torch.float64)
-
-
-def check_dtype(t: torch.Tensor, name: str) -> None:
-    """Raise TypeError unless ``t`` is float32/float64 (the dtypes the Triton kernels are compiled for)."""
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"triton kernels support float32 and float64 {name}, got {t.dtype}")
 
 
 @triton.jit
@@ -187,6 +181,5 @@ def gmm(
     layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], mode: str, need_grad: bool
 ) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
     """Per layer (value (N,), grad (N,d) or None, component (N,) int64); see engine.ops._backend for the contract."""
-    if mode not in ("loglik", "nearest"):
-        raise ValueError(f"mode must be 'loglik' or 'nearest', got {mode!r}")
+    check_mode(mode)
     return [_gmm_layer(*layer, nearest=mode == "nearest", need_grad=need_grad) for layer in layers]

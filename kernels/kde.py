@@ -11,15 +11,14 @@ Inputs are assumed validated and C-contiguous (``engine.ops.kde`` does it); only
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
-from engine.kernels.gmm import check_dtype
 from engine.kernels.knn import sq_dist_tile
 
 from engine.ops._backend import register
+from engine.ops._checks import check_dtype
+from engine.ops.kde import log_norm
 
 BLOCK_N = 32  # query rows per program
 BLOCK_M = 32  # references per tile
@@ -60,4 +59,4 @@ def kde(x: torch.Tensor, ref: torch.Tensor, bandwidth: float) -> torch.Tensor:
     scale = torch.full((1,), 1.0 / (2.0 * float(bandwidth) ** 2), dtype=x.dtype, device=x.device)
     centre = ref.mean(dim=0)
     _kde_kernel[(triton.cdiv(n, BLOCK_N),)](x, ref, centre, scale, out, n, m, d, BN=BLOCK_N, BM=BLOCK_M, BD=BLOCK_D)
-    return out - (math.log(m) + 0.5 * d * math.log(2.0 * math.pi * float(bandwidth) ** 2))
+    return out - log_norm(d, m, float(bandwidth))

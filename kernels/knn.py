@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from engine.kernels.gmm import check_dtype
 
 from engine.ops._backend import register
+from engine.ops._checks import check_dtype
 
 BLOCK_N = 32  # query rows per program
 BLOCK_M = 32  # references per tile

@@ -9,7 +9,8 @@ stored.
 
 Differs from the C++/CUDA versions: one launch per layer entry; the Cholesky factor and the (C, d) projected
 means are computed with torch in the launcher; ``tl.dot`` uses ``input_precision="ieee"`` (no TF32).
-Inputs are assumed validated and C-contiguous (``engine.ops.mahalanobis`` does it); only the dtype is checked.
+Inputs are assumed validated and C-contiguous (``engine.ops.mahalanobis`` does it); only the dtype is checked, and
+the precision's factor (engine.ops._checks.precision_factor, float64) refuses one that is not positive definite.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from engine.kernels.gmm import check_dtype, project_tile
+from engine.kernels.gmm import project_tile
 
 from engine.ops._backend import register
-from engine.ops.mahalanobis import not_positive_definite
+from engine.ops._checks import check_dtype, precision_factor, precision_name
 
 BLOCK_N = 32  # rows per program
 BLOCK_D = 16  # feature tile (tl.dot needs >= 16)
@@ -50,9 +51,7 @@ def _mahalanobis_layer(x: torch.Tensor, means: torch.Tensor, precision: torch.Te
     n, d = x.shape
     n_cls = means.shape[0]
     out = torch.empty((n, n_cls), dtype=x.dtype, device=x.device)
-    chol, info = torch.linalg.cholesky_ex(0.5 * (precision + precision.T))  # only the symmetric part matters
-    if int(info) != 0:
-        raise not_positive_definite(name, int(info))
+    chol = precision_factor(precision, name).to(x.dtype)
     if n == 0:
         return out
     centre = means.mean(dim=0)
@@ -76,5 +75,4 @@ def _mahalanobis_layer(x: torch.Tensor, means: torch.Tensor, precision: torch.Te
 @register("mahalanobis", "triton")
 def mahalanobis(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
     """Per layer the (N, C) squared distances; see engine.ops._backend for the contract."""
-    names = [f"precision[{i}]" if len(layers) > 1 else "precision" for i in range(len(layers))]
-    return [_mahalanobis_layer(*layer, name) for layer, name in zip(layers, names, strict=True)]
+    return [_mahalanobis_layer(*layer, precision_name(i, len(layers))) for i, layer in enumerate(layers)]

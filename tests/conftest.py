@@ -4,15 +4,18 @@ import os
 import sys
 from pathlib import Path
 
-# Backend "triton" runs on CPU tensors only under the Triton interpreter, which must be chosen before anything
-# imports triton (engine imports it lazily, when backend "triton" is first asked for).
-os.environ["TRITON_INTERPRET"] = "1"
+import torch
+
+# Without CUDA, backend "triton" runs on CPU tensors under the Triton interpreter, which must be chosen before
+# anything imports triton (engine imports it lazily, when backend "triton" is first asked for; torch does not).
+# With CUDA the Triton kernels are compiled and run on the GPU.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 # The test helpers (tests/support.py) import as ``support`` whatever pytest's import mode and working directory.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
 import support  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -17,6 +17,7 @@ from torch import nn
 
 from engine.attacks import PGD, AdvWriter, load_adversarial
 from engine.attacks import store as store_module
+from engine.errors import UserError
 
 CLASSES = ["normal", "disease"]
 
@@ -151,5 +152,5 @@ def test_bad_input(tmp_path: Path) -> None:
     writer.append(x, y, index=[0, 1, 2])
     with pytest.raises(ValueError, match="metadata keys"):
         writer.append(x, y, target=[0, 1, 2])
-    with pytest.raises(FileNotFoundError, match="AdvWriter"):
+    with pytest.raises(UserError, match="AdvWriter"):
         load_adversarial(tmp_path / "nothing")

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from engine.audit import audit
+from engine import audit
 from engine.cli import main
 from engine.data import ArrayDataset
 from engine.models import build_model
-from engine.runs import ROW_COLUMNS
+from engine.runs import ROW_COLUMNS, STAGES
 
 TINY = """
 name: tiny
@@ -37,6 +37,7 @@ def tiny_run(tmp_path_factory):
     return cfg, root / "runs" / "tiny"
 
 
+@pytest.mark.slow
 def test_cli_run_writes_results_card_and_report(tiny_run):
     _, run_dir = tiny_run
     frame = pd.read_csv(run_dir / "results.csv")
@@ -71,15 +72,27 @@ def test_cli_run_writes_results_card_and_report(tiny_run):
     assert '"seconds_per_stage"' in card and '"git_commit"' in card
 
 
-def test_resume_after_crash_recomputes_only_missing_cells(tiny_run, capsys):
+@pytest.mark.slow
+def test_resume_after_crash_recomputes_only_missing_cells(tiny_run):
     cfg, run_dir = tiny_run
     before = pd.read_csv(run_dir / "results.csv")
+    lost = "detect"
+    assert lost in STAGES
     db = sqlite3.connect(run_dir / "store.sqlite")
-    with db:  # simulate a crash after the attack cells: the detector and features cells never committed
-        db.execute("DELETE FROM rows WHERE cell IN (SELECT key FROM cells WHERE stage IN ('detect', 'features'))")
-        db.execute("DELETE FROM cells WHERE stage IN ('detect', 'features')")
+    finished = dict(db.execute("SELECT key, finished FROM cells"))
+    deleted = {key for (key,) in db.execute("SELECT key FROM cells WHERE stage = ?", (lost,))}
+    assert deleted and len(deleted) < len(finished)
+    with db:  # simulate a crash before the detect cells committed
+        db.execute("DELETE FROM rows WHERE cell IN (SELECT key FROM cells WHERE stage = ?)", (lost,))
+        db.execute("DELETE FROM cells WHERE stage = ?", (lost,))
     db.close()
     assert main(["run", str(cfg), "--no-progress"]) == 0
+    db = sqlite3.connect(run_dir / "store.sqlite")
+    after_cells = dict(db.execute("SELECT key, finished FROM cells"))
+    db.close()
+    assert after_cells.keys() == finished.keys()
+    recomputed = {key for key, t in after_cells.items() if finished.get(key) != t}
+    assert recomputed == deleted
     after = pd.read_csv(run_dir / "results.csv")
     key = ["dataset", "seed", "attack", "eps", "hfc", "variant", "arm", "detector", "metric", "subset", "layer"]
     pd.testing.assert_frame_equal(
@@ -96,6 +109,7 @@ def test_config_error_is_one_line_and_exit_2(capsys):
         main(["run", "hfc.mode=exact", "--no-progress", "--debug"])
 
 
+@pytest.mark.slow
 def test_study_command_runs_a_study_with_overrides(tmp_path, monkeypatch):
     import yaml
 
@@ -109,6 +123,7 @@ def test_study_command_runs_a_study_with_overrides(tmp_path, monkeypatch):
     assert "Stress test" in (tmp_path / "runs" / "study-stress" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_audit_api_in_memory(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 200)
@@ -129,12 +144,10 @@ def test_audit_api_in_memory(tmp_path):
         dataset,
         attacks=["pgd"],
         detectors=["maha"],
-        hfc=False,
+        hfc={"enabled": False, "layers": "layer4*relu*"},
         eps=["32/256"],
-        steps=10,
-        pool=60,
+        attack={"steps": 10, "pool": 60},
         run_dir=tmp_path / "api",
-        layers="layer4*relu*",
     )
     assert (tmp_path / "api" / "report.html").exists()
     table = report.table()

@@ -12,6 +12,7 @@ from engine.mixture import GaussianMixture
 from engine.models import build_model
 from engine.runs import Artifacts, RunContext
 from engine.runs.stages.calibrate import calibration_images, largest_passing
+from engine.runs.stages.model import OnModel
 
 GRID = [1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001]
 
@@ -38,9 +39,8 @@ def test_calibration_images_come_from_the_validation_split_never_the_pool(tmp_pa
     ctx = RunContext(Artifacts(tmp_path), progress=False)
     torch.manual_seed(0)
     model = build_model("resnet18", 2, width=0.0625, small_stem=True).eval()
-    inputs = {"dataset": spec, "split": split, "seed": 0, "dataset_label": "fundus"}
-    inputs["calibration"] = {"images": 30}
-    x_cal, _ = calibration_images(ctx, inputs, model)
+    inputs = OnModel(dataset=spec, split=split, seed=0, dataset_label="fundus", model_label="m", model_cell="")
+    x_cal, _ = calibration_images(ctx, inputs, model, 30)
     pool, _ = ctx.pool(spec, split, 0, None)
     val = torch.stack([im for im, _ in ctx.splits(spec, split, 0).val])
     flat = x_cal.flatten(1)

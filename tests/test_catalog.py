@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 import yaml
 
-import engine.cli
+import engine.commands
+import engine.score
 from engine.cli import main
 from engine.runs import ResultStore
-from engine.runs.catalog import catalog, select
+from engine.runs.catalog import CatalogError, Located, catalog, locate, select
 from engine.runs.schema import Metric, Subset, row
 
 TINY = {
@@ -73,15 +74,33 @@ class Scored(Exception):
 
 
 def test_score_resolves_a_run_through_the_catalog(run_dir, monkeypatch):
-    def score_dataset(model, detectors, *args, **kwargs):
-        raise Scored(detectors)
+    def scorer(model, detectors, names, **options):
+        raise Scored(detectors, names)
 
-    monkeypatch.setattr(engine.cli, "load_dataset", lambda spec, **options: spec)
-    monkeypatch.setattr(engine.cli, "score_dataset", score_dataset)
+    monkeypatch.setattr(engine.commands, "load_dataset", lambda spec, **options: spec)
+    monkeypatch.setattr(engine.score, "Scorer", scorer)
     argv = ["score", "--model", "m.pt", "--data", "fundus-synth", "--detectors", str(run_dir), "--select", "*/lid"]
+    argv.append("--debug")  # let the probe exception through
     with pytest.raises(Scored) as scored:
         main(argv)
-    assert scored.value.args[0] == [e.path for e in select(run_dir, "*/lid")]
+    entries = select(run_dir, "*/lid")
+    assert scored.value.args[0] == [e.path for e in entries]
+    assert scored.value.args[1] == [e.key.replace("/", "_") for e in entries]  # two lid: named by their keys
+
+
+def test_detector_directories_inside_a_run_get_their_keys(run_dir, tmp_path):
+    entries = catalog(run_dir)
+    found = locate([e.path for e in entries])
+    assert [(f.path, f.key) for f in found] == [(e.path, e.key) for e in entries]
+    assert locate([run_dir / "artifacts" / "detectors"]) == sorted(found, key=lambda f: f.path)  # searched
+    loose = tmp_path / "copy"
+    shutil.copytree(entries[0].path, loose)
+    assert locate([loose]) == [Located(loose, None)]  # outside a run: no key
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CatalogError, match="no fitted detector"):
+        locate([tmp_path / "empty"])
+    with pytest.raises(CatalogError, match="--select 'x' picks detectors of a run directory"):
+        locate([loose], "x")
 
 
 @pytest.mark.parametrize("command", ["show", "score"])

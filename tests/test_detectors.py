@@ -27,6 +27,7 @@ from engine.detectors import (
 )
 from engine.detectors.bu import mc_dropout_logits
 from engine.detectors.svm import RBFSVM
+from engine.errors import UserError
 from engine.metrics import auroc
 from engine.models import FeatureExtractor
 
@@ -191,7 +192,7 @@ def test_unfitted_and_mismatched_dims_raise() -> None:
             bad_ctor()
     with pytest.raises(ValueError, match="logits"):
         Features(logits=np.zeros(3), pooled={})
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="no config.json"):
         Detector.load("/nonexistent/detector")
 
 

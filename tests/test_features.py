@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.errors import UserError
 from engine.models import (
     FeatureExtractor,
     available_layers,
@@ -138,7 +139,7 @@ def test_user_module_and_reused_module_errors():
     assert available_layers(reused) == ["1@0", "1@1"]  # one layer per call of a reused module
     _, feats = FeatureExtractor(reused, "1@*")(torch.rand(1, 1, 8, 8))
     assert feats["1@0"].shape == feats["1@1"].shape == (1, 2) and not torch.equal(feats["1@0"], feats["1@1"])
-    with pytest.raises(RuntimeError, match="ran twice"):  # its module name alone means one call
+    with pytest.raises(UserError, match="ran twice"):  # its module name alone means one call
         FeatureExtractor(reused, "1")(torch.rand(1, 1, 8, 8))
     distinct = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.GELU())
     logits, feats = FeatureExtractor(distinct)(torch.rand(2, 1, 8, 8))

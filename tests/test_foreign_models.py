@@ -18,8 +18,8 @@ from foreign import image_folder, softmax_classifier
 from onnx import TensorProto, helper
 from torch import nn
 
+from engine import audit
 from engine.attacks import HFC, fit_hfc_gmms
-from engine.audit import audit
 from engine.cli import main
 from engine.data import load_dataset
 from engine.detectors import DNR, KD, Features
@@ -88,7 +88,7 @@ def test_audit_labels_an_unlabelled_folder_with_the_model(vendor, tmp_path):
     dataset = load_dataset(f"image_folder:{unlabelled}")
     assert not dataset.labelled
     report = audit(str(model), dataset, input={"layout": "NHWC"}, output="probabilities", detectors=["maha"],
-                   eps=["48/256"], steps=3, pool=20, run_dir=tmp_path / "audit")  # fmt: skip
+                   eps=["48/256"], attack={"steps": 3, "pool": 20}, run_dir=tmp_path / "audit")  # fmt: skip
     frame = report.frame()
     assert set(frame["dataset"]) == {"scans (labels: model predictions)"} and set(frame["model"]) == {"vendor"}
     assert ((frame["metric"] == "auroc") & (frame["subset"] == "all")).any()

@@ -12,6 +12,7 @@ from test_attacks import make_data, one_thread, train_tiny  # noqa: F401  (one_t
 from engine import reference
 from engine.attacks import BIM, HFC, PGD, CWLinf, fit_hfc_gmms, load_hfc_gmms, save_hfc_gmms
 from engine.attacks.hfc import extract_features
+from engine.errors import UserError
 
 LAYERS = ["relu1", "relu2"]
 
@@ -128,7 +129,7 @@ def test_save_load_round_trip(fitted, tmp_path) -> None:
             assert (a.means == b.means).all() and (a.precisions_cholesky == b.precisions_cholesky).all()
     feats, _, _ = extract_features(model, (x, y), LAYERS)
     torch.testing.assert_close(HFC(loaded).loss(feats, y), HFC(gmms).loss(feats, y))
-    with pytest.raises(FileNotFoundError, match="save_hfc_gmms"):
+    with pytest.raises(UserError, match="save_hfc_gmms"):
         load_hfc_gmms(tmp_path / "missing")
 
 

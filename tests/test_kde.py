@@ -22,7 +22,7 @@ def sklearn_log_density(x: np.ndarray, ref: np.ndarray, bandwidth: float) -> np.
 
 
 def assert_log_close(actual, expected, rtol: float, what: str = "log density") -> None:
-    """|a - e| <= rtol * max(max|e|, 1): relative to the largest log density (DESIGN.md "Numerics")."""
+    """|a - e| <= rtol * max(max|e|, 1): relative to the largest log density."""
     assert_rel(actual, expected, rtol, floor=1.0, scale="max", what=what)
 
 

@@ -32,7 +32,7 @@ def sklearn_per_class(x: np.ndarray, means: np.ndarray, precision: np.ndarray) -
 
 
 def assert_distances(actual, expected, rtol: float, what: str = "squared distances") -> None:
-    """|a - e| <= rtol * max(max|e|, 1): relative to the largest distance (DESIGN.md "Numerics")."""
+    """|a - e| <= rtol * max(max|e|, 1): relative to the largest distance."""
     assert_rel(actual, expected, rtol, floor=1.0, scale="max", what=what)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from engine.detectors import Detector, Features, LayerCombiner, run_protocol
+from engine.detectors import DETECTORS, Detector, Features, LayerCombiner, run_protocol
 from engine.metrics import auroc
 from engine.metrics.paired import image_bootstrap
 
@@ -72,7 +72,8 @@ def test_rank_orientation_where_the_mean_points_the_other_way() -> None:
         LayerCombiner().fit(scores[:, 0], labels)
 
 
-def test_single_column_detector_sign_round_trips_and_old_saves_load(tmp_path) -> None:
+def test_single_column_detector_sign_round_trips_and_old_saves_load(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(DETECTORS, OneColumn.name, OneColumn)  # registered for this test: Detector.load finds it
     clean, adversarial = heavy_tailed(300, 3)
     det = OneColumn().fit(None, features(clean), features(adversarial))
     test_clean, test_adv = heavy_tailed(300, 4)

@@ -21,6 +21,8 @@ from engine.runs.cluster import RayExecutor
 from engine.runs.progress import CostModel
 from engine.runs.staging import StagedArtifacts
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a local Ray instance: seconds to start, minutes in all
+
 TINY = [
     "datasets=[{name: fundus-synth, task: binary, n: 400, image_size: 32}]",
     "model.width=0.125",
@@ -212,7 +214,7 @@ def test_missing_ray_is_a_one_line_config_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     assert main(["run", "executor=ray", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "needs Ray" in err and "pip install 'hfc-engine[ray]'" in err
+    assert err.count("\n") == 1 and "needs Ray" in err and "pip install '.[ray]'" in err
     assert load_config(overrides=["executor=local"])["executor"] == "local"  # a local run needs no Ray
 
 

@@ -1,5 +1,6 @@
 """Run machinery: config loading/overrides/errors, the SQLite store, cell execution, the ETA and crash-resume."""
 
+import contextlib
 import math
 import os
 import signal
@@ -16,6 +17,7 @@ from engine.metrics.roc import METRICS
 from engine.runs import Cell, CellOutput, ConfigError, LocalExecutor, ResultStore, Stage, load_config, topological
 from engine.runs.progress import CostModel
 from engine.runs.schema import Metric, Subset, row
+from engine.runs.store import StoreError
 
 
 def test_defaults_and_dotted_override(tmp_path):
@@ -34,15 +36,15 @@ def test_defaults_and_dotted_override(tmp_path):
     ("overrides", "message"),
     [
         (["attack.stepz=3"], "unknown config key 'attack.stepz'; allowed: ['batch_size', 'bim'"),
-        (["attacks=[pgd, deepfool]"], "'attacks' has value 'deepfool'; allowed: ['fgsm'"),
-        (["detectors=[kd, odin]"], "'detectors' has value 'odin'; allowed: ['kd'"),
-        (["attack.pgd.stepz=3"], "'attack.pgd' has unknown options ['stepz']"),
-        (["detector.dnn.widht=3"], "'detector.dnn' has unknown options ['widht']"),
-        (["split.test=1.5"], "'split.test' must be a fraction"),
-        (["hfc.mode=exact"], "'hfc.mode' has value 'exact'; allowed: ['nearest', 'loglik'"),
-        (["attack.steps=0"], "'attack.steps' must be a positive integer"),
+        (["attacks=[pgd, deepfool]"], "'attacks.1' must be one of ['fgsm'"),
+        (["detectors=[kd, odin]"], "'detectors.1' must be one of ['kd'"),
+        (["attack.pgd.stepz=3"], "unknown config key 'attack.pgd.stepz'; allowed: ["),
+        (["detector.dnn.widht=3"], "unknown config key 'detector.dnn.widht'; allowed: ["),
+        (["split.test=1.5"], "'split.test' must be a finite number >= 0 and < 1, got 1.5"),
+        (["hfc.mode=exact"], "'hfc.mode' must be one of ['nearest', 'loglik'"),
+        (["attack.steps=0"], "'attack.steps' must be an integer >= 1, got 0"),
         (["steps"], "must look like key.sub=value"),
-        (["datasets.5.n=3"], "unknown config key 'datasets.5'"),
+        (["datasets.5.n=3"], "config key 'datasets.5': '5' is not an index of the list"),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):
@@ -55,7 +57,7 @@ def test_config_file_errors(tmp_path):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {arch: alexnet}\n")
-    with pytest.raises(ConfigError, match="'model.arch' has value 'alexnet'"):
+    with pytest.raises(ConfigError, match="'model.arch' must be one of"):
         load_config(bad)
 
 
@@ -215,10 +217,9 @@ def test_kill_9_loses_at_most_the_cell_in_flight(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], env=env)
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until some, not all, cells are committed
-        if (run_dir / "store.sqlite").exists():
-            with ResultStore(run_dir) as store:
-                if 5 <= len(store.cells()) < 40:
-                    break
+        with contextlib.suppress(StoreError), ResultStore(run_dir, readonly=True) as store:  # absent, or being created
+            if 5 <= len(store.cells()) < 40:
+                break
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -230,31 +231,3 @@ def test_kill_9_loses_at_most_the_cell_in_flight(tmp_path):
     with ResultStore(run_dir) as store:
         rows = store.rows()
         assert sorted(r["value"] for r in rows) == list(range(40))  # no duplicates, nothing missing
-
-
-def test_every_config_key_is_documented():
-    """docs/runs.md has a row for every key of the defaults (per-method option mappings as `<attack>` etc.)."""
-    from pathlib import Path
-
-    from engine.attacks import ATTACKS
-    from engine.detectors import DETECTORS
-    from engine.runs import DEFAULTS
-
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "runs.md").read_text()
-    methods = {name: "<attack>" for name in ATTACKS} | {name: "<detector>" for name in DETECTORS}
-
-    def keys(node, prefix=""):
-        for key, value in node.items():
-            dotted = prefix + key
-            if isinstance(value, dict) and value and key not in ("study", "options", "arms"):
-                yield from keys(value, dotted + ".")
-            else:
-                yield dotted
-
-    missing = []
-    for key in keys(DEFAULTS):
-        head, _, rest = key.partition(".")
-        generic = f"{head}.{methods[rest]}" if head in ("attack", "detector") and rest in methods else key
-        if f"`{key}`" not in doc and f"`{generic}`" not in doc:
-            missing.append(key)
-    assert not missing, f"undocumented config keys in docs/runs.md: {missing}"

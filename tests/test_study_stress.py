@@ -184,6 +184,7 @@ def tiny(tmp_path_factory):
     return workdir, cfg, run_stress_study(cfg, workdir)
 
 
+@pytest.mark.slow
 def test_stress_study_end_to_end_and_resume(tiny, tmp_path):
     workdir, cfg, result = tiny
     assert result.rows
@@ -213,6 +214,7 @@ def test_stress_study_end_to_end_and_resume(tiny, tmp_path):
     assert again.rows == result.rows
 
 
+@pytest.mark.slow
 def test_fooled_variant_keeps_the_successful_aes_and_attacked_keeps_all(tiny):
     workdir, cfg, result = tiny
     ctx = RunContext(Artifacts(workdir), progress=False)

@@ -152,6 +152,7 @@ def test_seeds_and_bootstrap_below_two_name_their_key(tmp_path):
             run_uap_study({key: 1}, tmp_path)
 
 
+@pytest.mark.slow
 def test_tiny_study_trains_baselines_per_seed_end_to_end(tmp_path):
     result = run_uap_study(UAP_TINY, tmp_path)
     assert result.rows and all(

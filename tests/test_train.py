@@ -12,7 +12,17 @@ import torch
 from torch.utils.data import Dataset
 
 from engine import metrics as M
-from engine.models import Augment, build_model, evaluate, load_checkpoint, load_model, train, train_model
+from engine.errors import UserError
+from engine.models import (
+    Augment,
+    TrainConfig,
+    build_model,
+    evaluate,
+    load_checkpoint,
+    load_model,
+    train,
+    train_model,
+)
 
 train_mod = importlib.import_module("engine.models.train")  # the package re-exports train()
 
@@ -42,12 +52,17 @@ def tiny(num_classes: int = 2, dropout: float = 0.2) -> torch.nn.Module:
     return build_model("resnet18", num_classes, width=0.125, small_stem=True, dropout=dropout, input_size=32)
 
 
-FAST = {"batch_size": 16, "lr": 3e-3, "progress": False, "max_steps_per_epoch": 3}
+FAST = {"batch_size": 16, "lr": 3e-3, "max_steps_per_epoch": 3}
+
+
+def fit(model, data, out_dir, **config):
+    """train() with the FAST settings overridden by ``config``, quietly."""
+    return train(model, data, TrainConfig(**{**FAST, **config}), out_dir, progress=False)
 
 
 @pytest.fixture(scope="module")
 def data():
-    return ToyDataset(64, 0), ToyDataset(24, 1)
+    return SimpleNamespace(train=ToyDataset(64, 0), val=ToyDataset(24, 1))
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -55,10 +70,10 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 
 def test_loss_goes_down_and_checkpoint_is_complete(tmp_path, data):
-    train_ds, val_ds = data
+    train_ds, val_ds = data.train, data.val
     model = tiny()
     before = evaluate(model, train_ds)["loss"]
-    result = train(model, train_ds, val_ds, epochs=4, out_dir=tmp_path, augment=False, split_hash="abc", **FAST)
+    result = fit(model, SimpleNamespace(train=train_ds, val=val_ds, hash="abc"), tmp_path, epochs=4, augment=False)
     after = evaluate(result.model, train_ds)["loss"]
     assert after < 0.7 * before
     assert result.checkpoint == tmp_path / "model.pt" and (tmp_path / "last.pt").is_file()
@@ -77,18 +92,16 @@ def test_loss_goes_down_and_checkpoint_is_complete(tmp_path, data):
 
 
 def test_same_seed_gives_identical_weights(tmp_path, data):
-    train_ds, val_ds = data
-    runs = [train(tiny(), train_ds, val_ds, epochs=2, seed=3, out_dir=tmp_path / str(i), **FAST) for i in range(2)]
+    runs = [fit(tiny(), data, tmp_path / str(i), epochs=2, seed=3) for i in range(2)]
     w0, w1 = _weights(runs[0].model), _weights(runs[1].model)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
-    other = train(tiny(), train_ds, val_ds, epochs=2, seed=4, out_dir=tmp_path / "other", **FAST)
+    other = fit(tiny(), data, tmp_path / "other", epochs=2, seed=4)
     assert not all(torch.equal(w0[k], v) for k, v in _weights(other.model).items())
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, data, monkeypatch):
-    train_ds, val_ds = data
-    opts = {**FAST, "epochs": 3, "patience": 10, "schedule": "onecycle", "balanced": True}
-    full = train(tiny(), train_ds, val_ds, out_dir=tmp_path / "full", **opts)
+    opts = {"epochs": 3, "patience": 10, "schedule": "onecycle", "balanced": True}
+    full = fit(tiny(), data, tmp_path / "full", **opts)
 
     real_epoch = train_mod._run_epoch
 
@@ -99,33 +112,32 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, data, mon
 
     monkeypatch.setattr(train_mod, "_run_epoch", crash_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny(), train_ds, val_ds, out_dir=tmp_path / "resumed", **opts)
+        fit(tiny(), data, tmp_path / "resumed", **opts)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["train_state"]["epoch"] == 1
     monkeypatch.setattr(train_mod, "_run_epoch", real_epoch)
-    resumed = train(build_model("resnet18", 2, width=0.125, small_stem=True, dropout=0.2, input_size=32), train_ds,
-                    val_ds, out_dir=tmp_path / "resumed", **opts)  # fmt: skip
+    fresh = build_model("resnet18", 2, width=0.125, small_stem=True, dropout=0.2, input_size=32)
+    resumed = fit(fresh, data, tmp_path / "resumed", **opts)
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
     w_full = _weights(full.model)
     assert all(torch.equal(w_full[k], v) for k, v in _weights(resumed.model).items())
     with pytest.raises(ValueError, match="different training configuration"):
-        train(tiny(), train_ds, val_ds, out_dir=tmp_path / "resumed", **{**opts, "lr": 1e-2})
+        fit(tiny(), data, tmp_path / "resumed", **{**opts, "lr": 1e-2})
 
 
 def test_early_stopping_restores_best_weights(tmp_path, data, monkeypatch):
-    train_ds, val_ds = data
     scripted = iter([1.0, 0.5, 0.7, 0.8, 0.9, 1.0])
     snapshots = []
     real_evaluate = train_mod.evaluate
 
     def fake_val_loss(model, ds, batch_size):
         out = real_evaluate(model, ds, batch_size)
-        if len(snapshots) < 6 and ds is val_ds and batch_size == 128:
+        if len(snapshots) < 6 and ds is data.val and batch_size == 128:
             snapshots.append(_weights(model))
             out["loss"] = next(scripted, out["loss"])
         return out
 
     monkeypatch.setattr(train_mod, "evaluate", fake_val_loss)
-    result = train(tiny(), train_ds, val_ds, epochs=6, patience=2, out_dir=tmp_path, **FAST)
+    result = fit(tiny(), data, tmp_path, epochs=6, patience=2)
     assert result.best_epoch == 1 and result.epochs_run == 4 and result.stopped_early
     best = snapshots[1]
     assert all(torch.equal(best[k], v) for k, v in _weights(result.model).items())
@@ -134,7 +146,7 @@ def test_early_stopping_restores_best_weights(tmp_path, data, monkeypatch):
 def test_undefined_monitor_metric_keeps_first_epoch(tmp_path, data):
     one_class = ToyDataset(8, 2)
     one_class.targets[:] = 0  # validation AUC is undefined (NaN) every epoch
-    result = train(tiny(), data[0], one_class, epochs=2, monitor="auc", out_dir=tmp_path, **FAST)
+    result = fit(tiny(), SimpleNamespace(train=data.train, val=one_class), tmp_path, epochs=2, monitor="auc")
     assert result.best_epoch == 0 and result.epochs_run == 2 and np.isnan(result.metrics["val"]["auc"])
 
 
@@ -142,8 +154,8 @@ def test_train_model_from_splits(tmp_path):
     splits = SimpleNamespace(
         train=ToyDataset(48, 0, 3, 1), val=ToyDataset(15, 1, 3, 1), test=ToyDataset(15, 2, 3, 1), hash="h42"
     )
-    result = train_model(splits, "resnet18", tmp_path, width=0.125, small_stem=True, epochs=1, monitor="kappa",
-                         seed=0, **{k: v for k, v in FAST.items() if k != "lr"})  # fmt: skip
+    config = TrainConfig(epochs=1, monitor="kappa", batch_size=16, max_steps_per_epoch=3)
+    result = train_model(splits, "resnet18", config, tmp_path, width=0.125, small_stem=True, progress=False)
     meta = load_checkpoint(result.checkpoint)["meta"]
     assert meta["split_hash"] == "h42" and meta["classes"] == ["c0", "c1", "c2"]
     assert set(meta["metrics"]) == {"val", "test"} and "kappa" in meta["metrics"]["test"]
@@ -154,17 +166,37 @@ def test_train_model_from_splits(tmp_path):
 
 
 def test_train_rejects_bad_input(tmp_path, data):
-    train_ds, val_ds = data
     with pytest.raises(TypeError, match="ImageClassifier"):
-        train(torch.nn.Linear(2, 2), train_ds, val_ds, out_dir=tmp_path)
-    with pytest.raises(ValueError, match="epochs"):
-        train(tiny(), train_ds, val_ds, epochs=0, out_dir=tmp_path)
-    with pytest.raises(ValueError, match="monitor"):
-        train(tiny(), train_ds, val_ds, monitor="kappa", out_dir=tmp_path)
-    with pytest.raises(ValueError, match="num_classes"):
-        train(tiny(num_classes=3), train_ds, val_ds, out_dir=tmp_path)
-    with pytest.raises(ValueError, match="labels"):
-        train(tiny(), ToyDataset(8, 0, num_classes=4), val_ds, out_dir=tmp_path)
+        train(torch.nn.Linear(2, 2), data, TrainConfig(), tmp_path)
+    with pytest.raises(TypeError, match=r"data must have \.train and \.val"):
+        train(tiny(), data.train, TrainConfig(), tmp_path)
+    with pytest.raises(UserError, match="config must be a TrainConfig"):
+        train(tiny(), data, {"epochs": 1}, tmp_path)
+    with pytest.raises(UserError, match="monitor"):
+        train(tiny(), data, TrainConfig(monitor="kappa"), tmp_path)
+    with pytest.raises(UserError, match="num_classes"):
+        train(tiny(num_classes=3), data, TrainConfig(), tmp_path)
+    with pytest.raises(UserError, match="labels"):
+        train(tiny(), SimpleNamespace(train=ToyDataset(8, 0, num_classes=4), val=data.val), TrainConfig(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("epochs", 0), ("epochs", 2.0), ("lr", 0.0), ("lr", "fast"), ("batch_size", 0), ("weight_decay", -1e-3),
+        ("balanced", "yes"), ("augment", "flip"), ("patience", 0), ("seed", 1.5), ("schedule", "step"),
+        ("monitor", "f1"), ("max_steps_per_epoch", 0), ("snapshots", 1), ("snapshot_every", 0),
+    ],
+)  # fmt: skip
+def test_train_config_names_the_bad_key_and_value(key, value):
+    with pytest.raises(UserError, match=rf"^{key} must be .*, got {value!r}$"):
+        TrainConfig(**{key: value})
+
+
+def test_train_config_split_separates_build_options():
+    config, build = TrainConfig.split({"arch": "resnet18", "width": 0.25, "epochs": 3, "lr": 2e-3, "seed": 7})
+    assert config == TrainConfig(epochs=3, lr=2e-3, seed=7)
+    assert build == {"arch": "resnet18", "width": 0.25}
 
 
 def test_balanced_sampler_equalises_classes():

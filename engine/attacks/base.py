@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.errors import UserError, UserTypeError
 from engine.models import eval_mode, model_device, model_dtype
 
 NORMS = ("linf", "l2")
@@ -36,22 +37,22 @@ TARGET_MODES = ("random", "least_likely")
 def parse_eps(eps: float | int | str, name: str = "eps") -> float:
     """A budget as a float >= 0 from a number or a string like ``"8/255"``, ``"1/256"`` or ``"0.03"``."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float, str)):
-        raise TypeError(f"{name} must be a float or a string like '8/255', got {type(eps).__name__}")
+        raise UserTypeError(f"{name} must be a float or a string like '8/255', got {type(eps).__name__}")
     if isinstance(eps, str):
         try:
             value = float(Fraction(eps.strip()))
         except (ValueError, ZeroDivisionError):
-            raise ValueError(f"{name} must be a number or a fraction like '8/255', got {eps!r}") from None
+            raise UserError(f"{name} must be a number or a fraction like '8/255', got {eps!r}") from None
     else:
         value = float(eps)
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {eps!r}")
+        raise UserError(f"{name} must be finite and >= 0, got {eps!r}")
     return value
 
 
 def check_norm(norm: str) -> str:
     if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        raise UserError(f"norm must be one of {NORMS}, got {norm!r}")
     return norm
 
 
@@ -83,7 +84,7 @@ class AttackResult:
 def as_two_logits(logits: torch.Tensor) -> torch.Tensor:
     """(N,1) logits z become [0, z]; (N,K>=2) pass through."""
     if logits.ndim != 2:
-        raise ValueError(f"model output must be (N, num_classes) logits, got shape {tuple(logits.shape)}")
+        raise UserError(f"model output must be (N, num_classes) logits, got shape {tuple(logits.shape)}")
     if logits.shape[1] == 1:
         return torch.cat([torch.zeros_like(logits), logits], dim=1)
     return logits
@@ -95,14 +96,14 @@ def check_images(x: Any, name: str = "x") -> torch.Tensor:
         try:
             x = torch.as_tensor(x)
         except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"{name} must be a torch tensor or numpy array, got {type(x).__name__}") from None
+            raise UserTypeError(f"{name} must be a torch tensor or numpy array, got {type(x).__name__}") from None
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor of images in [0,1], got dtype {x.dtype}")
+        raise UserTypeError(f"{name} must be a float tensor of images in [0,1], got dtype {x.dtype}")
     if x.ndim < 2 or x.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty batch (N, C, H, W), got shape {tuple(x.shape)}")
+        raise UserError(f"{name} must be a non-empty batch (N, C, H, W), got shape {tuple(x.shape)}")
     lo, hi = float(x.min()), float(x.max())
     if not (0.0 <= lo and hi <= 1.0):  # also catches NaN
-        raise ValueError(f"{name} must hold images in [0,1] (normalisation lives inside the model), got [{lo}, {hi}]")
+        raise UserError(f"{name} must hold images in [0,1] (normalisation lives inside the model), got [{lo}, {hi}]")
     return x
 
 
@@ -110,12 +111,12 @@ def check_labels(y: Any, n: int, num_classes: int | None, name: str) -> torch.Te
     """An int64 (n,) tensor of class indices in [0, num_classes)."""
     y = torch.as_tensor(y)
     if y.is_floating_point() or y.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer class indices, got dtype {y.dtype}")
+        raise UserTypeError(f"{name} must hold integer class indices, got dtype {y.dtype}")
     if y.shape != (n,):
-        raise ValueError(f"{name} must have shape ({n},) to match x, got {tuple(y.shape)}")
+        raise UserError(f"{name} must have shape ({n},) to match x, got {tuple(y.shape)}")
     y = y.long()
     if num_classes is not None and n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"{name} must be class indices in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+        raise UserError(f"{name} must be class indices in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
     return y
 
 
@@ -194,14 +195,14 @@ class Attack:
         seed: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise UserTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not (isinstance(targeted, bool) or targeted in TARGET_MODES):
-            raise ValueError(f"targeted must be True, False or one of {TARGET_MODES}, got {targeted!r}")
+            raise UserError(f"targeted must be True, False or one of {TARGET_MODES}, got {targeted!r}")
         loss = self.default_loss if loss is None else loss
         if loss not in ("ce", "cw"):
-            raise ValueError(f"loss must be 'ce' or 'cw', got {loss!r}")
+            raise UserError(f"loss must be 'ce' or 'cw', got {loss!r}")
         if constraint is not None and not all(callable(getattr(constraint, a, None)) for a in ("loss", "extractor")):
-            raise TypeError("constraint must have .extractor(model) and .loss(features, classes), e.g. HFC")
+            raise UserTypeError("constraint must have .extractor(model) and .loss(features, classes), e.g. HFC")
         self.model = model
         self.eps = None if eps is None else parse_eps(eps)
         self.norm = check_norm(norm)
@@ -228,6 +229,12 @@ class Attack:
             if not any(p.kind is p.VAR_KEYWORD for p in params):
                 break
         return [n for n in dict.fromkeys(names) if n not in ("self", "model")]
+
+    @classmethod
+    def passes(cls, steps: int, options: Mapping[str, Any]) -> int:
+        """Forward-backward passes per image when run with ``steps`` steps and its ``options`` (for cost
+        estimates): one per step, plus the clean and the final prediction."""
+        return steps + 2
 
     @classmethod
     def budgeted(cls) -> bool:

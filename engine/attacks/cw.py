@@ -10,11 +10,16 @@ midpoint, or 10 c while no upper bound is known. The result is the smallest-L2 s
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from engine.attacks.base import Attack, flat_norm
+from engine.errors import UserError
+
+SEARCH_STEPS = 5  # binary-search rounds over c by default
 
 
 class CWL2(Attack):
@@ -29,7 +34,7 @@ class CWL2(Attack):
         kappa: float = 0.0,
         steps: int = 100,
         lr: float = 0.01,
-        search_steps: int = 5,
+        search_steps: int = SEARCH_STEPS,
         targeted: bool | str = False,
         constraint: object = None,
         seed: int = 0,
@@ -37,11 +42,16 @@ class CWL2(Attack):
         super().__init__(model, None, "l2", targeted, "cw", kappa, constraint, seed)
         for name, value in (("steps", steps), ("search_steps", search_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+                raise UserError(f"{name} must be an int >= 1, got {value!r}")
         for name, value in (("c", c), ("lr", lr)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
+                raise UserError(f"{name} must be a finite float > 0, got {value!r}")
         self.c, self.steps, self.lr, self.search_steps = float(c), steps, float(lr), search_steps
+
+    @classmethod
+    def passes(cls, steps: int, options: Mapping[str, Any]) -> int:
+        """``steps`` Adam steps and one evaluation per search round, plus the clean and the final prediction."""
+        return options.get("search_steps", SEARCH_STEPS) * (steps + 1) + 2
 
     def _succeeded(self, logits: torch.Tensor, labels, target) -> torch.Tensor:
         pred = logits.argmax(1)

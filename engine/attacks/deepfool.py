@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from engine.attacks.base import as_two_logits
+from engine.errors import UserError
 from engine.models import eval_mode
 
 
@@ -26,9 +27,9 @@ def deepfool(
     ``x`` must be on the model's device; it is not clamped (x + r may leave [0,1], as in the reference).
     """
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+        raise UserError(f"max_iter must be an int >= 1, got {max_iter!r}")
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2:
-        raise ValueError(f"candidates must be an int >= 2, got {candidates!r}")
+        raise UserError(f"candidates must be an int >= 2, got {candidates!r}")
     with eval_mode(model):
         x = x.detach()
         r_tot = torch.zeros_like(x)

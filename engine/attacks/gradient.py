@@ -11,12 +11,14 @@ and 1.0 for MI-FGSM (Dong et al.: alpha = eps / T) and FGSM (one step of size ep
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from engine.attacks.base import Attack, box_bounds, flat_norm, normalize_l2, parse_eps, project_l2
+from engine.errors import UserError
 
 
 class IterativeAttack(Attack):
@@ -40,9 +42,9 @@ class IterativeAttack(Attack):
     ) -> None:
         super().__init__(model, eps, norm, targeted, loss, kappa, constraint, seed)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+            raise UserError(f"steps must be an int >= 1, got {steps!r}")
         if self.eps is None:
-            raise ValueError(f"eps is required for {type(self).__name__}")
+            raise UserError(f"eps is required for {type(self).__name__}")
         self.steps = steps
         self.step_size = None if step_size is None else parse_eps(step_size, "step_size")
 
@@ -67,7 +69,7 @@ class IterativeAttack(Attack):
 
     def _perturb(self, x, labels, target, eps):
         if eps is None:
-            raise ValueError(f"eps is required for {type(self).__name__}")
+            raise UserError(f"eps is required for {type(self).__name__}")
         alpha = self.alpha(eps)
         if self.norm == "linf":
             lo, hi = box_bounds(x, eps)
@@ -108,6 +110,11 @@ class FGSM(IterativeAttack):
     ) -> None:
         super().__init__(model, eps, 1, None, norm, targeted, loss, kappa, constraint, seed)
 
+    @classmethod
+    def passes(cls, steps: int, options: Mapping[str, Any]) -> int:
+        """One step whatever ``steps`` says."""
+        return super().passes(1, options)
+
 
 class BIM(IterativeAttack):
     """Basic iterative method (Kurakin et al. 2017): iterated FGSM from x, no random start."""
@@ -129,7 +136,7 @@ class MIFGSM(IterativeAttack):
     ) -> None:
         super().__init__(model, eps, steps, **kwargs)
         if not (isinstance(momentum, (int, float)) and math.isfinite(momentum) and momentum >= 0):
-            raise ValueError(f"momentum must be a finite float >= 0, got {momentum!r}")
+            raise UserError(f"momentum must be a finite float >= 0, got {momentum!r}")
         self.momentum = float(momentum)
 
     def _direction(self, grad, state):

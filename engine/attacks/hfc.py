@@ -28,6 +28,7 @@ from torch import nn
 
 from engine.attacks.base import check_images
 from engine.data import iter_batches
+from engine.errors import UserError, UserTypeError
 from engine.fileio import atomic_write
 from engine.metrics import robust_location_scale
 from engine.mixture import GaussianMixture
@@ -65,20 +66,20 @@ class HFC:
         typical: Mapping[str, tuple[Any, Any]] | None = None,
     ) -> None:
         if not isinstance(gmms, Mapping) or not gmms:
-            raise TypeError("gmms must be a non-empty mapping {layer: [GaussianMixture per class]}")
+            raise UserTypeError("gmms must be a non-empty mapping {layer: [GaussianMixture per class]}")
         for layer, per_class in gmms.items():
             if isinstance(per_class, GaussianMixture) or not all(isinstance(g, GaussianMixture) for g in per_class):
-                raise TypeError(f"gmms[{layer!r}] must be a sequence of GaussianMixture, one per class")
+                raise UserTypeError(f"gmms[{layer!r}] must be a sequence of GaussianMixture, one per class")
         layers = list(gmms) if layers is None else list(layers)
         unknown = [name for name in layers if name not in gmms]
         if not layers or unknown:
-            raise ValueError(f"layers must be a non-empty subset of the fitted layers {list(gmms)}, got {layers}")
+            raise UserError(f"layers must be a non-empty subset of the fitted layers {list(gmms)}, got {layers}")
         if mode not in HFC_MODES:
-            raise ValueError(f"mode must be one of {HFC_MODES}, got {mode!r}")
+            raise UserError(f"mode must be one of {HFC_MODES}, got {mode!r}")
         if not np.isfinite(lam) or lam < 0:
-            raise ValueError(f"lam must be a finite float >= 0, got {lam!r}")
+            raise UserError(f"lam must be a finite float >= 0, got {lam!r}")
         if weights is not None and (len(weights) != len(layers) or not np.all(np.isfinite(weights))):
-            raise ValueError(f"weights must be {len(layers)} finite numbers (one per layer), got {weights!r}")
+            raise UserError(f"weights must be {len(layers)} finite numbers (one per layer), got {weights!r}")
         self.gmms = {name: list(gmms[name]) for name in layers}
         self.layers = layers
         self.lam = float(lam)
@@ -91,29 +92,29 @@ class HFC:
     def _check_typical(self, typical: Any) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
         if self.mode != "typical":
             if typical is not None:
-                raise ValueError(f"typical is only used by mode='typical', got mode={self.mode!r}")
+                raise UserError(f"typical is only used by mode='typical', got mode={self.mode!r}")
             return None
         if not isinstance(typical, Mapping):
-            raise TypeError(
+            raise UserTypeError(
                 "mode='typical' needs typical={layer: (median per class, scale per class)}, "
                 "e.g. typical_reference(gmms, clean validation features, labels)"
             )
         checked = {}
         for name in self.layers:
             if name not in typical:
-                raise ValueError(f"typical has no entry for the constrained layer {name!r}")
+                raise UserError(f"typical has no entry for the constrained layer {name!r}")
             try:
                 median, scale = (np.array(a, dtype=np.float64) for a in typical[name])
             except (TypeError, ValueError):
-                raise TypeError(f"typical[{name!r}] must be a pair (median, scale) of arrays") from None
+                raise UserTypeError(f"typical[{name!r}] must be a pair (median, scale) of arrays") from None
             shape = (len(self.gmms[name]),)
             if median.shape != shape or scale.shape != shape:
-                raise ValueError(
+                raise UserError(
                     f"typical[{name!r}] must hold a median and a scale of shape {shape} (one per class), "
                     f"got {median.shape} and {scale.shape}"
                 )
             if not (np.all(np.isfinite(median)) and np.all(np.isfinite(scale)) and np.all(scale > 0)):
-                raise ValueError(f"typical[{name!r}] must hold finite medians and finite scales > 0")
+                raise UserError(f"typical[{name!r}] must hold finite medians and finite scales > 0")
             checked[name] = (median, scale)
         return checked
 
@@ -177,23 +178,23 @@ def typical_reference(
     takes the statistics of all images, each under its own class's mixture (one warning names such classes).
     """
     if not isinstance(gmms, Mapping) or not gmms:
-        raise TypeError("gmms must be a non-empty mapping {layer: [GaussianMixture per class]}")
+        raise UserTypeError("gmms must be a non-empty mapping {layer: [GaussianMixture per class]}")
     if isinstance(min_images, bool) or not isinstance(min_images, int) or min_images < 2:
-        raise ValueError(f"min_images must be an int >= 2, got {min_images!r}")
+        raise UserError(f"min_images must be an int >= 2, got {min_images!r}")
     labels = np.asarray(torch.as_tensor(labels).cpu())
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+        raise UserError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
     if len(labels) < min_images:
-        raise ValueError(f"labels holds {len(labels)} image(s); a typical reference needs at least {min_images}")
+        raise UserError(f"labels holds {len(labels)} image(s); a typical reference needs at least {min_images}")
     out, rare = {}, set()
     for name, per_class in gmms.items():
         if name not in features:
-            raise ValueError(f"features has no entry for the mixture layer {name!r}")
+            raise UserError(f"features has no entry for the mixture layer {name!r}")
         if len(features[name]) != len(labels):
-            raise ValueError(f"features[{name!r}] has {len(features[name])} rows but labels has {len(labels)}")
+            raise UserError(f"features[{name!r}] has {len(features[name])} rows but labels has {len(labels)}")
         num_classes = len(per_class)
         if labels.min() < 0 or labels.max() >= num_classes:
-            raise ValueError(f"labels must be in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+            raise UserError(f"labels must be in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
         log_p = _class_log_likelihood(per_class, features[name], labels)
         counts = np.bincount(labels, minlength=num_classes)
         rare.update(c for c in range(num_classes) if counts[c] < min_images)
@@ -201,7 +202,7 @@ def typical_reference(
                  for c in range(num_classes)]  # fmt: skip
         median, scale = (np.array(v) for v in zip(*stats, strict=True))
         if not np.all(scale > 0):
-            raise ValueError(f"layer {name!r}: the clean log-likelihoods of a class are all equal (scale 0)")
+            raise UserError(f"layer {name!r}: the clean log-likelihoods of a class are all equal (scale 0)")
         out[name] = (median, scale)
     if rare:
         log.warning("typical reference: classes %s have < %d clean images, so use all images", sorted(rare), min_images)
@@ -276,9 +277,9 @@ def fit_hfc_gmms(
     for a class with no image).
     """
     if isinstance(augment, bool) or not isinstance(augment, int) or augment < 0:
-        raise ValueError(f"augment must be an int >= 0 (augmented copies per training image), got {augment!r}")
+        raise UserError(f"augment must be an int >= 0 (augmented copies per training image), got {augment!r}")
     if augmentation is not None and not isinstance(augmentation, Augment):
-        raise TypeError(f"augmentation must be an engine.models.Augment, got {type(augmentation).__name__}")
+        raise UserTypeError(f"augmentation must be an engine.models.Augment, got {type(augmentation).__name__}")
     names = resolve_layers(model, layers)
     transform = None
     if augment:
@@ -289,7 +290,7 @@ def fit_hfc_gmms(
     logits, labels = passes[0][1], torch.cat([p[2] for p in passes])
     num_classes = max(int(logits.shape[1]), 2) if num_classes is None else num_classes
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"labels must be in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+        raise UserError(f"labels must be in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
     counts = torch.bincount(labels, minlength=num_classes).tolist()
     components = class_components(counts, n_components, getattr(train_dataset, "classes", None))
 
@@ -327,7 +328,7 @@ def load_hfc_gmms(directory: str | os.PathLike) -> dict[str, list[GaussianMixtur
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} holds no {MANIFEST}; write it with save_hfc_gmms")
+        raise UserError(f"{directory} holds no {MANIFEST}; write it with save_hfc_gmms")
     manifest = json.loads(path.read_text())
     return {
         entry["name"]: [GaussianMixture.load(directory / f) for f in entry["files"]] for entry in manifest["layers"]

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from engine.attacks.base import box_bounds, check_images, parse_eps
+from engine.errors import UserError
 
 NOISE_KINDS = ("uniform", "gaussian")
 
@@ -20,7 +21,7 @@ def noise_like(x: Any, eps: float | str, kind: str = "uniform", seed: int = 0, s
     x = check_images(x)
     eps = parse_eps(eps)
     if kind not in NOISE_KINDS:
-        raise ValueError(f"kind must be one of {NOISE_KINDS}, got {kind!r}")
+        raise UserError(f"kind must be one of {NOISE_KINDS}, got {kind!r}")
     sigma = eps if sigma is None else parse_eps(sigma, "sigma")
     gen = torch.Generator(device=x.device).manual_seed(int(seed))
     if kind == "uniform":

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from engine.errors import UserError
 from engine.fileio import atomic_write
 
 MANIFEST = "manifest.json"
@@ -75,11 +76,11 @@ class AdvWriter:
         name: str = "adversarial",
     ) -> None:
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+            raise UserError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if fmt not in FORMATS:
-            raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+            raise UserError(f"fmt must be one of {FORMATS}, got {fmt!r}")
         if isinstance(classes, str) or not classes:
-            raise ValueError(f"classes must be a non-empty sequence of class names, got {classes!r}")
+            raise UserError(f"classes must be a non-empty sequence of class names, got {classes!r}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         existing = _read_manifest(self.directory)
@@ -89,7 +90,7 @@ class AdvWriter:
         else:
             clash = {k: (existing[k], v) for k, v in wanted.items() if existing[k] != v}
             if clash:
-                raise ValueError(f"{self.directory} holds a store with other settings (stored, asked): {clash}")
+                raise UserError(f"{self.directory} holds a store with other settings (stored, asked): {clash}")
             self.manifest = existing
 
     @property
@@ -105,7 +106,7 @@ class AdvWriter:
         if self.num_shards == 0:
             return np.zeros(0, dtype=np.int64)
         if "index" not in (self.manifest["meta_keys"] or []):
-            raise ValueError("this store has no 'index' metadata; pass index=... to append")
+            raise UserError("this store has no 'index' metadata; pass index=... to append")
         return np.asarray(load_adversarial(self.directory).meta["index"])
 
     def append(self, images: Any, labels: Any, **meta: Any) -> int:
@@ -113,19 +114,25 @@ class AdvWriter:
         ``target``, ``success``; returns the number of samples now stored."""
         images, labels = _to_numpy(images), _to_numpy(labels)
         if images.ndim < 2 or not np.issubdtype(images.dtype, np.floating):
-            raise ValueError(f"images must be a float array (n, C, H, W), got {images.dtype} {images.shape}")
+            raise UserError(f"images must be a float array (n, C, H, W), got {images.dtype} {images.shape}")
         n = images.shape[0]
         if n and not (0.0 <= float(images.min()) and float(images.max()) <= 1.0):
-            raise ValueError("images must hold values in [0,1]")
+            raise UserError("images must hold values in [0,1]")
         if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"labels must be integers of shape ({n},), got {labels.dtype} {labels.shape}")
+            raise UserError(f"labels must be integers of shape ({n},), got {labels.dtype} {labels.shape}")
+        missing = [key for key, value in meta.items() if value is None]
+        if missing:
+            raise ValueError(
+                f"metadata {missing} is None: leave such keys out (an untargeted attack's result has no target; "
+                "append_result does this)"
+            )
         arrays = {key: _to_numpy(value) for key, value in meta.items()}
         for key, value in arrays.items():
             if value.shape[:1] != (n,):
-                raise ValueError(f"metadata {key!r} must have {n} rows (one per image), got shape {value.shape}")
+                raise UserError(f"metadata {key!r} must have {n} rows (one per image), got shape {value.shape}")
         keys = sorted(arrays)
         if self.manifest["meta_keys"] is not None and keys != self.manifest["meta_keys"]:
-            raise ValueError(f"metadata keys must match earlier shards {self.manifest['meta_keys']}, got {keys}")
+            raise UserError(f"metadata keys must match earlier shards {self.manifest['meta_keys']}, got {keys}")
         if self.manifest["dtype"] == "uint8":
             images = np.round(images * 255.0).astype(np.uint8)
         else:
@@ -148,7 +155,7 @@ class AdvWriter:
         target and success flags; ``labels`` defaults to ``result.labels`` (required for targeted=True)."""
         labels = result.labels if labels is None else labels
         if labels is None:
-            raise ValueError("labels are required: this result holds targets only (targeted=True)")
+            raise UserError("labels are required: this result holds targets only (targeted=True)")
         meta = {"index": index, "success": result.success}
         if result.target is not None:
             meta["target"] = result.target
@@ -166,7 +173,7 @@ class AdvDataset(Dataset):
         self.directory = Path(directory)
         manifest = _read_manifest(self.directory)
         if manifest is None:
-            raise FileNotFoundError(f"{self.directory} holds no {MANIFEST}; write it with AdvWriter")
+            raise UserError(f"{self.directory} holds no {MANIFEST}; write it with AdvWriter")
         self.classes = list(manifest["classes"])
         self.name = manifest["name"]
         shards = [self._read(s["file"], manifest["format"]) for s in manifest["shards"]]

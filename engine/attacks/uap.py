@@ -38,6 +38,7 @@ from engine.attacks.base import as_two_logits, check_images, check_norm, parse_e
 from engine.attacks.deepfool import deepfool
 from engine.attacks.gradient import BIM
 from engine.data import as_tensors, check_batch_size
+from engine.errors import UserError
 from engine.models import FeatureExtractor, eval_mode, model_device, model_dtype, predict_logits
 
 
@@ -307,11 +308,11 @@ def sgd_uap(
     eps, x, y, device, dtype = _setup(model, data, eps, norm)
     check_batch_size(batch_size)
     if loss not in ("ce", "margin"):
-        raise ValueError(f"loss must be 'ce' or 'margin', got {loss!r}")
+        raise UserError(f"loss must be 'ce' or 'margin', got {loss!r}")
     if schedule not in ("constant", "linear"):
-        raise ValueError(f"schedule must be 'constant' or 'linear', got {schedule!r}")
+        raise UserError(f"schedule must be 'constant' or 'linear', got {schedule!r}")
     if not kappa >= 0:
-        raise ValueError(f"kappa must be a margin >= 0, got {kappa!r}")
+        raise UserError(f"kappa must be a margin >= 0, got {kappa!r}")
     target = None if target is None else _check_target(model, x, target)
     step = eps / 10 if step_size is None else parse_eps(step_size, "step_size")
     v = torch.zeros(x.shape[1:], device=device, dtype=dtype)
@@ -372,12 +373,12 @@ def data_free_uap(
     rate ``lr``, default eps / 10, projected after every step) from a uniform random start. ``heldout`` (required)
     only scores the result."""
     if heldout is None:
-        raise ValueError("heldout data is required to measure the fooling rate of a data-free UAP")
+        raise UserError("heldout data is required to measure the fooling rate of a data-free UAP")
     start = time.perf_counter()
     eps = parse_eps(eps)
     check_norm(norm)
     if not 0.0 <= base <= 1.0:
-        raise ValueError(f"base must be a grey level in [0,1], got {base!r}")
+        raise UserError(f"base must be a grey level in [0,1], got {base!r}")
     device, dtype = model_device(model), model_dtype(model)
     gen = torch.Generator().manual_seed(seed)
     init = (torch.rand(tuple(input_shape), generator=gen, dtype=dtype) * 2 - 1) * eps
@@ -406,16 +407,32 @@ def _check_target(model, x, target) -> int:
     with torch.no_grad(), eval_mode(model):
         num_classes = as_two_logits(model(x[:1].to(model_device(model), model_dtype(model)))).shape[1]
     if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or not 0 <= target < num_classes:
-        raise ValueError(f"target must be a class index in [0, {num_classes}), got {target!r}")
+        raise UserError(f"target must be a class index in [0, {num_classes}), got {target!r}")
     return int(target)
 
 
-UAP_METHODS = {
-    "deepfool": deepfool_uap,
-    "deepfool_batched": deepfool_uap_batched,
-    "sgd": sgd_uap,
-    "targeted": targeted_uap,
-    "data_free": data_free_uap,
+@dataclass(frozen=True)
+class UAPMethod:
+    """A UAP algorithm: its function, its family (a model fine-tuned on one UAP of a family has seen the family) and
+    its cost for estimates: forward-backward passes per fitting image to craft one with a study's options, or per
+    optimisation step for an algorithm that needs no images (``data_free``)."""
+
+    craft: Callable[..., UAPResult]
+    family: str
+    passes: float
+    data_free: bool = False
+
+
+# Passes relative to SGD-UAP's 3 (its epochs): DeepFool-UAP from CPU seconds measured in the default audit's UAP
+# study (the classic loop runs one image at a time, so its passes are dear); targeted from an earlier batched
+# measurement, and the batched DeepFool-UAP assumed as dear as it (the same batched loop; not measured). The targeted
+# UAP's inner step is a targeted BIM, the same sign-gradient steps as SGD-UAP.
+UAP_METHODS: dict[str, UAPMethod] = {
+    "deepfool": UAPMethod(deepfool_uap, "DeepFool", 34.0),
+    "deepfool_batched": UAPMethod(deepfool_uap_batched, "DeepFool", 15.0),
+    "sgd": UAPMethod(sgd_uap, "sign gradient", 3.0),
+    "targeted": UAPMethod(targeted_uap, "sign gradient", 15.0),
+    "data_free": UAPMethod(data_free_uap, "feature maximisation", 1.0, data_free=True),
 }
 
 __all__ = [
@@ -427,4 +444,5 @@ __all__ = [
     "data_free_uap",
     "evaluate_uap",
     "UAP_METHODS",
+    "UAPMethod",
 ]

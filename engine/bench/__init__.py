@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 
+from engine.errors import UserError
+
 OPS = ("gmm", "mahalanobis", "knn", "kde")
 
 
@@ -18,7 +20,7 @@ def run_table(ops: Sequence[str] | None = None, quick: bool = True) -> list[dict
     ops = list(ops or OPS)
     for op in ops:
         if op not in OPS:
-            raise ValueError(f"ops: unknown benchmark {op!r}; choose from {list(OPS)}")
+            raise UserError(f"ops: unknown benchmark {op!r}; choose from {list(OPS)}")
     rows = []
     for op in ops:
         rows += importlib.import_module(f"engine.bench.{op}").run(quick)

@@ -9,7 +9,8 @@ Every dataset is a ``torch.utils.data.Dataset`` of ``(image float32 (C, H, W) in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,13 @@ from engine.data.loaders import (
     image_csv,
     image_folder,
     medmnist,
+    source_files,
 )
 from engine.data.splits import Splits, split_dataset
 from engine.data.synthetic import SPECS as SYNTHETIC
 from engine.data.synthetic import synthetic
+from engine.errors import UserError, UserTypeError
+from engine.fileio import file_sha256
 
 LOADERS: dict[str, Callable[..., ImageDataset]] = {
     "image_folder": image_folder,
@@ -52,6 +56,7 @@ __all__ = [
     "SubsetDataset",
     "aptos",
     "arrays",
+    "content_fingerprint",
     "as_tensors",
     "check_batch_size",
     "chest_xray",
@@ -60,6 +65,7 @@ __all__ = [
     "image_folder",
     "iter_batches",
     "load_dataset",
+    "loader_kind",
     "medmnist",
     "split_dataset",
     "synthetic",
@@ -67,7 +73,8 @@ __all__ = [
 ]
 
 
-def _kind(name: str) -> str:
+def loader_kind(name: str) -> str:
+    """A loader's name as users may write it (``image-folder``, ``ImageFolder``) -> its key in LOADERS."""
     return name.strip().lower().replace("-", "_").replace("imagefolder", "image_folder")
 
 
@@ -86,35 +93,52 @@ def load_dataset(spec: str | dict[str, Any] | Path, **kwargs: Any) -> ImageDatas
         opts = dict(spec)
         name = opts.pop("kind", None) or opts.pop("name", None)  # with a kind, 'name' names the data
         if name is None:
-            raise ValueError(f"spec: a dict spec needs a 'name' or 'kind' key, got keys {sorted(spec)}")
+            raise UserError(f"spec: a dict spec needs a 'name' or 'kind' key, got keys {sorted(spec)}")
         path = opts.pop("path", None) or opts.pop("root", None)
         return _resolve(str(name), None if path is None else str(path), {**opts, **kwargs})
     if isinstance(spec, Path):
         return _resolve(detect_kind(spec), str(spec), kwargs)
     if not isinstance(spec, str):
-        raise TypeError(f"spec: expected a str, Path or dict, got {type(spec).__name__}")
+        raise UserTypeError(f"spec: expected a str, Path or dict, got {type(spec).__name__}")
     head, sep, tail = spec.partition(":")
     if spec in SYNTHETIC or (sep and head in SYNTHETIC):
         return _resolve(head, None, {**({"task": tail} if tail else {}), **kwargs})
-    if sep and _kind(head) in LOADERS:
+    if sep and loader_kind(head) in LOADERS:
         return _resolve(head, tail, kwargs)
     if Path(spec).expanduser().exists():
         return _resolve(detect_kind(spec), spec, kwargs)
-    raise ValueError(
+    raise UserError(
         f"spec: {spec!r} is neither a synthetic dataset {sorted(SYNTHETIC)}, '<kind>:<path>' with kind in "
         f"{sorted(LOADERS)}, nor an existing path"
     )
 
 
+def content_fingerprint(spec: Mapping[str, Any]) -> str | None:
+    """A hash (16 hex digits) of everything a dict dataset spec reads from disk: each file's name (relative to the
+    data's folder, so it carries the class folder) and the sha256 of its bytes, labels CSVs included
+    (:func:`engine.data.loaders.source_files`). None for data the spec alone determines (synthetic sets) or that
+    is not on disk (in-memory sets). Hashing reads every byte once per process (about 0.7 GB/s with SHA-NI):
+    less than decoding the images, which loading does anyway, and unlike size + mtime it cannot miss a file
+    copied over another with its times kept."""
+    name = str(spec.get("kind") or spec.get("name"))
+    path = spec.get("path") or spec.get("root")
+    if name in SYNTHETIC or path is None:
+        return None
+    digest = hashlib.sha256()
+    for relative, file in source_files(str(path), str(spec.get("path_column", "path"))):
+        digest.update(f"{relative}\x00{file_sha256(file)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def _resolve(name: str, path: str | None, opts: dict[str, Any]) -> ImageDataset:
     if name in SYNTHETIC:
         return synthetic(name, **opts)
-    kind = _kind(name)
+    kind = loader_kind(name)
     if kind not in LOADERS:
         known = sorted(LOADERS) + sorted(SYNTHETIC)
-        raise ValueError(f"spec: unknown dataset kind {name!r}; expected one of {known}")
+        raise UserError(f"spec: unknown dataset kind {name!r}; expected one of {known}")
     if kind == "arrays":
         return arrays(**opts)
     if path is None:
-        raise ValueError(f"spec: loader {kind!r} needs a path (use '{kind}:<path>' or a dict with 'path')")
+        raise UserError(f"spec: loader {kind!r} needs a path (use '{kind}:<path>' or a dict with 'path')")
     return LOADERS[kind](path, **opts)

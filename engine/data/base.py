@@ -21,6 +21,8 @@ import torch
 from torch.utils.data import Dataset
 
 from engine.data.image import SizeLike, check_channels, parse_size, prepare, to_tensor
+from engine.errors import UserError, UserTypeError
+from engine.fileio import file_sha256
 
 log = logging.getLogger("engine.data")
 
@@ -30,12 +32,12 @@ def _as_targets(labels: object, n: int | None = None) -> np.ndarray:
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim != 1 or (n is not None and arr.shape[0] != n):
-        raise ValueError(f"labels: expected shape ({n if n is not None else 'N'},), got {arr.shape}")
+        raise UserError(f"labels: expected shape ({n if n is not None else 'N'},), got {arr.shape}")
     if arr.size and (not np.issubdtype(arr.dtype, np.integer) and not np.all(np.equal(np.mod(arr, 1), 0))):
-        raise TypeError(f"labels: expected integer class indices, got dtype {arr.dtype}")
+        raise UserTypeError(f"labels: expected integer class indices, got dtype {arr.dtype}")
     arr = arr.astype(np.int64)
     if arr.size and arr.min() < 0:
-        raise ValueError(f"labels: expected non-negative class indices, got min {arr.min()}")
+        raise UserError(f"labels: expected non-negative class indices, got min {arr.min()}")
     return arr
 
 
@@ -45,7 +47,7 @@ def _as_classes(classes: Sequence[str] | None, targets: np.ndarray) -> list[str]
         return [str(i) for i in range(n_classes)]
     classes = [str(c) for c in classes]
     if len(classes) < n_classes:
-        raise ValueError(f"classes: {len(classes)} names given but labels go up to {n_classes - 1}")
+        raise UserError(f"classes: {len(classes)} names given but labels go up to {n_classes - 1}")
     return classes
 
 
@@ -75,7 +77,7 @@ class ImageDataset(Dataset):
 
     @property
     def fingerprint(self) -> str:
-        """sha256 (hex, 16 chars) of class names, targets and content (pixels or relative paths)."""
+        """sha256 (hex, 16 chars) of class names, targets and content (pixels, or relative paths and file bytes)."""
         if getattr(self, "_fingerprint", None) is None:
             h = hashlib.sha256()
             h.update("\x00".join(self.classes).encode())
@@ -129,18 +131,18 @@ def _to_nchw(arr: np.ndarray, size: tuple[int, int] | None, channels: int | None
         if last_is_c and not second_is_c:
             arr = arr.transpose(0, 3, 1, 2)
         elif not second_is_c:
-            raise ValueError(f"images: expected NCHW or NHWC with 1, 3 or 4 channels, got shape {arr.shape}")
+            raise UserError(f"images: expected NCHW or NHWC with 1, 3 or 4 channels, got shape {arr.shape}")
         arr = arr[:, :3]
     else:
-        raise ValueError(f"images: expected (N, H, W), (N, C, H, W) or (N, H, W, C), got shape {arr.shape}")
+        raise UserError(f"images: expected (N, H, W), (N, C, H, W) or (N, H, W, C), got shape {arr.shape}")
     if arr.shape[0] == 0:
-        raise ValueError("images: the dataset is empty (0 images)")
+        raise UserError("images: the dataset is empty (0 images)")
     if arr.dtype == np.bool_ or not (arr.dtype == np.uint8 or np.issubdtype(arr.dtype, np.floating)):
-        raise TypeError(f"images: expected uint8 or float values, got dtype {arr.dtype}")
+        raise UserTypeError(f"images: expected uint8 or float values, got dtype {arr.dtype}")
     if arr.dtype != np.uint8:
         arr = arr.astype(np.float32)
         if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
-            raise ValueError("images: float images must be finite and in [0, 1] (divide 0-255 data by 255)")
+            raise UserError("images: float images must be finite and in [0, 1] (divide 0-255 data by 255)")
     if size is None and (channels is None or channels == arr.shape[1]):
         return np.ascontiguousarray(arr)
     if arr.dtype == np.uint8:
@@ -192,7 +194,7 @@ class FileDataset(ImageDataset):
             log.warning("%s: skipped %d unreadable file(s) of %d", self.name, len(self.skipped), len(paths))
         keep = np.flatnonzero(ok)
         if keep.size == 0:
-            raise ValueError(f"{self.name}: the dataset is empty (no readable images among {len(paths)} files)")
+            raise UserError(f"{self.name}: the dataset is empty (no readable images among {len(paths)} files)")
         self.paths = [paths[i] for i in keep]
         self.targets = targets[keep]
 
@@ -240,9 +242,9 @@ class FileDataset(ImageDataset):
 
     def _content_digest(self, h: hashlib._Hash) -> None:
         h.update(repr((self._size, self._channels)).encode())
-        for p in self.paths:
+        for p in self.paths:  # each file's name and bytes: a file replaced under the same name changes it
             rel = os.path.relpath(p, self.root) if self.root else os.path.basename(p)
-            h.update(rel.replace(os.sep, "/").encode() + b"\x00")
+            h.update(rel.replace(os.sep, "/").encode() + b"\x00" + file_sha256(p).encode())
 
 
 class SubsetDataset(ImageDataset):

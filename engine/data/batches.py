@@ -14,11 +14,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from engine.errors import UserError, UserTypeError
+
 
 def check_batch_size(batch_size: Any, name: str = "batch_size") -> int:
     """``batch_size`` as a positive int, or a ValueError naming the argument."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {batch_size!r}")
+        raise UserError(f"{name} must be an int >= 1, got {batch_size!r}")
     return batch_size
 
 
@@ -43,28 +45,28 @@ def iter_batches(
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = (torch.as_tensor(t) for t in data)
         if x.shape[0] != y.shape[0]:
-            raise ValueError(f"{name}: images and labels differ in length ({x.shape[0]} vs {y.shape[0]})")
+            raise UserError(f"{name}: images and labels differ in length ({x.shape[0]} vs {y.shape[0]})")
         for start in range(0, x.shape[0], batch_size):
             xb = to_unit_float(x[start : start + batch_size])
             yield (xb, y[start : start + batch_size].long()) if with_labels else xb
         return
     if isinstance(data, (np.ndarray, torch.Tensor)):
         if data.ndim != 4:
-            raise ValueError(f"{name} must be images of shape (N, C, H, W), got shape {tuple(data.shape)}")
+            raise UserError(f"{name} must be images of shape (N, C, H, W), got shape {tuple(data.shape)}")
         if with_labels:
-            raise TypeError(f"{name} has no labels: pass a Dataset of (image, label) or an (images, labels) pair")
+            raise UserTypeError(f"{name} has no labels: pass a Dataset of (image, label) or an (images, labels) pair")
         for start in range(0, data.shape[0], batch_size):
             yield to_unit_float(torch.as_tensor(data[start : start + batch_size]))
         return
     if not isinstance(data, Dataset):
-        raise TypeError(
+        raise UserTypeError(
             f"{name} must be a torch Dataset, an image array/tensor or an (images, labels) pair, "
             f"got {type(data).__name__}"
         )
     for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             if with_labels:
-                raise TypeError(f"{name} items must be (image, label) pairs")
+                raise UserTypeError(f"{name} items must be (image, label) pairs")
             yield to_unit_float(batch)
         elif with_labels:
             yield to_unit_float(batch[0]), torch.as_tensor(batch[1]).long()
@@ -80,5 +82,5 @@ def as_tensors(data: Any, limit: int | None = None, name: str = "data") -> tuple
         data = (data[0][:limit], data[1][:limit])
     batches = list(iter_batches(data, 256, with_labels=True, name=name))
     if not batches:
-        raise ValueError(f"{name} is empty: expected at least one image")
+        raise UserError(f"{name} is empty: expected at least one image")
     return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.data.base import ImageDataset, SubsetDataset
+from engine.errors import UserError
 from engine.fileio import atomic_write
 
 PARTS = ("train", "val", "test")
@@ -28,7 +29,7 @@ class Splits:
 
     def subset(self, part: str) -> SubsetDataset:
         if part not in PARTS:
-            raise ValueError(f"part: expected one of {PARTS}, got {part!r}")
+            raise UserError(f"part: expected one of {PARTS}, got {part!r}")
         return SubsetDataset(self.dataset, self.indices[part], part)
 
     @property
@@ -74,22 +75,22 @@ class Splits:
         must match the one recorded (same images, labels and order)."""
         data = json.loads(Path(path).read_text())
         if data.get("format") != "hfc-engine-splits/1":
-            raise ValueError(f"path: {str(path)!r} is not an hfc-engine splits file")
+            raise UserError(f"path: {str(path)!r} is not an hfc-engine splits file")
         if strict and data["fingerprint"] != dataset.fingerprint:
-            raise ValueError(
+            raise UserError(
                 f"dataset: fingerprint {dataset.fingerprint} differs from the split file's {data['fingerprint']} "
                 f"(dataset {data['dataset']!r}, n={data['n']}); pass strict=False to use the indices anyway"
             )
         indices = {part: np.asarray(data[part], dtype=np.int64) for part in PARTS}
         top = max((int(ix.max()) for ix in indices.values() if ix.size), default=-1)
         if top >= len(dataset):
-            raise ValueError(f"dataset: split index {top} out of range for {len(dataset)} images")
+            raise UserError(f"dataset: split index {top} out of range for {len(dataset)} images")
         return cls(dataset, indices, data.get("params", {}))
 
 
 def _fraction(value: float, name: str) -> float:
     if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name}: expected a fraction in [0, 1), got {value!r}")
+        raise UserError(f"{name}: expected a fraction in [0, 1), got {value!r}")
     return float(value)
 
 
@@ -100,10 +101,10 @@ def split_dataset(
     (per class: round(test*n_c) test, round(val*n_c) val, the rest train); indices are sorted within each part."""
     val, test = _fraction(val, "val"), _fraction(test, "test")
     if val + test >= 1.0:
-        raise ValueError(f"val + test: expected < 1, got {val + test}")
+        raise UserError(f"val + test: expected < 1, got {val + test}")
     targets = np.asarray(ds.targets)
     if targets.size == 0:
-        raise ValueError("ds: the dataset is empty")
+        raise UserError("ds: the dataset is empty")
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(targets == c) for c in np.unique(targets)] if stratify else [np.arange(targets.size)]
     parts: dict[str, list[np.ndarray]] = {p: [] for p in PARTS}

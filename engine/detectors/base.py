@@ -9,7 +9,10 @@ detector was fitted on (``save(..., model=)``) and the score thresholds that fla
 (:meth:`Detector.set_thresholds`).
 
 :meth:`Detector.needs` says what a fitted detector needs from the model besides the logits (:class:`Needs`), so a
-scorer can check a model before its first batch.
+scorer can check a model before its first batch. What a detector *class* needs to be fitted and what it costs are
+facts on the class (:class:`Requirements`, :class:`Cost`; ``fit`` checks the requirements, as ART's attacks check
+their ``_estimator_requirements``), so a run feeds and schedules a new detector with no table keyed by its name.
+Detectors a run can name are registered in :data:`DETECTORS` (:func:`register`), which also resolves saved ones.
 """
 
 from __future__ import annotations
@@ -26,22 +29,23 @@ import numpy as np
 from torch import nn
 
 from engine.detectors.features import FeatureCache, Features
+from engine.errors import UserError, UserTypeError
 from engine.metrics import auroc
-from engine.models import model_fingerprint
+from engine.models import dropout_modules, model_fingerprint
 
 FORMAT_VERSION = 1
 FPRS = (0.01, 0.05, 0.1)  # clean false-positive rates whose score thresholds a fitted detector records
-_REGISTRY: dict[str, type[Detector]] = {}
+DETECTORS: dict[str, type[Detector]] = {}  # the registry: detector name -> class (register)
 
 
 class NotFittedError(RuntimeError):
     """A detector was used before ``fit`` (or ``load``)."""
 
 
-class TooFewExamples(ValueError):
+class TooFewExamples(UserError):
     """The data cannot feed a detector or the detection protocol: too few correctly classified images, no
     successful AE to fit on, or fewer examples than a detector needs (LID's k + 1). A run reports
-    the detector as not measurable there and goes on."""
+    the detector as not measurable there and goes on; escaping elsewhere, it is the user's data that is too small."""
 
 
 @dataclass(frozen=True)
@@ -66,11 +70,40 @@ class Needs:
         )
 
 
+@dataclass(frozen=True)
+class Requirements:
+    """What a detector class needs to be fitted, besides clean, adversarial and noise features: labelled clean
+    training features (a class-conditional model: ``fit(..., train=)``), the model's dropout layers (MC-dropout
+    passes), raw feature maps of spatial layers, HFC's mixtures and clean reference features (``set_reference``)."""
+
+    training_features: bool = False
+    dropout: bool = False
+    raw_maps: bool = False
+    mixtures: bool = False
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What fitting and scoring a detector costs per pool image, beside extracting the features once: its own work
+    in seconds (measured on the audits; a run refines it live) and the forward passes it runs through the model."""
+
+    seconds_per_image: float = 1e-2
+    model_passes: float = 1.0
+
+
+def register(cls: type[Detector]) -> type[Detector]:
+    """Add detector class ``cls`` to :data:`DETECTORS` under its ``name`` (a class decorator)."""
+    if cls.name in DETECTORS and DETECTORS[cls.name] is not cls:
+        raise ValueError(f"a detector named {cls.name!r} is already registered: {DETECTORS[cls.name].__name__}")
+    DETECTORS[cls.name] = cls
+    return cls
+
+
 def fpr_threshold(clean_scores: np.ndarray, fpr: float) -> float:
     """The lowest score threshold t with at most ``fpr`` of ``clean_scores`` above it (flag: score > t)."""
     scores = np.sort(np.asarray(clean_scores, dtype=np.float64))
     if not len(scores) or not 0 < fpr < 1:
-        raise ValueError(f"need clean scores and 0 < fpr < 1, got {len(scores)} scores and fpr={fpr}")
+        raise UserError(f"need clean scores and 0 < fpr < 1, got {len(scores)} scores and fpr={fpr}")
     return float(scores[len(scores) - 1 - int(np.floor(fpr * len(scores)))])
 
 
@@ -89,7 +122,7 @@ class LayerCombiner:
 
         scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
         if scores.ndim != 2 or labels.shape != (len(scores),):
-            raise ValueError(f"scores must be (N, L) and labels (N,), got shapes {scores.shape} and {labels.shape}")
+            raise UserError(f"scores must be (N, L) and labels (N,), got shapes {scores.shape} and {labels.shape}")
         self.mean = scores.mean(0)
         self.scale = scores.std(0)
         self.scale[self.scale == 0] = 1.0
@@ -131,10 +164,19 @@ class Detector:
 
     name: ClassVar[str] = "detector"
     combine: ClassVar[str] = "lr"
+    requires: ClassVar[Requirements] = Requirements()
+    cost: ClassVar[Cost] = Cost()
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        _REGISTRY[cls.__name__] = cls
+    @classmethod
+    def unmet(cls, model: nn.Module | None, mixtures: bool) -> str | None:
+        """Why this detector cannot be fitted with ``model`` (None: not checked) when HFC's mixtures do (or do not)
+        exist, or None."""
+        if cls.requires.dropout and model is not None and not dropout_modules(model):
+            why = "ONNX/TorchScript conversions lack them"
+            return f"the model has no dropout layers for {cls.name}'s MC-dropout passes ({why})"
+        if cls.requires.mixtures and not mixtures:
+            return f"{cls.name} reads HFC's mixtures, and none were fitted"
+        return None
 
     def __init__(self, layers: list[str] | str | None = None, reference_compat: bool = False, seed: int = 0) -> None:
         self.layers = [layers] if isinstance(layers, str) else (list(layers) if layers is not None else None)
@@ -146,6 +188,8 @@ class Detector:
         self.combiner_ = LayerCombiner()
         self.model_: dict[str, Any] = {}  # fingerprint and layers of the model fitted on (set by save(model=))
         self.thresholds_: dict[str, Any] = {}  # {"fpr": {fpr: threshold}, "images": n} (set_thresholds)
+        self.clean_scores_: np.ndarray | None = None  # the clean scores the thresholds came from (set_thresholds)
+        self.input_size_: tuple[int, ...] | None = None  # (C, H, W) of the images it was fitted on, when known
 
     # -- public API -------------------------------------------------------------------------------------------
     def fit(
@@ -160,15 +204,18 @@ class Detector:
 
         ``source`` is the :class:`FeatureCache` (or a model, wrapped in one) that turns images into features, or
         ``None`` when every set is already :class:`Features`. ``train`` holds labelled clean features for the
-        class-conditional models (KD, MAHA, DNR); it defaults to ``clean`` with its labels (else predictions).
+        class-conditional models (``requires.training_features``: KD, MAHA, DNR); it defaults to ``clean`` with its
+        labels (else predictions).
         """
         self.source = _as_source(source)
         clean, adversarial = self._features(clean, "clean"), self._features(adversarial, "adversarial")
+        self._check_requirements(clean)
         noise = None if noise is None else self._features(noise, "noise")
         train = clean if train is None else self._features(train, "train")
         if len(clean) == 0 or len(adversarial) == 0:
             raise TooFewExamples(f"fit needs clean and adversarial examples, got {len(clean)} and {len(adversarial)}")
         self.layers_ = self._resolve_layers(clean)
+        self.input_size_ = None if clean.images is None else tuple(int(s) for s in clean.images.shape[1:])
         self.dims_ = {name: int(clean.pooled[name].shape[1]) for name in self.layers_ if name in clean.pooled}
         clean_s, adv_s, noise_s = self._fit(clean, adversarial, noise, train)
         neg = clean_s if noise_s is None else np.concatenate([clean_s, noise_s])
@@ -201,13 +248,14 @@ class Detector:
         images the detector was not fitted on (the audit's evaluation split)."""
         clean = np.asarray(clean_scores, dtype=np.float64)
         self.thresholds_ = {"fpr": {str(f): fpr_threshold(clean, f) for f in fprs}, "images": len(clean)}
+        self.clean_scores_ = clean  # saved: thresholds at any rate (engine.detectors.thresholds)
         return self
 
     def threshold(self, fpr: float) -> float:
         """The recorded threshold flagging ``fpr`` of clean images (see :meth:`set_thresholds`)."""
         recorded = self.thresholds_.get("fpr", {})
         if str(float(fpr)) not in recorded:
-            raise ValueError(
+            raise UserError(
                 f"fpr {fpr} has no recorded threshold for this {self.name} detector; recorded: "
                 f"{[float(f) for f in recorded] or 'none (fitted outside an audit: call set_thresholds)'}"
             )
@@ -238,6 +286,8 @@ class Detector:
         arrays = {f"state/{k}": np.asarray(v) for k, v in self._state().items()}
         if self.combine == "lr":
             arrays.update({f"combiner/{k}": v for k, v in self.combiner_.state().items()})
+        if self.clean_scores_ is not None:
+            arrays["thresholds/clean_scores"] = self.clean_scores_
         config = {
             "format": FORMAT_VERSION,
             "detector": type(self).__name__,
@@ -246,6 +296,7 @@ class Detector:
             "dims": self.dims_,
             "model": self.model_,
             "thresholds": self.thresholds_,
+            "input_size": self.input_size_,
         }
         (path / "config.json").write_text(json.dumps(config, indent=2))
         np.savez(path / "arrays.npz", **arrays)
@@ -256,16 +307,19 @@ class Detector:
         """Load a detector saved with :meth:`save` (any subclass); ``source`` is needed to score images."""
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a saved detector (no config.json)")
+            raise UserError(f"{path} is not a saved detector (no config.json)")
         config = json.loads((path / "config.json").read_text())
-        if config.get("format") != FORMAT_VERSION or config.get("detector") not in _REGISTRY:
-            raise ValueError(f"{path}: unknown detector {config.get('detector')!r} / format {config.get('format')}")
-        det = _REGISTRY[config["detector"]](**config["params"])
+        classes = {cls.__name__: cls for cls in DETECTORS.values()}  # saved under the class name
+        if config.get("format") != FORMAT_VERSION or config.get("detector") not in classes:
+            raise UserError(f"{path}: unknown detector {config.get('detector')!r} / format {config.get('format')}")
+        det = classes[config["detector"]](**config["params"])
         det.layers_, det.dims_ = config["layers"], {k: int(v) for k, v in config["dims"].items()}
         det.model_, det.thresholds_ = config.get("model", {}), config.get("thresholds", {})
+        det.input_size_ = tuple(config["input_size"]) if config.get("input_size") else None
         with np.load(path / "arrays.npz", allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         det._set_state({k[6:]: v for k, v in arrays.items() if k.startswith("state/")})
+        det.clean_scores_ = arrays.get("thresholds/clean_scores")
         if det.combine == "lr":
             det.combiner_.set_state({k[9:]: v for k, v in arrays.items() if k.startswith("combiner/")})
         if source is not None:
@@ -273,13 +327,21 @@ class Detector:
         return det
 
     # -- helpers for subclasses -------------------------------------------------------------------------------
+    def _check_requirements(self, clean: Features) -> None:
+        """Raise ValueError when the model or the features lack what the class requires (:attr:`requires`)."""
+        reason = self.unmet(None if self.source is None else self.source.model, mixtures=True)
+        if reason is None and self.requires.raw_maps and not clean.raw:
+            reason = f"{self.name} needs raw feature maps: extract them with FeatureCache(raw_layers=[...])"
+        if reason is not None:
+            raise ValueError(reason)
+
     def _default_layers(self, available: list[str]) -> list[str]:
         return available[-1:]
 
     def _resolve_layers(self, feats: Features) -> list[str]:
         available = feats.layer_names
         if not available:
-            raise ValueError(f"{self.name}: the features hold no layers")
+            raise UserError(f"{self.name}: the features hold no layers")
         layers = self._default_layers(available) if self.layers is None else self.layers
         for name in layers:
             feats.layer(name)  # raises naming the available layers
@@ -289,7 +351,7 @@ class Detector:
         if isinstance(x, Features):
             return x
         if self.source is None:
-            raise ValueError(
+            raise UserError(
                 f"{what} is not Features: pass a FeatureCache/model as source (fit) or attach() one to score images"
             )
         return self.source.extract(x)
@@ -300,7 +362,7 @@ class Detector:
 
     def _model_source(self) -> FeatureCache:
         if self.source is None:
-            raise ValueError(f"{self.name} runs the model: fit with a FeatureCache/model or attach() one after load")
+            raise UserError(f"{self.name} runs the model: fit with a FeatureCache/model or attach() one after load")
         return self.source
 
     def _fit(
@@ -332,10 +394,10 @@ def fitted_checkpoint(directories: Iterable[str | Path]) -> Path:
     for d in directories:
         recorded = json.loads((Path(d) / "config.json").read_text()).get("model", {}).get("checkpoint")
         if recorded is None:
-            raise ValueError(f"detectors: {d} does not record the model it was fitted on; pass --model")
+            raise UserError(f"detectors: {d} does not record the model it was fitted on; pass --model")
         found.add((Path(d) / recorded).resolve())
     if len(found) != 1:
-        raise ValueError(f"detectors: fitted on {len(found)} different models {sorted(map(str, found))}; pass --model")
+        raise UserError(f"detectors: fitted on {len(found)} different models {sorted(map(str, found))}; pass --model")
     return found.pop()
 
 
@@ -349,4 +411,4 @@ def _as_source(source: FeatureCache | nn.Module | None) -> FeatureCache | None:
         return source
     if isinstance(source, nn.Module):
         return FeatureCache(source)
-    raise TypeError(f"source must be a FeatureCache, a torch.nn.Module or None, got {type(source).__name__}")
+    raise UserTypeError(f"source must be a FeatureCache, a torch.nn.Module or None, got {type(source).__name__}")

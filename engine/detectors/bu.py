@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.detectors.base import Detector, Needs
+from engine.detectors.base import Cost, Detector, Needs, Requirements
 from engine.detectors.features import Features
+from engine.errors import UserError
 from engine.models import dropout_modules, mc_dropout
 
 
@@ -23,7 +24,7 @@ def mc_dropout_logits(model: nn.Module, x: torch.Tensor, passes: int, seed: int)
     """(T, N, K) logits of ``passes`` MC-dropout forward passes of ``model`` on ``x`` (eval mode, dropout on)."""
     dropouts = dropout_modules(model)
     if not dropouts:
-        raise ValueError("BU needs a model with dropout layers (build it with dropout > 0, e.g. 0.3)")
+        raise UserError("BU needs a model with dropout layers (build it with dropout > 0, e.g. 0.3)")
     order: list[nn.Module] = []
     handles = [d.register_forward_pre_hook(lambda mod, args: order.append(mod)) for d in dropouts]
     try:
@@ -41,7 +42,7 @@ def mc_dropout_logits(model: nn.Module, x: torch.Tensor, passes: int, seed: int)
     finally:
         handle.remove()
     if logits.shape[0] != passes * len(x):
-        raise ValueError(f"the model's layers after its first dropout are not per-sample (got {logits.shape[0]} rows)")
+        raise UserError(f"the model's layers after its first dropout are not per-sample (got {logits.shape[0]} rows)")
     return logits.reshape(passes, len(x), -1)
 
 
@@ -49,13 +50,15 @@ class BU(Detector):
     """MC-dropout uncertainty: one score column (``"mc_dropout"``), turned into the detector score by LR."""
 
     name = "bu"
+    requires = Requirements(dropout=True)
+    cost = Cost(seconds_per_image=1e-3, model_passes=2.5)
 
     def __init__(self, passes: int = 50, batch_size: int = 64, reference_compat: bool = False, seed: int = 0) -> None:
         super().__init__(None, reference_compat, seed)
         if passes < 2:
-            raise ValueError(f"passes must be >= 2, got {passes}")
+            raise UserError(f"passes must be >= 2, got {passes}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         self.passes, self.batch_size = int(passes), int(batch_size)
 
     def _resolve_layers(self, feats: Features) -> list[str]:

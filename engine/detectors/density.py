@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.detectors.base import Detector, TooFewExamples, class_labels
+from engine.detectors.base import Cost, Detector, Requirements, TooFewExamples, class_labels
 from engine.detectors.features import Features
+from engine.errors import UserError
 from engine.ops import kde_log_density, knn_distances, lid
 
 BANDWIDTH_FACTORS = tuple(np.geomspace(0.25, 4.0, 9))  # KD CV grid, times the median within-class 1-NN distance
@@ -24,6 +25,8 @@ class KD(Detector):
     """
 
     name = "kd"
+    requires = Requirements(training_features=True)
+    cost = Cost(seconds_per_image=2.3e-3)
 
     def __init__(
         self,
@@ -35,9 +38,9 @@ class KD(Detector):
     ) -> None:
         super().__init__(layers, reference_compat, seed)
         if bandwidth is not None and not bandwidth > 0:
-            raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
+            raise UserError(f"bandwidth must be > 0, got {bandwidth}")
         if cv_folds < 2:
-            raise ValueError(f"cv_folds must be >= 2, got {cv_folds}")
+            raise UserError(f"cv_folds must be >= 2, got {cv_folds}")
         self.bandwidth = bandwidth
         self.cv_folds = int(cv_folds)
         self.refs_: list[np.ndarray] = []
@@ -110,6 +113,7 @@ class LID(Detector):
     """
 
     name = "lid"
+    cost = Cost(seconds_per_image=6e-4)
 
     def __init__(
         self,
@@ -121,7 +125,7 @@ class LID(Detector):
     ) -> None:
         super().__init__(layers, reference_compat, seed)
         if k < 1 or batch_size <= k + 1:
-            raise ValueError(f"need 1 <= k < batch_size - 1, got k={k}, batch_size={batch_size}")
+            raise UserError(f"need 1 <= k < batch_size - 1, got k={k}, batch_size={batch_size}")
         self.k, self.batch_size = int(k), int(batch_size)
         self.refs_: list[np.ndarray] = []
 

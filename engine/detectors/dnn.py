@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.detectors.base import Detector, Needs
+from engine.detectors.base import Cost, Detector, Needs, Requirements
 from engine.detectors.features import Features
+from engine.errors import UserError
 
 
 def detector_net(channels: int, size: int, width: float = 1.0) -> nn.Sequential:
@@ -46,6 +47,8 @@ class DNN(Detector):
     """Per-layer CNN detectors on raw feature maps (default: every layer whose raw map was extracted)."""
 
     name = "dnn"
+    requires = Requirements(raw_maps=True)
+    cost = Cost(seconds_per_image=7.5e-3)
     combine = "mean"
 
     def __init__(
@@ -60,7 +63,7 @@ class DNN(Detector):
     ) -> None:
         super().__init__(layers, False, seed)
         if width <= 0 or epochs < 1 or patience < 0 or lr <= 0 or batch_size < 1:
-            raise ValueError(
+            raise UserError(
                 f"need width > 0, epochs >= 1, patience >= 0, lr > 0, batch_size >= 1; got {width}, {epochs}, "
                 f"{patience}, {lr}, {batch_size}"
             )
@@ -79,7 +82,7 @@ class DNN(Detector):
     def _resolve_layers(self, feats: Features) -> list[str]:
         layers = list(feats.raw) if self.layers is None else self.layers
         if not layers:
-            raise ValueError("DNN needs raw feature maps: extract them with FeatureCache(raw_layers=[...])")
+            raise UserError("DNN needs raw feature maps: extract them with FeatureCache(raw_layers=[...])")
         for name in layers:
             feats.raw_map(name)
         return layers
@@ -94,7 +97,7 @@ class DNN(Detector):
             name = self.layers_[j]
             maps = x.raw_map(name)
             if maps.dim() != 4 or maps.shape[1] != self.dims_[name] or maps.shape[-1] != self.sizes_[j]:
-                raise ValueError(
+                raise UserError(
                     f"raw map of layer {name!r} has shape {tuple(maps.shape[1:])}; the detector was fitted on "
                     f"({self.dims_[name]}, *, {self.sizes_[j]})"
                 )

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.errors import UserError, UserTypeError
 from engine.models import FeatureExtractor, extract_pooled, pool_feature
 
 Extractor = Callable[[torch.Tensor], tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
@@ -35,21 +36,21 @@ class Features:
     def __post_init__(self) -> None:
         self.logits = np.asarray(self.logits)
         if self.logits.ndim != 2:
-            raise ValueError(f"logits must be (N, classes), got shape {self.logits.shape}")
+            raise UserError(f"logits must be (N, classes), got shape {self.logits.shape}")
         n = len(self.logits)
         self.pooled = {name: np.asarray(value) for name, value in self.pooled.items()}
         for name, value in self.pooled.items():
             if value.ndim != 2 or len(value) != n:
-                raise ValueError(f"pooled feature {name!r} must be ({n}, C), got shape {value.shape}")
+                raise UserError(f"pooled feature {name!r} must be ({n}, C), got shape {value.shape}")
         for name, value in self.raw.items():
             if value.dim() < 3 or len(value) != n:
-                raise ValueError(f"raw feature {name!r} must be ({n}, C, H, W), got shape {tuple(value.shape)}")
+                raise UserError(f"raw feature {name!r} must be ({n}, C, H, W), got shape {tuple(value.shape)}")
         if self.images is not None and len(self.images) != n:
-            raise ValueError(f"images has {len(self.images)} rows but logits has {n}")
+            raise UserError(f"images has {len(self.images)} rows but logits has {n}")
         if self.labels is not None:
             self.labels = np.asarray(self.labels, dtype=np.int64)
             if self.labels.shape != (n,):
-                raise ValueError(f"labels must have shape ({n},), got {self.labels.shape}")
+                raise UserError(f"labels must have shape ({n},), got {self.labels.shape}")
 
     def __len__(self) -> int:
         return len(self.logits)
@@ -69,7 +70,7 @@ class Features:
             raise KeyError(f"layer {name!r} was not extracted; available: {self.layer_names}")
         value = self.pooled[name]
         if dim is not None and value.shape[1] != dim:
-            raise ValueError(f"layer {name!r} has {value.shape[1]} channels but the detector was fitted on {dim}")
+            raise UserError(f"layer {name!r} has {value.shape[1]} channels but the detector was fitted on {dim}")
         return value
 
     def raw_map(self, name: str) -> torch.Tensor:
@@ -83,7 +84,7 @@ class Features:
 
     def require_images(self, who: str) -> torch.Tensor:
         if self.images is None:
-            raise ValueError(f"{who} runs the model on the images: extract these Features with keep_images=True")
+            raise UserError(f"{who} runs the model on the images: extract these Features with keep_images=True")
         return self.images
 
     def subset(self, index: np.ndarray | Sequence[int]) -> Features:
@@ -104,11 +105,11 @@ class Features:
     def concat(parts: Sequence[Features]) -> Features:
         """Stack feature sets with the same layers row-wise."""
         if not parts:
-            raise ValueError("concat needs at least one Features")
+            raise UserError("concat needs at least one Features")
         first = parts[0]
         for p in parts[1:]:
             if p.layer_names != first.layer_names or list(p.raw) != list(first.raw):
-                raise ValueError(f"cannot concat Features with layers {p.layer_names} and {first.layer_names}")
+                raise UserError(f"cannot concat Features with layers {p.layer_names} and {first.layer_names}")
         has_images = all(p.images is not None for p in parts)
         has_labels = all(p.labels is not None for p in parts)
         return Features(
@@ -139,9 +140,9 @@ class FeatureCache:
         extractor: Extractor | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise UserTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
@@ -197,7 +198,7 @@ def _as_images(images: Any, labels: Any) -> tuple[torch.Tensor, np.ndarray | Non
         images = torch.from_numpy(images)
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
-        raise ValueError(f"images must be a (N, C, H, W) tensor/array or a Dataset, got {shape}")
+        raise UserError(f"images must be a (N, C, H, W) tensor/array or a Dataset, got {shape}")
     if labels is not None:
         labels = np.asarray(labels, dtype=np.int64)
     return images.detach().cpu(), labels

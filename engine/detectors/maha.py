@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.detectors.base import Detector, LayerCombiner, Needs, class_labels
+from engine.detectors.base import Cost, Detector, LayerCombiner, Needs, Requirements, class_labels
 from engine.detectors.features import Features
+from engine.errors import UserError
 from engine.metrics import auroc
 from engine.ops import mahalanobis
 
@@ -34,7 +35,7 @@ class TiedGaussian:
 
     def __init__(self, reg: float = RIDGE) -> None:
         if not reg > 0:
-            raise ValueError(f"reg must be > 0, got {reg!r}")
+            raise UserError(f"reg must be > 0, got {reg!r}")
         self.reg = float(reg)
         self.means: np.ndarray | None = None
         self.precision: np.ndarray | None = None
@@ -43,9 +44,9 @@ class TiedGaussian:
         x = np.asarray(features, dtype=np.float64)
         y = np.asarray(labels)
         if x.ndim != 2 or not len(x) or not np.isfinite(x).all():
-            raise ValueError(f"features must be a finite, non-empty (N, d) array, got shape {x.shape}")
+            raise UserError(f"features must be a finite, non-empty (N, d) array, got shape {x.shape}")
         if y.shape != (len(x),):
-            raise ValueError(f"labels must have shape ({len(x)},), got {y.shape}")
+            raise UserError(f"labels must have shape ({len(x)},), got {y.shape}")
         classes = np.unique(y)
         self.means = np.stack([x[y == c].mean(0) for c in classes])
         centred = x - self.means[np.searchsorted(classes, y)]
@@ -58,10 +59,10 @@ class TiedGaussian:
     def min_distance(self, features: Any) -> np.ndarray:
         """(N,) squared Mahalanobis distance of each row to the nearest class mean."""
         if self.means is None:
-            raise ValueError("TiedGaussian is not fitted; call fit(features, labels) first")
+            raise UserError("TiedGaussian is not fitted; call fit(features, labels) first")
         x = np.asarray(features, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.means.shape[1]:
-            raise ValueError(f"features must have {self.means.shape[1]} columns, got shape {x.shape}")
+            raise UserError(f"features must have {self.means.shape[1]} columns, got shape {x.shape}")
         return np.asarray(mahalanobis(x, self.means, self.precision)).min(axis=1)
 
 
@@ -72,6 +73,8 @@ class MAHA(Detector):
     """
 
     name = "maha"
+    requires = Requirements(training_features=True)
+    cost = Cost(seconds_per_image=1.2e-2, model_passes=7.0)  # feature sets x input preprocessing steps
 
     def __init__(
         self,
@@ -85,12 +88,12 @@ class MAHA(Detector):
     ) -> None:
         super().__init__(layers, reference_compat, seed)
         if not reg > 0:
-            raise ValueError(f"reg must be > 0, got {reg!r}")
+            raise UserError(f"reg must be > 0, got {reg!r}")
         self.reg = float(reg)
         if magnitude is not None and magnitude < 0:
-            raise ValueError(f"magnitude must be >= 0, got {magnitude}")
+            raise UserError(f"magnitude must be >= 0, got {magnitude}")
         if not magnitudes or min(magnitudes) < 0:
-            raise ValueError(f"magnitudes must be a non-empty tuple of values >= 0, got {magnitudes}")
+            raise UserError(f"magnitudes must be a non-empty tuple of values >= 0, got {magnitudes}")
         self.magnitude = magnitude
         self.magnitudes = tuple(float(m) for m in magnitudes)
         self.select_max = int(select_max)
@@ -121,7 +124,7 @@ class MAHA(Detector):
         """Set ``magnitude_`` to the best of ``magnitudes`` on at most ``select_max`` examples per set and return
         those examples' layer scores at it (clean, adversarial, noise), on which the combiner is then fitted."""
         if self.source is None or clean.images is None:
-            raise ValueError(
+            raise UserError(
                 "MAHA selects its preprocessing magnitude by running the model: fit with a FeatureCache "
                 "on images, or pass magnitude=0.0 to score features without preprocessing"
             )

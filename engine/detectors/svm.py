@@ -11,8 +11,9 @@ import logging
 
 import numpy as np
 
-from engine.detectors.base import Detector, class_labels
+from engine.detectors.base import Cost, Detector, Requirements, class_labels
 from engine.detectors.features import Features
+from engine.errors import UserError
 from engine.ops import mahalanobis
 
 log = logging.getLogger("engine.detectors")
@@ -30,7 +31,7 @@ class RBFSVM:
         from sklearn.svm import SVC
 
         if len(np.unique(y)) != 2:
-            raise ValueError(f"an SVM needs both classes in its training labels, got {np.unique(y).tolist()}")
+            raise UserError(f"an SVM needs both classes in its training labels, got {np.unique(y).tolist()}")
         svc = SVC(kernel="rbf", C=self.C, gamma=self.gamma, class_weight="balanced").fit(X, y)
         self.support = np.ascontiguousarray(svc.support_vectors_, dtype=np.float64)
         self.coef = svc.dual_coef_[0].astype(np.float64)
@@ -63,6 +64,7 @@ class SVM(Detector):
     """
 
     name = "svm"
+    cost = Cost(seconds_per_image=5e-4)
     combine = "mean"  # one column: the SVM decision value itself
 
     def __init__(
@@ -75,7 +77,7 @@ class SVM(Detector):
     ) -> None:
         super().__init__(layers, False, seed)
         if levels is not None and levels < 2:
-            raise ValueError(f"levels must be >= 2 (or None for continuous features), got {levels}")
+            raise UserError(f"levels must be >= 2 (or None for continuous features), got {levels}")
         self.levels, self.C, self.gamma = levels, C, gamma
         self.shift_ = self.scale_ = self.svm_ = None
 
@@ -140,6 +142,8 @@ class DNR(Detector):
     """
 
     name = "dnr"
+    requires = Requirements(training_features=True)
+    cost = Cost(seconds_per_image=2e-3)
     combine = "mean"
 
     def __init__(
@@ -154,9 +158,9 @@ class DNR(Detector):
     ) -> None:
         super().__init__(layers, False, seed)
         if not 0 < reject_rate < 1:
-            raise ValueError(f"reject_rate must be in (0, 1), got {reject_rate}")
+            raise UserError(f"reject_rate must be in (0, 1), got {reject_rate}")
         if cv_folds < 2:
-            raise ValueError(f"cv_folds must be >= 2, got {cv_folds}")
+            raise UserError(f"cv_folds must be >= 2, got {cv_folds}")
         self.C, self.gamma, self.reject_rate = C, gamma, float(reject_rate)
         self.cv_folds, self.max_train = int(cv_folds), int(max_train)
         self.classes_ = self.shift_ = self.scale_ = None
@@ -213,7 +217,7 @@ class DNR(Detector):
             train, labels = train.subset(np.sort(keep)), labels[np.sort(keep)]
         self.classes_ = np.unique(labels)
         if len(self.classes_) < 2:
-            raise ValueError(
+            raise UserError(
                 f"DNR needs training examples of at least 2 classes with >= cv_folds={self.cv_folds} each, got "
                 f"classes {classes.tolist()} with counts {counts.tolist()}"
             )

@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from engine.detectors.base import Detector
+from engine.detectors.base import Detector, Requirements
 from engine.detectors.features import Features
+from engine.errors import UserError, UserTypeError
 from engine.metrics import robust_location_scale
 from engine.mixture import GaussianMixture
 from engine.ops import gmm_log_prob
@@ -36,11 +37,12 @@ class Typicality(Detector):
     """
 
     name = "typicality"
+    requires = Requirements(mixtures=True)
 
     def __init__(self, layers: list[str] | str | None = None, min_reference: int = 5, seed: int = 0) -> None:
         super().__init__(layers, False, seed)
         if isinstance(min_reference, bool) or not isinstance(min_reference, int) or min_reference < 2:
-            raise ValueError(f"min_reference must be an int >= 2, got {min_reference!r}")
+            raise UserError(f"min_reference must be an int >= 2, got {min_reference!r}")
         self.min_reference = min_reference
         self.mixtures_: dict[str, list[GaussianMixture]] | None = None
         self.reference_: Features | None = None
@@ -51,22 +53,24 @@ class Typicality(Detector):
         """Give the HFC mixtures (one per class, per layer) and the clean validation ``reference`` features that
         set each (layer, class)'s typical log-likelihood; call before :meth:`fit`."""
         if not isinstance(mixtures, Mapping):
-            raise TypeError(f"mixtures must be a mapping layer -> [GaussianMixture per class], got {mixtures!r:.80}")
+            raise UserTypeError(
+                f"mixtures must be a mapping layer -> [GaussianMixture per class], got {mixtures!r:.80}"
+            )
         n_classes = {len(per_class) for per_class in mixtures.values()}
         if len(n_classes) != 1 or 0 in n_classes:
-            raise ValueError(f"mixtures must hold one mixture per class for every layer, got counts {n_classes}")
+            raise UserError(f"mixtures must hold one mixture per class for every layer, got counts {n_classes}")
         for name, per_class in mixtures.items():
             for c, gm in enumerate(per_class):
                 if not isinstance(gm, GaussianMixture):
-                    raise TypeError(
+                    raise UserTypeError(
                         f"mixtures[{name!r}][{c}] must be an engine.GaussianMixture, got {type(gm).__name__}"
                     )
         if not isinstance(reference, Features):
-            raise TypeError(
+            raise UserTypeError(
                 f"reference must be the Features of clean validation images, got {type(reference).__name__}"
             )
         if len(reference) == 0:
-            raise ValueError("reference holds no image: pass the Features of clean validation images")
+            raise UserError("reference holds no image: pass the Features of clean validation images")
         self.mixtures_ = {name: list(per_class) for name, per_class in mixtures.items()}
         self.reference_ = reference
         return self
@@ -76,25 +80,25 @@ class Typicality(Detector):
 
     def _resolve_layers(self, feats: Features) -> list[str]:
         if self.mixtures_ is None or self.reference_ is None:
-            raise ValueError(
+            raise UserError(
                 "typicality needs the HFC mixtures and clean validation features: call "
                 "set_reference(mixtures, reference) before fit"
             )
         layers = super()._resolve_layers(feats)
         missing = [name for name in layers if name not in self.mixtures_]
         if missing:
-            raise ValueError(f"layers {missing} have no mixture; the mixtures cover {list(self.mixtures_)}")
+            raise UserError(f"layers {missing} have no mixture; the mixtures cover {list(self.mixtures_)}")
         for name in layers:
             dims = {int(feats.layer(name).shape[1]), self.mixtures_[name][0].dim}
             if len(dims) != 1:
-                raise ValueError(f"layer {name!r}: features and mixtures disagree on the width, got {sorted(dims)}")
+                raise UserError(f"layer {name!r}: features and mixtures disagree on the width, got {sorted(dims)}")
         return layers
 
     def _fit(self, clean, adversarial, noise, train):
         ref = self.reference_
         keep = np.ones(len(ref), bool) if ref.labels is None else ref.preds == ref.labels
         if keep.sum() < self.min_reference:
-            raise ValueError(
+            raise UserError(
                 f"typicality needs >= min_reference={self.min_reference} correctly classified reference images, "
                 f"got {int(keep.sum())}"
             )
@@ -118,7 +122,7 @@ class Typicality(Detector):
         """(N,) log p(feats[i] | mixture of class classes[i]) at layer ``self.layers_[j]``."""
         mixtures = self.mixtures_[self.layers_[j]]
         if len(classes) and classes.max() >= len(mixtures):
-            raise ValueError(f"predicted class {int(classes.max())} has no mixture; the mixtures cover {len(mixtures)}")
+            raise UserError(f"predicted class {int(classes.max())} has no mixture; the mixtures cover {len(mixtures)}")
         feats = np.ascontiguousarray(feats, dtype=np.float64)
         out = np.empty(len(feats))
         for c in np.unique(classes):
@@ -158,7 +162,7 @@ def _location_scale(values: np.ndarray, layer: str, who: str) -> tuple[float, fl
     """(median, 1.4826 x MAD) of reference log-likelihoods; ValueError when they have no spread."""
     median, scale = robust_location_scale(values)
     if not scale > 0:
-        raise ValueError(
+        raise UserError(
             f"typicality: the reference log-likelihoods of layer {layer!r}, {who}, have no spread (MAD 0 over "
             f"{len(values)} images): the reference needs distinct clean images"
         )

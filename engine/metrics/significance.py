@@ -1,5 +1,6 @@
 """Comparisons of models on the same test images and over repeated seeds: quadratic kappa over shared resamples,
-the paired t-test, the paired equivalence test (TOST) and Student-t confidence intervals of a mean."""
+the paired t-test, the paired equivalence test (TOST), Student-t confidence intervals of a mean and the exact
+binomial interval of a proportion."""
 
 from __future__ import annotations
 
@@ -96,18 +97,15 @@ def mean_ci(values: Any, level: float = 0.95) -> dict[str, Any]:
 
 
 def binomial_ci(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
-    """Exact (Clopper-Pearson) interval of a proportion ``successes`` / ``trials``, e.g. an attack's success rate;
-    (NaN, NaN) for zero trials. Conservative: it covers at least ``level`` for every true proportion."""
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level!r}")
-    if isinstance(trials, bool) or int(trials) != trials or trials < 0:
-        raise ValueError(f"trials must be an int >= 0, got {trials!r}")
-    if isinstance(successes, bool) or int(successes) != successes or not 0 <= successes <= trials:
-        raise ValueError(f"successes must be an int in [0, trials={trials}], got {successes!r}")
+    """Exact (Clopper-Pearson) interval of a binomial proportion: ``successes`` of ``trials`` (NaN, NaN for none)."""
+    if not 0 <= successes <= trials or not 0 < level < 1:
+        raise ValueError(f"need 0 <= successes <= trials and 0 < level < 1, got {successes}, {trials}, {level}")
     if trials == 0:
         return float("nan"), float("nan")
-    interval = stats.binomtest(int(successes), int(trials)).proportion_ci(confidence_level=level, method="exact")
-    return float(interval.low), float(interval.high)
+    alpha = 1 - level
+    low = stats.beta.ppf(alpha / 2, successes, trials - successes + 1) if successes > 0 else 0.0
+    high = stats.beta.ppf(1 - alpha / 2, successes + 1, trials - successes) if successes < trials else 1.0
+    return float(low), float(high)
 
 
 def percentile_ci(replicates: Any, level: float = 0.95) -> tuple[float, float]:

@@ -6,6 +6,7 @@ See docs/models.md for the layer naming scheme and the checkpoint format.
 from engine.models.augment import Augment
 from engine.models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from engine.models.classifier import (
+    ARCHITECTURES,
     ImageClassifier,
     Normalize,
     available_models,
@@ -22,7 +23,6 @@ from engine.models.conventions import (
     InputConvention,
     input_shape,
     model_fingerprint,
-    state_fingerprint,
 )
 from engine.models.evaluate import channel_stats, evaluate, label_with_model, predict_logits
 from engine.models.features import (
@@ -41,9 +41,10 @@ from engine.models.features import (
     stage_outputs,
 )
 from engine.models.memory import auto_batch_size, eval_mode, model_device, model_dtype
-from engine.models.train import TrainResult, train, train_model
+from engine.models.train import TrainConfig, TrainResult, train, train_model
 
 __all__ = [
+    "ARCHITECTURES",
     "CONSTRAINED",
     "EARLY_STAGES",
     "OUTPUT_KINDS",
@@ -54,6 +55,7 @@ __all__ = [
     "ImageClassifier",
     "InputConvention",
     "Normalize",
+    "TrainConfig",
     "TrainResult",
     "auto_batch_size",
     "available_layers",
@@ -83,7 +85,6 @@ __all__ = [
     "set_mc_dropout",
     "layer_shapes",
     "spatial_layers",
-    "state_fingerprint",
     "stage_outputs",
     "train",
     "train_model",

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.errors import UserError
+
 
 @dataclass(frozen=True)
 class Augment:
@@ -27,7 +29,7 @@ class Augment:
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if x.dim() != 4:
-            raise ValueError(f"x must be a batch (N,C,H,W), got shape {tuple(x.shape)}")
+            raise UserError(f"x must be a batch (N,C,H,W), got shape {tuple(x.shape)}")
         n = x.shape[0]
 
         def uniform(scale: float, *shape: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import engine
+from engine.errors import UserError, UserTypeError
 from engine.fileio import atomic_write
 from engine.models.classifier import ImageClassifier, build_model, load_torchvision_state_dict
 from engine.models.conventions import (
@@ -64,7 +65,7 @@ def save_checkpoint(
 ) -> Path:
     """Write ``model`` (an :class:`ImageClassifier` from build_model) with ``meta`` to ``path`` atomically."""
     if not isinstance(model, ImageClassifier):
-        raise TypeError(f"model must be an ImageClassifier from build_model, got {type(model).__name__}")
+        raise UserTypeError(f"model must be an ImageClassifier from build_model, got {type(model).__name__}")
     meta = {"versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {})}
     meta.setdefault("normalization", {"mean": model.config["mean"], "std": model.config["std"]})
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -79,12 +80,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read a checkpoint written by :func:`save_checkpoint` (raises ValueError for any other file)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"checkpoint path {str(path)!r} is not a file")
+        raise UserError(f"checkpoint path {str(path)!r} is not a file")
     obj = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r} is not an hfc-engine checkpoint")
+        raise UserError(f"{str(path)!r} is not an hfc-engine checkpoint")
     if obj.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{str(path)!r} has format_version {obj['format_version']}; this engine reads <= 1")
+        raise UserError(f"{str(path)!r} has format_version {obj['format_version']}; this engine reads <= 1")
     return obj
 
 
@@ -147,10 +148,10 @@ def load_model(
             return source.eval()
         return ForeignModel(source, convention, output, name or type(source).__name__).eval()
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"source must be an nn.Module or a file path, got {type(source).__name__}")
+        raise UserTypeError(f"source must be an nn.Module or a file path, got {type(source).__name__}")
     path = Path(source)
     if not path.is_file():
-        raise ValueError(f"model path {str(path)!r} is not a file")
+        raise UserError(f"model path {str(path)!r} is not a file")
     if _is_onnx(path):
         return onnx_model(path, convention, output, parity_tolerance, name)
     if _is_torchscript(path):
@@ -161,7 +162,7 @@ def load_model(
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise ValueError(
+        raise UserError(
             f"{str(path)!r} is neither an ONNX file, a TorchScript file, an hfc-engine checkpoint nor a state_dict "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
         ) from None
@@ -176,11 +177,11 @@ def _from_torch_file(
         return model_from_checkpoint(load_checkpoint(path)).eval()
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if arch is None or num_classes is None:
-            raise ValueError(f"{str(path)!r} is a bare state_dict: pass arch= and num_classes= to rebuild the model")
+            raise UserError(f"{str(path)!r} is a bare state_dict: pass arch= and num_classes= to rebuild the model")
         model = build_model(arch, num_classes, **options)
         if any(k.startswith("net.") for k in obj):
             model.load_state_dict(obj, strict=True)
         else:
             load_torchvision_state_dict(model, obj)
         return model.eval()
-    raise ValueError(f"{str(path)!r} is neither a TorchScript file, an hfc-engine checkpoint nor a state_dict")
+    raise UserError(f"{str(path)!r} is neither a TorchScript file, an hfc-engine checkpoint nor a state_dict")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.errors import UserError, UserTypeError
 from engine.models.resnet import resnet18, resnet50
 from engine.models.vgg import vgg16, vgg16_bn
 
@@ -41,9 +42,9 @@ class Normalize(nn.Module):
         super().__init__()
         mean, std = [float(v) for v in mean], [float(v) for v in std]
         if len(mean) != len(std):
-            raise ValueError(f"mean and std must have the same length, got {len(mean)} and {len(std)}")
+            raise UserError(f"mean and std must have the same length, got {len(mean)} and {len(std)}")
         if not all(v > 0 for v in std):
-            raise ValueError(f"std must be positive, got {tuple(std)}")
+            raise UserError(f"std must be positive, got {tuple(std)}")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
 
@@ -83,24 +84,24 @@ def build_model(name: str, num_classes: int, **options: Any) -> ImageClassifier:
     ResNets also ``small_stem``, VGGs ``hidden`` and ``pool_size``.
     """
     if name not in ARCHITECTURES:
-        raise ValueError(f"name must be one of {available_models()}, got {name!r}")
+        raise UserError(f"name must be one of {available_models()}, got {name!r}")
     factory, allowed = ARCHITECTURES[name]
     unknown = sorted(set(options) - set(allowed) - set(_WRAPPER_OPTIONS))
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for {name}; accepted: {sorted(allowed + _WRAPPER_OPTIONS)}")
+        raise UserTypeError(f"unknown option(s) {unknown} for {name}; accepted: {sorted(allowed + _WRAPPER_OPTIONS)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2 (binary tasks use 2 logits), got {num_classes!r}")
+        raise UserError(f"num_classes must be an int >= 2 (binary tasks use 2 logits), got {num_classes!r}")
     in_channels = options.get("in_channels", 3)
     if in_channels not in (1, 3):
-        raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
+        raise UserError(f"in_channels must be 1 or 3, got {in_channels!r}")
     if not float(options.get("width", 1.0)) > 0:
-        raise ValueError(f"width must be > 0, got {options['width']!r}")
+        raise UserError(f"width must be > 0, got {options['width']!r}")
     if not 0.0 <= float(options.get("dropout", 0.0)) < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {options['dropout']!r}")
+        raise UserError(f"dropout must be in [0, 1), got {options['dropout']!r}")
     mean = tuple(float(v) for v in options.get("mean", IMAGENET_MEAN if in_channels == 3 else GRAY_MEAN))
     std = tuple(float(v) for v in options.get("std", IMAGENET_STD if in_channels == 3 else GRAY_STD))
     if len(mean) != in_channels or len(std) != in_channels:
-        raise ValueError(f"mean and std need {in_channels} values (in_channels), got {len(mean)} and {len(std)}")
+        raise UserError(f"mean and std need {in_channels} values (in_channels), got {len(mean)} and {len(std)}")
     net = factory(num_classes=num_classes, **{k: v for k, v in options.items() if k in allowed})
     config = {"name": name, "num_classes": num_classes, **options, "mean": list(mean), "std": list(std)}
     return ImageClassifier(net, mean, std, config)
@@ -136,7 +137,7 @@ def load_torchvision_state_dict(
     mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if mismatched:
         details = ", ".join(f"{k}: expected {tuple(own[k].shape)}, got {tuple(state[k].shape)}" for k in mismatched)
-        raise ValueError(f"state_dict shapes do not match the model ({details})")
+        raise UserError(f"state_dict shapes do not match the model ({details})")
     net.load_state_dict(state, strict=True)
 
 
@@ -152,7 +153,7 @@ def set_mc_dropout(model: nn.Module, enabled: bool = True) -> int:
     """
     layers = dropout_modules(model)
     if enabled and not layers:
-        raise ValueError("MC-dropout needs a model with dropout layers; build it with dropout > 0 (e.g. 0.3)")
+        raise UserError("MC-dropout needs a model with dropout layers; build it with dropout > 0 (e.g. 0.3)")
     for m in layers:
         m.train(enabled)
     return len(layers)

@@ -18,8 +18,10 @@ from typing import Any
 
 import onnx
 import torch
+from google.protobuf.message import DecodeError
 from torch import fx, nn
 
+from engine.errors import UserError, UserTypeError
 from engine.models.classifier import Wrapped
 from engine.models.onnx import Conversion, convert_onnx, convert_torchscript, onnx_input_dims, strip_softmax
 
@@ -28,7 +30,7 @@ OUTPUT_KINDS = ("logits", "probabilities", "log_probabilities")
 FINGERPRINT_KEY = "fingerprint"  # ONNX metadata / converted model meta: the source model's fingerprint
 
 
-def state_fingerprint(module: nn.Module) -> str:
+def _weights_digest(module: nn.Module) -> str:
     """Hash (16 hex digits) of ``module``'s parameters and persistent buffers: dtypes, shapes and values in
     state_dict order, not their names (a wrapper's prefix or a TorchScript copy keeps the fingerprint)."""
     digest = hashlib.sha256()
@@ -40,12 +42,13 @@ def state_fingerprint(module: nn.Module) -> str:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """The fingerprint fitted detectors record: the source model's when ``model`` was converted from a file that
-    carries one (an ONNX export's metadata, a TorchScript module's weights), else :func:`state_fingerprint`."""
+    """A model's one fingerprint (what fitted detectors record): the source model's when ``model`` was converted
+    from a file that carries one (an ONNX export's metadata, a TorchScript module's weights), else a hash (16 hex
+    digits) of its weights: parameters and persistent buffers, dtypes, shapes and values in state_dict order."""
     meta = getattr(model, "meta", None)
     if isinstance(meta, Mapping) and meta.get(FINGERPRINT_KEY):
         return str(meta[FINGERPRINT_KEY])
-    return state_fingerprint(model)
+    return _weights_digest(model)
 
 
 @dataclass(frozen=True)
@@ -65,24 +68,24 @@ class InputConvention:
         if value is None or isinstance(value, InputConvention):
             return value or cls()
         if not isinstance(value, Mapping):
-            raise TypeError(f"{key} must be a mapping of {[f.name for f in fields(cls)]}, got {value!r}")
+            raise UserTypeError(f"{key} must be a mapping of {[f.name for f in fields(cls)]}, got {value!r}")
         unknown = sorted(set(value) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"{key} has unknown keys {unknown}; allowed: {[f.name for f in fields(cls)]}")
+            raise UserError(f"{key} has unknown keys {unknown}; allowed: {[f.name for f in fields(cls)]}")
         layout = str(value.get("layout") or "NCHW").upper()
         if layout not in LAYOUTS:
-            raise ValueError(f"{key}.layout must be one of {LAYOUTS}, got {value.get('layout')!r}")
+            raise UserError(f"{key}.layout must be one of {LAYOUTS}, got {value.get('layout')!r}")
         low, high = _numbers(value.get("range") or (0.0, 1.0), f"{key}.range", length=2)
         if not high > low:
-            raise ValueError(f"{key}.range must be [low, high] with high > low, e.g. [0, 255], got {[low, high]}")
+            raise UserError(f"{key}.range must be [low, high] with high > low, e.g. [0, 255], got {[low, high]}")
         mean, std = (_numbers(value[k], f"{key}.{k}") if value.get(k) is not None else None for k in ("mean", "std"))
         if (mean is None) != (std is None) or (mean and len(mean) != len(std)) or (std and min(std) <= 0):
-            raise ValueError(f"{key}.mean and {key}.std must be given together, of equal length, std > 0")
+            raise UserError(f"{key}.mean and {key}.std must be given together, of equal length, std > 0")
         size = value.get("size")
         if size is not None:
             size = tuple(int(v) for v in _numbers(size, f"{key}.size", length=3))
             if min(size) < 1:
-                raise ValueError(f"{key}.size must be (C, H, W) of positive integers, got {list(size)}")
+                raise UserError(f"{key}.size must be (C, H, W) of positive integers, got {list(size)}")
         return cls(layout, (low, high), mean, std, size)
 
 
@@ -95,13 +98,13 @@ def _numbers(value: Any, key: str, length: int | None = None) -> tuple[float, ..
         or (length is not None and len(items) != length)
         or not items
     ):
-        raise ValueError(f"{key} must be a list of {length or 'one or more'} numbers, got {value!r}")
+        raise UserError(f"{key} must be a list of {length or 'one or more'} numbers, got {value!r}")
     return tuple(float(v) for v in items)
 
 
 def check_output(output: str, key: str = "output") -> str:
     if output not in OUTPUT_KINDS:
-        raise ValueError(f"{key} must be one of {OUTPUT_KINDS}, got {output!r}")
+        raise UserError(f"{key} must be one of {OUTPUT_KINDS}, got {output!r}")
     return output
 
 
@@ -133,7 +136,7 @@ class ForeignModel(Wrapped):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = self.convention.size
         if size is not None and tuple(x.shape[1:]) != size:
-            raise ValueError(
+            raise UserError(
                 f"{self.name} takes (C, H, W) = {size} images, got {tuple(x.shape[1:])}: set the dataset's "
                 "image_size / channels to match (or model.input.size if that is wrong)"
             )
@@ -154,7 +157,10 @@ def onnx_model(
     path: Path, convention: InputConvention, output: str, tolerance: float | None, name: str | None = None
 ) -> ForeignModel:
     """Convert the ONNX file at ``path`` (checked against onnxruntime) behind ``convention``."""
-    proto = onnx.load(str(path))
+    try:
+        proto = onnx.load(str(path))
+    except DecodeError as exc:
+        raise UserError(f"{str(path)!r} is not a readable ONNX file (truncated or not ONNX: {exc})") from None
     input_name, dims = onnx_input_dims(proto)
     convention = _with_onnx_size(convention, input_name, dims, str(path))
     c, h, w = convention.size or (3, 224, 224)
@@ -172,20 +178,20 @@ def _with_onnx_size(
 ) -> InputConvention:
     """Check the declared layout against the graph input's static dims; take (C, H, W) from them if static."""
     if len(dims) != 4:
-        raise ValueError(f"{source}: input {input_name!r} has {len(dims)} dims; an image model takes 4 (N, C, H, W)")
+        raise UserError(f"{source}: input {input_name!r} has {len(dims)} dims; an image model takes 4 (N, C, H, W)")
     nchw, nhwc = dims[1:], [dims[3], dims[1], dims[2]]
     channels_first = dims[1] in (1, 3, 4) and dims[3] not in (1, 3, 4)
     channels_last = dims[3] in (1, 3, 4) and dims[1] not in (1, 3, 4)
     if (convention.layout == "NCHW" and channels_last) or (convention.layout == "NHWC" and channels_first):
         other = "NHWC" if convention.layout == "NCHW" else "NCHW"
-        raise ValueError(
+        raise UserError(
             f"{source}: layout {convention.layout} declared, but input {input_name!r} has shape "
             f"{['N' if d is None else d for d in dims]} ({other}); declare layout: {other} (model.input.layout)"
         )
     static = nchw if convention.layout == "NCHW" else nhwc
     size = convention.size
     if size is not None and any(d not in (None, s) for d, s in zip(static, size, strict=True)):
-        raise ValueError(
+        raise UserError(
             f"{source}: input {input_name!r} takes (C, H, W) = {tuple('any' if d is None else d for d in static)}, "
             f"not {convention.size}: resize the data (the dataset's image_size / channels) or fix model.input.size"
         )
@@ -204,7 +210,7 @@ def torchscript_model(
         c, h, w = convention.size
         shape = (c, h, w) if convention.layout == "NCHW" else (h, w, c)
     graph, conversion = convert_torchscript(module, source, shape, tolerance)
-    return _foreign(graph, convention, output, name, conversion, state_fingerprint(module))
+    return _foreign(graph, convention, output, name, conversion, model_fingerprint(module))
 
 
 def _foreign(

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from engine.data import ImageDataset, RelabelledDataset, iter_batches
+from engine.errors import UserError
 from engine.metrics import classification_metrics
 from engine.models.memory import auto_batch_size, eval_mode, model_device, model_dtype
 
@@ -39,7 +40,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int | None = None) 
     logits, labels = _forward(model, dataset, batch_size, None, with_labels=True)
     z, y = torch.from_numpy(logits), torch.from_numpy(labels)
     if int(y.min()) < 0 or int(y.max()) >= z.shape[1]:
-        raise ValueError(f"labels must be in [0, {z.shape[1] - 1}] for a {z.shape[1]}-logit model")
+        raise UserError(f"labels must be in [0, {z.shape[1] - 1}] for a {z.shape[1]}-logit model")
     out = {"loss": float(F.cross_entropy(z.double(), y))}
     out.update(classification_metrics(labels, torch.softmax(z.double(), 1).numpy()))
     return out
@@ -52,7 +53,7 @@ def _forward(
     if batch_size is None:
         first = next(iter_batches(data, 1), None)
         if first is None:
-            raise ValueError("data is empty: nothing to predict")
+            raise UserError("data is empty: nothing to predict")
         batch_size = auto_batch_size(model, tuple(first.shape[1:]), backward=False)
     device, dtype = model_device(model), model_dtype(model)
     v = None if perturbation is None else perturbation.to(device=device, dtype=dtype)
@@ -64,7 +65,7 @@ def _forward(
             logits.append(model(x if v is None else (x + v).clamp(0, 1)).float().cpu().numpy())
             labels.append(y)
     if not logits:
-        raise ValueError("data is empty: nothing to predict")
+        raise UserError("data is empty: nothing to predict")
     return np.concatenate(logits), torch.cat(labels).numpy() if with_labels else None
 
 
@@ -78,7 +79,7 @@ def channel_stats(dataset: Dataset, batch_size: int = 256) -> tuple[list[float],
         total, sq = (s, s2) if total is None else (total + s, sq + s2)
         count += x.shape[0] * x.shape[2] * x.shape[3]
     if total is None:
-        raise ValueError("dataset is empty")
+        raise UserError("dataset is empty")
     mean = total / count
     std = (sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-3)
     return mean.tolist(), std.tolist()

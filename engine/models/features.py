@@ -19,10 +19,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from engine.errors import UserError, UserTypeError
 from engine.models.classifier import backbone
 from engine.models.onnx import Tap
 
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.PReLU)
+# activation modules (nn.ReLU6 is an nn.Hardtanh); a converted graph taps the same activations (engine.models.onnx)
+_ACTIVATIONS = (nn.ReLU, nn.Hardtanh, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+                nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus)  # fmt: skip
 LAYER_KINDS = ("all", "activations", "blocks")
 STAGE_OUTPUTS = "stage_outputs"  # a layer selection (e.g. detector.maha.layers) meaning :func:`stage_outputs`
 EARLY_STAGES = "early_stages"  # a layer selection (e.g. hfc.layers) meaning :func:`early_stages`
@@ -46,9 +49,9 @@ def _is_block(module: nn.Module) -> bool:
 
 def _check_hookable(model: nn.Module) -> None:
     if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError("model is a TorchScript module, whose layers cannot be hooked; load it with load_model()")
+        raise UserTypeError("model is a TorchScript module, whose layers cannot be hooked; load it with load_model()")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise UserTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 _CALLS: weakref.WeakKeyDictionary[nn.Module, Counter[str]] = weakref.WeakKeyDictionary()
@@ -95,7 +98,7 @@ def feature_points(model: nn.Module) -> dict[str, FeaturePoint]:
 def available_layers(model: nn.Module, kind: str = "all") -> list[str]:
     """Activation outputs and/or residual-block outputs of ``model`` (``kind``), in forward order."""
     if kind not in LAYER_KINDS:
-        raise ValueError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
+        raise UserError(f"kind must be one of {LAYER_KINDS}, got {kind!r}")
     return [name for name, point in feature_points(model).items() if kind == "all" or kind in point.kinds]
 
 
@@ -110,7 +113,7 @@ def resolve_layers(model: nn.Module, layers: str | Iterable[str] | None = None) 
         return available_layers(model, layers or "activations")
     patterns = [layers] if isinstance(layers, str) else list(layers)
     if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise ValueError(f"layers must be a non-empty name/pattern or list of them, got {layers!r}")
+        raise UserError(f"layers must be a non-empty name/pattern or list of them, got {layers!r}")
     order = _layer_order(model)
     listed = available_layers(model)
     chosen: set[str] = set()
@@ -120,7 +123,7 @@ def resolve_layers(model: nn.Module, layers: str | Iterable[str] | None = None) 
             continue
         matches = fnmatch.filter(listed, pattern)
         if not matches:
-            raise ValueError(f"layer {pattern!r} matches no module or available layer; available: {listed}")
+            raise UserError(f"layer {pattern!r} matches no module or available layer; available: {listed}")
         chosen.update(matches)
     return sorted(chosen, key=order.__getitem__)
 
@@ -212,10 +215,10 @@ def extract_pooled(
             if name in raw_layers:
                 raw.setdefault(name, []).append(f.cpu())
     if not logits:
-        raise ValueError(f"{name} is empty: no images to extract features from")
+        raise UserError(f"{name} is empty: no images to extract features from")
     missing = sorted(raw_layers - set(pooled))
     if missing:
-        raise ValueError(f"raw_layers {missing} are not among the extracted layers {list(pooled)}")
+        raise UserError(f"raw_layers {missing} are not among the extracted layers {list(pooled)}")
     return torch.cat(logits), {k: torch.cat(v) for k, v in pooled.items()}, {k: torch.cat(v) for k, v in raw.items()}
 
 
@@ -260,7 +263,7 @@ class FeatureExtractor(nn.Module):
             if name is None:
                 return
             if name in self._store:
-                raise RuntimeError(
+                raise UserError(
                     f"layer {name!r} ran twice in one forward pass (a reused module that could not be traced); "
                     f"name its calls {name}{CALL_SEP}0, {name}{CALL_SEP}1 ... or hook distinct modules"
                 )
@@ -275,7 +278,7 @@ class FeatureExtractor(nn.Module):
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         pooled = self.pooled if pooled is None else pooled
         if stop_after is not None and stop_after not in self.layers:
-            raise ValueError(f"stop_after must be one of the hooked layers {self.layers}, got {stop_after!r}")
+            raise UserError(f"stop_after must be one of the hooked layers {self.layers}, got {stop_after!r}")
         self._store, self._stop_after, self._pool_now = {}, stop_after, pooled
         self._calls.clear()
         logits = None
@@ -288,7 +291,7 @@ class FeatureExtractor(nn.Module):
         expected = self.layers if stop_after is None else [stop_after]
         missing = [name for name in expected if name not in store]
         if missing:
-            raise RuntimeError(f"layers {missing} did not run in the forward pass")
+            raise UserError(f"layers {missing} did not run in the forward pass")
         names = self.layers if stop_after is None else [n for n in self.layers if n in store]
         return logits, {name: store[name] for name in names}
 

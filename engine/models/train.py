@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
+from engine.errors import UserError, UserTypeError
 from engine.models.augment import Augment
 from engine.models.checkpoint import load_checkpoint, save_checkpoint
 from engine.models.classifier import ARCHITECTURES, ImageClassifier, build_model, load_torchvision_state_dict
@@ -74,105 +75,158 @@ def _scheduler(opt: torch.optim.Optimizer, schedule: str, lr: float, total: int)
 
 def _check(name: str, value: Any, ok: bool, expected: str) -> None:
     if not ok:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+        raise UserError(f"{name} must be {expected}, got {value!r}")
 
 
-def train(
-    model: ImageClassifier,
-    train_ds: Dataset,
-    val_ds: Dataset,
-    epochs: int = 20,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    weight_decay: float = 0.05,
-    balanced: bool = False,
-    augment: bool | Augment = True,
-    patience: int = 5,
-    seed: int = 0,
-    out_dir: str | os.PathLike = "runs/train",
-    device: str = "cpu",
-    *,
-    schedule: str = "cosine",
-    monitor: str = "loss",
-    resume: bool = True,
-    progress: bool = True,
-    test_ds: Dataset | None = None,
-    split_hash: str | None = None,
-    max_steps_per_epoch: int | None = None,
-    snapshots: bool = False,
-    snapshot_every: int | None = None,
-) -> TrainResult:
-    """Train ``model`` (from build_model) on ``train_ds``, early-stopping on ``monitor`` over ``val_ds``.
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
-    ``patience`` epochs without improvement stop training; the best weights are restored and saved with metadata
-    to ``out_dir/model.pt`` (``TrainResult.checkpoint``). ``test_ds`` (optional) is evaluated with the best
-    weights. With ``resume=True`` an existing ``out_dir/last.pt`` of the same configuration is continued.
-    ``snapshots=True`` also keeps every epoch's weights as ``out_dir/epochs/<epoch>.pt`` (epochs from 1, their
-    validation metrics in the metadata), e.g. to pick a checkpoint by validation accuracy. ``snapshot_every=k``
-    does the same every k optimizer steps (counted from the start of training): the weights go to
-    ``out_dir/steps/<step>.pt`` and their validation metrics (with ``step`` and ``epoch``) to the epoch's history
-    record under ``"snapshots"``. The global random state is restored after each snapshot's evaluation, so the
-    training is the same with or without snapshots.
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What :func:`train` does, given the model and the data (checked when built; a bad value raises UserError).
+
+    AdamW with ``lr`` and ``weight_decay`` on ``batch_size`` images a step (``balanced``: class-balanced sampling
+    with replacement; ``augment``: True for the default :class:`Augment`, False or an Augment), ``schedule``
+    "cosine" (with warm-up) or "onecycle", at most ``max_steps_per_epoch`` steps an epoch, for ``epochs`` epochs
+    or until ``patience`` epochs bring no improvement of the validation ``monitor``. ``seed`` fixes the
+    shuffling, augmentation and dropout of every epoch. ``snapshots`` keeps every epoch's weights,
+    ``snapshot_every`` every k-th step's (see :func:`train`).
     """
+
+    epochs: int = 20
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.05
+    balanced: bool = False
+    augment: bool | Augment = True
+    patience: int = 5
+    seed: int = 0
+    schedule: str = "cosine"
+    monitor: str = "loss"
+    max_steps_per_epoch: int | None = None
+    snapshots: bool = False
+    snapshot_every: int | None = None
+
+    def __post_init__(self) -> None:
+        _check("epochs", self.epochs, _is_int(self.epochs) and self.epochs >= 1, "an int >= 1")
+        _check("lr", self.lr, isinstance(self.lr, (int, float)) and self.lr > 0, "a number > 0")
+        _check("batch_size", self.batch_size, _is_int(self.batch_size) and self.batch_size >= 1, "an int >= 1")
+        decay_ok = isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0
+        _check("weight_decay", self.weight_decay, decay_ok, "a number >= 0")
+        _check("balanced", self.balanced, isinstance(self.balanced, bool), "true or false")
+        _check("augment", self.augment, isinstance(self.augment, (bool, Augment)), "true, false or an Augment")
+        _check("patience", self.patience, _is_int(self.patience) and self.patience >= 1, "an int >= 1")
+        _check("seed", self.seed, _is_int(self.seed), "an int")
+        _check("schedule", self.schedule, self.schedule in SCHEDULES, f"one of {SCHEDULES}")
+        _check("monitor", self.monitor, self.monitor in MONITORS, f"one of {tuple(MONITORS)}")
+        steps = self.max_steps_per_epoch
+        _check("max_steps_per_epoch", steps, steps is None or (_is_int(steps) and steps >= 1), "None or an int >= 1")
+        _check("snapshots", self.snapshots, isinstance(self.snapshots, bool), "true or false")
+        every = self.snapshot_every
+        _check("snapshot_every", every, every is None or (_is_int(every) and every >= 1), "None or an int >= 1")
+
+    @classmethod
+    def split(cls, settings: Mapping[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+        """The TrainConfig of the training keys of ``settings`` and the other keys (e.g. build options)."""
+        names = {f.name for f in fields(cls)}
+        rest = {k: v for k, v in settings.items() if k not in names}
+        return cls(**{k: v for k, v in settings.items() if k in names}), rest
+
+    def augmenter(self) -> Augment | None:
+        return Augment() if self.augment is True else (self.augment or None)
+
+
+def _check_model_and_data(model: ImageClassifier, data: Any, monitor: str) -> np.ndarray:
+    """The training labels, after checking that the model and ``data`` (.train, .val) fit each other."""
     if not isinstance(model, ImageClassifier):
-        raise TypeError(f"model must be an ImageClassifier from build_model, got {type(model).__name__}")
-    _check("epochs", epochs, isinstance(epochs, int) and epochs >= 1, "an int >= 1")
-    _check("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "an int >= 1")
-    _check("lr", lr, lr > 0, "> 0")
-    _check("weight_decay", weight_decay, weight_decay >= 0, ">= 0")
-    _check("patience", patience, isinstance(patience, int) and patience >= 1, "an int >= 1")
-    every_ok = snapshot_every is None or (isinstance(snapshot_every, int) and snapshot_every >= 1)
-    _check("snapshot_every", snapshot_every, every_ok, "None or an int >= 1")
-    _check("schedule", schedule, schedule in SCHEDULES, f"one of {SCHEDULES}")
-    _check("monitor", monitor, monitor in MONITORS, f"one of {tuple(MONITORS)}")
+        raise UserTypeError(f"model must be an ImageClassifier from build_model, got {type(model).__name__}")
+    train_ds, val_ds = getattr(data, "train", None), getattr(data, "val", None)
+    if train_ds is None or val_ds is None:
+        raise UserTypeError("data must have .train and .val datasets (e.g. engine.data.split_dataset(...))")
     num_classes = model.config["num_classes"]
     _check("monitor", monitor, monitor != "auc" or num_classes == 2, "'auc' only for 2-class models")
     _check("monitor", monitor, monitor != "kappa" or num_classes > 2, "'kappa' only for > 2-class models")
     targets = _targets(train_ds)
     if len(targets) == 0 or len(val_ds) == 0:
-        raise ValueError(f"train_ds and val_ds must be non-empty, got {len(targets)} and {len(val_ds)} items")
+        raise UserError(f"data.train and data.val must be non-empty, got {len(targets)} and {len(val_ds)} items")
     if targets.min() < 0 or targets.max() >= num_classes:
-        raise ValueError(f"train_ds labels must be in [0, {num_classes - 1}] (the model's num_classes)")
+        raise UserError(f"data.train labels must be in [0, {num_classes - 1}] (the model's num_classes)")
     classes = getattr(train_ds, "classes", None)
     if classes is not None and len(classes) != num_classes:
-        raise ValueError(f"train_ds has {len(classes)} classes but the model has num_classes={num_classes}")
-    augmenter = Augment() if augment is True else (augment or None)
+        raise UserError(f"data.train has {len(classes)} classes but the model has num_classes={num_classes}")
+    return targets
 
+
+def _run_key(model: ImageClassifier, config: TrainConfig, data: Any) -> dict[str, Any]:
+    """What determines the trained weights: the model's build config, ``config`` and the data (split hash and
+    sizes). ``out_dir/last.pt`` resumes only under the same key; the checkpoint records it as ``train_config``."""
+    return {
+        "config": model.config,
+        "epochs": config.epochs,
+        "lr": config.lr,
+        "batch_size": config.batch_size,
+        "weight_decay": config.weight_decay,
+        "balanced": config.balanced,
+        "augment": repr(config.augmenter()),
+        "seed": config.seed,
+        "schedule": config.schedule,
+        "monitor": config.monitor,
+        "n_train": len(data.train),
+        "n_val": len(data.val),
+        "split_hash": getattr(data, "hash", None),
+        "max_steps_per_epoch": config.max_steps_per_epoch,
+        **({"snapshots": True} if config.snapshots else {}),  # absent when off: older last.pt files still resume
+        **({"snapshot_every": config.snapshot_every} if config.snapshot_every else {}),
+    }
+
+
+def train(
+    model: ImageClassifier,
+    data: Any,
+    config: TrainConfig = TrainConfig(),
+    out_dir: str | os.PathLike = "runs/train",
+    *,
+    device: str = "cpu",
+    resume: bool = True,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` (from build_model) on ``data.train`` as ``config`` says, early-stopping on ``config.monitor``
+    over ``data.val`` (``data``: engine.data.Splits or anything with ``.train``, ``.val``, optional ``.test``
+    and ``.hash``).
+
+    The best weights are restored and saved with metadata to ``out_dir/model.pt`` (``TrainResult.checkpoint``);
+    ``data.test`` (optional) is evaluated with them. With ``resume=True`` an existing ``out_dir/last.pt`` of the
+    same model build, config and data is continued. ``config.snapshots`` also keeps every epoch's weights as
+    ``out_dir/epochs/<epoch>.pt`` (epochs from 1, their validation metrics in the metadata), e.g. to pick a
+    checkpoint by validation accuracy. ``config.snapshot_every=k`` does the same every k optimizer steps (counted
+    from the start of training): the weights go to ``out_dir/steps/<step>.pt`` and their validation metrics (with
+    ``step`` and ``epoch``) to the epoch's history record under ``"snapshots"``. The global random state is
+    restored after each snapshot's evaluation, so the training is the same with or without snapshots.
+    """
+    _check("config", config, isinstance(config, TrainConfig), "a TrainConfig")
+    targets = _check_model_and_data(model, data, config.monitor)
+    train_ds, val_ds = data.train, data.val
+    batch_size, epochs = config.batch_size, config.epochs
+    classes = getattr(train_ds, "classes", None)
     out_dir = Path(out_dir)
     last_path, final_path = out_dir / "last.pt", out_dir / "model.pt"
-    run_key = {
-        "config": model.config,
-        "epochs": epochs,
-        "lr": lr,
-        "batch_size": batch_size,
-        "weight_decay": weight_decay,
-        "balanced": balanced,
-        "augment": repr(augmenter),
-        "seed": seed,
-        "schedule": schedule,
-        "monitor": monitor,
-        "n_train": len(targets),
-        "n_val": len(val_ds),
-        "split_hash": split_hash,
-        "max_steps_per_epoch": max_steps_per_epoch,
-        **({"snapshots": True} if snapshots else {}),  # absent when off: older last.pt files still resume
-        **({"snapshot_every": snapshot_every} if snapshot_every else {}),
-    }
+    run_key = _run_key(model, config, data)
     meta: dict[str, Any] = {
         "input_size": list(train_ds[0][0].shape),
         "classes": list(classes) if classes is not None else None,
         "dataset": getattr(train_ds, "name", None),
-        "split_hash": split_hash,
+        "split_hash": run_key["split_hash"],
         "train_config": run_key,
     }
 
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     drop_last = len(targets) > batch_size  # avoids a final batch of one sample (BatchNorm cannot train on it)
     steps = len(targets) // batch_size if drop_last else 1
-    steps = min(steps, max_steps_per_epoch) if max_steps_per_epoch else steps
-    sched = _scheduler(opt, schedule, lr, epochs * steps)
-    sign = MONITORS[monitor]
+    steps = min(steps, config.max_steps_per_epoch) if config.max_steps_per_epoch else steps
+    sched = _scheduler(opt, config.schedule, config.lr, epochs * steps)
+    sign = MONITORS[config.monitor]
     state: dict[str, Any] = {
         "epoch": -1,
         "best_score": -math.inf,
@@ -185,7 +239,7 @@ def train(
     taken: list[dict[str, Any]] = []  # the current epoch's step snapshots
 
     def snapshot(step: int) -> None:
-        if snapshot_every and step % snapshot_every == 0:
+        if config.snapshot_every and step % config.snapshot_every == 0:
             with torch.random.fork_rng(devices=[]):  # keeps the epoch's dropout randomness
                 val = evaluate(model, val_ds, batch_size=max(batch_size, 128))  # restores train mode
             metrics = {"step": step, "epoch": (step - 1) // steps}
@@ -197,7 +251,7 @@ def train(
         ckpt = load_checkpoint(last_path, map_location=device)
         saved = ckpt.get("train_state", {})
         if saved.get("run_key") != run_key:
-            raise ValueError(
+            raise UserError(
                 f"{last_path} belongs to a different training configuration; use another out_dir or resume=False"
             )
         model.load_state_dict(ckpt["state_dict"])
@@ -205,6 +259,7 @@ def train(
         sched.load_state_dict(saved["scheduler"])
         state = {k: saved[k] for k in state}
 
+    augmenter = config.augmenter()
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -213,23 +268,23 @@ def train(
                 if state["stop"]:
                     break
                 record = _run_epoch(
-                    model, train_ds, targets, opt, sched, augmenter=augmenter, balanced=balanced,
-                    batch_size=batch_size, drop_last=drop_last, steps=steps, seed=seed, epoch=epoch, device=device,
-                    progress=progress, epochs=epochs, on_step=snapshot,
+                    model, train_ds, targets, opt, sched, augmenter=augmenter, balanced=config.balanced,
+                    batch_size=batch_size, drop_last=drop_last, steps=steps, seed=config.seed, epoch=epoch,
+                    device=device, progress=progress, epochs=epochs, on_step=snapshot,
                 )  # fmt: skip
-                if snapshot_every:
+                if config.snapshot_every:
                     record["snapshots"] = taken[:]
                     taken.clear()
                 val = evaluate(model, val_ds, batch_size=max(batch_size, 128))
                 record.update({f"val_{k}": v for k, v in val.items() if k != "confusion"})
-                score = sign * val[monitor]
+                score = sign * val[config.monitor]
                 if state["best_state"] is None or score > state["best_score"]:  # a NaN metric keeps epoch 0
                     state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
                     state["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                 else:
                     state["bad_epochs"] += 1
                 state["history"].append(record)
-                state.update(epoch=epoch, stop=state["bad_epochs"] >= patience)
+                state.update(epoch=epoch, stop=state["bad_epochs"] >= config.patience)
                 if progress:
                     tqdm.write(
                         f"epoch {epoch + 1}/{epochs} "
@@ -242,7 +297,7 @@ def train(
                     **state,
                 }
                 save_checkpoint(last_path, model, meta, train_state=train_state)
-                if snapshots:
+                if config.snapshots:
                     save_checkpoint(out_dir / "epochs" / f"{epoch + 1}.pt", model, {**meta, "epoch_metrics": record})
     finally:
         torch.use_deterministic_algorithms(deterministic)
@@ -251,6 +306,7 @@ def train(
     model.eval()
     best_val = evaluate(model, val_ds, batch_size=max(batch_size, 128))
     metrics: dict[str, Any] = {"val": best_val}
+    test_ds = getattr(data, "test", None)
     if test_ds is not None:
         metrics["test"] = evaluate(model, test_ds, batch_size=max(batch_size, 128))
     meta.update(metrics=metrics, history=state["history"], best_epoch=state["best_epoch"])
@@ -331,26 +387,30 @@ def _run_epoch(
 
 
 def train_model(
-    splits: Any,
+    data: Any,
     arch: str = "resnet18",
+    config: TrainConfig = TrainConfig(),
     out_dir: str | os.PathLike = "runs/train",
     *,
     normalization: str = "dataset",
     pretrained: str | os.PathLike | None = None,
-    **options: Any,
+    device: str = "cpu",
+    resume: bool = True,
+    progress: bool = True,
+    **build: Any,
 ) -> TrainResult:
-    """Build ``arch`` for ``splits`` (``.train``, ``.val``, optional ``.test`` and ``.hash``) and :func:`train` it.
+    """Build ``arch`` for ``data`` (``.train``, ``.val``, optional ``.test`` and ``.hash``) and :func:`train` it.
 
     ``num_classes``, ``in_channels`` and ``input_size`` come from the data; ``normalization`` is ``"dataset"``
     (per-channel mean/std of the training images), ``"imagenet"`` or ``"none"`` (mean 0, std 1); ``pretrained``
-    is a torchvision state_dict file loaded into the backbone except its classifier head. ``options`` are the
-    architecture's build options (``width``, ``dropout``, ``small_stem``, ``pool_size``, ...; see build_model) and
-    :func:`train`'s keyword arguments (``epochs``, ``lr``, ``seed``, ...). Returns the TrainResult; ``.checkpoint``
-    is the model file. The initial weights depend only on ``seed``.
+    is a torchvision state_dict file loaded into the backbone except its classifier head. ``build`` are the
+    architecture's build options (``width``, ``dropout``, ``small_stem``, ``pool_size``, ...; see build_model).
+    Returns the TrainResult; ``.checkpoint`` is the model file. The initial weights depend only on
+    ``config.seed``.
     """
-    train_ds, val_ds = getattr(splits, "train", None), getattr(splits, "val", None)
-    if train_ds is None or val_ds is None:
-        raise TypeError("splits must have .train and .val datasets (e.g. engine.data.split_dataset(...))")
+    train_ds = getattr(data, "train", None)
+    if train_ds is None or getattr(data, "val", None) is None:
+        raise UserTypeError("data must have .train and .val datasets (e.g. engine.data.split_dataset(...))")
     _check(
         "normalization",
         normalization,
@@ -358,8 +418,7 @@ def train_model(
         "'dataset', 'imagenet' or 'none'",
     )
     if arch not in ARCHITECTURES:
-        raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
-    build = {k: options.pop(k) for k in list(options) if k in ARCHITECTURES[arch][1]}
+        raise UserError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
     image = train_ds[0][0]
     classes = getattr(train_ds, "classes", None)
     num_classes = len(classes) if classes is not None else int(_targets(train_ds).max()) + 1
@@ -369,11 +428,9 @@ def train_model(
     elif normalization == "none":
         build["mean"], build["std"] = [0.0] * image.shape[0], [1.0] * image.shape[0]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(options.get("seed", 0)))
+        torch.manual_seed(config.seed)
         model = build_model(arch, num_classes, **build)
     if pretrained is not None:
         weights = torch.load(Path(pretrained).expanduser(), map_location="cpu", weights_only=True)
         load_torchvision_state_dict(model, weights, skip_classifier=True)
-    options.setdefault("split_hash", getattr(splits, "hash", None))
-    options.setdefault("test_ds", getattr(splits, "test", None))
-    return train(model, train_ds, val_ds, out_dir=out_dir, **options)
+    return train(model, data, config, out_dir, device=device, resume=resume, progress=progress)

@@ -2,6 +2,8 @@
 
 Every function accepts numpy arrays or torch tensors (float32/float64, any strides) and returns the same kind;
 ``backend="auto"|"cpu"|"torch"|"triton"|"cuda"`` selects the implementation (see ``engine.ops._backend``).
+Bad input raises ``engine.errors.UserError`` naming the argument (also a TypeError for a wrong type or dtype;
+the checks, shared by every backend, are in ``engine.ops._checks``).
 """
 
 from engine.ops._backend import available

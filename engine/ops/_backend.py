@@ -1,4 +1,4 @@
-"""Backend registry and input handling shared by every op in engine.ops.
+"""Backend registry of engine.ops (input checks shared by every op and backend: :mod:`engine.ops._checks`).
 
 Each op (``"gmm"``, ``"mahalanobis"``, ``"knn"``, ``"kde"``) has one implementation per backend:
 
@@ -38,8 +38,9 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
+
+from engine.errors import UserError
 
 BACKENDS = ("cpu", "torch", "triton", "cuda")
 
@@ -125,64 +126,12 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable[..., Any]:
                 return _REGISTRY[op][name]
         raise RuntimeError(f"no backend implements {op!r} on {device}")  # torch always does
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+        raise UserError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     _load(backend)
     impl = _REGISTRY.get(op, {}).get(backend)
     if impl is None or not _runs_on(backend, device):
         why = _LOAD_ERRORS.get(backend, "not built or not registered" if impl is None else f"cannot run on {device}")
-        raise ValueError(
+        raise UserError(
             f"backend {backend!r} is unavailable for {op!r} on {device} ({why}); available: {available(op, device)}"
         )
     return impl
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Input handling: numpy or torch in, the same kind out.
-
-
-def as_tensor(value: Any, name: str, ndim: int | None = None) -> tuple[torch.Tensor, bool]:
-    """Convert ``value`` (numpy array or torch tensor, float32/float64) to a tensor without copying.
-
-    Returns ``(tensor, was_numpy)``. Raises ``TypeError``/``ValueError`` naming ``name``.
-    """
-    was_numpy = isinstance(value, np.ndarray)
-    if was_numpy:
-        if value.dtype not in (np.float32, np.float64):
-            raise TypeError(f"{name} must be float32 or float64, got numpy dtype {value.dtype}")
-        tensor = torch.from_numpy(value)
-    elif isinstance(value, torch.Tensor):
-        if value.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{name} must be float32 or float64, got {value.dtype}")
-        tensor = value
-    else:
-        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(value).__name__}")
-    if ndim is not None and tensor.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
-    return tensor, was_numpy
-
-
-def check_finite(tensor: torch.Tensor, name: str) -> None:
-    """Raise ``ValueError`` if ``tensor`` holds NaN or inf."""
-    if not tensor.numel():
-        return
-    if tensor.device.type == "cpu":  # numpy's check is several times faster than torch's on CPU
-        finite = bool(np.isfinite(tensor.detach().numpy()).all())
-    else:
-        finite = bool(torch.isfinite(tensor).all())
-    if not finite:
-        raise ValueError(f"{name} contains NaN or inf")
-
-
-def check_same(tensors: dict[str, torch.Tensor]) -> None:
-    """All named tensors must share dtype and device."""
-    (first_name, first), *rest = tensors.items()
-    for name, t in rest:
-        if t.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; use one dtype")
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
-
-
-def to_output(tensor: torch.Tensor, was_numpy: bool) -> Any:
-    """Return ``tensor`` as numpy when the caller passed numpy."""
-    return tensor.detach().cpu().numpy() if was_numpy else tensor

@@ -13,7 +13,7 @@ import torch
 
 from engine import _C_cuda
 from engine.ops._backend import register
-from engine.ops.mahalanobis import not_positive_definite
+from engine.ops._checks import check_dtype, check_mode, precision_factor, precision_name
 
 _DTYPES = {torch.float32: _C_cuda.DType.float32, torch.float64: _C_cuda.DType.float64}
 
@@ -34,8 +34,7 @@ def _ptr(tensor: torch.Tensor | None, name: str) -> int:
 
 
 def _dtype(tensor: torch.Tensor) -> _C_cuda.DType:
-    if tensor.dtype not in _DTYPES:
-        raise TypeError(f"cuda backend needs float32 or float64 tensors, got {tensor.dtype}")
+    check_dtype(tensor, "x")
     return _DTYPES[tensor.dtype]
 
 
@@ -46,8 +45,7 @@ def _stream(device: torch.device) -> int:
 @register("gmm", "cuda")
 def gmm_cuda(layers: list[Layer], mode: str, need_grad: bool) -> list[LayerResult]:
     """All layers in one kernel launch; see the ``gmm`` contract in engine.ops._backend."""
-    if mode not in ("loglik", "nearest"):
-        raise ValueError(f"mode must be 'loglik' or 'nearest', got {mode!r}")
+    check_mode(mode)
     if not layers:
         return []
     first = layers[0][0]
@@ -82,17 +80,6 @@ def gmm_cuda(layers: list[Layer], mode: str, need_grad: bool) -> list[LayerResul
     return results
 
 
-def _upper_factor(precision: torch.Tensor, name: str) -> torch.Tensor:
-    """float64 upper-triangular U with U U^T = P (its symmetric part); ValueError if P is not positive definite."""
-    p = precision.to(torch.float64)
-    p = 0.5 * (p + p.T)
-    # U U^T = P with U upper  <=>  (J U J)(J U J)^T = J P J with J U J lower (J reverses the index order).
-    lower, info = torch.linalg.cholesky_ex(p.flip(0, 1))
-    if int(info) != 0:  # report the leading minor of P itself, as the other backends do
-        raise not_positive_definite(name, int(torch.linalg.cholesky_ex(p).info))
-    return lower.flip(0, 1)
-
-
 @register("mahalanobis", "cuda")
 def mahalanobis_cuda(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
     """All layers in one kernel launch: ||(x - c) U - (mu - c) U||^2 with c the mean of the class means."""
@@ -101,7 +88,7 @@ def mahalanobis_cuda(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
     first = layers[0][0]
     outputs, entries, keep = [], [], []
     for i, (x, means, precision) in enumerate(layers):
-        factor = _upper_factor(precision, f"precision[{i}]" if len(layers) > 1 else "precision")
+        factor = precision_factor(precision, precision_name(i, len(layers)), upper=True)
         means64 = means.to(torch.float64)
         centre64 = means64.mean(dim=0)
         centre = centre64.to(x.dtype)

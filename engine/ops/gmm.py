@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
+from engine.errors import UserError
 from engine.mixture import GaussianMixture
-from engine.ops._backend import as_tensor, check_finite, check_same, compiled_module, register, resolve, to_output
+from engine.ops._backend import compiled_module, register, resolve
+from engine.ops._checks import InputTypeError, as_tensor, check_finite, check_mode, check_same, to_output
 
-MODES = ("loglik", "nearest")
 REDUCTIONS = ("sum", "mean", "none")
 # Torch backend: components per chunk are chosen so one chunk's (c, N, d) intermediate holds at most this many.
 TORCH_CHUNK_ELEMENTS = 1 << 22
@@ -118,20 +119,15 @@ def _torch_layer(
 # Single-mixture API
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-
 def _check_gmm(gmm: Any, name: str) -> GaussianMixture:
     if not isinstance(gmm, GaussianMixture):
-        raise TypeError(f"{name} must be an engine.GaussianMixture, got {type(gmm).__name__}")
+        raise InputTypeError(f"{name} must be an engine.GaussianMixture, got {type(gmm).__name__}")
     return gmm
 
 
 def _check_features(x: torch.Tensor, gmm: GaussianMixture, name: str) -> None:
     if x.shape[1] != gmm.dim:
-        raise ValueError(f"{name} must have shape (N, {gmm.dim}) to match the mixture's dim, got {tuple(x.shape)}")
+        raise UserError(f"{name} must have shape (N, {gmm.dim}) to match the mixture's dim, got {tuple(x.shape)}")
     check_finite(x, name)
 
 
@@ -171,22 +167,22 @@ class _HfcPlan:
     """Validated hfc_loss arguments: which rows of which layer go to which mixture, and how terms combine."""
 
     def __init__(self, features, gmms, mode, weights, classes, reduction, backend) -> None:
-        _check_mode(mode)
+        check_mode(mode)
         if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+            raise UserError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if isinstance(features, (torch.Tensor, np.ndarray)) or not isinstance(features, Sequence) or not features:
-            raise TypeError("features must be a non-empty sequence of (N, d_l) tensors, one per layer")
+            raise InputTypeError("features must be a non-empty sequence of (N, d_l) tensors, one per layer")
         tensors = [as_tensor(f, f"features[{i}]", ndim=2)[0] for i, f in enumerate(features)]
         check_same({f"features[{i}]": t for i, t in enumerate(tensors)})
         n = tensors[0].shape[0]
         for i, t in enumerate(tensors):
             if t.shape[0] != n:
-                raise ValueError(f"features[{i}] has {t.shape[0]} rows but features[0] has {n}; all layers need N rows")
+                raise UserError(f"features[{i}] has {t.shape[0]} rows but features[0] has {n}; all layers need N rows")
         if not isinstance(gmms, Sequence) or len(gmms) != len(tensors):
-            raise ValueError(f"gmms must be a sequence with one entry per layer ({len(tensors)})")
+            raise UserError(f"gmms must be a sequence with one entry per layer ({len(tensors)})")
         self.weights = [1.0] * len(tensors) if weights is None else [float(w) for w in weights]
         if len(self.weights) != len(tensors) or not all(math.isfinite(w) for w in self.weights):
-            raise ValueError(f"weights must be {len(tensors)} finite numbers (one per layer), got {weights!r}")
+            raise UserError(f"weights must be {len(tensors)} finite numbers (one per layer), got {weights!r}")
         classes = self._classes(classes, n, tensors[0].device, gmms)
         class_rows = [] if classes is None else [(c, torch.nonzero(classes == c).flatten()) for c in classes.unique()]
         # entries[i] = (layer, row index tensor or None for all rows, mixture): one kernel entry per (layer, class)
@@ -210,14 +206,14 @@ class _HfcPlan:
         if not per_class:
             return None
         if classes is None:
-            raise ValueError("classes (N,) is required when gmms holds per-class sequences of mixtures")
+            raise UserError("classes (N,) is required when gmms holds per-class sequences of mixtures")
         classes = torch.as_tensor(np.asarray(classes) if isinstance(classes, list) else classes, device=device)
         if classes.shape != (n,) or classes.dtype.is_floating_point or classes.dtype == torch.bool:
-            raise ValueError(
+            raise UserError(
                 f"classes must be an integer array of shape ({n},), got {classes.dtype} {tuple(classes.shape)}"
             )
         if n and (int(classes.min()) < 0 or int(classes.max()) >= min(per_class)):
-            raise ValueError(
+            raise UserError(
                 f"classes must lie in [0, {min(per_class)}) (per-class mixtures available), got "
                 f"[{int(classes.min())}, {int(classes.max())}]"
             )

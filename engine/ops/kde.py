@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from engine.ops._backend import compiled_module, register, resolve, to_output
-from engine.ops.knn import validate_pair
+from engine.errors import UserError
+from engine.ops._backend import compiled_module, register, resolve
+from engine.ops._checks import InputTypeError, check_pair, to_output
 
 # Torch backend tile sizes: query rows per block, references per GEMM tile.
 TORCH_TILE_QUERIES = 1024
@@ -68,13 +69,13 @@ def kde_torch(x: torch.Tensor, ref: torch.Tensor, bandwidth: float) -> torch.Ten
 
 def _check_bandwidth(bandwidth: Any) -> float:
     if isinstance(bandwidth, bool):
-        raise TypeError(f"bandwidth must be a number, got {bandwidth!r}")
+        raise InputTypeError(f"bandwidth must be a number, got {bandwidth!r}")
     try:
         h = float(bandwidth)
     except (TypeError, ValueError):
-        raise TypeError(f"bandwidth must be a number, got {type(bandwidth).__name__}") from None
+        raise InputTypeError(f"bandwidth must be a number, got {type(bandwidth).__name__}") from None
     if not (math.isfinite(h) and h > 0):
-        raise ValueError(f"bandwidth must be a positive finite number, got {bandwidth!r}")
+        raise UserError(f"bandwidth must be a positive finite number, got {bandwidth!r}")
     return h
 
 
@@ -82,9 +83,9 @@ def kde_log_density(x: Any, ref: Any, bandwidth: float, backend: str = "auto") -
     """(N,) log density of the rows of ``x`` under a Gaussian KDE on the rows of ``ref`` with bandwidth h:
     log(1/M sum_j exp(-||x - r_j||^2 / (2 h^2))) - d/2 log(2 pi h^2), as sklearn KernelDensity."""
     h = _check_bandwidth(bandwidth)
-    xt, rt, was_numpy = validate_pair(x, ref)
+    xt, rt, was_numpy = check_pair(x, ref)
     if 0.5 / h**2 > torch.finfo(xt.dtype).max:
-        raise ValueError(f"bandwidth={h!r} is too small for {xt.dtype} (1 / (2 h^2) overflows); use float64")
+        raise UserError(f"bandwidth={h!r} is too small for {xt.dtype} (1 / (2 h^2) overflows); use float64")
     impl = resolve("kde", backend, xt.device)
     if xt.shape[0] == 0:
         return to_output(xt.new_empty(0), was_numpy)

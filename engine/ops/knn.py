@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-from engine.ops._backend import as_tensor, check_finite, check_same, compiled_module, register, resolve, to_output
+from engine.errors import UserError
+from engine.ops._backend import compiled_module, register, resolve
+from engine.ops._checks import InputTypeError, check_pair, to_output
 
 # Candidates kept beyond k before the exact recomputation (as hfc::kKnnExtraCandidates in csrc/include/hfc/knn.h).
 EXTRA_CANDIDATES = 8
@@ -78,40 +80,24 @@ def knn_torch(x: torch.Tensor, ref: torch.Tensor, k: int, exclude_self: bool) ->
 # Public API
 
 
-def validate_pair(x: Any, ref: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Queries and references as C-contiguous tensors of one dtype and device: ``(x, ref, x_was_numpy)``."""
-    xt, was_numpy = as_tensor(x, "x", ndim=2)
-    rt, _ = as_tensor(ref, "ref", ndim=2)
-    check_same({"x": xt, "ref": rt})
-    if xt.shape[1] < 1:
-        raise ValueError(f"x must have at least 1 column, got shape {tuple(xt.shape)}")
-    if rt.shape[1] != xt.shape[1]:
-        raise ValueError(f"ref must have shape (M, {xt.shape[1]}) to match x, got {tuple(rt.shape)}")
-    if rt.shape[0] < 1:
-        raise ValueError("ref must have at least 1 row")
-    check_finite(xt, "x")
-    check_finite(rt, "ref")
-    return xt.detach().contiguous(), rt.detach().contiguous(), was_numpy
-
-
 def _check_k(k: Any, m: int, n: int, exclude_self: bool) -> int:
     if isinstance(k, bool):
-        raise TypeError(f"k must be an integer, got {k!r}")
+        raise InputTypeError(f"k must be an integer, got {k!r}")
     try:
         k = operator.index(k)
     except TypeError:
-        raise TypeError(f"k must be an integer, got {type(k).__name__}") from None
+        raise InputTypeError(f"k must be an integer, got {type(k).__name__}") from None
     if exclude_self and n != m:
-        raise ValueError(f"exclude_self=True needs x to be the reference set (N == M), got N={n}, M={m}")
+        raise UserError(f"exclude_self=True needs x to be the reference set (N == M), got N={n}, M={m}")
     limit = m - 2 if exclude_self else m - 1
     if not 1 <= k <= limit:
         who = " minus the query itself" if exclude_self else ""
-        raise ValueError(f"k must be between 1 and {limit} (fewer than the {m} references{who}), requested k={k}")
+        raise UserError(f"k must be between 1 and {limit} (fewer than the {m} references{who}), requested k={k}")
     return k
 
 
 def _knn(x: Any, ref: Any, k: Any, exclude_self: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    xt, rt, was_numpy = validate_pair(x, ref)
+    xt, rt, was_numpy = check_pair(x, ref)
     k = _check_k(k, rt.shape[0], xt.shape[0], bool(exclude_self))
     impl = resolve("knn", backend, xt.device)
     if xt.shape[0] == 0:

@@ -14,20 +14,14 @@ from typing import Any
 
 import torch
 
-from engine.ops._backend import as_tensor, check_finite, check_same, compiled_module, register, resolve, to_output
+from engine.errors import UserError
+from engine.ops._backend import compiled_module, register, resolve
+from engine.ops._checks import as_tensor, check_finite, check_same, precision_factor, precision_name, to_output
 
 # Torch backend: rows per tile so one tile's (rows, C, d) difference tensor holds at most this many elements.
 TORCH_TILE_ELEMENTS = 1 << 22
 
 Layer = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def not_positive_definite(name: str, minor: int) -> ValueError:
-    """The error both backends raise for a precision whose symmetric part has no Cholesky factor."""
-    return ValueError(
-        f"{name} is not positive definite (leading minor {minor} of its symmetric part); "
-        "regularise the covariance before inverting it or use float64"
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -43,7 +37,11 @@ def _register_cpu() -> None:
 
     @register("mahalanobis", "cpu")
     def mahalanobis_cpu(layers: list[Layer]) -> list[torch.Tensor]:
-        return [torch.from_numpy(o) for o in _C.mahalanobis([tuple(t.numpy() for t in layer) for layer in layers])]
+        try:
+            out = _C.mahalanobis([tuple(t.numpy() for t in layer) for layer in layers])
+        except _C.ArgumentError as exc:  # its Cholesky found a precision that is not positive definite
+            raise UserError(str(exc)) from None
+        return [torch.from_numpy(o) for o in out]
 
 
 _register_cpu()
@@ -54,10 +52,7 @@ def mahalanobis_torch(layers: list[Layer]) -> list[torch.Tensor]:
     """Plain PyTorch: float64 Cholesky S = L L^T of the symmetric part, z = (x - c) L, ||z - (mu - c) L||^2."""
     out = []
     for i, (x, means, precision) in enumerate(layers):
-        sym = 0.5 * (precision + precision.T).to(torch.float64)
-        chol, info = torch.linalg.cholesky_ex(sym)
-        if int(info) > 0:
-            raise not_positive_definite(f"precision[{i}]" if len(layers) > 1 else "precision", int(info))
+        chol = precision_factor(precision, precision_name(i, len(layers)))
         centre = means.to(torch.float64).mean(0)
         z = (x - centre.to(x.dtype)) @ chol.to(x.dtype)
         means_z = (means.to(torch.float64) - centre) @ chol
@@ -110,11 +105,11 @@ def _layer(x: Any, means: Any, precision: Any, suffix: str) -> tuple[Layer, bool
     pt, _ = as_tensor(precision, f"precision{suffix}", ndim=2)
     d = xt.shape[1]
     if d < 1:
-        raise ValueError(f"x{suffix} must have at least 1 column, got shape {tuple(xt.shape)}")
+        raise UserError(f"x{suffix} must have at least 1 column, got shape {tuple(xt.shape)}")
     if mt.shape[1] != d or mt.shape[0] < 1:
-        raise ValueError(f"means{suffix} must have shape (C, {d}) with C >= 1 to match x, got {tuple(mt.shape)}")
+        raise UserError(f"means{suffix} must have shape (C, {d}) with C >= 1 to match x, got {tuple(mt.shape)}")
     if tuple(pt.shape) != (d, d):
-        raise ValueError(f"precision{suffix} must have shape ({d}, {d}) to match x, got {tuple(pt.shape)}")
+        raise UserError(f"precision{suffix} must have shape ({d}, {d}) to match x, got {tuple(pt.shape)}")
     for t, name in ((xt, "x"), (mt, "means"), (pt, "precision")):
         check_finite(t, name + suffix)
     return (xt, mt, pt), was_numpy
@@ -131,7 +126,7 @@ def mahalanobis(x: Any, means: Any, precision: Any, backend: str = "auto") -> An
     if multi:
         for name, value in (("means", means), ("precision", precision)):
             if not isinstance(value, Sequence) or len(value) != len(x):
-                raise ValueError(f"{name} must be a list with one entry per layer ({len(x)}) when x is a list")
+                raise UserError(f"{name} must be a list with one entry per layer ({len(x)}) when x is a list")
         if not x:
             return []
         entries = [_layer(x[i], means[i], precision[i], f"[{i}]") for i in range(len(x))]

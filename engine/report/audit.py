@@ -219,7 +219,7 @@ def build_report(result: RunResult) -> str:
             "grid whose HFC attack keeps the target success (trials in the run card).",
         ).table(calibration, float_format="{:.4g}")
         for cell, payload in result.payloads.get("calibrate", []):
-            if "note" in payload:
+            if payload.get("note"):
                 weight.paragraph(f"{cell.label}: {payload['note']}.")
         sections.append(weight)
     for _, payload in result.payloads.get("study", []):

@@ -2,8 +2,9 @@
 
 config (defaults, overrides, validation against the live registries) -> plan (cells) -> executor (in dependency
 order, committing each cell to the results store) -> tables and run card. Cells are instances of the stages in
-:mod:`engine.runs.stages` (model, gmms, attack, detect, projection, study); the studies are registered in
-:mod:`engine.runs.studies`; artifacts shared between stages are named in :mod:`engine.runs.artifacts`.
+:mod:`engine.runs.stages` (data, model, gmms, calibrate, attack, detect, features, study); the studies are
+registered in :mod:`engine.runs.studies`; artifacts shared between stages are named in
+:mod:`engine.runs.artifacts`.
 See docs/runs.md.
 """
 

@@ -14,7 +14,6 @@ Ray is an optional dependency, imported only when a Ray run starts (never for a 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,38 +26,8 @@ from engine.runs.progress import CostModel
 from engine.runs.staging import open_artifacts
 from engine.runs.store import ResultStore
 
-INSTALL_HINT = "pip install 'hfc-engine[ray]' (in a checkout: pip install -e '.[ray]')"
-RESOURCE_KEYS = ("cpus", "gpus", "memory_gb")
+INSTALL_HINT = "pip install '.[ray]' in an hfc-engine checkout, or pip install 'ray==<your cluster's version>'"
 HOST_STAGES = ("data",)  # stages that never use the run's device: no GPU claimed for them by default
-
-
-def check_executor_settings(config: Mapping[str, Any]) -> None:
-    """Validate ``artifacts``, ``ray.*`` and ``resources.*``; ``executor: ray`` needs Ray installed. Raises
-    ConfigError naming the key."""
-    if config["executor"] == "ray" and importlib.util.find_spec("ray") is None:
-        raise ConfigError(f"executor 'ray' needs Ray, which is not installed: {INSTALL_HINT}")
-    if config["artifacts"] is not None and not isinstance(config["artifacts"], str):
-        raise ConfigError(f"config key 'artifacts' must be a directory or an fsspec URL, got {config['artifacts']!r}")
-    settings = config["ray"]
-    if settings["address"] is not None and not isinstance(settings["address"], str):
-        raise ConfigError(f"config key 'ray.address' must be 'auto', host:port or null, got {settings['address']!r}")
-    if settings["cpus"] is not None and not _number(settings["cpus"], integer=True, minimum=1):
-        raise ConfigError(f"config key 'ray.cpus' must be a positive integer or null, got {settings['cpus']!r}")
-    if not _number(settings["retries"], integer=True, minimum=0):
-        raise ConfigError(f"config key 'ray.retries' must be an integer >= 0, got {settings['retries']!r}")
-    if not isinstance(config["resources"], Mapping):
-        raise ConfigError("config key 'resources' must map stage names to {cpus, gpus, memory_gb}")
-    for stage, claim in config["resources"].items():
-        if not isinstance(claim, Mapping) or set(claim) - set(RESOURCE_KEYS):
-            raise ConfigError(f"config key 'resources.{stage}' must be a mapping with keys among {RESOURCE_KEYS}")
-        for key, value in claim.items():
-            if not _number(value, minimum=0) or (key == "cpus" and value == 0):
-                raise ConfigError(f"config key 'resources.{stage}.{key}' must be a number > 0, got {value!r}")
-
-
-def _number(value: Any, integer: bool = False, minimum: float = 0) -> bool:
-    kinds = (int,) if integer else (int, float)
-    return isinstance(value, kinds) and not isinstance(value, bool) and value >= minimum
 
 
 def stage_resources(config: Mapping[str, Any], stage: str) -> dict[str, float]:
@@ -175,7 +144,9 @@ def _result(ray: Any, cell: Cell, payload: Any, results: Any) -> tuple[dict[str,
     try:
         return ray.get(payload), ray.get(results)
     except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
+        cause: BaseException = exc
+        while isinstance(cause, ray.exceptions.RayTaskError) and isinstance(getattr(cause, "cause", None), Exception):
+            cause = cause.cause  # the cell's own exception (a UserError stays one), however often Ray wrapped it
         raise CellFailed(cell.label or cell.key, cause) from exc
     except ray.exceptions.RayError as exc:  # the worker died more than ray.retries times, or its node was lost
         raise CellFailed(cell.label or cell.key, exc) from exc

@@ -18,15 +18,17 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from engine.data import ImageDataset, Splits, as_tensors, load_dataset, split_dataset
-from engine.fileio import atomic_write
-from engine.models import label_with_model, load_model, train_model
+from engine.data import ImageDataset, Splits, as_tensors, content_fingerprint, load_dataset, split_dataset
+from engine.errors import UserError
+from engine.fileio import atomic_write, file_sha256
+from engine.models import TrainConfig, label_with_model, load_model, train_model
 from engine.runs.artifacts import Artifacts
 from engine.runs.schema import dataset_label, fingerprint
 
 log = logging.getLogger("engine.runs")
 MEMORY = "memory:"  # prefix of the references of models handed over in memory (engine.audit)
-SPEC_ONLY_KEYS = ("label", "labels")  # dataset-spec keys that are not loader options (row names, label source)
+SPEC_ONLY_KEYS = ("label", "labels", "content")  # dataset-spec keys that are not loader options (row names, label
+# source, the content fingerprint content_keyed adds)
 MODEL_SPEC = "model.json"  # a user's model file and its declared conventions (RunContext.user_model)
 
 
@@ -55,7 +57,7 @@ class RunContext:
             if not dataset.labelled:
                 labels = spec.get("labels")
                 if not isinstance(labels, Mapping):
-                    raise ValueError(
+                    raise UserError(
                         f"{dataset_label(spec)}: the data has no labels (a folder without class folders, or a CSV "
                         "without a label column); add 'labels: model' to its spec to use model.checkpoint's predictions"
                     )
@@ -98,29 +100,27 @@ class RunContext:
         artifact-relative or absolute checkpoint path."""
         if ref not in self._models:
             if ref.startswith(MEMORY):
-                raise KeyError(f"model {ref!r} was handed over in memory to another process; rerun engine.audit()")
+                raise UserError(f"model {ref!r} was handed over in memory to another process; rerun engine.audit()")
             path = self.artifacts.path(ref)
             if path.name == MODEL_SPEC:
-                spec = json.loads(path.read_text())
-                model = load_model(spec.pop("path"), **spec)
+                model = self.open_user_model(json.loads(path.read_text()))
             else:
-                model = load_model(path)
-            self._models[ref] = model.to(self.device).eval()
+                model = load_model(path).to(self.device).eval()
+            self._models[ref] = model
         return self._models[ref]
 
+    def open_user_model(self, spec: Mapping[str, Any]) -> nn.Module:
+        """The user's model a :func:`user_model_spec` describes, loaded once per process (the pre-flight check and
+        the model cell share it)."""
+        return self.memo(
+            ("user model", fingerprint(dict(spec))),
+            lambda: load_model(spec["path"], **{k: v for k, v in spec.items() if k != "path"}).to(self.device).eval(),
+        )
+
     def user_model(self, settings: Mapping[str, Any], name: str, shape: Sequence[int]) -> str:
-        """Reference to a model spec (``models/<name>-<key>/model.json``) of the user's ``model.checkpoint`` with its
-        declared conventions (``model.input``, ``output``, ``parity_tolerance``); an undeclared input size is the
-        data's (C, H, W) ``shape``, which TorchScript conversion needs."""
-        convention = dict(settings["input"])
-        convention["size"] = convention.get("size") or list(shape)
-        spec = {
-            "path": checkpoint_ref(settings["checkpoint"]),
-            "input": convention,
-            "output": settings["output"],
-            "parity_tolerance": settings["parity_tolerance"],
-            "name": name,
-        }
+        """Reference to a model spec (``models/<name>-<key>/model.json``, :func:`user_model_spec`) of the user's
+        ``model.checkpoint``."""
+        spec = user_model_spec(settings, name, shape)
         directory = self.artifacts.directory("models", name, fingerprint(spec))
         atomic_write(directory / MODEL_SPEC, lambda p: p.write_text(json.dumps(spec, indent=1)))
         return self.artifacts.ref(directory / MODEL_SPEC)
@@ -137,8 +137,10 @@ class RunContext:
         directory = self.artifacts.directory("models", f"{settings['arch']}-{splits.dataset.name}", key)
         final = directory / "model.pt"
         if not final.is_file():
-            arch = settings.pop("arch")
-            train_model(splits, arch, directory, seed=seed, progress=self.progress, device=self.device, **settings)
+            config, build = TrainConfig.split({**settings, "seed": seed})
+            train_model(
+                splits, build.pop("arch"), config, directory, progress=self.progress, device=self.device, **build
+            )
         return self.artifacts.ref(final)
 
     # -- memo -------------------------------------------------------------------------------------------------
@@ -180,3 +182,35 @@ def threads(count: int) -> Iterator[None]:
 def checkpoint_ref(path: str | Path) -> str:
     """An absolute reference to a user's checkpoint file (so it resolves from any working directory)."""
     return str(Path(path).expanduser().resolve())
+
+
+def checkpoint_identity(path: str | Path) -> dict[str, str]:
+    """What a cell's inputs say about a user's checkpoint: its absolute path and the sha256 of its bytes, so a
+    model file replaced at the same path reruns every cell that depends on it."""
+    ref = checkpoint_ref(path)
+    if not Path(ref).is_file():
+        raise UserError(f"model.checkpoint {str(path)!r} is not a file")
+    return {"checkpoint": ref, "checkpoint_sha256": file_sha256(ref)}
+
+
+def content_keyed(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` with its data's content fingerprint under ``content`` (engine.data.content_fingerprint) when it
+    reads files, so every cell of the dataset is keyed by what the files hold; synthetic and in-memory specs are
+    returned as they are (their spec determines the data)."""
+    content = content_fingerprint(spec)
+    return dict(spec) if content is None else {**spec, "content": content}
+
+
+def user_model_spec(settings: Mapping[str, Any], name: str, shape: Sequence[int] | None) -> dict[str, Any]:
+    """How to load the user's ``model.checkpoint`` (model settings) with its declared conventions (``model.input``,
+    ``output``, ``parity_tolerance``); an undeclared input size is the data's (C, H, W) ``shape``, which
+    TorchScript conversion needs."""
+    convention = dict(settings["input"])
+    convention["size"] = convention.get("size") or (None if shape is None else list(shape))
+    return {
+        "path": checkpoint_ref(settings["checkpoint"]),
+        "input": convention,
+        "output": settings["output"],
+        "parity_tolerance": settings["parity_tolerance"],
+        "name": name,
+    }

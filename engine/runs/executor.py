@@ -29,6 +29,15 @@ class CellFailed(Exception):
         self.label, self.error = label, error
 
 
+def cell_error(exc: BaseException) -> tuple[str | None, BaseException]:
+    """(the failed cell's label or None, what it raised) for an exception that may be a CellFailed; an executor's
+    wrapping (a Ray task error) is already unwrapped into CellFailed.error."""
+    label = None
+    while isinstance(exc, CellFailed):
+        label, exc = exc.label, exc.error
+    return label, exc
+
+
 class Executor(Protocol):
     trace: list[tuple[float, float]]  # (elapsed, predicted total) at every finished cell of the last run
 
@@ -42,17 +51,17 @@ class Executor(Protocol):
 def run_cell(
     stage: Stage, context: Any, inputs: Mapping[str, Any], deps: Mapping[str, dict[str, Any]]
 ) -> tuple[CellOutput, float]:
-    """Run one cell (its rows get the cell's ``seed``), then publish the files it wrote
-    (engine.runs.artifacts.Artifacts.publish); returns its output and seconds. ``context`` may be None for stages
-    that need none."""
+    """Run one cell on its JSON ``inputs`` (its rows get the cell's ``seed``), then publish the files it wrote
+    (engine.runs.artifacts.Artifacts.publish); returns its output, with the payload as JSON, and seconds.
+    ``context`` may be None for stages that need none."""
     start = time.perf_counter()
-    out = stage.run(context, inputs, deps)
+    out = stage(context, inputs, deps)
     for row in out.rows:  # every row of a seeded cell carries its seed
         if row.get("seed") is None:
             row["seed"] = inputs.get("seed")
     if context is not None:
         context.artifacts.publish()
-    return out, time.perf_counter() - start
+    return CellOutput(out.payload_json(), out.rows), time.perf_counter() - start
 
 
 def resume(

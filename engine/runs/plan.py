@@ -7,27 +7,33 @@ cell (train or take the checkpoint, clean metrics), one ``gmms`` cell (HFC's mix
 headline setting, ``adaptive`` (HFC in typical mode); one ``detect`` cell per (attack, eps, detector layer arm,
 detector) fitting on plain AEs and scoring every set of that setting and the other attacks' plain and HFC sets at
 the same budget (the transfer matrix); one ``features`` cell at the headline setting (feature log-likelihoods,
-diagnostics, PCA). Then one ``study`` cell per study. Cells carry only JSON-able inputs; labels name what they are.
+diagnostics, PCA). Then one ``study`` cell per study.
+
+The plan decides which cells exist and what each is (dataset, model, attack, eps, set, detector, arm, the cells it
+reads); the values a cell computes with come from the config through its stage's inputs dataclass, which declares
+the keys it reads (engine.runs.cells.reads), so a config key changes the keys of exactly the cells that read it and
+of their dependants. A few inputs are derived here from several keys (a detector arm's layers, the noise budget,
+an HFC set's weight and mode). Cells carry only JSON-able inputs; labels name what they are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from engine.attacks import ATTACKS, parse_eps
 from engine.data import SYNTHETIC
+from engine.detectors import DETECTORS
 from engine.models import CONSTRAINED
 from engine.models.classifier import ARCHITECTURES
 from engine.runs.cells import Cell
-from engine.runs.context import MEMORY, checkpoint_ref
+from engine.runs.context import MEMORY, checkpoint_identity, content_keyed
 from engine.runs.overrides import merge
 from engine.runs.schema import dataset_label
+from engine.runs.stages import STAGES
+from engine.runs.stages.attack import ADAPTIVE, HFC_SET, PLAIN, TRANSFER, set_identity
 
-PLAIN, HFC_SET = "plain", "hfc"  # the attack sets every HFC run has; fixed-weight sets are named w<weight>
-ADAPTIVE = "adaptive"  # the adaptive HFC set (typical mode) at the headline setting
-TRANSFER = "transfer:"  # prefix of another attack's sets scored by a detector (the transfer matrix)
 GENERATOR_SEED_OFFSET = 1000  # a seed's generated data: generator seed offset + seed (0 was the development data)
 
 
@@ -75,6 +81,15 @@ def seeded(config: Mapping[str, Any], seed: int) -> dict[str, Any]:
     return {**config, "seed": seed, "datasets": datasets}
 
 
+def cell(stage: str, config: Mapping[str, Any], deps: Sequence[str], hint: Mapping[str, Any], name: str = "",
+         **given: Any) -> Cell:  # fmt: skip
+    """A cell of ``stage`` named ``name`` (else its inputs' ``label``): the ``given`` fields of its inputs, and every
+    field its inputs dataclass declares (engine.runs.cells.reads) read from ``config``; nothing else of the config
+    reaches it."""
+    inputs = STAGES[stage].inputs.from_config(config, **given)
+    return Cell(stage, inputs.to_json(), tuple(dict.fromkeys(deps)), name or given.get("label", ""), dict(hint))
+
+
 def build_cells(config: Mapping[str, Any]) -> list[Cell]:
     """Every cell of the run described by ``config`` (dependencies before dependants): per seed, dataset and
     model the audit's cells, then one cell per study."""
@@ -84,66 +99,52 @@ def build_cells(config: Mapping[str, Any]) -> list[Cell]:
         for spec in one["datasets"]:
             for model_cfg in model_configs(one):
                 cells += _dataset_cells(one, spec, model_cfg)
-    for name in config["studies"]:
-        settings = {"seed": config["seed"], **config["study"].get(name, {})}
-        cells.append(Cell("study", {"study": name, "config": settings}, label=f"{name} study"))
-    return list({cell.key: cell for cell in cells}.values())  # the data cell is shared by a dataset's models
+    cells += [cell("study", config, [], {}, f"{name} study", study=name) for name in config["studies"]]
+    return list({c.key: c for c in cells}.values())  # the data cell is shared by a dataset's models
 
 
 def _dataset_cells(config: Mapping[str, Any], spec: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> list[Cell]:
-    label, model = dataset_label(spec), model_label(model_cfg)
-    seed, split, attack_cfg = config["seed"], config["split"], config["attack"]
+    """The audit's cells of one dataset and model, read from ``config`` with ``model`` set to this model's settings
+    (a model file named by its absolute path and the sha256 of its bytes; a dataset read from files carries its
+    content fingerprint)."""
+    spec, label, model = content_keyed(spec), dataset_label(spec), model_label(model_cfg)
     n = int(spec.get("n", 1000))
-    hint = {"model": _model_hint(model_cfg, spec), "n": n, "pool": attack_cfg["pool"] or int(n * split["test"])}
-    common = {"dataset": spec, "dataset_label": label, "model_label": model, "seed": seed, "split": split}
-    model_cfg = dict(model_cfg)
-    if model_cfg["checkpoint"] and not str(model_cfg["checkpoint"]).startswith(MEMORY):
-        model_cfg["checkpoint"] = checkpoint_ref(model_cfg["checkpoint"])
-    data_cell = Cell("data", {k: common[k] for k in ("dataset", "seed", "split")}, label=f"{label} data", hint=hint)
-    model_cell = Cell(
-        "model", {**common, "model": model_cfg}, (data_cell.key,), label=f"{label} {model} model", hint=hint
-    )
+    pool = config["attack"]["pool"]
+    hint = {"model": _model_hint(model_cfg, spec), "n": n, "pool": pool or int(n * config["split"]["test"])}
+    checkpoint = model_cfg["checkpoint"]
+    if checkpoint and not str(checkpoint).startswith(MEMORY):
+        model_cfg = {**model_cfg, **checkpoint_identity(checkpoint)}
+    config = {**config, "model": model_cfg}
+    data_cell = cell("data", config, [], hint, f"{label} data", dataset=spec)
+    named = {"dataset": spec, "dataset_label": label, "model_label": model}
+    model_cell = cell("model", config, [data_cell.key], hint, f"{label} {model} model", **named)
     cells = [data_cell, model_cell]
+    common = {**named, "model_cell": model_cell.key}
     gmm_cell = None
     if config["hfc"]["enabled"]:
-        hfc = {k: config["hfc"][k] for k in ("layers", "max_channels", "n_components", "reg_covar", "fit")}
-        gmm_cell = Cell(
-            "gmms",
-            {**common, "hfc": hfc, "model_cell": model_cell.key},
-            (model_cell.key,),
-            label=f"{label} {model} HFC mixtures",
-            hint=hint,
-        )
+        gmm_cell = cell("gmms", config, [model_cell.key], hint, f"{label} {model} HFC mixtures", **common)
         cells.append(gmm_cell)
-    common = {**common, "pool": attack_cfg["pool"], "model_cell": model_cell.key}
     settings: dict[tuple[str, str | None], dict[str, Cell]] = {}
     for attack in config["attacks"]:
         for eps in config["eps"] if ATTACKS[attack].budgeted() else [None]:
             setting = f"{label} {model} {attack}" + ("" if eps is None else f" eps={eps}")
-            attack_cells, settings[attack, eps] = _attack_cells(config, common, attack, eps, setting, gmm_cell, hint)
+            given = {**common, "attack": attack, "eps": eps}
+            attack_cells, settings[attack, eps] = _attack_cells(config, given, setting, gmm_cell, hint)
             cells += attack_cells
     for (attack, eps), sets in settings.items():
         setting = f"{label} {model} {attack}" + ("" if eps is None else f" eps={eps}")
         scored = {**sets, **transfer_sets(settings, attack, eps)}
-        cells += _detect_cells(config, common, attack, eps, setting, scored, hint)
+        given = {**common, "attack": attack, "eps": eps, "noise_eps": noise_budget(config, eps)}
+        cells += _detect_cells(config, given, setting, scored, gmm_cell, hint)
     if gmm_cell is not None and settings:
         attack, eps = headline(config)
         plain, hfc_set = settings[attack, eps][PLAIN], settings[attack, eps][HFC_SET]
-        inputs = {
-            **common,
-            "attack": attack,
-            "eps": eps,
-            "layers": config["detector"]["layers"],
-            "projection_layers": config["projection"]["layers"],
-            "noise_eps": noise_budget(config, eps),
-            "noise": config["detector"]["noise"],
-            "gmms_cell": gmm_cell.key,
-            "plain_cell": plain.key,
-            "hfc_cell": hfc_set.key,
-            "label": f"{label} {model} features {attack}" + ("" if eps is None else f" eps={eps}"),
-        }
-        deps = (model_cell.key, gmm_cell.key, plain.key, hfc_set.key)
-        cells.append(Cell("features", inputs, deps, label=inputs["label"], hint=hint))
+        name = f"{label} {model} features {attack}" + ("" if eps is None else f" eps={eps}")
+        deps = [model_cell.key, gmm_cell.key, plain.key, hfc_set.key]
+        cells.append(cell(
+            "features", config, deps, hint, **common, attack=attack, eps=eps, label=name,
+            noise_eps=noise_budget(config, eps), gmms_cell=gmm_cell.key, plain_cell=plain.key, hfc_cell=hfc_set.key,
+        ))  # fmt: skip
     return cells
 
 
@@ -157,17 +158,6 @@ def headline(config: Mapping[str, Any]) -> tuple[str, str | None]:
     return attack, str(eps)
 
 
-def hfc_schedule(config: Mapping[str, Any], eps: str | None) -> dict[str, Any]:
-    """HFC's steps (and absolute step size): ``hfc.step_size`` fixes the step and the steps follow as
-    travel x eps / step_size (the reference's schedule); else ``hfc.steps`` (or ``attack.steps``) steps of
-    travel x eps / steps."""
-    attack_cfg, hfc = config["attack"], config["hfc"]
-    if hfc["step_size"] is not None and eps is not None:
-        steps = max(1, round((attack_cfg["travel"] or 2.0) * parse_eps(eps) / parse_eps(hfc["step_size"])))
-        return {"steps": steps, "step_size": parse_eps(hfc["step_size"])}
-    return {"steps": hfc["steps"] or attack_cfg["steps"]}
-
-
 def noise_budget(config: Mapping[str, Any], eps: str | None) -> str:
     """The noise control's L-inf budget: ``detector.noise_eps``, else the attack's (for an attack without one, the
     largest budget of the run)."""
@@ -177,9 +167,7 @@ def noise_budget(config: Mapping[str, Any], eps: str | None) -> str:
 
 def _attack_cells(
     config: Mapping[str, Any],
-    common: Mapping[str, Any],
-    attack: str,
-    eps: str | None,
+    given: Mapping[str, Any],
     setting: str,
     gmm_cell: Cell | None,
     hint: Mapping[str, Any],
@@ -188,44 +176,30 @@ def _attack_cells(
     calibration cell of its weight when ``hfc.lam`` is auto), one set per ``hfc.fixed_weights`` entry at HFC's
     schedule (``w0``: weight 0, the schedule alone) and, at the headline setting with ``hfc.adaptive``, the
     adaptive set (``typical`` mode, its weight calibrated the same way)."""
-    attack_cfg, hfc = config["attack"], config["hfc"]
-    base = {
-        **common,
-        "attack": attack,
-        "eps": eps,
-        "steps": attack_cfg["steps"],
-        "travel": attack_cfg["travel"],
-        "targeted": attack_cfg["targeted"],
-        "batch_size": attack_cfg["batch_size"],
-        "options": dict(attack_cfg[attack]),
-        "hfc": False,
-        "variant": "",
-    }
-    sets = {PLAIN: Cell("attack", {**base, "label": setting}, (common["model_cell"],), setting, hint)}
+    model_cell, hfc = given["model_cell"], config["hfc"]
+    sets = {PLAIN: cell("attack", config, [model_cell], hint, **given, label=setting)}
     cells = [sets[PLAIN]]
     if gmm_cell is None:
         return cells, sets
-    schedule = hfc_schedule(config, eps)
-    options = {**base["options"], **hfc["options"].get(attack, {}), **schedule}
-    hfc_base = {**base, "hfc": True, **schedule, "options": options, "gmms_cell": gmm_cell.key}
-    deps = (common["model_cell"], gmm_cell.key)
+    deps = [model_cell, gmm_cell.key]
 
     def hfc_set(variant: str, mode: str, lam: Any, label: str) -> None:
-        inputs = {**hfc_base, "variant": variant, "mode": mode, "lam": lam, "label": label}
+        inputs = {**given, "hfc": True, "variant": variant, "gmms_cell": gmm_cell.key, "mode": mode}
         needs = deps
         if lam == "auto":
-            calibration = {**inputs, "calibration": hfc["calibration"], "label": f"{label} weight"}
-            calibrate = Cell("calibrate", calibration, deps, calibration["label"], hint)
+            calibrate = cell("calibrate", config, deps, hint, **inputs, label=f"{label} weight")
             cells.append(calibrate)
-            inputs.update(lam=None, calibrate_cell=calibrate.key)
-            needs += (calibrate.key,)
-        sets[variant or HFC_SET] = Cell("attack", inputs, needs, label=label, hint=hint)
+            inputs.update(calibrate_cell=calibrate.key)
+            needs = [*deps, calibrate.key]
+        else:
+            inputs.update(lam=lam)
+        sets[variant or HFC_SET] = cell("attack", config, needs, hint, **inputs, label=label)
         cells.append(sets[variant or HFC_SET])
 
     hfc_set("", hfc["mode"], hfc["lam"], f"{setting} +HFC")
     for weight in hfc["fixed_weights"]:
         hfc_set(f"w{float(weight):g}", hfc["mode"], float(weight), f"{setting} +HFC weight {weight:g}")
-    if hfc["adaptive"] and (attack, eps) == headline(config):
+    if hfc["adaptive"] and (given["attack"], given["eps"]) == headline(config):
         hfc_set(ADAPTIVE, "typical", hfc["lam"], f"{setting} +adaptive HFC")
     return cells, sets
 
@@ -245,15 +219,6 @@ def transfer_sets(
     return out
 
 
-def set_identity(name: str) -> tuple[bool, str]:
-    """(the ``hfc`` column, the ``variant`` column) of the rows of an attack set named ``name``."""
-    if name in (PLAIN, HFC_SET):
-        return name == HFC_SET, ""
-    if name.startswith(TRANSFER):
-        return name.endswith("+hfc"), name
-    return True, name
-
-
 def detector_arms(config: Mapping[str, Any]) -> dict[str | None, dict[str, Any]]:
     """The detector layer arms of the run: ``detector.arms`` (name -> ``layers`` / ``raw_layers``, each defaulting
     to ``detector.layers`` / ``detector.raw_layers``), without the arms reading the constrained layers when HFC is
@@ -270,36 +235,44 @@ def detector_arms(config: Mapping[str, Any]) -> dict[str | None, dict[str, Any]]
 
 def _detect_cells(
     config: Mapping[str, Any],
-    common: Mapping[str, Any],
-    attack: str,
-    eps: str | None,
+    given: Mapping[str, Any],
     setting: str,
     sets: Mapping[str, Cell],
+    gmm_cell: Cell | None,
     hint: Mapping[str, Any],
 ) -> list[Cell]:
-    """One cell per (layer arm, detector): fitted on the plain set, scoring every set of (attack, eps)."""
-    detector_cfg = config["detector"]
-    settings = ("fit_fraction", "bootstrap", "train_limit", "noise")
-    gmms = sets[HFC_SET].inputs["gmms_cell"] if HFC_SET in sets else None
+    """One cell per (layer arm, detector): fitted on the plain set, scoring every set of (attack, eps); a detector
+    whose class requires training features (engine.detectors.Requirements) gets them."""
+    gmms = gmm_cell.key if gmm_cell is not None else None
+    scored = {name: c.key for name, c in sets.items() if name != PLAIN}
+    deps = [given["model_cell"], *(c.key for c in sets.values()), *([gmms] if gmms else [])]
     cells = []
     for arm, layers in detector_arms(config).items():
         for detector in config["detectors"]:
             label = f"{setting} {detector}" + ("" if arm is None else f" [{arm} layers]")
-            inputs = {
-                **common,
-                "attack": attack,
-                "eps": eps,
-                "detector": detector,
-                "arm": arm,
-                **layers,
-                **{k: detector_cfg[k] for k in settings},
-                "noise_eps": noise_budget(config, eps),
-                "options": dict(detector_cfg[detector]),
-                "plain_cell": sets[PLAIN].key,
-                "sets": {name: cell.key for name, cell in sets.items() if name != PLAIN},
-                "gmms_cell": gmms,
-                "label": label,
-            }
-            deps = (common["model_cell"], *(cell.key for cell in sets.values()), *([gmms] if gmms else []))
-            cells.append(Cell("detect", inputs, tuple(dict.fromkeys(deps)), label=label, hint=hint))
+            cells.append(cell(
+                "detect", config, deps, hint, **given, **layers, detector=detector, arm=arm, label=label,
+                plain_cell=sets[PLAIN].key, sets=scored, gmms_cell=gmms,
+                train_features=DETECTORS[detector].requires.training_features,
+            ))  # fmt: skip
     return cells
+
+
+__all__ = [
+    "ADAPTIVE",
+    "GENERATOR_SEED_OFFSET",
+    "HFC_SET",
+    "PLAIN",
+    "TRANSFER",
+    "build_cells",
+    "cell",
+    "detector_arms",
+    "headline",
+    "model_configs",
+    "model_label",
+    "noise_budget",
+    "run_seeds",
+    "seeded",
+    "set_identity",
+    "transfer_sets",
+]

@@ -8,11 +8,12 @@ rows and payloads of this config's cells, from which engine.report builds the HT
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import logging
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -21,13 +22,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy
 import pandas as pd
-import sklearn
 import torch
 
-from engine import __version__
+from engine import __version__, build_commit, git_commit
 from engine.fileio import atomic_write
+from engine.ops import available
 from engine.runs.artifacts import Artifacts
 from engine.runs.cells import Cell
 from engine.runs.cluster import RayExecutor
@@ -35,13 +35,20 @@ from engine.runs.config import validate
 from engine.runs.context import RunContext
 from engine.runs.executor import Executor, LocalExecutor
 from engine.runs.plan import build_cells, run_seeds
+from engine.runs.preflight import preflight
 from engine.runs.progress import CostModel, Machine
-from engine.runs.schema import ROW_COLUMNS
+from engine.runs.schema import ROW_COLUMNS, dataset_label, fingerprint
 from engine.runs.stages import STAGES
 from engine.runs.staging import is_url, open_artifacts
-from engine.runs.store import ResultStore
+from engine.runs.store import STORE_FILE, ResultStore
 
+log = logging.getLogger("engine.runs")
 CARD_FILE = "run_card.json"
+DEPENDENCIES = (  # distributions whose versions the run card records (None when not installed)
+    "torch", "numpy", "scipy", "scikit-learn", "pandas", "onnx", "onnxruntime", "onnxruntime-gpu", "onnx2torch",
+    "onnx2fx", "ray", "pydicom", "triton", "pybind11",
+)  # fmt: skip
+KERNEL_OPS = ("gmm", "mahalanobis", "knn", "kde")  # engine.ops' kernels, by the names their backends register
 
 
 @dataclass
@@ -71,11 +78,16 @@ def execute(config: dict[str, Any], progress: bool = True, context: RunContext |
     ctx = context or RunContext(open_artifacts(artifact_location(config)), device=config["device"], progress=progress)
     artifacts = ctx.artifacts
     started = time.perf_counter()
+    preflight(config, ctx)
     cells = build_cells(config)
     machine = Machine()
     costs = CostModel({c.key: STAGES[c.stage].cost(c, machine) for c in cells})
     executor = make_executor(config, progress)
-    with ResultStore(directory) as store:
+    if (directory / CARD_FILE).is_file() and not (directory / STORE_FILE).is_file():
+        log.warning("%s: %s is missing (removed or moved aside): every cell runs again", directory, STORE_FILE)
+    local = None if is_url(artifact_location(config)) else artifacts.root
+    with ResultStore(directory, artifact_root=local) as store:
+        recompute(store, cells)
         store.set_plan([c.key for c in cells])
         timings = executor.run(cells, store, ctx, STAGES, costs)
         rows = store.rows([c.key for c in cells])
@@ -88,10 +100,38 @@ def execute(config: dict[str, Any], progress: bool = True, context: RunContext |
         stage_seconds[cell.stage] = stage_seconds.get(cell.stage, 0.0) + seconds[cell.key]
     wall = time.perf_counter() - started
     card = run_card(config, stage_seconds, timings, wall, executor.trace, costs, payloads.get("calibrate", []))
+    card["inputs"] = input_identities(cells)
     result = RunResult(dict(config), directory, artifacts, rows, payloads, card)
     write_tables(result)
     atomic_write(directory / CARD_FILE, lambda p: p.write_text(json.dumps(card, indent=2, default=str)))
     return result
+
+
+def recompute(store: ResultStore, cells: Sequence[Cell]) -> None:
+    """Forget the finished cells whose artifact files are gone (deleted, or lost with a disk), so they run again."""
+    stale = [(cell, missing) for cell in cells if (missing := store.missing(cell.key))]
+    for cell, missing in stale:
+        log.warning(
+            "%s: %d artifact file(s) missing (e.g. %s): the cell runs again", cell.label, len(missing), missing[0]
+        )
+    store.forget(cell.key for cell, _ in stale)
+
+
+def input_identities(cells: Sequence[Cell]) -> dict[str, Any]:
+    """What the run read, by content: each user model file's path and sha256, and each dataset's content
+    fingerprint (engine.data.content_fingerprint; None for data its spec determines) and spec fingerprint."""
+    models, datasets = {}, {}
+    for cell in cells:
+        if cell.stage != "model":
+            continue
+        model, spec = cell.inputs["model"], cell.inputs["dataset"]
+        if model.get("checkpoint_sha256"):
+            models[cell.inputs["model_label"]] = {
+                "checkpoint": model["checkpoint"],
+                "sha256": model["checkpoint_sha256"],
+            }
+        datasets[dataset_label(spec)] = {"content": spec.get("content"), "spec": fingerprint(dict(spec))}
+    return {"models": models, "datasets": datasets}
 
 
 def artifact_location(config: Mapping[str, Any]) -> str:
@@ -132,13 +172,11 @@ def run_card(
         "config": config,
         "seed": config["seed"],
         "seeds": run_seeds(config),
-        "git_commit": _git_commit(),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": numpy.__version__,
-            "scikit-learn": sklearn.__version__,
-        },
+        "git_commit": git_commit(),
+        "build_commit": build_commit(),
+        "versions": {"python": platform.python_version(), **dependency_versions()},
+        "kernels": {op: available(op) for op in KERNEL_OPS},
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "machine": {
             "node": platform.node(),
             "machine": platform.machine(),
@@ -178,11 +216,12 @@ def eta_quality(trace: list[tuple[float, float]], wall_seconds: float, costs: Co
     }
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+def dependency_versions() -> dict[str, str | None]:
+    """The installed version of each of :data:`DEPENDENCIES` (None when absent)."""
+    versions: dict[str, str | None] = {}
+    for name in DEPENDENCIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions

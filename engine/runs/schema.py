@@ -37,12 +37,13 @@ CI_LEVEL = 0.95  # the level of every interval the engine reports (bootstrap, t 
 class Metric(StrEnum):
     """Every metric a row can carry: what the stages, the studies and the report write and read."""
 
-    # model stage: clean test metrics (auc: 2 classes, kappa: more), the conversion's forward parity
+    # model stage: clean test metrics (auc: 2 classes, kappa: more), the conversion's forward and gradient parity
     CLEAN_LOSS = "clean_loss"
     CLEAN_ACCURACY = "clean_accuracy"
     CLEAN_AUC = "clean_auc"
     CLEAN_KAPPA = "clean_kappa"
     CONVERSION_MAX_ABS_DIFF = "conversion_max_abs_diff"
+    CONVERSION_GRADIENT_REL_ERROR = "conversion_gradient_rel_error"
     # attack and calibrate stages
     ATTACK_SUCCESS_RATE = "attack_success_rate"  # on the correctly classified pool, exact binomial interval
     HFC_LAM = "hfc_lam"

@@ -24,6 +24,7 @@ from engine.data.base import ArrayDataset
 from engine.data.image import to_uint8
 from engine.data.synthetic import cxr, fundus, natural
 from engine.data.synthetic.common import balanced_labels
+from engine.errors import UserError
 from engine.fileio import atomic_write
 
 log = logging.getLogger("engine.data")
@@ -89,9 +90,9 @@ def generate(
     spec = _spec(name)
     task = task or spec.default_task
     if task not in spec.tasks:
-        raise ValueError(f"task: {name} has tasks {sorted(spec.tasks)}, got {task!r}")
+        raise UserError(f"task: {name} has tasks {sorted(spec.tasks)}, got {task!r}")
     if int(n) < 1 or int(image_size) < 8:
-        raise ValueError(f"n >= 1 and image_size >= 8 expected, got n={n}, image_size={image_size}")
+        raise UserError(f"n >= 1 and image_size >= 8 expected, got n={n}, image_size={image_size}")
     n, size = int(n), int(image_size)
     labels, grades = _plan(name, task, n, seed)
     workers = workers or (min(2, os.cpu_count() or 1) if n >= PARALLEL_MIN_IMAGES else 1)
@@ -114,7 +115,7 @@ def generate(
 
 def _spec(name: str) -> _Spec:
     if name not in SPECS:
-        raise ValueError(f"name: expected one of {sorted(SPECS)}, got {name!r}")
+        raise UserError(f"name: expected one of {sorted(SPECS)}, got {name!r}")
     return SPECS[name]
 
 

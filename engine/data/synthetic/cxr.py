@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from engine.data.synthetic.common import blob, downscale, photometric, pick_points, sample, smooth_noise, view_coords
+from engine.errors import UserError
 
 CLASSES = ["normal", "pneumonia"]
 # Lung fields of this radiograph as ellipses (centre y, centre x, radius y, radius x) in image fractions,
@@ -26,11 +27,11 @@ def radiograph_path() -> Path:
     try:
         files = importlib.metadata.files("pydicom-data") or []
     except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError("cxr-synth needs the 'pydicom-data' package (pip install pydicom-data)") from None
+        raise UserError("cxr-synth needs the 'pydicom-data' package (pip install pydicom-data)") from None
     for f in files:
         if f.name == "RG1_UNCI.dcm":
             return Path(f.locate())
-    raise RuntimeError("RG1_UNCI.dcm not found among the files of the installed 'pydicom-data' package")
+    raise UserError("RG1_UNCI.dcm not found among the files of the installed 'pydicom-data' package")
 
 
 @functools.lru_cache(maxsize=4)

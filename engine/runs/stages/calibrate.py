@@ -11,27 +11,46 @@ trial go to the payload, the result rows and the run card.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from engine.data import as_tensors
+from engine.errors import UserError
 from engine.models import predict_logits
-from engine.runs.cells import Cell, CellOutput
+from engine.runs.cells import Cell, CellOutput, reads
 from engine.runs.context import RunContext
 from engine.runs.schema import Metric, row
-from engine.runs.stages.attack import ATTACK_EFFICIENCY, attack_passes, hfc_constraint, make_attack
+from engine.runs.stages.attack import (
+    ATTACK_EFFICIENCY,
+    AttackInputs,
+    CalibratePayload,
+    attack_passes,
+    hfc_constraint,
+    make_attack,
+)
+from engine.runs.stages.model import ModelPayload, OnModel
 
 
-def calibration_images(ctx: RunContext, inputs: Mapping[str, Any], model: torch.nn.Module) -> tuple[Any, Any]:
-    """The first correctly classified validation images, at most ``calibration.images`` of them."""
-    splits = ctx.splits(inputs["dataset"], inputs["split"], inputs["seed"])
-    x, y = as_tensors(splits.val, name=f"the validation split of {inputs['dataset_label']}")
+@dataclass(frozen=True, kw_only=True)
+class CalibrateInputs(AttackInputs):
+    """The HFC set whose weight is calibrated (``lam`` unset), and the calibration's target, grid and images."""
+
+    target: float = reads("hfc.calibration.target")
+    grid: list[float] = reads("hfc.calibration.grid")
+    images: int = reads("hfc.calibration.images")
+
+
+def calibration_images(ctx: RunContext, inputs: OnModel, model: torch.nn.Module, limit: int) -> tuple[Any, Any]:
+    """The first correctly classified validation images, at most ``limit`` of them."""
+    splits = ctx.splits(inputs.dataset, inputs.split, inputs.seed)
+    x, y = as_tensors(splits.val, name=f"the validation split of {inputs.dataset_label}")
     correct = torch.from_numpy(predict_logits(model, x).argmax(1) == y.numpy())
-    keep = correct.nonzero()[:, 0][: inputs["calibration"]["images"]]
+    keep = correct.nonzero()[:, 0][:limit]
     if len(keep) == 0:
-        raise ValueError(
-            f"{inputs['dataset_label']}: no validation image is classified correctly, so the HFC weight cannot be "
+        raise UserError(
+            f"{inputs.dataset_label}: no validation image is classified correctly, so the HFC weight cannot be "
             "calibrated; set hfc.lam to a number or train the model longer"
         )
     return x[keep], y[keep]
@@ -61,40 +80,40 @@ def largest_passing(
     return weights[low], trials
 
 
-def run_calibrate(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any]) -> CellOutput:
+def run_calibrate(ctx: RunContext, inputs: CalibrateInputs, deps: Mapping[str, Any]) -> CellOutput:
     """Bisect the weight grid for the largest weight whose HFC attack reaches the target success rate."""
-    model = ctx.model(deps[inputs["model_cell"]]["checkpoint"])
-    calibration = inputs["calibration"]
-    x, y = calibration_images(ctx, inputs, model)
+    model = ctx.model(ModelPayload(**deps[inputs.model_cell]).checkpoint)
+    x, y = calibration_images(ctx, inputs, model, inputs.images)
 
     def success(lam: float) -> float:
         constraint = hfc_constraint(ctx, inputs, deps, model, lam) if lam else None
-        return make_attack(inputs["attack"], model, inputs, constraint)(x, y).success_rate
+        return make_attack(model, inputs, constraint)(x, y).success_rate
 
-    lam, trials = largest_passing(calibration["grid"], success, calibration["target"])
-    reached = trials[lam] >= calibration["target"]
-    columns = {"dataset": inputs["dataset_label"], "model": inputs["model_label"], "attack": inputs["attack"]}
-    columns |= {"eps": inputs["eps"], "hfc": True, "variant": inputs["variant"], "detector": ""}
+    lam, trials = largest_passing(inputs.grid, success, inputs.target)
+    reached = trials[lam] >= inputs.target
+    columns = {"dataset": inputs.dataset_label, "model": inputs.model_label, "attack": inputs.attack}
+    columns |= {"eps": inputs.eps, "hfc": True, "variant": inputs.variant, "detector": ""}
     rows = [row(Metric.HFC_LAM, lam, **columns), row(Metric.HFC_CALIBRATION_SUCCESS, trials[lam], **columns)]
-    payload = {
-        "lam": lam,
-        "reached": reached,
-        "target": calibration["target"],
-        "images": len(x),
-        "trials": [{"lam": k, "success": v} for k, v in sorted(trials.items(), reverse=True)],
-    }
+    note = None
     if not reached:  # the model resists the attack even with the weakest constraint: the run goes on with it
-        payload["note"] = (
-            f"no weight of the grid reaches {calibration['target']:g} success on the {len(x)} calibration images "
+        note = (
+            f"no weight of the grid reaches {inputs.target:g} success on the {len(x)} calibration images "
             f"(at {lam:g}, the smallest: {trials[lam]:.2f}), so the smallest weight is used"
         )
+    payload = CalibratePayload(
+        lam=lam,
+        reached=reached,
+        target=inputs.target,
+        images=len(x),
+        trials=[{"lam": k, "success": v} for k, v in sorted(trials.items(), reverse=True)],
+        note=note,
+    )
     return CellOutput(payload, rows)
 
 
 def calibrate_cost(cell: Cell, machine: Any) -> tuple[str, float]:
     """About log2(grid) HFC attacks on the calibration images."""
-    inputs = cell.inputs
-    calibration = inputs["calibration"]
-    trials = max(1, len(calibration["grid"]).bit_length())
-    passes = attack_passes(inputs, hfc=True) * calibration["images"] * trials
+    inputs = CalibrateInputs(**cell.inputs)
+    trials = max(1, len(inputs.grid).bit_length())
+    passes = attack_passes(inputs) * inputs.images * trials
     return "calibrate", ATTACK_EFFICIENCY * machine.seconds(passes * machine.model_flops(**cell.hint["model"]))

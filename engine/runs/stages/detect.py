@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,30 +21,76 @@ from torch import nn
 from engine.attacks import noise_like
 from engine.data import as_tensors
 from engine.detectors import DETECTORS, Detector, FeatureCache, Features, TooFewExamples, run_protocol
-from engine.models import CONSTRAINED, STAGE_OUTPUTS, dropout_modules, resolve_layers, spatial_layers, stage_outputs
+from engine.models import CONSTRAINED, STAGE_OUTPUTS, resolve_layers, spatial_layers, stage_outputs
 from engine.runs.artifacts import save_scores
-from engine.runs.cells import Cell, CellOutput
+from engine.runs.cells import Cell, CellOutput, Payload, reads
 from engine.runs.context import RunContext
-from engine.runs.plan import HFC_SET, PLAIN, set_identity
 from engine.runs.schema import Metric, Subset, fingerprint, row
+from engine.runs.stages.attack import HFC_SET, PLAIN, AttackPayload, set_identity
+from engine.runs.stages.model import GmmsPayload, ModelPayload, OnModel
 
 PAIRED_METRICS = (Metric.AUROC, Metric.TPR_AT_TNR90)
 log = logging.getLogger("engine.runs")
-DETECTOR_COST = {  # seconds per pool image beside the model passes (measured on the audits; refined live)
-    "kd": 2.3e-3, "lid": 6e-4, "svm": 5e-4, "safetynet": 5e-4, "dnr": 2e-3, "dnn": 7.5e-3, "bu": 1e-3, "maha": 1.2e-2,
-}  # fmt: skip
-MODEL_PASSES = {"bu": 2.5, "maha": 7.0}  # forward passes per pool image (feature sets; MC-dropout heads; steps)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectInputs(OnModel):
+    """One detector on one layer arm at one (attack, eps): fitted on the plain set of ``plain_cell``, scoring it and
+    the other ``sets`` (set name -> attack cell)."""
+
+    attack: str
+    eps: str | None
+    detector: str
+    arm: str | None  # the layer arm's name (None: the one unnamed arm)
+    layers: Any  # the arm's selections: detector.arms.<arm>.layers / raw_layers, else detector.layers / raw_layers
+    raw_layers: Any
+    noise_eps: str  # the noise control's budget (engine.runs.plan.noise_budget)
+    label: str
+    plain_cell: str
+    sets: dict[str, str]
+    gmms_cell: str | None  # HFC's mixtures: the layers HFC constrains, typicality's reference
+    train_features: bool = False  # the detector class requires training features (Requirements.training_features)
+    pool: int | None = reads("attack.pool")
+    fit_fraction: float = reads("detector.fit_fraction")
+    bootstrap: int = reads("detector.bootstrap")
+    noise: str = reads("detector.noise")
+    options: dict[str, Any] = reads("detector.{detector}", absent={})
+    train_limit: int | None = reads("detector.train_limit", when="train_features")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectPayload(Payload):
+    """Where the detector's scores are, and the fitted detector (what engine.runs.catalog finds)."""
+
+    directory: str
+    fitted: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Skipped(Payload):
+    """A detector that cannot run on this model and run, and why (a report note, not an error)."""
+
+    skipped: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class NotMeasurable(Payload):
+    """A detect or features cell whose data is too small to measure (e.g. a model that resists the budget leaves
+    no successful AE to fit on): why, and the successful AEs there were (a result, not an error)."""
+
+    not_measurable: str
+    successful: int
 
 
 def feature_layers(
-    model: nn.Module, inputs: Mapping[str, Any], input_shape: Sequence[int], constrained: Sequence[str] = ()
+    model: nn.Module, inputs: DetectInputs, input_shape: Sequence[int], constrained: Sequence[str] = ()
 ) -> tuple[list[str], list[str]]:
     """(pooled layers, raw-map layers) of the detectors: the arm's ``layers``, and ``raw_layers`` (patterns; a
     count: the deepest of those layers; null: all of them), keeping those whose outputs are spatial maps (a dense
     head's activations are pooled features only); ``constrained`` stands for the layers HFC constrains."""
     resolve = lambda sel: resolve_layers(model, list(constrained) if sel == CONSTRAINED else sel)  # noqa: E731
-    layers = resolve(inputs["layers"])
-    raw = inputs["raw_layers"]
+    layers = resolve(inputs.layers)
+    raw = inputs.raw_layers
     if isinstance(raw, (str, list)):
         return layers, spatial_layers(model, resolve(raw), input_shape)
     maps = spatial_layers(model, layers, input_shape)
@@ -51,7 +98,7 @@ def feature_layers(
 
 
 def _cache(
-    ctx: RunContext, checkpoint: str, inputs: Mapping[str, Any], input_shape: Sequence[int], constrained: Sequence[str]
+    ctx: RunContext, checkpoint: str, inputs: DetectInputs, input_shape: Sequence[int], constrained: Sequence[str]
 ) -> FeatureCache:
     layers, raw_layers = feature_layers(ctx.model(checkpoint), inputs, input_shape, constrained)
 
@@ -83,38 +130,39 @@ def make_detector(name: str, options: Mapping[str, Any], seed: int, model: nn.Mo
     return DETECTORS[name](seed=seed, **options)
 
 
-def run_detect(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any]) -> CellOutput:
+def run_detect(ctx: RunContext, inputs: DetectInputs, deps: Mapping[str, Any]) -> CellOutput:
     """Fit one detector on plain AEs (``fit_fraction`` of the pool) and score plain and HFC AEs on the rest."""
-    checkpoint = deps[inputs["model_cell"]]["checkpoint"]
-    reason = _not_runnable(ctx, inputs, checkpoint)
+    checkpoint = ModelPayload(**deps[inputs.model_cell]).checkpoint
+    model, cls = ctx.model(checkpoint), DETECTORS[inputs.detector]
+    reason = cls.unmet(model, mixtures=inputs.gmms_cell is not None)
     if reason:
-        log.warning("%s %s: %s skipped: %s", inputs["dataset_label"], inputs["model_label"], inputs["detector"], reason)
-        return CellOutput({"skipped": reason})
-    spec, split, seed = inputs["dataset"], inputs["split"], inputs["seed"]
-    x, y = ctx.pool(spec, split, seed, inputs["pool"])
-    constrained = deps[inputs["gmms_cell"]]["layers"] if inputs["gmms_cell"] else []
-    cache = _cache(ctx, checkpoint, inputs, tuple(x.shape[1:]), constrained)
-    pool_key = fingerprint([spec, split, seed, inputs["pool"]])
+        log.warning("%s %s: %s skipped: %s", inputs.dataset_label, inputs.model_label, inputs.detector, reason)
+        return CellOutput(Skipped(skipped=reason))
+    spec, split, seed = inputs.dataset, inputs.split, inputs.seed
+    x, y = ctx.pool(spec, split, seed, inputs.pool)
+    gmms = GmmsPayload(**deps[inputs.gmms_cell]) if inputs.gmms_cell else None
+    cache = _cache(ctx, checkpoint, inputs, tuple(x.shape[1:]), gmms.layers if gmms else [])
+    pool_key = fingerprint([spec, split, seed, inputs.pool])
     clean = _features(ctx, cache, ("clean", pool_key), x, y)
-    noise_x = noise_like(x, inputs["noise_eps"], kind=inputs["noise"], seed=seed)
-    noise = _features(ctx, cache, ("noise", pool_key, str(inputs["noise_eps"]), inputs["noise"]), noise_x, y)
-    plain, plain_success = _adversarial_features(ctx, cache, deps[inputs["plain_cell"]]["directory"], y)
-    sets = inputs["sets"].items()
-    transfer = {name: _adversarial_features(ctx, cache, deps[key]["directory"], y) for name, key in sets}
+    noise_x = noise_like(x, inputs.noise_eps, kind=inputs.noise, seed=seed)
+    noise = _features(ctx, cache, ("noise", pool_key, str(inputs.noise_eps), inputs.noise), noise_x, y)
+    plain, plain_success = _adversarial_features(ctx, cache, AttackPayload(**deps[inputs.plain_cell]).directory, y)
+    transfer = {
+        name: _adversarial_features(ctx, cache, AttackPayload(**deps[key]).directory, y)
+        for name, key in inputs.sets.items()
+    }
     train = None
-    if inputs["detector"] in ("kd", "maha", "dnr"):
-        splits = ctx.splits(spec, split, seed)
-        train_x, train_y = _train_sample(splits.train, inputs["train_limit"], seed)
-        train = _features(ctx, cache, ("train", pool_key, inputs["train_limit"]), train_x, train_y)
-    model = ctx.model(checkpoint)
-    detector = make_detector(inputs["detector"], inputs["options"], seed, model, cache, tuple(x.shape[1:]))
-    if hasattr(detector, "set_reference"):  # typicality: HFC's mixtures, clean validation images as its reference
+    if inputs.train_features:  # a class-conditional detector: labelled clean training images
+        train_x, train_y = _train_sample(ctx.splits(spec, split, seed).train, inputs.train_limit, seed)
+        train = _features(ctx, cache, ("train", pool_key, inputs.train_limit), train_x, train_y)
+    detector = make_detector(inputs.detector, inputs.options, seed, model, cache, tuple(x.shape[1:]))
+    if cls.requires.mixtures:  # HFC's mixtures, clean validation images as the reference
         val_x, val_y = as_tensors(ctx.splits(spec, split, seed).val, name="the validation split")
         reference = _features(ctx, cache, ("val", pool_key), val_x, val_y)
-        detector.set_reference(ctx.artifacts.gmms(deps[inputs["gmms_cell"]]["directory"]), reference)
-    protocol = {"fit_fraction": inputs["fit_fraction"], "seed": seed, "n_boot": inputs["bootstrap"]}
-    base = {k: inputs[k] for k in ("attack", "eps", "detector", "arm")}
-    base.update(dataset=inputs["dataset_label"], model=inputs["model_label"])
+        detector.set_reference(ctx.artifacts.gmms(gmms.directory), reference)
+    protocol = {"fit_fraction": inputs.fit_fraction, "seed": seed, "n_boot": inputs.bootstrap}
+    base = {"attack": inputs.attack, "eps": inputs.eps, "detector": inputs.detector, "arm": inputs.arm}
+    base.update(dataset=inputs.dataset_label, model=inputs.model_label)
     try:
         result = run_protocol(
             [detector], clean, plain, plain_success, noise=noise, labels=y.numpy(), source=cache,
@@ -122,28 +170,19 @@ def run_detect(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, An
         )  # fmt: skip
     except TooFewExamples as exc:  # too few successful AEs or clean images here: a result, and the run goes on
         successful = int((plain_success & (clean.preds == y.numpy())).sum())
-        pool = inputs["pool"] or "the whole test split"
+        pool = inputs.pool or "the whole test split"
         reason = f"{exc} (a pool of {len(x)} test images; attack.pool: {pool})"
-        log.warning("%s: not measurable: %s", inputs["label"], reason)
+        log.warning("%s: not measurable: %s", inputs.label, reason)
         not_measurable = row(Metric.NOT_MEASURABLE, successful, n_pos=successful, hfc=False, variant="", **base)
-        return CellOutput({"not_measurable": reason, "successful": successful}, [not_measurable])
-    directory = ctx.artifacts.directory("detectors", inputs["label"], fingerprint(dict(inputs)))
+        return CellOutput(NotMeasurable(not_measurable=reason, successful=successful), [not_measurable])
+    directory = ctx.artifacts.directory("detectors", inputs.label, fingerprint(inputs.to_json()))
     scores = result.scores[detector.name]
     detector.set_thresholds(scores.negatives[:, 0])  # clean images of the evaluation split: flags at FPRS
     detector.save(directory / "fitted", model=model, checkpoint=ctx.artifacts.path(checkpoint))
     save_scores(directory, scores)
     rows = [row(**r, **base) for r in detection_rows(result.to_rows())]
-    payload = {"directory": ctx.artifacts.ref(directory), "fitted": ctx.artifacts.ref(directory / "fitted")}
+    payload = DetectPayload(directory=ctx.artifacts.ref(directory), fitted=ctx.artifacts.ref(directory / "fitted"))
     return CellOutput(payload, rows)
-
-
-def _not_runnable(ctx: RunContext, inputs: Mapping[str, Any], checkpoint: str) -> str | None:
-    """Why the cell's detector cannot run on this model and run (a report note, not an error), or None."""
-    if inputs["detector"] == "bu" and not dropout_modules(ctx.model(checkpoint)):
-        return "the model has no dropout layers for BU's MC-dropout passes (ONNX/TorchScript conversions lack them)"
-    if inputs["detector"] == "typicality" and not inputs["gmms_cell"]:
-        return "typicality reads HFC's mixtures, and hfc.enabled is false"
-    return None
 
 
 def detection_rows(protocol_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -151,7 +190,7 @@ def detection_rows(protocol_rows: Sequence[Mapping[str, Any]]) -> list[dict[str,
     successful, failed or all AEs) and its counts; the paired comparison of plain and each other set (auroc and TPR
     at 90% TNR) in subset ``paired`` for both sets and ``change`` (that set minus plain, on its row; the plain side
     only for the pair with the HFC set, so each row is unique). Each set's rows carry its ``hfc`` and ``variant``
-    columns (:func:`engine.runs.plan.set_identity`)."""
+    columns (:func:`engine.runs.stages.attack.set_identity`)."""
     out = []
     for r in protocol_rows:
         subset = Subset(r["subset"])
@@ -173,7 +212,9 @@ def _adversarial_features(
 
 
 def detect_cost(cell: Cell, machine: Any) -> tuple[str, float]:
-    """Feature passes over the pool's sets plus the detector's own work (per image and layer) and model passes."""
-    name, pool = cell.inputs["detector"], cell.hint["pool"]
-    model_s = machine.seconds(pool * machine.model_flops(**cell.hint["model"]) * MODEL_PASSES.get(name, 1.0))
-    return f"detect/{name}", model_s + pool * DETECTOR_COST.get(name, 1e-2)
+    """Feature passes over the pool's sets plus the detector's own work and model passes (its class's
+    :class:`engine.detectors.Cost`)."""
+    name, pool = DetectInputs(**cell.inputs).detector, cell.hint["pool"]
+    cost = DETECTORS[name].cost
+    model_s = machine.seconds(pool * machine.model_flops(**cell.hint["model"]) * cost.model_passes)
+    return f"detect/{name}", model_s + pool * cost.seconds_per_image

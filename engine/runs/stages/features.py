@@ -10,6 +10,7 @@ inside it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,38 +20,70 @@ from torch import nn
 from engine.attacks import HFC, extract_features, noise_like
 from engine.models import dropout_modules, mc_dropout, model_device, model_dtype, predict_logits, resolve_layers
 from engine.runs.artifacts import Projection
-from engine.runs.cells import Cell, CellOutput
+from engine.runs.cells import Cell, CellOutput, Payload, reads
 from engine.runs.context import RunContext
 from engine.runs.schema import Metric, fingerprint, row
+from engine.runs.stages.attack import AttackPayload
+from engine.runs.stages.detect import NotMeasurable
+from engine.runs.stages.model import GmmsPayload, ModelPayload, OnModel
 
 GROUPS = {"clean": "clean", "plain": "plain AE", "hfc": "HFC AE"}
 MC_PASSES = 20  # MC-dropout passes of the diagnostics (BU itself uses 50)
 DIAGNOSTIC_BATCH = 64
 
 
-def run_features(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, Any]) -> CellOutput:
+@dataclass(frozen=True, kw_only=True)
+class FeaturesInputs(OnModel):
+    """The headline setting's plain and HFC sets (``plain_cell``, ``hfc_cell``) under HFC's mixtures, with the
+    noise control at ``noise_eps`` (engine.runs.plan.noise_budget)."""
+
+    attack: str
+    eps: str | None
+    label: str
+    gmms_cell: str
+    plain_cell: str
+    hfc_cell: str
+    noise_eps: str
+    pool: int | None = reads("attack.pool")
+    layers: Any = reads("detector.layers")
+    projection_layers: Any = reads("projection.layers")
+    noise: str = reads("detector.noise")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeaturesPayload(Payload):
+    """Where the projection artifact is, its two layers, and how many images (both attacks succeeded) it holds."""
+
+    directory: str
+    layers: list[str]
+    n: int
+
+
+def run_features(ctx: RunContext, inputs: FeaturesInputs, deps: Mapping[str, Any]) -> CellOutput:
     """Per-layer mixture log-likelihood rows of clean, plain and HFC features, the diagnostics of clean, noise,
     plain and HFC images, and the projection artifact."""
-    model = ctx.model(deps[inputs["model_cell"]]["checkpoint"])
-    gmms = ctx.artifacts.gmms(deps[inputs["gmms_cell"]]["directory"])
-    x, y = ctx.pool(inputs["dataset"], inputs["split"], inputs["seed"], inputs["pool"])
-    plain, hfc = (ctx.artifacts.adversarial(deps[inputs[key]]["directory"]) for key in ("plain_cell", "hfc_cell"))
+    model = ctx.model(ModelPayload(**deps[inputs.model_cell]).checkpoint)
+    gmms = ctx.artifacts.gmms(GmmsPayload(**deps[inputs.gmms_cell]).directory)
+    x, y = ctx.pool(inputs.dataset, inputs.split, inputs.seed, inputs.pool)
+    plain, hfc = (ctx.artifacts.adversarial(AttackPayload(**deps[key]).directory)
+                  for key in (inputs.plain_cell, inputs.hfc_cell))  # fmt: skip
     both = torch.from_numpy(plain.success & hfc.success)
-    base = {"dataset": inputs["dataset_label"], "model": inputs["model_label"], "detector": "", "variant": ""}
-    setting = {"attack": inputs["attack"], "eps": inputs["eps"]}
+    base = {"dataset": inputs.dataset_label, "model": inputs.model_label, "detector": "", "variant": ""}
+    setting = {"attack": inputs.attack, "eps": inputs.eps}
     if not both.any():  # the model resisted one of the attacks: nothing to measure, the run goes on
         reason = "no pool image where both the plain and the HFC attack succeeded"
-        return CellOutput({"not_measurable": reason}, [row(Metric.NOT_MEASURABLE, 0, hfc=False, **base, **setting)])
+        not_measurable = row(Metric.NOT_MEASURABLE, 0, hfc=False, **base, **setting)
+        return CellOutput(NotMeasurable(not_measurable=reason, successful=0), [not_measurable])
     sets = {"clean": (x[both], y[both])}
     for name, adv in (("plain", plain), ("hfc", hfc)):  # under the class the attack aimed at (or reached)
         aimed = adv.target if adv.target is not None else predict_logits(model, adv.images).argmax(1)
         sets[name] = (adv.images[both], torch.from_numpy(aimed)[both])
-    layers = resolve_layers(model, inputs["layers"])
-    chosen = resolve_layers(model, inputs["projection_layers"]) if inputs["projection_layers"] else None
+    layers = resolve_layers(model, inputs.layers)
+    chosen = resolve_layers(model, inputs.projection_layers) if inputs.projection_layers else None
     chosen = chosen or [layers[min(1, len(layers) - 1)], layers[-1]]
     hooked = resolve_layers(model, [*gmms, *chosen])
     constraint = HFC(gmms)
-    sets["noise"] = (noise_like(x[both], inputs["noise_eps"], kind=inputs["noise"], seed=inputs["seed"]), y[both])
+    sets["noise"] = (noise_like(x[both], inputs.noise_eps, kind=inputs.noise, seed=inputs.seed), y[both])
     rows, projection = [], {}
     for name, (images, classes) in sets.items():  # clean, plain, hfc, noise
         feats, _, _ = extract_features(model, (images, classes), hooked)
@@ -60,12 +93,12 @@ def run_features(ctx: RunContext, inputs: Mapping[str, Any], deps: Mapping[str, 
             rows += [row(Metric.FEATURE_LOGLIK, float(np.mean(v)), layer=layer, hfc=name == "hfc", **base, **where)
                      for layer, v in loglik.items()]  # fmt: skip
             projection[GROUPS[name]] = {layer: feats[layer].numpy() for layer in chosen}
-        found = {**diagnostics(model, images, inputs["seed"]), "loglik": float(np.mean(loglik[constraint.layers[-1]]))}
+        found = {**diagnostics(model, images, inputs.seed), "loglik": float(np.mean(loglik[constraint.layers[-1]]))}
         rows += [row(f"diag_{quantity}", v, subset=name, hfc=False, **base, **setting)
                  for quantity, v in found.items()]  # fmt: skip
-    directory = ctx.artifacts.directory("projections", inputs["label"], fingerprint(dict(inputs)))
+    directory = ctx.artifacts.directory("projections", inputs.label, fingerprint(inputs.to_json()))
     Projection(chosen, projection).save(directory)
-    payload = {"directory": ctx.artifacts.ref(directory), "layers": chosen, "n": int(both.sum())}
+    payload = FeaturesPayload(directory=ctx.artifacts.ref(directory), layers=chosen, n=int(both.sum()))
     return CellOutput(payload, rows)
 
 

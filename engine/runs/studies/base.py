@@ -1,6 +1,6 @@
 """What every study is: a registered experiment with defaults, a run function and its report sections.
 
-A study runs as one cell of a run (stage ``study``): ``run(settings, context, workdir) -> StudyResult`` with
+A study runs as one cell of a run (stage ``study``): ``run(settings, workdir, context) -> StudyResult`` with
 ``settings`` merged over ``defaults``; ``sections(payload)`` renders its part of the report from the payload
 alone, so a payload read back from a results store renders the same report. ``cost(settings, machine)`` estimates
 its seconds for the progress bar.
@@ -32,7 +32,7 @@ class Study:
 
     name: str
     title: str
-    run: Callable[[Mapping[str, Any], Any, Path], StudyResult]
+    run: Callable[[Mapping[str, Any], Path, Any], StudyResult]
     defaults: Mapping[str, Any]
     tiny: Mapping[str, Any]
     sections: Callable[[Mapping[str, Any]], list[Any]]

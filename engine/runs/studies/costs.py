@@ -5,13 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from engine.attacks.uap import UAP_METHODS
 from engine.runs.studies.uap_analysis import uap_attacks
 
 TRAINING_ONLY = ("arch", "epochs", "lr", "batch_size")
-# Forward-backward passes per fitting image to craft one UAP of each kind with the study's options, relative to
-# SGD-UAP's 3 (its epochs): DeepFool-UAP from CPU seconds measured in the default audit's UAP study (the classic
-# loop runs one image at a time, so its passes are dear); targeted from an earlier batched measurement.
-UAP_PASSES = {"deepfool": 34.0, "sgd": 3.0, "targeted": 15.0}
 STUDY_EFFICIENCY = 0.58  # idle seconds / FLOP-estimated seconds of both studies in the default audit (measured)
 
 
@@ -42,10 +39,11 @@ def stress_cost(cfg: Mapping[str, Any], machine: Any) -> float:
 
 
 def _craft(cfg: Mapping[str, Any], kind: str, flops: float) -> float:
-    """FLOPs of one UAP of ``kind``: the data-free UAP takes ``steps`` single-image passes whatever the data."""
-    if kind == "data_free":
-        return 3 * cfg["uap"]["data_free"]["steps"] * flops
-    return 3 * UAP_PASSES[kind] * cfg["uap"]["fit"] * flops
+    """FLOPs of one UAP of ``kind``: its passes (engine.attacks.uap.UAPMethod) per fitting image, or per step for
+    the data-free UAP (``uap.<kind>.steps`` single-image passes whatever the data)."""
+    method = UAP_METHODS[kind]
+    count = cfg["uap"][kind]["steps"] if method.data_free else cfg["uap"]["fit"]
+    return 3 * method.passes * count * flops
 
 
 def uap_cost(cfg: Mapping[str, Any], machine: Any) -> float:

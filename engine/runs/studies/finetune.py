@@ -18,8 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from engine.attacks.uap import UAP_METHODS
+from engine.errors import UserError
 
-UAP_KINDS = ("deepfool", "sgd", "targeted", "data_free")  # the UAP algorithms a study evaluates and fine-tunes on
+UAP_KINDS = tuple(UAP_METHODS)  # the UAP algorithms a study evaluates and fine-tunes on (engine.attacks.uap)
 
 
 def craft_uap(
@@ -36,13 +37,13 @@ def craft_uap(
     ``model``; its metrics (engine.attacks.uap.evaluate_uap) are measured on ``heldout`` (default ``fit``).
     ``options`` go to the method (``targeted`` needs ``target``). Returns the UAPResult."""
     if method not in UAP_KINDS:
-        raise ValueError(f"method must be one of {UAP_KINDS}, got {method!r}")
+        raise UserError(f"method must be one of {UAP_KINDS}, got {method!r}")
     opts = dict(options or {})
     common = {"eps": eps, "norm": norm, "heldout": fit if heldout is None else heldout, "seed": seed, **opts}
     if method == "targeted" and "target" not in opts:
-        raise ValueError("the targeted UAP needs options['target'] (a class index)")
-    data = tuple(fit[0].shape[1:]) if method == "data_free" else fit  # the data-free UAP needs only the shape
-    return UAP_METHODS[method](model, data, **common)
+        raise UserError("the targeted UAP needs options['target'] (a class index)")
+    data = tuple(fit[0].shape[1:]) if UAP_METHODS[method].data_free else fit  # the data-free UAP: only the shape
+    return UAP_METHODS[method].craft(model, data, **common)
 
 
 def uap_finetune(
@@ -68,7 +69,7 @@ def uap_finetune(
     (chosen at random), the rest stay clean; cross-entropy, AdamW with learning rate ``lr``.
     """
     if not methods or any(m not in UAP_KINDS for m in methods):
-        raise ValueError(f"methods must be a non-empty list from {UAP_KINDS}, got {list(methods)!r}")
+        raise UserError(f"methods must be a non-empty list from {UAP_KINDS}, got {list(methods)!r}")
     for name, value in (
         ("epochs", epochs),
         ("regenerate_every", regenerate_every),
@@ -76,12 +77,12 @@ def uap_finetune(
         ("fit", fit),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            raise UserError(f"{name} must be an int >= 1, got {value!r}")
     if not 0.0 <= mix <= 1.0:
-        raise ValueError(f"mix must be in [0, 1], got {mix!r}")
+        raise UserError(f"mix must be in [0, 1], got {mix!r}")
     x, y = data
     if len(x) != len(y) or len(x) < 2:
-        raise ValueError(f"data must hold >= 2 images with as many labels, got {len(x)} and {len(y)}")
+        raise UserError(f"data must hold >= 2 images with as many labels, got {len(x)} and {len(y)}")
     with torch.random.fork_rng(devices=[]):  # dropout draws from the global generator: seed it, then restore it
         torch.manual_seed(seed)
         return _finetune(
@@ -132,7 +133,7 @@ class Ensemble(nn.Module):
     def __init__(self, members: Sequence[nn.Module]) -> None:
         super().__init__()
         if not members:
-            raise ValueError("members must hold at least one model")
+            raise UserError("members must hold at least one model")
         self.members = nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ import torch
 from engine.attacks import PGD, noise_like
 from engine.data import as_tensors
 from engine.detectors import TiedGaussian
+from engine.errors import UserError
 from engine.metrics import auroc, mean_ci, mean_pairwise_cosine, relative_deviation, weighted_pairwise_cosine
 from engine.metrics.roc import bootstrap_weights
 from engine.models import FeatureExtractor, extract_pooled, predict_logits
@@ -184,7 +185,7 @@ def matched_models(cfg: Mapping[str, Any], ctx: RunContext, seed: int) -> list[d
     snapshots = [[snap for record in m["history"] for snap in record["snapshots"]] for *_, m in trained]
     for (spec, *_), snaps in zip(trained, snapshots, strict=True):
         if not snaps:
-            raise ValueError(
+            raise UserError(
                 f"stress config: match_every={cfg['match_every']} exceeds the optimisation steps of training on "
                 f"{dataset_label(spec)}, so it has no snapshot to match; lower match_every"
             )
@@ -260,11 +261,11 @@ def _measure(
 def _check(cfg: Mapping[str, Any]) -> None:
     groups = {spec.get("group", "medical") for spec in cfg["datasets"]}
     if not groups <= {"medical", "natural"}:
-        raise ValueError(f"stress config: datasets[].group must be 'medical' or 'natural', got {sorted(groups)}")
+        raise UserError(f"stress config: datasets[].group must be 'medical' or 'natural', got {sorted(groups)}")
     for key in ("seeds", "match_every"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"stress config: {key} must be an int >= 1, got {value!r}")
+            raise UserError(f"stress config: {key} must be an int >= 1, got {value!r}")
 
 
 def _rows(payload: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -33,6 +33,7 @@ from torch import nn
 from engine.attacks import PGD
 from engine.attacks.uap import predict
 from engine.data import as_tensors
+from engine.errors import UserError
 from engine.metrics import confusion_matrix, quadratic_weighted_kappa
 from engine.models.checkpoint import atomic_save
 from engine.runs.artifacts import Artifacts
@@ -201,11 +202,11 @@ def _check(cfg: Mapping[str, Any]) -> None:
     kinds = [*cfg["methods"], *cfg["l2"]["methods"], *cfg["finetune"]["methods"]]
     unknown = [m for m in kinds if m not in UAP_KINDS]
     if unknown or not cfg["models"]:
-        raise ValueError(f"uap config: methods must come from {UAP_KINDS} (got {unknown}) and models be non-empty")
+        raise UserError(f"uap config: methods must come from {UAP_KINDS} (got {unknown}) and models be non-empty")
     for key, why in (("seeds", "intervals and tests are over seeds"), ("bootstrap", "replicates of the intervals")):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-            raise ValueError(f"uap config: {key} must be an int >= 2 ({why}), got {value!r}")
+            raise UserError(f"uap config: {key} must be an int >= 2 ({why}), got {value!r}")
 
 
 def run_uap_study(config: Mapping[str, Any] | None, workdir: Path, context: RunContext | None = None) -> StudyResult:

@@ -21,18 +21,13 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from engine.attacks.uap import UAP_METHODS
+from engine.errors import UserError
 from engine.metrics import mean_ci, paired_ttest, percentile_ci, quadratic_weighted_kappa, resample_kappas, tost_paired
 from engine.runs.schema import Metric
 from engine.runs.studies.base import study_row
 
-# Algorithm family of each UAP kind: the targeted UAP's inner step is a targeted BIM, the same sign-gradient steps
-# as SGD-UAP; DeepFool-UAP adds minimal L2 steps; the data-free UAP maximises feature activations without images.
-FAMILIES = {
-    "deepfool": "DeepFool",
-    "sgd": "sign gradient",
-    "targeted": "sign gradient",
-    "data_free": "feature maximisation",
-}
+FAMILIES = {kind: method.family for kind, method in UAP_METHODS.items()}  # algorithm family of each UAP kind
 RELATIONS = {
     "seen": "seen family and norm",
     "unseen_norm": "unseen norm",
@@ -75,7 +70,7 @@ def paired_kappa_changes(
     for key, (base, tuned) in pairs.items():
         arrays[key] = {"base": np.asarray(base), "tuned": np.asarray(tuned)}
         if arrays[key]["base"].shape != arrays[key]["tuned"].shape or arrays[key]["base"].ndim != 2:
-            raise ValueError(f"pairs[{key!r}]: baseline and fine-tuned predictions must both be (seeds, n) arrays")
+            raise UserError(f"pairs[{key!r}]: baseline and fine-tuned predictions must both be (seeds, n) arrays")
     preds = {f"{j}/{role}/{s}": p for j, sides in enumerate(arrays.values())
              for role, ps in sides.items() for s, p in enumerate(ps)}  # fmt: skip
     boot = resample_kappas(y, preds, "bootstrap", n_boot, seed, num_classes)
@@ -93,7 +88,7 @@ def combine_seeds(point: Any, reps: Any, level: float = 0.95) -> dict[str, Any]:
     change with its percentile interval; ``se_seeds`` and ``se_images``: the two standard-error terms."""
     point, reps = np.asarray(point, dtype=np.float64), np.asarray(reps, dtype=np.float64)
     if point.ndim != 1 or len(point) < 2 or reps.ndim != 2 or len(reps) != len(point):
-        raise ValueError(f"point must be (seeds >= 2,) and reps (seeds, replicates), got {point.shape}, {reps.shape}")
+        raise UserError(f"point must be (seeds >= 2,) and reps (seeds, replicates), got {point.shape}, {reps.shape}")
     s = len(point)
     seed_means = reps.mean(axis=0)
     seed_means = seed_means[np.isfinite(seed_means)]  # a replicate where some seed's kappa is undefined

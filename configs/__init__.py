@@ -1,0 +1,1 @@
+"""The shipped run configs (``hfc-engine run <name>``), installed as the package ``engine.presets``."""
