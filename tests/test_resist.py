@@ -31,7 +31,7 @@ def test_binomial_interval_matches_statsmodels() -> None:
     for k, n in ((0, 13), (3, 13), (13, 13), (50, 120), (1, 1)):
         assert binomial_ci(k, n) == pytest.approx(proportion_confint(k, n, alpha=0.05, method="beta"), abs=1e-9)
     assert np.isnan(binomial_ci(0, 0)).all()
-    with pytest.raises(ValueError, match="successes must be an int in \\[0, trials=3\\], got 4"):
+    with pytest.raises(ValueError, match="need 0 <= successes <= trials .*, got 4, 3"):
         binomial_ci(4, 3)
 
 
