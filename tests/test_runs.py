@@ -171,8 +171,12 @@ def test_an_old_store_is_migrated_to_the_tidy_columns(tmp_path):
         """
     )
     db.close()
+    with ResultStore(tmp_path, readonly=True) as store:  # read as it is (`runs show`), upgraded row by row
+        unmigrated = store.rows()
+    assert "subset" not in {r[1] for r in sqlite3.connect(tmp_path / "store.sqlite").execute("PRAGMA table_info(rows)")}
     with ResultStore(tmp_path) as store:
         rows = store.rows()
+    assert unmigrated == rows
     assert [(r["metric"], r["subset"], r["layer"]) for r in rows] == [
         ("auroc", "paired", None),
         ("auroc", "change", None),

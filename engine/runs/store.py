@@ -73,8 +73,9 @@ class ResultStore:
         self.path = self.run_dir / STORE_FILE
         self.artifact_root = None if artifact_root is None else Path(artifact_root)
         self._lock: int | None = None
-        if readonly:
+        if readonly:  # a store from an earlier version is read as it is, its rows upgraded as they are read
             self._db = _open_readonly(self.path)
+            self._columns = self._stored_columns()
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock = _lock(self.run_dir / LOCK_FILE)
@@ -85,12 +86,17 @@ class ResultStore:
             raise
         self._db.executescript(_SCHEMA)
         self._migrate()
+        self._columns = self._stored_columns()
+
+    def _stored_columns(self) -> tuple[str, ...]:
+        """The columns of :data:`ROW_COLUMNS` the rows table has (all of them, unless an old store read-only)."""
+        stored = {r[1] for r in self._db.execute("PRAGMA table_info(rows)")}
+        return tuple(c for c in ROW_COLUMNS if c in stored)
 
     def _migrate(self) -> None:
         """Bring a store written by an earlier version to the current row schema: add the columns it lacks; rows
         written before ``subset`` and ``layer`` existed get their metric names split into (metric, subset, layer)
-        (:func:`engine.runs.schema.legacy_metric`), their ``eps_value`` and, with an interval, its ``ci_level``; in one
-        transaction."""
+        (:func:`legacy_row`), their ``eps_value`` and, with an interval, its ``ci_level``; in one transaction."""
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(rows)")}
         missing = [(name, kind) for name, kind in MIGRATED_COLUMNS if name not in columns]
         if not missing:
@@ -100,14 +106,13 @@ class ResultStore:
                 db.execute(f"ALTER TABLE rows ADD COLUMN {name} {kind}")
             if "subset" in columns:
                 return
-            for rowid, metric, detector, eps in list(db.execute("SELECT rowid, metric, detector, eps FROM rows")):
-                name, subset, layer = legacy_metric(metric, detector)
-                eps_value = normalise_row({"metric": name, "eps": eps})["eps_value"]
+            old = ("metric", "detector", "eps", "ci_low", "ci_high")
+            for rowid, *values in list(db.execute(f"SELECT rowid, {', '.join(old)} FROM rows")):
+                new = legacy_row(dict(zip(old, values, strict=True)))
                 db.execute(
-                    "UPDATE rows SET metric = ?, subset = ?, layer = ?, eps_value = ? WHERE rowid = ?",
-                    (name, subset, layer, eps_value, rowid),
+                    "UPDATE rows SET metric = ?, subset = ?, layer = ?, eps_value = ?, ci_level = ? WHERE rowid = ?",
+                    (*(new[c] for c in ("metric", "subset", "layer", "eps_value", "ci_level")), rowid),
                 )
-            db.execute("UPDATE rows SET ci_level = ? WHERE ci_low IS NOT NULL AND ci_high IS NOT NULL", (CI_LEVEL,))
 
     def close(self) -> None:
         self._db.close()
@@ -177,15 +182,18 @@ class ResultStore:
 
     def rows(self, keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Metric rows in commit order: of the cells ``keys`` (in that order), or of every cell when None."""
-        columns = ", ".join(ROW_COLUMNS)
+        columns = ", ".join(self._columns)
         if keys is None:
-            cursor = self._db.execute(f"SELECT {columns} FROM rows ORDER BY rowid")
-            return [normalise_row(dict(zip(ROW_COLUMNS, r, strict=True))) for r in cursor]
+            return [self._row(r) for r in self._db.execute(f"SELECT {columns} FROM rows ORDER BY rowid")]
         out = []
         for key in keys:
             cursor = self._db.execute(f"SELECT {columns} FROM rows WHERE cell = ? ORDER BY rowid", (key,))
-            out += [normalise_row(dict(zip(ROW_COLUMNS, r, strict=True))) for r in cursor]
+            out += [self._row(r) for r in cursor]
         return out
+
+    def _row(self, values: Sequence[Any]) -> dict[str, Any]:
+        raw = dict(zip(self._columns, values, strict=True))
+        return normalise_row(raw) if "subset" in raw else legacy_row(raw)  # an old store opened read-only
 
     def set_plan(self, keys: Sequence[str]) -> None:
         """Record the cells of the config being run here, in plan order (replacing an earlier invocation's)."""
@@ -216,6 +224,16 @@ class ResultStore:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+
+def legacy_row(raw: dict[str, Any]) -> dict[str, Any]:
+    """A row written before the ``subset`` and ``layer`` columns existed, in the current schema: its metric name split
+    into (metric, subset, layer) (:func:`engine.runs.schema.legacy_metric`), its ``eps_value`` and, with an interval,
+    its ``ci_level``."""
+    metric, subset, layer = legacy_metric(raw["metric"], raw.get("detector"))
+    interval = raw.get("ci_low") is not None and raw.get("ci_high") is not None
+    level = CI_LEVEL if interval else None
+    return normalise_row({**raw, "metric": metric, "subset": subset, "layer": layer, "ci_level": level})
 
 
 def _strings(obj: Any) -> Iterator[str]:
