@@ -78,8 +78,9 @@ class AuditReport:
 def run_audit(config: dict[str, Any], progress: bool = True, context: RunContext | None = None) -> AuditReport:
     """Run (or resume) the audit described by ``config``; write results, run card and report into its run dir."""
     result = execute(config, progress=progress, context=context)
-    write_report(result)
-    return AuditReport(result, build_report(result))
+    html = build_report(result)  # once: written to the run directory and kept on the report
+    write_report(result, html)
+    return AuditReport(result, html)
 
 
 def audit(

@@ -97,7 +97,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     config = load_config(overrides=[f"name=study-{args.name}", "datasets=[]", f"studies=[{args.name}]", *overrides])
     report = run_audit(config, progress=not args.no_progress)
     with _wide():
-        print(report.frame()[["dataset", "model", "attack", "eps", "metric", "value"]].to_string(index=False))
+        columns = ["dataset", "model", "attack", "eps", "metric", "subset", "layer", "value"]
+        print(report.frame()[columns].to_string(index=False))
     print(f"report: {report.run_dir / 'report.html'}")
     return 0
 

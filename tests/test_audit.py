@@ -44,10 +44,14 @@ def test_cli_run_writes_results_card_and_report(tiny_run):
     assert list(frame.columns) == list(ROW_COLUMNS)
     assert pd.read_parquet(run_dir / "results.parquet").shape == frame.shape
     det = frame[frame["detector"].isin(["kd", "lid"]) & (frame["metric"] == "auroc")]
+    det = det[det["subset"] == "successful"]
     assert set(det["hfc"]) == {True, False} and det["value"].between(0, 1).all()
     assert (det["ci_low"] <= det["value"] + 1e-12).all() and (det["value"] <= det["ci_high"] + 1e-12).all()
     asr = frame[frame["metric"] == "attack_success_rate"]
     assert len(asr) == 4 and asr["value"].between(0, 1).all()  # plain, HFC, HFC weight 0, adaptive HFC
+    assert ((asr["ci_low"] <= asr["value"]) & (asr["value"] <= asr["ci_high"])).all()
+    assert (asr["value"] == asr["n_pos"] / (asr["n_pos"] + asr["n_neg"])).all()
+    assert det["n_pos"].gt(0).all() and det["n_neg"].gt(0).all() and (det["ci_level"] == 0.95).all()
     html = (run_dir / "report.html").read_text()
     for needle in (
         "Detection on fundus-synth:binary",
@@ -90,7 +94,7 @@ def test_resume_after_crash_recomputes_only_missing_cells(tiny_run):
     recomputed = {key for key, t in after_cells.items() if finished.get(key) != t}
     assert recomputed == deleted
     after = pd.read_csv(run_dir / "results.csv")
-    key = ["dataset", "seed", "attack", "eps", "hfc", "variant", "arm", "detector", "metric"]
+    key = ["dataset", "seed", "attack", "eps", "hfc", "variant", "arm", "detector", "metric", "subset", "layer"]
     pd.testing.assert_frame_equal(
         before.sort_values(key).reset_index(drop=True), after.sort_values(key).reset_index(drop=True)
     )
@@ -115,7 +119,7 @@ def test_study_command_runs_a_study_with_overrides(tmp_path, monkeypatch):
     overrides = [f"{key}={yaml.safe_dump(val, default_flow_style=True).strip()}" for key, val in STRESS_TINY.items()]
     assert main(["study", "stress", *overrides, "--no-progress"]) == 0
     frame = pd.read_csv(tmp_path / "runs" / "study-stress" / "results.csv")
-    assert frame["metric"].str.startswith("feature_deviation").any()
+    assert frame.loc[frame["metric"] == "feature_deviation", "layer"].notna().all()
     assert "Stress test" in (tmp_path / "runs" / "study-stress" / "report.html").read_text()
 
 

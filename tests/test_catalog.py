@@ -13,6 +13,7 @@ import engine.score
 from engine.cli import main
 from engine.runs import ResultStore
 from engine.runs.catalog import CatalogError, Located, catalog, locate, select
+from engine.runs.schema import Metric, Subset, row
 
 TINY = {
     "name": "tiny",
@@ -44,7 +45,7 @@ def test_runs_show_lists_every_fitted_detector_with_the_reports_auroc(run_dir, c
     assert main(["runs", "show", str(run_dir)]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = pd.read_csv(run_dir / "results.csv")
-    auroc = rows[rows["metric"] == "auroc"]
+    auroc = rows[(rows["metric"] == "auroc") & (rows["subset"] == "successful")]
     entries = catalog(run_dir)
     assert sorted(e.key for e in entries) == sorted(
         KEY.format(model=m, detector=d) for m in ("small", "wide") for d in ("kd", "lid")
@@ -131,7 +132,7 @@ def test_a_rerun_with_another_config_lists_only_its_detectors(run_dir, tmp_path)
 
 def _detect_cell(store, key: str, eps: str | None, model: str = "resnet18") -> None:
     identity = {"dataset": "cxr-synth", "model": model, "attack": "cw_l2", "eps": eps, "detector": "kd"}
-    rows = [{**identity, "hfc": False, "metric": "auroc", "value": 0.9, "ci_low": 0.8, "ci_high": 1.0}]
+    rows = [row(Metric.AUROC, 0.9, subset=Subset.SUCCESSFUL, hfc=False, ci_low=0.8, ci_high=1.0, **identity)]
     store.commit(key, "detect", {"fitted": f"detectors/{key[-1]}/fitted"}, rows)
 
 

@@ -68,9 +68,9 @@ def test_rows_carry_seed_arm_and_variant(evidence_run):
     asr = frame[frame["metric"] == "attack_success_rate"]
     assert len(asr) == 2 * (4 + 3)  # seeds x (pgd: plain, HFC, w0, adaptive + bim: plain, HFC, w0)
     diag = frame[frame["metric"].str.startswith("diag_")]
-    assert {m.split("@")[1] for m in diag["metric"]} == {"clean", "noise", "plain", "hfc"}
+    assert set(diag["subset"]) == {"clean", "noise", "plain", "hfc"}
     reversed_ = frame[frame["metric"] == "auroc_reversed"]
-    plain = frame[frame["metric"] == "auroc"]
+    plain = frame[(frame["metric"] == "auroc") & frame["subset"].isin(["successful", "failed", "all"])]
     assert len(reversed_) == len(plain)
 
 

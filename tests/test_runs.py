@@ -1,8 +1,10 @@
 """Run machinery: config loading/overrides/errors, the SQLite store, cell execution, the ETA and crash-resume."""
 
 import contextlib
+import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -10,8 +12,11 @@ import time
 
 import pytest
 
+from engine.detectors.evaluate import SUBSETS
+from engine.metrics.roc import METRICS
 from engine.runs import Cell, CellOutput, ConfigError, LocalExecutor, ResultStore, Stage, load_config, topological
 from engine.runs.progress import CostModel
+from engine.runs.schema import Metric, Subset, row
 from engine.runs.store import StoreError
 
 
@@ -115,6 +120,78 @@ def test_cost_model_refines_from_finished_cells():
 def test_row_columns_are_checked(tmp_path):
     with ResultStore(tmp_path) as store, pytest.raises(ValueError, match="unknown columns"):
         store.commit("k", "s", {}, [{"metric": "m", "colour": 1}])
+
+
+def test_row_takes_a_metric_of_the_vocabulary_and_fills_the_tidy_columns():
+    found = row(Metric.AUROC, 0.9, subset=Subset.PAIRED, eps="8/256", ci_low=0.8, ci_high=0.95, n_neg=40, n_pos=12)
+    assert (found["metric"], found["subset"], found["eps_value"]) == ("auroc", "paired", 0.03125)
+    assert found["ci_level"] == 0.95
+    assert type(found["metric"]) is str and type(found["subset"]) is str  # plain text, as read back from the store
+    assert (found["n_neg"], found["n_pos"]) == (40, 12)
+    assert math.isnan(row("hfc_lam", 0.1)["ci_level"])  # no interval, no level
+    assert math.isnan(row("hfc_lam", 0.1, ci_low=float("nan"), ci_high=float("nan"))["ci_level"])
+    with pytest.raises(ValueError, match="unknown metric 'auroc@paired'; allowed: \\['clean_loss'"):
+        row("auroc@paired", 0.9)
+
+
+def test_rows_of_the_constructor_get_their_cells_seed(tmp_path):
+    def rate(context, inputs, deps):
+        return CellOutput({}, [row(Metric.ATTACK_SUCCESS_RATE, 0.5), row(Metric.HFC_LAM, 0.1, seed=9)])
+
+    stages = {"rate": Stage("rate", rate, lambda cell, machine: ("rate", 1.0))}
+    cell = Cell("rate", {"seed": 3})
+    with ResultStore(tmp_path) as store:
+        LocalExecutor(progress=False).run([cell], store, None, stages, CostModel({cell.key: ("rate", 1.0)}))
+        assert [r["seed"] for r in store.rows()] == [3, 9]  # a row's own seed wins
+
+
+def test_the_vocabulary_names_every_metric_and_subset_of_the_detection_protocol():
+    assert {*METRICS, "auroc_reversed"} <= set(Metric)
+    assert {*SUBSETS, "paired", "change"} == set(Subset)
+
+
+def test_an_old_store_is_migrated_to_the_tidy_columns(tmp_path):
+    db = sqlite3.connect(tmp_path / "store.sqlite")  # the rows table before seed, variant, arm and the tidy columns
+    db.executescript(
+        """
+        CREATE TABLE cells (key TEXT PRIMARY KEY, stage TEXT NOT NULL, payload TEXT NOT NULL, seconds REAL NOT NULL,
+                            finished REAL NOT NULL);
+        CREATE TABLE rows (cell TEXT NOT NULL, dataset TEXT, model TEXT, attack TEXT, eps TEXT, hfc INTEGER,
+                           detector TEXT, metric TEXT NOT NULL, value REAL, ci_low REAL, ci_high REAL);
+        INSERT INTO cells VALUES ('k', 'detect', '{}', 1.0, 0.0);
+        INSERT INTO rows VALUES ('k', 'd', 'm', 'pgd', '8/256', 1, 'kd', 'auroc@paired', 0.7, 0.6, 0.8);
+        INSERT INTO rows VALUES ('k', 'd', 'm', 'pgd', '8/256', 1, 'kd', 'auroc_change', -0.2, -0.3, -0.1);
+        INSERT INTO rows VALUES ('k', 'd', 'm', 'pgd', '8/256', 0, 'kd', 'auroc', 0.9, 0.8, 1.0);
+        INSERT INTO rows VALUES ('k', 'd', 'm', '', NULL, 0, '', 'feature_loglik@layer1.0.relu@0', -3.0, NULL, NULL);
+        INSERT INTO rows VALUES ('k', 'd', 'm', 'pgd', '8/256', 0, '', 'diag_loglik@noise', -4.0, NULL, NULL);
+        INSERT INTO rows VALUES ('k', 'd', 'r18', 'pgd', '2/256', 0, '', 'feature_deviation_all@relu', 0.1, 0.0, 0.2);
+        INSERT INTO rows VALUES ('k', 'd', 'all', '', NULL, 0, '', 'kappa_gain_mean_unseen_norm', 0.1, 0.0, 0.2);
+        INSERT INTO rows VALUES ('k', 'd', 'ft', '', NULL, 0, '', 'tost_p_clean_kappa_seeds', 0.01, NULL, NULL);
+        INSERT INTO rows VALUES ('k', 'd', 'ft', '', NULL, 0, '', 'tost_p_clean_kappa', 0.02, NULL, NULL);
+        """
+    )
+    db.close()
+    with ResultStore(tmp_path, readonly=True) as store:  # read as it is (`runs show`), upgraded row by row
+        unmigrated = store.rows()
+    assert "subset" not in {r[1] for r in sqlite3.connect(tmp_path / "store.sqlite").execute("PRAGMA table_info(rows)")}
+    with ResultStore(tmp_path) as store:
+        rows = store.rows()
+    assert unmigrated == rows
+    assert [(r["metric"], r["subset"], r["layer"]) for r in rows] == [
+        ("auroc", "paired", None),
+        ("auroc", "change", None),
+        ("auroc", "successful", None),
+        ("feature_loglik", None, "layer1.0.relu@0"),
+        ("diag_loglik", "noise", None),
+        ("feature_deviation", "all", "relu"),
+        ("kappa_gain_mean", "unseen_norm", None),
+        ("tost_p_clean_kappa", "seeds", None),
+        ("tost_p_clean_kappa", "folds", None),
+    ]
+    assert rows[0]["eps_value"] == 1 / 32 and rows[0]["ci_level"] == 0.95 and math.isnan(rows[3]["ci_level"])
+    assert rows[0]["seed"] is None and rows[0]["n_pos"] is None  # counts the old rows never had
+    with ResultStore(tmp_path) as store:  # opening a migrated store again changes nothing
+        assert store.rows() == rows
 
 
 CRASH_SCRIPT = textwrap.dedent(

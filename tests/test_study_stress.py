@@ -190,9 +190,9 @@ def test_stress_study_end_to_end_and_resume(tiny, tmp_path):
     assert result.rows
     for r in result.rows:
         assert set(r) <= set(ROW_COLUMNS) and r["detector"] == "" and isinstance(r["value"], float)
-    metrics = {r["metric"] for r in result.rows}
-    for prefix in ("feature_deviation", "shift_cosine", "maha_auroc", "maha_distance_ratio"):
-        assert {f"{prefix}@layer4.1.relu2", f"{prefix}_all@layer4.1.relu2"} <= metrics
+    measured = {(r["metric"], r["subset"], r["layer"]) for r in result.rows}
+    for metric in ("feature_deviation", "shift_cosine", "maha_auroc", "maha_distance_ratio"):
+        assert {(metric, "successful", "layer4.1.relu2"), (metric, "all", "layer4.1.relu2")} <= measured
     assert {r["attack"] for r in result.rows} == {"", "pgd", "noise"}
     payload = result.payload
     assert payload["seeds"] == [0, 1] and [run["seed"] for run in payload["runs"]] == [0, 1]

@@ -184,8 +184,8 @@ def test_tiny_study_trains_baselines_per_seed_end_to_end(tmp_path):
     assert held["conditions"] == 2 * 4 and held["low"] <= held["mean"] <= held["high"] and len(held["per_seed"]) == 2
     assert [c["tuned"] for c in payload["clean"]] == ["resnet18#0+uap-ft", "resnet18#1+uap-ft", "ensemble(uap-ft)"]
     assert all(c["seeds"]["tost"]["n"] == 2 and c["folds"]["tost"]["n"] == 3 for c in payload["clean"])
-    assert {"tost_p_clean_kappa", "tost_p_clean_kappa_seeds", "ttest_p_clean_kappa_seeds"} <= {
-        r["metric"] for r in result.rows
+    assert {("tost_p_clean_kappa", "folds"), ("tost_p_clean_kappa", "seeds"), ("ttest_p_clean_kappa", "seeds")} <= {
+        (r["metric"], r["subset"]) for r in result.rows
     }
     html = "".join(s.render() for s in STUDIES["uap"].sections(payload))
     assert "TOST" in html and "unseen family" in html and "per seed" in html and "<img" in html

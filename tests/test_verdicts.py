@@ -16,6 +16,7 @@ from engine.report.verdicts import (
     rows_frame,
     verdicts,
 )
+from engine.runs.schema import Metric, Subset, row
 
 DETECTORS = ("kd", "bu", "lid", "maha", "svm", "dnn", "dnr")
 
@@ -31,23 +32,21 @@ def detector_rows(
 ) -> list[dict[str, Any]]:
     """The rows a detect cell writes for one detector, plain set and one HFC set."""
     base = {"dataset": "d", "model": "m", "attack": "pgd", "eps": "8/256", "detector": name, "arm": arm, "seed": seed}
-    rows = [{**base, "hfc": True, "variant": variant, "metric": "auroc_change", "value": change[0],
-             "ci_low": change[1], "ci_high": change[2]},
-            {**base, "hfc": True, "variant": variant, "metric": "auroc@paired", "value": plain[0] + change[0],
-             "ci_low": 0.0, "ci_high": 1.0},
-            {**base, "hfc": True, "variant": variant, "metric": "tpr_at_tnr90@paired", "value": tpr,
-             "ci_low": 0.0, "ci_high": 1.0}]  # fmt: skip
+    hfc = {**base, "hfc": True, "variant": variant}
+    rows = [row(Metric.AUROC, change[0], subset=Subset.CHANGE, ci_low=change[1], ci_high=change[2], **hfc),
+            row(Metric.AUROC, plain[0] + change[0], subset=Subset.PAIRED, ci_low=0.0, ci_high=1.0, **hfc),
+            row(Metric.TPR_AT_TNR90, tpr, subset=Subset.PAIRED, ci_low=0.0, ci_high=1.0, **hfc)]  # fmt: skip
     if variant == "":
-        rows.append({**base, "hfc": False, "variant": "", "metric": "auroc", "value": plain[0], "ci_low": plain[1],
-                     "ci_high": plain[2]})  # fmt: skip
+        rows.append(row(Metric.AUROC, plain[0], subset=Subset.SUCCESSFUL, ci_low=plain[1], ci_high=plain[2],
+                        hfc=False, variant="", **base))  # fmt: skip
     return rows
 
 
 def success_rows(plain: float = 1.0, hfc: float = 0.98, seed: int = 0, variant: str = "") -> list[dict[str, Any]]:
     base = {"dataset": "d", "model": "m", "attack": "pgd", "eps": "8/256", "detector": "", "seed": seed}
-    out = [{**base, "hfc": True, "variant": variant, "metric": "attack_success_rate", "value": hfc}]
+    out = [row(Metric.ATTACK_SUCCESS_RATE, hfc, hfc=True, variant=variant, **base)]
     if variant == "":
-        out.append({**base, "hfc": False, "variant": "", "metric": "attack_success_rate", "value": plain})
+        out.append(row(Metric.ATTACK_SUCCESS_RATE, plain, hfc=False, variant="", **base))
     return out
 
 
@@ -175,3 +174,17 @@ def test_caught_needs_more_than_half_of_the_aes_at_90_tnr() -> None:
     assert not found.defeated and not found.caught  # its AUROC barely fell, but it flags only half of the AEs
     rows = detector_rows("kd", change=(-0.3, -0.4, -0.2), tpr=DEFEATED_TPR + 0.01) + success_rows()
     assert evidence(rows_frame(rows))["kd"].caught
+
+
+def test_mechanism_reads_the_deepest_layers_loglikelihood() -> None:
+    base = {"dataset": "d", "model": "m", "detector": "", "variant": ""}
+    loglik = {"layer1": (-1.0, -2.0, -1.5), "layer4": (-10.0, -500.0, -20.0)}  # clean, plain, HFC; deepest last
+    rows = [r for d in DETECTORS for r in detector_rows(d)] + success_rows()
+    for layer, (clean, plain, hfc) in loglik.items():
+        rows.append(row(Metric.FEATURE_LOGLIK, clean, layer=layer, attack="", hfc=False, **base))
+        for value, on_hfc in ((plain, False), (hfc, True)):
+            rows.append(row(Metric.FEATURE_LOGLIK, value, layer=layer, attack="pgd", eps="8/256", hfc=on_hfc, **base))
+    verdict = claim(rows, "mechanism")
+    assert verdict.holds is True
+    assert "(layer4)" in verdict.text
+    assert "HFC AEs -20.0, plain AEs -500.0, clean images under their own class -10.0" in verdict.text

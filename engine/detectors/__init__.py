@@ -18,6 +18,7 @@ from engine.detectors.base import (
     Needs,
     NotFittedError,
     Requirements,
+    TooFewExamples,
     fitted_checkpoint,
     fpr_threshold,
     register,
@@ -25,7 +26,7 @@ from engine.detectors.base import (
 from engine.detectors.bu import BU
 from engine.detectors.density import KD, LID
 from engine.detectors.dnn import DNN
-from engine.detectors.evaluate import DetectionResult, EvalScores, ProtocolSplit, TooFewExamples, run_protocol
+from engine.detectors.evaluate import DetectionResult, EvalScores, ProtocolSplit, run_protocol
 from engine.detectors.features import FeatureCache, Features
 from engine.detectors.maha import MAHA, TiedGaussian
 from engine.detectors.svm import DNR, SVM, SafetyNet

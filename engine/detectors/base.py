@@ -42,6 +42,12 @@ class NotFittedError(RuntimeError):
     """A detector was used before ``fit`` (or ``load``)."""
 
 
+class TooFewExamples(UserError):
+    """The data cannot feed a detector or the detection protocol: too few correctly classified images, no
+    successful AE to fit on, or fewer examples than a detector needs (LID's k + 1). A run reports
+    the detector as not measurable there and goes on; escaping elsewhere, it is the user's data that is too small."""
+
+
 @dataclass(frozen=True)
 class Needs:
     """What a fitted detector needs from the model besides the logits: pooled (N, C) features and raw maps of
@@ -207,7 +213,7 @@ class Detector:
         noise = None if noise is None else self._features(noise, "noise")
         train = clean if train is None else self._features(train, "train")
         if len(clean) == 0 or len(adversarial) == 0:
-            raise UserError(f"fit needs clean and adversarial examples, got {len(clean)} and {len(adversarial)}")
+            raise TooFewExamples(f"fit needs clean and adversarial examples, got {len(clean)} and {len(adversarial)}")
         self.layers_ = self._resolve_layers(clean)
         self.input_size_ = None if clean.images is None else tuple(int(s) for s in clean.images.shape[1:])
         self.dims_ = {name: int(clean.pooled[name].shape[1]) for name in self.layers_ if name in clean.pooled}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.detectors.base import Cost, Detector, Requirements, class_labels
+from engine.detectors.base import Cost, Detector, Requirements, TooFewExamples, class_labels
 from engine.detectors.features import Features
 from engine.errors import UserError
 from engine.ops import kde_log_density, knn_distances, lid
@@ -140,7 +140,7 @@ class LID(Detector):
 
     def _fit(self, clean, adversarial, noise, train):
         if len(clean) <= self.k + 1:
-            raise UserError(f"LID needs more than k+1={self.k + 1} clean examples, got {len(clean)}")
+            raise TooFewExamples(f"LID needs more than k+1={self.k + 1} clean examples, got {len(clean)}")
         batches = self._batches(len(clean))
         self.refs_ = []
         clean_scores = np.empty((len(clean), len(self.layers_)))

@@ -7,7 +7,10 @@ attack) and ``adversarial[i]`` its adversarial example, ``success[i]`` whether t
 2. Seeded split of the pool: first ``fit_fraction`` (70%) to fit, the rest to evaluate. An image, its noise
    control and its AE always fall on the same side.
 3. Fit every detector on negatives = clean + noise of the fit split and positives = its successful AEs (each
-   detector combines its per-layer scores by standardisation + logistic regression fitted here).
+   detector combines its per-layer scores by standardisation + logistic regression fitted here). Data too small
+   for this -- no correctly classified image on either side of the split, no successful AE in the fit part, fewer
+   examples than a detector needs -- raises :class:`TooFewExamples` (a run reports the detector as not measurable
+   there). An evaluation part without a successful AE still gives the failed and all-AE rows.
 4. Score the evaluation split: negatives = clean + noise; positives = successful AEs, failed AEs and all AEs,
    reported separately, for the attack the detectors were fitted on and for every ``transfer`` set (e.g. HFC AEs
    of the same images, scored by detectors fitted on plain AEs).
@@ -28,15 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from engine.detectors.base import Detector
+from engine.detectors.base import Detector, TooFewExamples
 from engine.detectors.features import FeatureCache, Features
 from engine.metrics.paired import image_bootstrap
 
 SUBSETS = ("successful", "failed", "all")
-
-
-class TooFewExamples(ValueError):
-    """The data cannot feed the protocol: too few correctly classified images, or no successful AE to fit on."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ from engine.fileio import atomic_write
 from engine.html import Section, render
 from engine.metrics import roc_curves
 from engine.report.figures import loglik_figure, projection_figure, roc_figure
+from engine.report.robustness import robustness_lines
 from engine.report.tables import (
     METRIC_LABELS,
     calibration_table,
@@ -32,10 +33,13 @@ from engine.runs import STUDIES, Projection, RunResult
 from engine.runs.artifacts import load_scores
 from engine.runs.plan import detector_arms, headline, run_seeds
 
+REPORT_FILE = "report.html"
+
 
 def summary_lines(result: RunResult) -> list[str]:
-    """The verdict on each of the HFC paper's claims at the run's headline setting, one line each."""
-    return [v.text for v in verdicts(result.rows, *headline(result.config))]
+    """The verdict on each of the HFC paper's claims at the run's headline setting, then what the run says about
+    the model (budgets resisted, detection not measurable, possible gradient masking), one line each."""
+    return [v.text for v in verdicts(result.rows, *headline(result.config))] + robustness_lines(result.rows)
 
 
 def roc_section(section: Section, result: RunResult) -> None:
@@ -43,7 +47,7 @@ def roc_section(section: Section, result: RunResult) -> None:
     groups: dict[tuple[str, str, str], list[tuple[str, str, np.ndarray, np.ndarray]]] = {}
     first_seed = run_seeds(result.config)[0]
     for cell, payload in result.payloads.get("detect", []):
-        if "skipped" in payload or cell.inputs["seed"] != first_seed:
+        if "directory" not in payload or cell.inputs["seed"] != first_seed:  # skipped or not measurable
             continue
         arm = cell.inputs.get("arm")
         detector = cell.inputs["detector"] + ("" if arm is None else f" ({arm})")
@@ -73,6 +77,8 @@ def _budget(eps: str) -> float:
 
 def projection_section(section: Section, result: RunResult) -> None:
     for cell, payload in result.payloads.get("features", []):
+        if "directory" not in payload:  # not measurable
+            continue
         projection = Projection.load(result.artifacts.path(payload["directory"]))
         panels = [
             (f"{cell.inputs['dataset_label']} {layer}", {g: projection.features[g][layer] for g in Projection.GROUPS})
@@ -99,6 +105,8 @@ def headline_sections(result: RunResult) -> list[Section]:
     )
     for v in verdicts(result.rows, attack, eps):
         claims.paragraph(v.text, css="verdict " + {True: "holds", False: "fails", None: ""}[v.holds])
+    for line in robustness_lines(result.rows):
+        claims.paragraph(line, css="verdict")
     sections = [claims]
     arms = list(detector_arms(result.config))
     for dataset in dict.fromkeys(r["dataset"] for r in result.rows if r.get("detector")):
@@ -173,6 +181,17 @@ def build_report(result: RunResult) -> str:
                       for c, p in result.payloads.get("detect", []) if "skipped" in p})  # fmt: skip
     if skipped:
         sections.append(Section("Detectors not run", "; ".join(skipped) + "."))
+    unmeasured = [f"{c.label}: {p['not_measurable']}" for stage in ("detect", "features")
+                  for c, p in result.payloads.get(stage, []) if "not_measurable" in p]  # fmt: skip
+    if unmeasured:
+        section = Section(
+            "Not measurable",
+            "Cells with too few examples to measure (e.g. a model that resists the budget leaves too few successful "
+            "AEs to fit a detector on): the run went on without them.",
+        )
+        for line in unmeasured:
+            section.paragraph(line)
+        sections.append(section)
     tables = [(d, loglik_table(rows, d)) for d in dict.fromkeys(r["dataset"] for r in rows)]
     tables = [(d, t) for d, t in tables if not t.empty]
     if tables or result.payloads.get("features"):
@@ -194,13 +213,15 @@ def build_report(result: RunResult) -> str:
         sections.append(Section("Clean performance (test split)").table(clean))
     calibration = calibration_table(rows)
     if not calibration.empty:
-        sections.append(
-            Section(
-                "HFC weight",
-                "Chosen on correctly classified validation images, never on the test pool: the largest weight of the "
-                "grid whose HFC attack keeps the target success (trials in the run card).",
-            ).table(calibration, float_format="{:.4g}")
-        )
+        weight = Section(
+            "HFC weight",
+            "Chosen on correctly classified validation images, never on the test pool: the largest weight of the "
+            "grid whose HFC attack keeps the target success (trials in the run card).",
+        ).table(calibration, float_format="{:.4g}")
+        for cell, payload in result.payloads.get("calibrate", []):
+            if payload.get("note"):
+                weight.paragraph(f"{cell.label}: {payload['note']}.")
+        sections.append(weight)
     for _, payload in result.payloads.get("study", []):
         sections.extend(STUDIES[payload["study"]].sections(payload["payload"]))
     table = detection_table(rows)
@@ -217,7 +238,7 @@ def build_report(result: RunResult) -> str:
     return render(title, sections, subtitle=f"hfc-engine {card.get('version', '')} — {card.get('finished', '')}")
 
 
-def write_report(result: RunResult) -> Path:
-    """``report.html`` in the run directory."""
-    html = build_report(result)
-    return atomic_write(result.run_dir / "report.html", lambda p: p.write_text(html))
+def write_report(result: RunResult, html: str | None = None) -> Path:
+    """``report.html`` in the run directory: ``html`` (a :func:`build_report` already built), else built here."""
+    html = build_report(result) if html is None else html
+    return atomic_write(result.run_dir / REPORT_FILE, lambda p: p.write_text(html))

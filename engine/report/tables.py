@@ -9,16 +9,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.report.verdicts import MAIN, at_setting, estimate, evidence, rows_frame
+from engine.report.verdicts import MAIN, at_setting, estimate, evidence, metric_rows, rows_frame
 from engine.runs.plan import ADAPTIVE, TRANSFER
+from engine.runs.schema import Metric, Subset
 
-TABLE_METRICS = ("auroc", "tpr_at_tnr90")
-METRIC_LABELS = {"auroc": "AUROC", "tpr_at_tnr90": "TPR@90%TNR"}
+METRIC_LABELS = {Metric.AUROC: "AUROC", Metric.TPR_AT_TNR90: "TPR@90%TNR"}  # the detection tables' metrics
 DIAGNOSTIC_LABELS = {
-    "mc_variance": "MC-dropout variance (median)",
-    "logit_margin": "logit margin (median)",
-    "loglik": "deepest constrained layer log-likelihood (mean)",
+    Metric.DIAG_MC_VARIANCE: "MC-dropout variance (median)",
+    Metric.DIAG_LOGIT_MARGIN: "logit margin (median)",
+    Metric.DIAG_LOGLIK: "deepest constrained layer log-likelihood (mean)",
 }
+CLEAN_LABELS = {Metric.CLEAN_LOSS: "loss", Metric.CLEAN_ACCURACY: "accuracy", Metric.CLEAN_AUC: "auc",
+                Metric.CLEAN_KAPPA: "kappa"}  # fmt: skip
+CALIBRATION_LABELS = {Metric.HFC_LAM: "HFC weight", Metric.HFC_CALIBRATION_SUCCESS: "success on calibration images"}
 SET_LABELS = {"clean": "clean", "noise": "noise", "plain": "plain AE", "hfc": "HFC AE"}
 
 
@@ -36,7 +39,7 @@ def _with_setting(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_table(
-    rows: Sequence[dict[str, Any]], dataset: str, metric: str = "auroc", arm: str | None = None
+    rows: Sequence[dict[str, Any]], dataset: str, metric: Metric = Metric.AUROC, arm: str | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(text, values) of the paper-style table for ``dataset`` and detector layer ``arm``: detectors as rows; per
     (attack, eps) the metric on plain AEs and on each HFC set (the calibrated HFC set, and the fixed-weight sets
@@ -47,8 +50,8 @@ def paired_table(
         return pd.DataFrame(), pd.DataFrame()
     frame = frame[(frame["dataset"] == dataset) & frame["detector"].ne("")]
     frame = frame[frame["arm"].isna()] if arm is None else frame[frame["arm"] == arm]
-    frame = _with_setting(frame)
-    paired = frame[frame["metric"] == f"{metric}@paired"]
+    frame = _with_setting(metric_rows(frame, metric))
+    paired = frame[frame["subset"] == Subset.PAIRED]
     if paired.empty:
         return pd.DataFrame(), pd.DataFrame()
     hfc_sets = paired[paired["hfc"] & ~paired["variant"].str.startswith(TRANSFER)]
@@ -60,7 +63,7 @@ def paired_table(
     text = pd.DataFrame("–", index=detectors, columns=columns)
     values = pd.DataFrame(np.nan, index=detectors, columns=columns)
     for (setting, detector), group in frame.groupby(["setting", "detector"], sort=False):
-        plain = group[~group["hfc"] & group["variant"].eq(MAIN) & (group["metric"] == f"{metric}@paired")]
+        plain = group[~group["hfc"] & group["variant"].eq(MAIN) & (group["subset"] == Subset.PAIRED)]
         if not plain.empty:  # the plain side of the pair with the HFC set
             est = estimate(plain)
             text.loc[detector, (setting, "plain")] = f"{est.value:.2f}"
@@ -69,8 +72,8 @@ def paired_table(
             on_set = group[group["hfc"] & group["variant"].eq(variant)]
             if on_set.empty:  # a set run at another setting only (the adaptive one: the headline)
                 continue
-            value = estimate(on_set[on_set["metric"] == f"{metric}@paired"])
-            change = estimate(on_set[on_set["metric"] == f"{metric}_change"])
+            value = estimate(on_set[on_set["subset"] == Subset.PAIRED])
+            change = estimate(on_set[on_set["subset"] == Subset.CHANGE])
             name, delta = _parts(variant)
             text.loc[detector, (setting, name)] = f"{value.value:.2f}"
             values.loc[detector, (setting, name)] = value.value
@@ -104,8 +107,8 @@ def defence_table(rows: Sequence[dict[str, Any]], dataset: str, attack: str, eps
         for detector, found in evidence(head, variant).items():
             record = records.setdefault(detector.upper(), {})
             if not record:
-                plain_tpr = estimate(head[(head["detector"] == detector) & ~head["hfc"] & head["variant"].eq(MAIN)
-                                          & (head["metric"] == "tpr_at_tnr90")])  # fmt: skip
+                plain = head[(head["detector"] == detector) & ~head["hfc"] & head["variant"].eq(MAIN)]
+                plain_tpr = estimate(metric_rows(plain, Metric.TPR_AT_TNR90, Subset.SUCCESSFUL))
                 record["plain AUROC"] = found.plain_auroc.text()
                 record["plain TPR@90%TNR"] = plain_tpr.text()
             record[f"{name} AUROC"] = found.auroc.text()
@@ -124,9 +127,9 @@ def transfer_table(rows: Sequence[dict[str, Any]], dataset: str, arm: str | None
     frame = frame[(frame["dataset"] == dataset) & frame["detector"].ne("")]
     frame = frame[frame["arm"].isna()] if arm is None else frame[frame["arm"] == arm]
     transfer = frame["variant"].str.startswith(TRANSFER)
-    own_plain = frame[~frame["hfc"] & frame["variant"].eq(MAIN) & (frame["metric"] == "auroc")]
-    own_hfc = frame[frame["hfc"] & frame["variant"].eq(MAIN) & (frame["metric"] == "auroc@paired")]
-    other = frame[transfer & (frame["metric"] == "auroc@paired")]
+    own_plain = metric_rows(frame[~frame["hfc"] & frame["variant"].eq(MAIN)], Metric.AUROC, Subset.SUCCESSFUL)
+    own_hfc = metric_rows(frame[frame["hfc"] & frame["variant"].eq(MAIN)], Metric.AUROC, Subset.PAIRED)
+    other = metric_rows(frame[transfer], Metric.AUROC, Subset.PAIRED)
     records: dict[tuple[str, str], dict[str, str]] = {}
     for part, scored in ((own_plain, lambda r: r.attack), (own_hfc, lambda r: f"{r.attack}+hfc"),
                          (other, lambda r: r.variant.removeprefix(TRANSFER))):  # fmt: skip
@@ -151,13 +154,11 @@ def diagnostics_table(rows: Sequence[dict[str, Any]], dataset: str) -> pd.DataFr
     frame = rows_frame(rows)
     if frame.empty:
         return frame
-    diag = frame[(frame["dataset"] == dataset) & frame["metric"].str.startswith("diag_")].copy()
+    diag = frame[(frame["dataset"] == dataset) & frame["metric"].isin(list(DIAGNOSTIC_LABELS))]
     if diag.empty:
         return pd.DataFrame()
-    diag["quantity"] = diag["metric"].str.removeprefix("diag_").str.split("@").str[0]
-    diag["set"] = diag["metric"].str.split("@").str[1]
-    table = diag.pivot_table(index="set", columns="quantity", values="value", aggfunc="mean", sort=False)
-    table = table.rename(columns=DIAGNOSTIC_LABELS, index=SET_LABELS)
+    table = diag.pivot_table(index="subset", columns="metric", values="value", aggfunc="mean", sort=False)
+    table = table.rename(columns=DIAGNOSTIC_LABELS, index=SET_LABELS).rename_axis(index="set", columns="quantity")
     return table[[c for c in DIAGNOSTIC_LABELS.values() if c in table.columns]]
 
 
@@ -169,7 +170,7 @@ def seed_table(rows: Sequence[dict[str, Any]], dataset: str, arm: str | None) ->
         return pd.DataFrame()
     frame = frame[(frame["dataset"] == dataset) & frame["detector"].ne("") & frame["hfc"] & frame["variant"].eq(MAIN)]
     frame = frame[frame["arm"].isna()] if arm is None else frame[frame["arm"] == arm]
-    change = _with_setting(frame[frame["metric"] == "auroc_change"])
+    change = _with_setting(metric_rows(frame, Metric.AUROC, Subset.CHANGE))
     if change.empty:
         return pd.DataFrame()
     table = change.pivot_table(index=["setting", "detector"], columns="seed", values="value", aggfunc="first")
@@ -184,7 +185,7 @@ def success_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     frame = _frame(rows)
     if frame.empty:
         return frame
-    asr = frame[frame["metric"] == "attack_success_rate"].copy()
+    asr = metric_rows(frame, Metric.ATTACK_SUCCESS_RATE).copy()
     if asr.empty:
         return pd.DataFrame()
     asr["set"] = [_set_name(h, v) for h, v in zip(asr["hfc"], asr["variant"], strict=True)]
@@ -208,7 +209,7 @@ def detection_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     if frame.empty:
         return pd.DataFrame()
     keys = ["dataset", "attack", "eps"]
-    det = frame[frame["metric"].isin(TABLE_METRICS) & frame["detector"].ne("")].copy()
+    det = frame[frame["metric"].isin(list(METRIC_LABELS)) & frame["subset"].eq(Subset.SUCCESSFUL)].copy()
     if det.empty:
         return pd.DataFrame()
     det["arm"] = det["arm"].fillna("")
@@ -217,9 +218,9 @@ def detection_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
         index=[*keys, "arm", "detector"], columns=["metric", "set"], values="value", aggfunc="mean", sort=False
     )
     table.columns = [f"{METRIC_LABELS[m]} {s}" for m, s in table.columns]
-    order = [f"{METRIC_LABELS[m]} {s}" for m in TABLE_METRICS for s in dict.fromkeys(det["set"])]
+    order = [f"{label} {s}" for label in METRIC_LABELS.values() for s in dict.fromkeys(det["set"])]
     table = table[[c for c in order if c in table.columns]]
-    asr = frame[frame["metric"] == "attack_success_rate"].copy()
+    asr = metric_rows(frame, Metric.ATTACK_SUCCESS_RATE).copy()
     if not asr.empty:
         asr["set"] = [_set_name(h, v) for h, v in zip(asr["hfc"], asr["variant"], strict=True)]
         asr = asr.pivot_table(index=keys, columns="set", values="value", aggfunc="mean", sort=False)
@@ -230,10 +231,10 @@ def detection_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 def clean_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Clean test metrics per (dataset, model)."""
-    frame = pd.DataFrame([r for r in rows if str(r["metric"]).startswith("clean_")])
+    frame = pd.DataFrame([r for r in rows if r["metric"] in CLEAN_LABELS])
     if frame.empty:
         return frame
-    frame["metric"] = frame["metric"].str.removeprefix("clean_")
+    frame["metric"] = frame["metric"].map(CLEAN_LABELS)
     return frame.pivot_table(index=["dataset", "model"], columns="metric", values="value", aggfunc="first")
 
 
@@ -242,22 +243,21 @@ def calibration_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     frame = _frame(rows)
     if frame.empty:
         return frame
-    cal = frame[frame["metric"].isin(["hfc_lam", "hfc_calibration_success"])]
+    cal = frame[frame["metric"].isin(list(CALIBRATION_LABELS))]
     if cal.empty:
         return pd.DataFrame()
     table = cal.pivot_table(index=["dataset", "setting"], columns="metric", values="value", aggfunc="first")
-    return table.rename(columns={"hfc_lam": "HFC weight", "hfc_calibration_success": "success on calibration images"})
+    return table.rename(columns=CALIBRATION_LABELS)
 
 
 def loglik_table(rows: Sequence[dict[str, Any]], dataset: str) -> pd.DataFrame:
     """Per layer (in forward order), mean feature log-likelihood of clean images, plain AEs and HFC AEs."""
-    frame = pd.DataFrame(list(rows))
+    frame = rows_frame(rows)
     if frame.empty:
         return frame
-    ll = frame[(frame["dataset"] == dataset) & frame["metric"].str.startswith("feature_loglik@")].copy()
+    ll = metric_rows(frame[frame["dataset"] == dataset], Metric.FEATURE_LOGLIK).copy()
     if ll.empty:
         return pd.DataFrame()
-    ll["layer"] = ll["metric"].str.split("@", n=1).str[1]
     adversarial = np.where(ll["hfc"].astype(bool), "HFC AE", "plain AE")
     ll["set"] = np.where(ll["attack"].fillna("").eq(""), "clean", adversarial)
     table = ll.pivot_table(index="layer", columns="set", values="value", aggfunc="first", sort=False)

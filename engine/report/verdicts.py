@@ -37,6 +37,7 @@ import pandas as pd
 
 from engine.metrics.significance import mean_ci
 from engine.runs.plan import ADAPTIVE
+from engine.runs.schema import Metric, Subset
 
 EASY_AUROC = 0.9  # median plain AUROC for "easy to detect" (the predecessor paper reports > 0.98)
 APPLICABLE_AUROC = 0.5  # the plain AUROC interval's lower bound must exceed chance
@@ -108,11 +109,14 @@ class Verdict:
 
 
 def rows_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """Rows as a frame with the optional columns (``arm``, ``variant``, ``seed``) present."""
+    """Rows as a frame with the optional columns (``arm``, ``variant``, ``seed``, ``subset``, ``layer``...)
+    present."""
     frame = pd.DataFrame(list(rows))
     if frame.empty:
         return frame
-    for column, default in (("arm", None), ("variant", MAIN), ("seed", 0), ("detector", ""), ("eps", None)):
+    optional = (("arm", None), ("variant", MAIN), ("seed", 0), ("detector", ""), ("eps", None), ("subset", None),
+                ("layer", None), ("ci_low", np.nan), ("ci_high", np.nan))  # fmt: skip
+    for column, default in optional:
         if column not in frame:
             frame[column] = default
     frame["variant"] = frame["variant"].fillna(MAIN)
@@ -120,6 +124,14 @@ def rows_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     frame["seed"] = frame["seed"].fillna(0)
     frame["hfc"] = frame["hfc"].fillna(False).astype(bool)
     return frame
+
+
+def metric_rows(frame: pd.DataFrame, metric: Metric, subset: Subset | None = None) -> pd.DataFrame:
+    """The rows of ``frame`` (a :func:`rows_frame`) of ``metric``, in ``subset`` when given."""
+    keep = frame["metric"] == metric
+    if subset is not None:
+        keep &= frame["subset"] == subset
+    return frame[keep]
 
 
 def at_setting(frame: pd.DataFrame, attack: str, eps: str | None) -> pd.DataFrame:
@@ -149,16 +161,16 @@ def evidence(head: pd.DataFrame, variant: str = MAIN, paper_only: bool = False) 
     plain = detectors[~detectors["hfc"] & detectors["variant"].eq(MAIN)]
     hfc = detectors[detectors["hfc"] & detectors["variant"].eq(variant)]
 
-    def pick(frame: pd.DataFrame, name: str, metric: str) -> Estimate:
-        return estimate(frame[(frame["detector"] == name) & (frame["metric"] == metric)])
+    def pick(frame: pd.DataFrame, name: str, metric: Metric, subset: Subset) -> Estimate:
+        return estimate(metric_rows(frame[frame["detector"] == name], metric, subset))
 
     return {
         name: DetectorEvidence(
             detector=name,
-            plain_auroc=pick(plain, name, "auroc"),
-            auroc=pick(hfc, name, "auroc@paired"),
-            change=pick(hfc, name, "auroc_change"),
-            tpr=pick(hfc, name, "tpr_at_tnr90@paired"),
+            plain_auroc=pick(plain, name, Metric.AUROC, Subset.SUCCESSFUL),
+            auroc=pick(hfc, name, Metric.AUROC, Subset.PAIRED),
+            change=pick(hfc, name, Metric.AUROC, Subset.CHANGE),
+            tpr=pick(hfc, name, Metric.TPR_AT_TNR90, Subset.PAIRED),
         )
         for name in dict.fromkeys(hfc["detector"])
     }
@@ -166,7 +178,8 @@ def evidence(head: pd.DataFrame, variant: str = MAIN, paper_only: bool = False) 
 
 def success(head: pd.DataFrame, hfc: bool, variant: str = MAIN) -> float:
     """The attack success rate of a set, averaged over seeds."""
-    rows = head[(head["metric"] == "attack_success_rate") & (head["hfc"] == hfc) & head["variant"].eq(variant)]
+    rows = metric_rows(head, Metric.ATTACK_SUCCESS_RATE)
+    rows = rows[(rows["hfc"] == hfc) & rows["variant"].eq(variant)]
     return float(rows["value"].mean()) if len(rows) else float("nan")
 
 
@@ -179,8 +192,8 @@ def verdicts(rows: Sequence[dict[str, Any]], attack: str, eps: str | None) -> li
     setting = f"{attack}" + ("" if eps is None else f" at eps {eps}")
     for dataset, rows_ds in frame.groupby("dataset", sort=False):
         head = at_setting(rows_ds, attack, eps)
-        detect = head[head["detector"].ne("")]
-        if detect.empty:
+        detect = head[head["detector"].ne("") & head["metric"].ne(Metric.NOT_MEASURABLE)]
+        if detect.empty:  # nothing measured here (engine.report.robustness says why)
             continue
         attacks = head[head["detector"].eq("")]
         seeds = rows_ds["seed"].nunique()
@@ -286,20 +299,22 @@ def _attribution(dataset: str, arm: str, head: pd.DataFrame, setting: str) -> Ve
 
 
 def _mechanism(dataset: str, rows_ds: pd.DataFrame, head: pd.DataFrame, setting: str) -> Verdict | None:
-    loglik = head[head["metric"].str.startswith("feature_loglik@") & head["variant"].eq(MAIN)]
-    clean = rows_ds[rows_ds["metric"].str.startswith("feature_loglik@") & rows_ds["attack"].fillna("").eq("")]
+    loglik = metric_rows(head, Metric.FEATURE_LOGLIK)
+    loglik = loglik[loglik["variant"].eq(MAIN)]
+    clean = metric_rows(rows_ds, Metric.FEATURE_LOGLIK)
+    clean = clean[clean["attack"].fillna("").eq("")]
     if loglik.empty or clean.empty:
         return None
-    layer = clean["metric"].iloc[-1]
+    layer = clean["layer"].iloc[-1]
     values = {
-        "clean": float(clean[clean["metric"] == layer]["value"].mean()),
-        "plain": float(loglik[(loglik["metric"] == layer) & ~loglik["hfc"]]["value"].mean()),
-        "HFC": float(loglik[(loglik["metric"] == layer) & loglik["hfc"]]["value"].mean()),
+        "clean": float(clean[clean["layer"] == layer]["value"].mean()),
+        "plain": float(loglik[(loglik["layer"] == layer) & ~loglik["hfc"]]["value"].mean()),
+        "HFC": float(loglik[(loglik["layer"] == layer) & loglik["hfc"]]["value"].mean()),
     }
     holds = bool(abs(values["HFC"] - values["clean"]) < abs(values["plain"] - values["clean"]))
     text = (
         f"Mechanism: {'HOLDS' if holds else 'does NOT hold'} on {dataset} ({setting}): mean log-likelihood of the "
-        f"deepest constrained layer ({layer.split('@', 1)[1]}) under the target class's mixtures: HFC AEs "
+        f"deepest constrained layer ({layer}) under the target class's mixtures: HFC AEs "
         f"{values['HFC']:.1f}, plain AEs {values['plain']:.1f}, clean images under their own class "
         f"{values['clean']:.1f} (images where both attacks succeeded); HFC keeps the features "
         f"{'closer to' if holds else 'no closer to'} the clean level than plain AEs."

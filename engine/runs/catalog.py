@@ -31,6 +31,7 @@ from typing import Any
 from engine.errors import UserError
 from engine.runs.artifacts import Artifacts, slug
 from engine.runs.run import CARD_FILE
+from engine.runs.schema import Metric, Subset
 from engine.runs.staging import is_url
 from engine.runs.store import STORE_FILE, ResultStore
 
@@ -181,7 +182,7 @@ def _entry(rows: list[dict[str, Any]], path: Path) -> FittedDetector:
     auroc = {
         r["hfc"]: Auroc(r["value"], r["ci_low"], r["ci_high"])
         for r in rows
-        if r["metric"] == "auroc" and not r.get("variant")  # the main plain and HFC sets
+        if r["metric"] == Metric.AUROC and r["subset"] == Subset.SUCCESSFUL and not r.get("variant")  # main sets
     }
     first = rows[0]
     return FittedDetector(

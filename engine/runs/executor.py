@@ -57,7 +57,8 @@ def run_cell(
     start = time.perf_counter()
     out = stage(context, inputs, deps)
     for row in out.rows:  # every row of a seeded cell carries its seed
-        row.setdefault("seed", inputs.get("seed"))
+        if row.get("seed") is None:
+            row["seed"] = inputs.get("seed")
     if context is not None:
         context.artifacts.publish()
     return CellOutput(out.payload_json(), out.rows), time.perf_counter() - start

@@ -27,10 +27,14 @@ from typing import Any
 
 from engine.errors import UserError
 from engine.runs.artifacts import KINDS
-from engine.runs.schema import ROW_COLUMNS, normalise_row
+from engine.runs.schema import CI_LEVEL, ROW_COLUMNS, legacy_metric, normalise_row
 
 STORE_FILE = "store.sqlite"
 LOCK_FILE = "store.lock"  # held (fcntl.flock, exclusive) by the one process writing the store; holds its pid
+MIGRATED_COLUMNS = (  # columns added to the rows table after its first version, in the order they came
+    ("seed", "INTEGER"), ("variant", "TEXT"), ("arm", "TEXT"), ("eps_value", "REAL"), ("subset", "TEXT"),
+    ("layer", "TEXT"), ("ci_level", "REAL"), ("n_neg", "INTEGER"), ("n_pos", "INTEGER"),
+)  # fmt: skip
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
     key TEXT PRIMARY KEY,
@@ -41,8 +45,9 @@ CREATE TABLE IF NOT EXISTS cells (
 );
 CREATE TABLE IF NOT EXISTS rows (
     cell TEXT NOT NULL REFERENCES cells(key),
-    dataset TEXT, model TEXT, seed INTEGER, attack TEXT, eps TEXT, hfc INTEGER, variant TEXT, arm TEXT,
-    detector TEXT, metric TEXT NOT NULL, value REAL, ci_low REAL, ci_high REAL
+    dataset TEXT, model TEXT, seed INTEGER, attack TEXT, eps TEXT, eps_value REAL, hfc INTEGER, variant TEXT,
+    arm TEXT, detector TEXT, metric TEXT NOT NULL, subset TEXT, layer TEXT, value REAL, ci_low REAL, ci_high REAL,
+    ci_level REAL, n_neg INTEGER, n_pos INTEGER
 );
 CREATE INDEX IF NOT EXISTS rows_cell ON rows(cell);
 CREATE TABLE IF NOT EXISTS plan (position INTEGER PRIMARY KEY, key TEXT NOT NULL);
@@ -68,8 +73,9 @@ class ResultStore:
         self.path = self.run_dir / STORE_FILE
         self.artifact_root = None if artifact_root is None else Path(artifact_root)
         self._lock: int | None = None
-        if readonly:
+        if readonly:  # a store from an earlier version is read as it is, its rows upgraded as they are read
             self._db = _open_readonly(self.path)
+            self._columns = self._stored_columns()
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock = _lock(self.run_dir / LOCK_FILE)
@@ -79,10 +85,34 @@ class ResultStore:
             os.close(self._lock)
             raise
         self._db.executescript(_SCHEMA)
+        self._migrate()
+        self._columns = self._stored_columns()
+
+    def _stored_columns(self) -> tuple[str, ...]:
+        """The columns of :data:`ROW_COLUMNS` the rows table has (all of them, unless an old store read-only)."""
+        stored = {r[1] for r in self._db.execute("PRAGMA table_info(rows)")}
+        return tuple(c for c in ROW_COLUMNS if c in stored)
+
+    def _migrate(self) -> None:
+        """Bring a store written by an earlier version to the current row schema: add the columns it lacks; rows
+        written before ``subset`` and ``layer`` existed get their metric names split into (metric, subset, layer)
+        (:func:`legacy_row`), their ``eps_value`` and, with an interval, its ``ci_level``; in one transaction."""
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(rows)")}
-        for name, kind in (("seed", "INTEGER"), ("variant", "TEXT"), ("arm", "TEXT")):
-            if name not in columns:  # a store written before these columns existed
-                self._db.execute(f"ALTER TABLE rows ADD COLUMN {name} {kind}")
+        missing = [(name, kind) for name, kind in MIGRATED_COLUMNS if name not in columns]
+        if not missing:
+            return
+        with self._transaction() as db:
+            for name, kind in missing:
+                db.execute(f"ALTER TABLE rows ADD COLUMN {name} {kind}")
+            if "subset" in columns:
+                return
+            old = ("metric", "detector", "eps", "ci_low", "ci_high")
+            for rowid, *values in list(db.execute(f"SELECT rowid, {', '.join(old)} FROM rows")):
+                new = legacy_row(dict(zip(old, values, strict=True)))
+                db.execute(
+                    "UPDATE rows SET metric = ?, subset = ?, layer = ?, eps_value = ?, ci_level = ? WHERE rowid = ?",
+                    (*(new[c] for c in ("metric", "subset", "layer", "eps_value", "ci_level")), rowid),
+                )
 
     def close(self) -> None:
         self._db.close()
@@ -152,15 +182,18 @@ class ResultStore:
 
     def rows(self, keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Metric rows in commit order: of the cells ``keys`` (in that order), or of every cell when None."""
-        columns = ", ".join(ROW_COLUMNS)
+        columns = ", ".join(self._columns)
         if keys is None:
-            cursor = self._db.execute(f"SELECT {columns} FROM rows ORDER BY rowid")
-            return [normalise_row(dict(zip(ROW_COLUMNS, r, strict=True))) for r in cursor]
+            return [self._row(r) for r in self._db.execute(f"SELECT {columns} FROM rows ORDER BY rowid")]
         out = []
         for key in keys:
             cursor = self._db.execute(f"SELECT {columns} FROM rows WHERE cell = ? ORDER BY rowid", (key,))
-            out += [normalise_row(dict(zip(ROW_COLUMNS, r, strict=True))) for r in cursor]
+            out += [self._row(r) for r in cursor]
         return out
+
+    def _row(self, values: Sequence[Any]) -> dict[str, Any]:
+        raw = dict(zip(self._columns, values, strict=True))
+        return normalise_row(raw) if "subset" in raw else legacy_row(raw)  # an old store opened read-only
 
     def set_plan(self, keys: Sequence[str]) -> None:
         """Record the cells of the config being run here, in plan order (replacing an earlier invocation's)."""
@@ -191,6 +224,16 @@ class ResultStore:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+
+def legacy_row(raw: dict[str, Any]) -> dict[str, Any]:
+    """A row written before the ``subset`` and ``layer`` columns existed, in the current schema: its metric name split
+    into (metric, subset, layer) (:func:`engine.runs.schema.legacy_metric`), its ``eps_value`` and, with an interval,
+    its ``ci_level``."""
+    metric, subset, layer = legacy_metric(raw["metric"], raw.get("detector"))
+    interval = raw.get("ci_low") is not None and raw.get("ci_high") is not None
+    level = CI_LEVEL if interval else None
+    return normalise_row({**raw, "metric": metric, "subset": subset, "layer": layer, "ci_level": level})
 
 
 def _strings(obj: Any) -> Iterator[str]:

@@ -16,10 +16,11 @@ import numpy as np
 from torch import nn
 
 from engine.attacks import ATTACKS, HFC, AdvWriter, Attack, extract_features, parse_eps, typical_reference
+from engine.metrics import binomial_ci
 from engine.models import predict_logits
 from engine.runs.cells import Cell, CellOutput, Payload, reads
 from engine.runs.context import RunContext
-from engine.runs.schema import fingerprint
+from engine.runs.schema import Metric, fingerprint, row
 from engine.runs.stages.model import GmmsPayload, ModelPayload, OnModel
 
 ATTACK_EFFICIENCY = 0.35  # attack steps (large batches, input gradients only) vs training steps, seconds per FLOP
@@ -84,6 +85,7 @@ class CalibratePayload(Payload):
     target: float
     images: int
     trials: list[dict[str, float]]
+    note: str | None = None  # why the weight was kept when no weight of the grid reached the target
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,18 +154,19 @@ def run_attack(ctx: RunContext, inputs: AttackInputs, deps: Mapping[str, Any]) -
         writer.append_result(result, index, labels=y[index])
     success = ctx.artifacts.adversarial(ctx.artifacts.ref(directory)).success
     correct = predict_logits(model, x, batch).argmax(1) == y.numpy()
-    row = {
-        "dataset": inputs.dataset_label,
-        "model": inputs.model_label,
-        "attack": inputs.attack,
-        "eps": inputs.eps,
-        "hfc": inputs.hfc,
-        "variant": inputs.variant,
-        "detector": "",
-        "metric": "attack_success_rate",
-        "value": float(success[correct].mean()) if correct.any() else float("nan"),
-    }
-    return CellOutput(AttackPayload(directory=ctx.artifacts.ref(directory), n=len(x)), [row])
+    setting = {"attack": inputs.attack, "eps": inputs.eps, "hfc": inputs.hfc, "variant": inputs.variant}
+    rate = success_row(int(success[correct].sum()), int(correct.sum()), dataset=inputs.dataset_label,
+                       model=inputs.model_label, detector="", **setting)  # fmt: skip
+    return CellOutput(AttackPayload(directory=ctx.artifacts.ref(directory), n=len(x)), [rate])
+
+
+def success_row(successes: int, trials: int, **columns: Any) -> dict[str, Any]:
+    """The attack success rate row: ``successes`` of ``trials`` (the correctly classified pool) with its exact
+    binomial interval; n_pos / n_neg count the successful / failed attacks (NaN rate without trials)."""
+    low, high = binomial_ci(successes, trials)
+    value = successes / trials if trials else float("nan")
+    return row(Metric.ATTACK_SUCCESS_RATE, value, ci_low=low, ci_high=high, n_pos=successes,
+               n_neg=trials - successes, **columns)  # fmt: skip
 
 
 def set_identity(name: str) -> tuple[bool, str]:

@@ -21,6 +21,7 @@ from engine.errors import UserError
 from engine.models import predict_logits
 from engine.runs.cells import Cell, CellOutput, reads
 from engine.runs.context import RunContext
+from engine.runs.schema import Metric, row
 from engine.runs.stages.attack import (
     ATTACK_EFFICIENCY,
     AttackInputs,
@@ -90,18 +91,22 @@ def run_calibrate(ctx: RunContext, inputs: CalibrateInputs, deps: Mapping[str, A
 
     lam, trials = largest_passing(inputs.grid, success, inputs.target)
     reached = trials[lam] >= inputs.target
-    row = {"dataset": inputs.dataset_label, "model": inputs.model_label, "attack": inputs.attack}
-    row |= {"eps": inputs.eps, "hfc": True, "variant": inputs.variant, "detector": ""}
-    rows = [
-        {**row, "metric": "hfc_lam", "value": lam},
-        {**row, "metric": "hfc_calibration_success", "value": trials[lam]},
-    ]
+    columns = {"dataset": inputs.dataset_label, "model": inputs.model_label, "attack": inputs.attack}
+    columns |= {"eps": inputs.eps, "hfc": True, "variant": inputs.variant, "detector": ""}
+    rows = [row(Metric.HFC_LAM, lam, **columns), row(Metric.HFC_CALIBRATION_SUCCESS, trials[lam], **columns)]
+    note = None
+    if not reached:  # the model resists the attack even with the weakest constraint: the run goes on with it
+        note = (
+            f"no weight of the grid reaches {inputs.target:g} success on the {len(x)} calibration images "
+            f"(at {lam:g}, the smallest: {trials[lam]:.2f}), so the smallest weight is used"
+        )
     payload = CalibratePayload(
         lam=lam,
         reached=reached,
         target=inputs.target,
         images=len(x),
         trials=[{"lam": k, "success": v} for k, v in sorted(trials.items(), reverse=True)],
+        note=note,
     )
     return CellOutput(payload, rows)
 

@@ -2,7 +2,9 @@
 protocol, with a paired comparison).
 
 Features are extracted once per process and image set (one forward pass per batch for every hooked layer) and
-memoised in the run context, so the seven detectors of one (attack, eps) share them.
+memoised in the run context, so the seven detectors of one (attack, eps) share them. Data too small for the protocol
+(``TooFewExamples``: e.g. a model that resists the budget leaves no successful AE) makes the cell a
+``not_measurable`` row, not an error.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from engine.models import CONSTRAINED, STAGE_OUTPUTS, resolve_layers, spatial_la
 from engine.runs.artifacts import save_scores
 from engine.runs.cells import Cell, CellOutput, Payload, reads
 from engine.runs.context import RunContext
-from engine.runs.schema import fingerprint
+from engine.runs.schema import Metric, Subset, fingerprint, row
 from engine.runs.stages.attack import HFC_SET, PLAIN, AttackPayload, set_identity
 from engine.runs.stages.model import GmmsPayload, ModelPayload, OnModel
 
-PAIRED_METRICS = ("auroc", "tpr_at_tnr90")
+PAIRED_METRICS = (Metric.AUROC, Metric.TPR_AT_TNR90)
 log = logging.getLogger("engine.runs")
 
 
@@ -69,6 +71,15 @@ class Skipped(Payload):
     """A detector that cannot run on this model and run, and why (a report note, not an error)."""
 
     skipped: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class NotMeasurable(Payload):
+    """A detect or features cell whose data is too small to measure (e.g. a model that resists the budget leaves
+    no successful AE to fit on): why, and the successful AEs there were (a result, not an error)."""
+
+    not_measurable: str
+    successful: int
 
 
 def feature_layers(
@@ -150,46 +161,46 @@ def run_detect(ctx: RunContext, inputs: DetectInputs, deps: Mapping[str, Any]) -
         reference = _features(ctx, cache, ("val", pool_key), val_x, val_y)
         detector.set_reference(ctx.artifacts.gmms(gmms.directory), reference)
     protocol = {"fit_fraction": inputs.fit_fraction, "seed": seed, "n_boot": inputs.bootstrap}
+    base = {"attack": inputs.attack, "eps": inputs.eps, "detector": inputs.detector, "arm": inputs.arm}
+    base.update(dataset=inputs.dataset_label, model=inputs.model_label)
     try:
         result = run_protocol(
             [detector], clean, plain, plain_success, noise=noise, labels=y.numpy(), source=cache,
             transfer=transfer, train=train, attack_name=PLAIN, **protocol,
         )  # fmt: skip
-    except TooFewExamples as exc:
+    except TooFewExamples as exc:  # too few successful AEs or clean images here: a result, and the run goes on
+        successful = int((plain_success & (clean.preds == y.numpy())).sum())
         pool = inputs.pool or "the whole test split"
-        raise TooFewExamples(
-            f"{exc} (pool of {len(x)} test images): raise attack.pool (now {pool}), the budget or attack.steps, or "
-            "train the model longer"
-        ) from exc
+        reason = f"{exc} (a pool of {len(x)} test images; attack.pool: {pool})"
+        log.warning("%s: not measurable: %s", inputs.label, reason)
+        not_measurable = row(Metric.NOT_MEASURABLE, successful, n_pos=successful, hfc=False, variant="", **base)
+        return CellOutput(NotMeasurable(not_measurable=reason, successful=successful), [not_measurable])
     directory = ctx.artifacts.directory("detectors", inputs.label, fingerprint(inputs.to_json()))
     scores = result.scores[detector.name]
     detector.set_thresholds(scores.negatives[:, 0])  # clean images of the evaluation split: flags at FPRS
     detector.save(directory / "fitted", model=model, checkpoint=ctx.artifacts.path(checkpoint))
     save_scores(directory, scores)
-    base = {"attack": inputs.attack, "eps": inputs.eps, "detector": inputs.detector, "arm": inputs.arm}
-    base.update(dataset=inputs.dataset_label, model=inputs.model_label)
-    rows = [{**base, **row} for row in detection_rows(result.to_rows())]
+    rows = [row(**r, **base) for r in detection_rows(result.to_rows())]
     payload = DetectPayload(directory=ctx.artifacts.ref(directory), fitted=ctx.artifacts.ref(directory / "fitted"))
     return CellOutput(payload, rows)
 
 
 def detection_rows(protocol_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Result rows of the protocol's rows: the successful subset under the metric's own name, the others as
-    ``metric@subset``; the paired comparison of plain and each other set (auroc and TPR at 90% TNR) as
-    ``metric@paired`` for both sets and ``metric_change`` (that set minus plain, on its row; the plain side only for
-    the pair with the HFC set, so each row is unique). Each set's rows carry its ``hfc`` and ``variant`` columns
-    (:func:`engine.runs.stages.attack.set_identity`)."""
+    """The columns of the result rows of the protocol's rows: each metric with its ``subset`` (the set's own
+    successful, failed or all AEs) and its counts; the paired comparison of plain and each other set (auroc and TPR
+    at 90% TNR) in subset ``paired`` for both sets and ``change`` (that set minus plain, on its row; the plain side
+    only for the pair with the HFC set, so each row is unique). Each set's rows carry its ``hfc`` and ``variant``
+    columns (:func:`engine.runs.stages.attack.set_identity`)."""
     out = []
     for r in protocol_rows:
-        subset, metric = r["subset"], r["metric"]
-        if subset in ("paired", "change") and metric not in PAIRED_METRICS:
+        subset = Subset(r["subset"])
+        if subset in (Subset.PAIRED, Subset.CHANGE) and r["metric"] not in PAIRED_METRICS:
             continue
-        name = {"successful": metric, "change": f"{metric}_change"}.get(subset, f"{metric}@{subset}")
-        if subset == "paired" and r["attack"] == PLAIN and r["versus"] != HFC_SET:
+        if subset == Subset.PAIRED and r["attack"] == PLAIN and r["versus"] != HFC_SET:
             continue  # the plain side of another pair: that set's paired value minus its change
         hfc, variant = set_identity(r["attack"])
-        values = {k: r[k] for k in ("value", "ci_low", "ci_high")}
-        out.append({"hfc": hfc, "variant": variant, "metric": name, **values})
+        values = {k: r[k] for k in ("metric", "value", "ci_low", "ci_high", "n_neg", "n_pos")}
+        out.append({"hfc": hfc, "variant": variant, "subset": subset, **values})
     return out
 
 

@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from engine.attacks import HFC, extract_features, noise_like
-from engine.errors import UserError
 from engine.models import dropout_modules, mc_dropout, model_device, model_dtype, predict_logits, resolve_layers
 from engine.runs.artifacts import Projection
 from engine.runs.cells import Cell, CellOutput, Payload, reads
 from engine.runs.context import RunContext
-from engine.runs.schema import fingerprint
+from engine.runs.schema import Metric, fingerprint, row
 from engine.runs.stages.attack import AttackPayload
+from engine.runs.stages.detect import NotMeasurable
 from engine.runs.stages.model import GmmsPayload, ModelPayload, OnModel
 
 GROUPS = {"clean": "clean", "plain": "plain AE", "hfc": "HFC AE"}
@@ -68,8 +68,12 @@ def run_features(ctx: RunContext, inputs: FeaturesInputs, deps: Mapping[str, Any
     plain, hfc = (ctx.artifacts.adversarial(AttackPayload(**deps[key]).directory)
                   for key in (inputs.plain_cell, inputs.hfc_cell))  # fmt: skip
     both = torch.from_numpy(plain.success & hfc.success)
-    if not both.any():
-        raise UserError(f"{inputs.label}: no pool image where both the plain and the HFC attack succeeded")
+    base = {"dataset": inputs.dataset_label, "model": inputs.model_label, "detector": "", "variant": ""}
+    setting = {"attack": inputs.attack, "eps": inputs.eps}
+    if not both.any():  # the model resisted one of the attacks: nothing to measure, the run goes on
+        reason = "no pool image where both the plain and the HFC attack succeeded"
+        not_measurable = row(Metric.NOT_MEASURABLE, 0, hfc=False, **base, **setting)
+        return CellOutput(NotMeasurable(not_measurable=reason, successful=0), [not_measurable])
     sets = {"clean": (x[both], y[both])}
     for name, adv in (("plain", plain), ("hfc", hfc)):  # under the class the attack aimed at (or reached)
         aimed = adv.target if adv.target is not None else predict_logits(model, adv.images).argmax(1)
@@ -79,22 +83,18 @@ def run_features(ctx: RunContext, inputs: FeaturesInputs, deps: Mapping[str, Any
     chosen = chosen or [layers[min(1, len(layers) - 1)], layers[-1]]
     hooked = resolve_layers(model, [*gmms, *chosen])
     constraint = HFC(gmms)
-    base = {"dataset": inputs.dataset_label, "model": inputs.model_label, "detector": "", "variant": ""}
     sets["noise"] = (noise_like(x[both], inputs.noise_eps, kind=inputs.noise, seed=inputs.seed), y[both])
-    setting = {"attack": inputs.attack, "eps": inputs.eps}
     rows, projection = [], {}
     for name, (images, classes) in sets.items():  # clean, plain, hfc, noise
         feats, _, _ = extract_features(model, (images, classes), hooked)
         loglik = constraint.log_likelihood(feats, classes)
         if name in GROUPS:
             where = {"attack": "", "eps": None} if name == "clean" else dict(setting)
-            rows += [
-                {**base, **where, "hfc": name == "hfc", "metric": f"feature_loglik@{layer}", "value": float(np.mean(v))}
-                for layer, v in loglik.items()
-            ]
+            rows += [row(Metric.FEATURE_LOGLIK, float(np.mean(v)), layer=layer, hfc=name == "hfc", **base, **where)
+                     for layer, v in loglik.items()]  # fmt: skip
             projection[GROUPS[name]] = {layer: feats[layer].numpy() for layer in chosen}
         found = {**diagnostics(model, images, inputs.seed), "loglik": float(np.mean(loglik[constraint.layers[-1]]))}
-        rows += [{**base, **setting, "hfc": False, "metric": f"diag_{quantity}@{name}", "value": v}
+        rows += [row(f"diag_{quantity}", v, subset=name, hfc=False, **base, **setting)
                  for quantity, v in found.items()]  # fmt: skip
     directory = ctx.artifacts.directory("projections", inputs.label, fingerprint(inputs.to_json()))
     Projection(chosen, projection).save(directory)

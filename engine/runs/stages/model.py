@@ -13,7 +13,7 @@ from engine.errors import UserError
 from engine.models import EARLY_STAGES, early_stages, evaluate, layer_shapes, resolve_layers
 from engine.runs.cells import Cell, CellOutput, Payload, reads
 from engine.runs.context import MEMORY, RunContext
-from engine.runs.schema import dataset_label, fingerprint
+from engine.runs.schema import Metric, dataset_label, fingerprint, row
 from engine.runs.stages.data import DataInputs
 
 EM_SECONDS = 3e-3  # sklearn EM over every hooked layer per dataset image (measured: 1-14 s per default-audit cell)
@@ -87,11 +87,11 @@ def run_model(ctx: RunContext, inputs: ModelInputs, deps: Mapping[str, Any]) -> 
     model = ctx.model(checkpoint)
     metrics = {k: v for k, v in evaluate(model, splits.test).items() if _is_number(v)}
     base = {"dataset": dataset_label(spec), "model": inputs.model_label}
-    rows = [{**base, "metric": f"clean_{k}", "value": v} for k, v in metrics.items()]
+    rows = [row(f"clean_{k}", v, **base) for k, v in metrics.items()]
     conversion = getattr(model, "meta", {}).get("conversion")
     if conversion:  # an imported model file: how it was converted and how close it is to its reference runtime
-        rows += [{**base, "metric": "conversion_max_abs_diff", "value": conversion["max_abs_diff"]},
-                 {**base, "metric": "conversion_gradient_rel_error", "value": conversion["gradient_rel_error"]}]
+        rows += [row(Metric.CONVERSION_MAX_ABS_DIFF, conversion["max_abs_diff"], **base),
+                 row(Metric.CONVERSION_GRADIENT_REL_ERROR, conversion["gradient_rel_error"], **base)]  # fmt: skip
     payload = ModelPayload(
         checkpoint=checkpoint, classes=list(splits.train.classes), metrics=metrics, conversion=conversion or None
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.runs.schema import row
+from engine.runs.schema import Metric, row
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Study:
     cost: Callable[[Mapping[str, Any], Any], float]
 
 
-def study_row(dataset: str, model: str, metric: str, value: float, **extra: Any) -> dict[str, Any]:
+def study_row(dataset: str, model: str, metric: Metric, value: float, **extra: Any) -> dict[str, Any]:
     """A study's result row: no detector and no HFC; attack '' and eps None unless given."""
     return row(metric, value, **{"dataset": dataset, "model": model, "attack": "", "eps": None, "hfc": False,
                                  "detector": "", **extra})  # fmt: skip

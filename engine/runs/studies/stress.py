@@ -49,7 +49,7 @@ from engine.models import FeatureExtractor, extract_pooled, predict_logits
 from engine.runs.artifacts import Artifacts
 from engine.runs.context import RunContext
 from engine.runs.overrides import merge
-from engine.runs.schema import dataset_label
+from engine.runs.schema import Metric, Subset, dataset_label
 from engine.runs.studies.base import StudyResult, study_row
 from engine.runs.studies.stress_report import seeds_verdict, stress_verdict
 
@@ -103,12 +103,12 @@ STRESS_TINY: dict[str, Any] = {
 
 QUANTITIES = ("deviation", "cosine", "maha_auroc", "maha_ratio")
 ROW_METRIC = {
-    "deviation": "feature_deviation",
-    "cosine": "shift_cosine",
-    "maha_auroc": "maha_auroc",
-    "maha_ratio": "maha_distance_ratio",
+    "deviation": Metric.FEATURE_DEVIATION,
+    "cosine": Metric.SHIFT_COSINE,
+    "maha_auroc": Metric.MAHA_AUROC,
+    "maha_ratio": Metric.MAHA_DISTANCE_RATIO,
 }
-ROW_SUFFIX = {"fooled": "", "attacked": "_all"}  # feature_deviation@<layer> vs feature_deviation_all@<layer>
+ROW_SUBSET = {"fooled": Subset.SUCCESSFUL, "attacked": Subset.ALL}  # the fooled images, or all attacked ones
 
 
 @torch.no_grad()
@@ -274,21 +274,21 @@ def _rows(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
     runs = [run["datasets"] for run in payload["runs"]]
     rows = []
 
-    def add(label: str, metric: str, values: list[float], **extra: Any) -> None:
+    def add(label: str, metric: Metric, values: list[float], **extra: Any) -> None:
         ci = mean_ci(values)
         rows.append(study_row(label, arch, metric, ci["mean"], ci_low=ci["low"], ci_high=ci["high"], **extra))
 
     for k, d in enumerate(runs[0]):
         seeds = [datasets[k] for datasets in runs]
-        add(d["label"], "clean_accuracy", [s["accuracy"] for s in seeds])
+        add(d["label"], Metric.CLEAN_ACCURACY, [s["accuracy"] for s in seeds])
         for j, r in enumerate(d["results"]):
             base = {"attack": r["attack"], "eps": r["eps"]}
             if r["success_rate"] is not None and r["variant"] == "fooled":
-                add(d["label"], "attack_success_rate", [s["results"][j]["success_rate"] for s in seeds], **base)
+                add(d["label"], Metric.ATTACK_SUCCESS_RATE, [s["results"][j]["success_rate"] for s in seeds], **base)
             for q in QUANTITIES:
                 for i, layer in enumerate(d["layers"]):
-                    metric = f"{ROW_METRIC[q]}{ROW_SUFFIX[r['variant']]}@{layer}"
-                    add(d["label"], metric, [s["results"][j][q][i] for s in seeds], **base)
+                    values = [s["results"][j][q][i] for s in seeds]
+                    add(d["label"], ROW_METRIC[q], values, subset=ROW_SUBSET[r["variant"]], layer=layer, **base)
     return rows
 
 

@@ -24,6 +24,7 @@ from scipy import stats
 from engine.attacks.uap import UAP_METHODS
 from engine.errors import UserError
 from engine.metrics import mean_ci, paired_ttest, percentile_ci, quadratic_weighted_kappa, resample_kappas, tost_paired
+from engine.runs.schema import Metric
 from engine.runs.studies.base import study_row
 
 FAMILIES = {kind: method.family for kind, method in UAP_METHODS.items()}  # algorithm family of each UAP kind
@@ -189,29 +190,30 @@ def clean_comparisons(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def uap_rows(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Long-format rows of a UAP-study payload; values over seeds are means with their 95% interval (kappa gains:
-    the combined interval of :func:`combine_seeds`). Clean tests over folds, and over seeds with suffix ``_seeds``."""
+    the combined interval of :func:`combine_seeds`). The clean tests over folds and over seeds: ``subset`` "folds" and
+    "seeds"; the mean gains per relation to the fine-tuning attack: ``subset`` the relation."""
     ds, rows = payload["dataset"], []
 
-    def add(model: str, metric: str, stat: Mapping[str, Any], **extra: Any) -> None:
+    def add(model: str, metric: Metric, stat: Mapping[str, Any], **extra: Any) -> None:
         rows.append(study_row(ds, model, metric, stat["mean"], ci_low=stat["low"], ci_high=stat["high"], **extra))
 
     for m in payload["models"]:
         for label, model in (("baseline", m["name"]), ("finetuned", f"{m['name']}+uap-ft")):
             for i, a in enumerate(m["runs"][0][label]["attacks"]):
-                for metric in ("kappa", "accuracy", "fooling_rate"):
+                for metric in (Metric.KAPPA, Metric.ACCURACY, Metric.FOOLING_RATE):
                     values = [r[label]["attacks"][i][metric] for r in m["runs"]]
                     add(model, metric, mean_ci(values), attack=a["attack"], eps=a["eps"])
     for g in payload["gains"]:
-        add(g["model"], "kappa_gain", g["gain"], attack=g["attack"], eps=g["eps"])
+        add(g["model"], Metric.KAPPA_GAIN, g["gain"], attack=g["attack"], eps=g["eps"])
     for relation, stat in payload["summary"].items():
-        add("all", f"kappa_gain_mean_{relation}", stat)
+        add("all", Metric.KAPPA_GAIN_MEAN, stat, subset=relation)
     for c in payload["clean"]:
-        add(c["baseline"], "kappa", c["kappa_baseline"])
-        add(c["tuned"], "kappa", c["kappa_tuned"])
-        for test, suffix in (("folds", ""), ("seeds", "_seeds")):
-            add(c["tuned"], f"clean_kappa_diff_vs_baseline{suffix}", c[test]["diff"])
-            rows.append(study_row(ds, c["tuned"], f"tost_p_clean_kappa{suffix}", c[test]["tost"]["p"]))
-            rows.append(study_row(ds, c["tuned"], f"ttest_p_clean_kappa{suffix}", c[test]["ttest"]["p"]))
+        add(c["baseline"], Metric.KAPPA, c["kappa_baseline"])
+        add(c["tuned"], Metric.KAPPA, c["kappa_tuned"])
+        for test in ("folds", "seeds"):  # the clean tests over folds and over seeds (subset)
+            add(c["tuned"], Metric.CLEAN_KAPPA_DIFF_VS_BASELINE, c[test]["diff"], subset=test)
+            rows.append(study_row(ds, c["tuned"], Metric.TOST_P_CLEAN_KAPPA, c[test]["tost"]["p"], subset=test))
+            rows.append(study_row(ds, c["tuned"], Metric.TTEST_P_CLEAN_KAPPA, c[test]["ttest"]["p"], subset=test))
     return rows
 
 
