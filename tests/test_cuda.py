@@ -43,6 +43,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 # Build and module checks (run everywhere nvcc / the module exist)
 
 
+@pytest.mark.slow  # nvcc compiles every CUDA source twice
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found on PATH")
 def test_sources_compile_for_two_architectures(tmp_path):
     assert {p.stem for p in CU_SOURCES} >= set(OPS)

@@ -49,6 +49,7 @@ def _chest_xray(root: Path, rng: np.random.Generator, n: int = 24) -> None:
                 _image(rng, bool(label)).convert("L").save(folder / f"{i}.jpeg")
 
 
+@pytest.mark.slow  # the paper preset end to end: about 20 s idle
 def test_paper_preset_runs_at_tiny_scale(tmp_path):
     rng = np.random.default_rng(0)
     _aptos(tmp_path / "aptos", rng)

@@ -34,6 +34,8 @@ TINY = {
     "studies": [],
 }
 
+HEAVY_ARCHITECTURES = ("vgg16", "vgg16_bn", "resnet50")  # about 10 s each idle: the slow lane
+
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
@@ -64,7 +66,10 @@ def test_every_detector_runs(config, detector):
     assert set(auroc["hfc"]) == {True, False} and auroc["value"].between(0, 1).all()
 
 
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize(
+    "arch",
+    [pytest.param(a, marks=pytest.mark.slow) if a in HEAVY_ARCHITECTURES else a for a in ARCHITECTURES],
+)
 def test_every_architecture_runs(config, arch):
     # A VGG without batch norm trains from scratch only slowly: a wider net, a 1x1 pool, a small learning rate.
     vgg = ["model.width=0.25", "model.options={pool_size: 1, hidden: 128}", "model.lr=0.0001", "model.epochs=8"]

@@ -213,6 +213,7 @@ CRASH_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a killed subprocess run and its resume
 def test_kill_9_loses_at_most_the_cell_in_flight(tmp_path):
     script = tmp_path / "crash.py"
     script.write_text(CRASH_SCRIPT)

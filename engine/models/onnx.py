@@ -46,10 +46,12 @@ TORCHSCRIPT_REFERENCE = "the TorchScript module"
 # (per input value, relative to the probe's spread), tried in turn: 1e-4 suits piecewise-linear graphs (ReLU,
 # max-pool: a larger step crosses kinks), 1e-2 smooth ones (GELU, LayerNorm, softmax: float32 rounding swamps a
 # smaller step); the largest relative error accepted per reference (float32 differences of a deep ReLU net, VGG-16
-# at 224 px, reach about 0.05-0.1; a zero or detached gradient about 1).
+# at 224 px, reach about 0.05-0.1; against TorchScript's autograd, the conversion through ONNX folds BatchNorm into
+# the convolutions, and the rounding flips a few ReLUs at their kink: up to 0.008 on a small ResNet-18 with
+# BatchNorm; a zero or detached gradient about 1, a single detached SiLU sigmoid 0.12).
 GRADIENT_DIRECTIONS = 3
 GRADIENT_STEPS = (1e-4, 1e-2)
-GRADIENT_TOLERANCE = {"onnxruntime": 0.2, TORCHSCRIPT_REFERENCE: 1e-3}
+GRADIENT_TOLERANCE = {"onnxruntime": 0.2, TORCHSCRIPT_REFERENCE: 0.05}
 PROBE_SHAPES = ((3, 224, 224), (1, 224, 224))  # tried in turn when a TorchScript model's input shape is not declared
 
 

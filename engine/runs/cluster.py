@@ -52,9 +52,6 @@ class RayExecutor:
         """Run every unfinished cell on Ray (``context`` is the driver's and is not used: workers build theirs)."""
         import ray  # optional dependency: only a Ray run imports it
 
-        unknown = sorted(set(self.config["resources"]) - set(stages))
-        if unknown:
-            raise ConfigError(f"config key 'resources' names unknown stages {unknown}; stages: {sorted(stages)}")
         order, finished, progress = resume(cells, store, costs, self.progress)
         connected_here, pending = False, []
         timings: dict[str, float] = {}
