@@ -117,7 +117,6 @@ DRIVER = textwrap.dedent(
     from engine.runs import Cell, CellOutput, ResultStore, Stage, load_config
     from engine.runs.cluster import RayExecutor
     from engine.runs.progress import CostModel
-from engine.runs.store import StoreError
 
     run_dir, address, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 
@@ -223,13 +222,13 @@ def test_missing_ray_is_a_one_line_config_error(monkeypatch, capsys):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["resources.model.threads=2"], r"unknown config key 'resources.model.threads'; allowed: \['cpus', 'gpus'"),
+        (["resources.model.threads=2"], "unknown config key 'resources.model.threads'; allowed: ['cpus', 'gpus'"),
         (["resources.attack.gpus=-1"], "'resources.attack.gpus' must be a finite number >= 0"),
         (["resources.attack.cpus=0"], "'resources.attack.cpus' must be a finite number > 0"),
         (["ray.retries=-1"], "'ray.retries' must be an integer >= 0"),
         (["ray.cpus=1.5"], "'ray.cpus' must be an integer >= 1 or null"),
         (["artifacts=3"], "'artifacts' must be a string or null"),
-        (["resources.trainig.cpus=1"], r"unknown config key 'resources.trainig'; allowed: \['attack', 'calibrate'"),
+        (["resources.trainig.cpus=1"], "unknown config key 'resources.trainig'; allowed: ['attack', 'calibrate'"),
     ],
 )
 def test_executor_settings_errors_name_the_key(overrides, message):
