@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from engine.data import ArrayDataset, ImageDataset, as_tensors
+from engine.errors import UserError, UserTypeError
 from engine.models import label_with_model, load_model
 from engine.report import build_report, detection_table, write_report
 from engine.runs import ROW_COLUMNS, Artifacts, ConfigError, RunContext, RunResult, execute, load_config, validate
@@ -112,7 +113,7 @@ def audit(
     directory under runs/ named by the model's weights); re-running with the same arguments resumes.
     """
     if not isinstance(model, (nn.Module, str, os.PathLike)):
-        raise TypeError(f"model must be a torch.nn.Module or a model file, got {type(model).__name__}")
+        raise UserTypeError(f"model must be a torch.nn.Module or a model file, got {type(model).__name__}")
     dataset = as_dataset(data)
     model_keys = config.get("model") if isinstance(config.get("model"), Mapping) else {}
     taken = sorted({*(set(config) & set(API_SET)), *(f"model.{k}" for k in set(model_keys) & set(API_MODEL_SET))})
@@ -153,7 +154,7 @@ def as_dataset(data: Any) -> ImageDataset:
     if isinstance(data, DataLoader):
         batches = [_pair(batch, "data (a DataLoader)") for batch in data]
         if not batches:
-            raise ValueError("data: the DataLoader yielded no batches")
+            raise UserError("data: the DataLoader yielded no batches")
         x, y = (torch.cat([torch.as_tensor(b[i]) for b in batches]) for i in (0, 1))
         return ArrayDataset(x, y, name="dataloader")
     if isinstance(data, Dataset):
@@ -161,7 +162,7 @@ def as_dataset(data: Any) -> ImageDataset:
         return ArrayDataset(x, y, name=type(data).__name__)
     if isinstance(data, (tuple, list)) and len(data) == 2:
         return ArrayDataset(*_pair(data, "data (an (images, labels) pair)"), name="tensors")
-    raise TypeError(
+    raise UserTypeError(
         "data must be an engine dataset (engine.data), an (images, labels) pair of tensors or arrays, a torch "
         f"Dataset of (image, label) or a DataLoader of such batches, got {type(data).__name__}"
     )
@@ -169,7 +170,7 @@ def as_dataset(data: Any) -> ImageDataset:
 
 def _pair(batch: Any, name: str) -> tuple[Any, Any]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(f"{name} must give (images, labels) pairs, got {type(batch).__name__}")
+        raise UserTypeError(f"{name} must give (images, labels) pairs, got {type(batch).__name__}")
     return batch[0], batch[1]
 
 
