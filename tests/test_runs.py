@@ -45,6 +45,14 @@ def test_defaults_and_dotted_override(tmp_path):
         (["attack.steps=0"], "'attack.steps' must be an integer >= 1, got 0"),
         (["steps"], "must look like key.sub=value"),
         (["datasets.5.n=3"], "config key 'datasets.5': '5' is not an index of the list"),
+        # executor settings (docs/clusters.md): checked at load, Ray or not
+        (["resources.model.threads=2"], "unknown config key 'resources.model.threads'; allowed: ['cpus', 'gpus'"),
+        (["resources.attack.gpus=-1"], "'resources.attack.gpus' must be a finite number >= 0"),
+        (["resources.attack.cpus=0"], "'resources.attack.cpus' must be a finite number > 0"),
+        (["ray.retries=-1"], "'ray.retries' must be an integer >= 0"),
+        (["ray.cpus=1.5"], "'ray.cpus' must be an integer >= 1 or null"),
+        (["artifacts=3"], "'artifacts' must be a string or null"),
+        (["resources.trainig.cpus=1"], "unknown config key 'resources.trainig'; allowed: ['attack', 'calibrate'"),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):
