@@ -12,7 +12,10 @@ from engine.ops.kde import kde_log_density
 from engine.ops.knn import knn_distances, lid
 from engine.ops.mahalanobis import mahalanobis
 
+OPS = ("gmm", "mahalanobis", "knn", "kde")  # the kernel ops, by the names their backends register
+
 __all__ = [
+    "OPS",
     "available",
     "gmm_log_prob",
     "gmm_log_prob_grad",

@@ -27,7 +27,7 @@ import torch
 
 from engine import __version__, build_commit, git_commit
 from engine.fileio import atomic_write
-from engine.ops import available
+from engine.ops import OPS, available
 from engine.runs.artifacts import Artifacts
 from engine.runs.cells import Cell
 from engine.runs.cluster import RayExecutor
@@ -48,7 +48,6 @@ DEPENDENCIES = (  # distributions whose versions the run card records (None when
     "torch", "numpy", "scipy", "scikit-learn", "pandas", "onnx", "onnxruntime", "onnxruntime-gpu", "onnx2torch",
     "onnx2fx", "ray", "pydicom", "triton", "pybind11",
 )  # fmt: skip
-KERNEL_OPS = ("gmm", "mahalanobis", "knn", "kde")  # engine.ops' kernels, by the names their backends register
 
 
 @dataclass
@@ -175,7 +174,7 @@ def run_card(
         "git_commit": git_commit(),
         "build_commit": build_commit(),
         "versions": {"python": platform.python_version(), **dependency_versions()},
-        "kernels": {op: available(op) for op in KERNEL_OPS},
+        "kernels": {op: available(op) for op in OPS},
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "machine": {
             "node": platform.node(),
