@@ -2,15 +2,16 @@
 
 The setup of a vendor's audit: VGG-16 (random weights: the cost does not depend on them; a constant classifier is
 the attack's worst case, since HFC's weight calibration then tries its whole grid) exported to ONNX at 240 px, an
-image folder of ``--images`` PNGs in two classes drawn from the embedded fundus generator, and the default audit
-settings (``hfc-engine run`` defaults: PGD and CW-Linf at 8/256, HFC with its weight calibrated on validation images,
-the weight-0 and adaptive sets, eight detectors in two layer arms) without the studies (they train their own
-models). With the default split (15% test) 180 images give a 27-image pool.
+image folder of ``--images`` PNGs in two classes drawn from the embedded fundus generator, and the audit settings of
+``--preset`` under the benchmark's own config: ``clinical`` (the default: the core audit for large models on a
+CPU, PGD plain and with HFC, eight detectors in two layer arms) or ``default`` (``hfc-engine run``'s defaults: PGD
+and CW-Linf, HFC, the weight-0 and adaptive sets), both without the studies (they train their own models). With
+the default split (15% test) 180 images give a 28-image pool.
 
 The audit runs as ``hfc-engine run`` in a child process; printed: wall seconds, the child's peak resident memory
 (``ru_maxrss``), and the per-stage seconds of its run card.
 
-Run: ``python benchmarks/bench_imported_audit.py [--images 180] [--threads 2]``.
+Run: ``python benchmarks/bench_imported_audit.py [--preset clinical|default] [--images 180] [--threads 2]``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=180, help="images in the folder (15%% of them are attacked)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--preset", choices=["clinical", "default"], default="clinical", help="(default: clinical)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -74,13 +76,14 @@ def main() -> None:
             "studies": [],
         }
         (tmp_path / "audit.yaml").write_text(yaml.safe_dump(config))
-        command = [sys.executable, "-m", "engine.cli", "run", str(tmp_path / "audit.yaml"), "--no-progress"]
+        presets = [] if args.preset == "default" else [args.preset]
+        command = [sys.executable, "-m", "engine.cli", "run", *presets, str(tmp_path / "audit.yaml"), "--no-progress"]
         start = time.perf_counter()
         subprocess.run(command, check=True)
         seconds = time.perf_counter() - start
         card = json.loads((tmp_path / "runs" / "imported-vgg16" / "run_card.json").read_text())
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    print(json.dumps({"wall_seconds": round(seconds, 1), "peak_rss_gib": round(peak, 2),
+    print(json.dumps({"preset": args.preset, "wall_seconds": round(seconds, 1), "peak_rss_gib": round(peak, 2),
                       "seconds_per_stage": card["seconds_per_stage"]}))  # fmt: skip
 
 

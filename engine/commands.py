@@ -36,18 +36,21 @@ PRESETS_PACKAGE = "engine.presets"  # configs/*.yaml, installed with the package
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run (or resume) an audit and print its summary."""
-    path, overrides = args.config, list(args.overrides)
-    if path is not None and "=" in path and not Path(path).exists():  # `hfc-engine run key=value ...`
-        path, overrides = None, [path, *overrides]
-    if path is not None:
-        path = config_path(path)
+    paths, overrides = [], []
+    for item in args.items:  # configs and presets are merged left to right, then the overrides
+        if "=" in item and not Path(item).exists():
+            overrides.append(item)
+        elif overrides:
+            raise UserError(f"config {item!r} comes after an override; put configs and presets first")
+        else:
+            paths.append(config_path(item))
     if args.device:
         overrides.append(f"device={args.device}")
     if args.executor or args.address:  # --address alone means a Ray run
         overrides.append(f"executor={args.executor or 'ray'}")
     if args.address:
         overrides.append(f"ray.address={args.address}")
-    report = run_audit(load_config(path, overrides, quick=args.quick), progress=not args.no_progress)
+    report = run_audit(load_config(paths, overrides, quick=args.quick), progress=not args.no_progress)
     table = report.table()
     if not table.empty:
         with _wide():
@@ -59,8 +62,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def run_arguments(run: argparse.ArgumentParser) -> None:
-    run.add_argument("config", nargs="?", help=f"YAML config merged over the defaults, or a preset: {list(presets())}")
-    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. attack.steps=40 (see docs/runs.md)")
+    run.add_argument(
+        "items", nargs="*", metavar="CONFIG|KEY=VALUE",
+        help=f"YAML configs or presets {list(presets())}, merged over the defaults left to right (e.g. 'clinical "
+        "audit.yaml'), then dotted overrides, e.g. attack.steps=40 (see docs/runs.md)",
+    )  # fmt: skip
     run.add_argument("--quick", action="store_true", help=_quick_help())
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     device_option(run, None, "torch device of every model, e.g. cuda (default: the config's device, cpu)")

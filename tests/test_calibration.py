@@ -11,7 +11,15 @@ from engine.attacks import HFC
 from engine.mixture import GaussianMixture
 from engine.models import build_model
 from engine.runs import Artifacts, RunContext
-from engine.runs.stages.calibrate import calibration_images, largest_passing
+from engine.runs.config import DEFAULTS, QUICK
+from engine.runs.stages.calibrate import (
+    MIN_CALIBRATION_IMAGES,
+    CalibrateInputs,
+    bisection_trials,
+    calibration_images,
+    calibration_limit,
+    largest_passing,
+)
 from engine.runs.stages.model import OnModel
 
 GRID = [1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001]
@@ -31,7 +39,41 @@ def test_bisection_finds_the_largest_passing_weight(threshold):
     lam, trials = largest_passing(GRID, success, target=0.9)
     passing = [w for w in GRID if w <= threshold]
     assert lam == (max(passing) if passing else min(GRID))
-    assert len(calls) <= 4 and trials == {w: rate(w) for w in calls}  # log2(7) + 1 trials at most
+    assert len(calls) <= bisection_trials(GRID) and trials == {w: rate(w) for w in calls}
+
+
+@pytest.mark.parametrize("size", range(1, 10))
+def test_bisection_trials_bound_every_threshold(size):
+    grid = [2.0**-i for i in range(size)]
+
+    def trials(threshold: float) -> int:
+        _, tried = largest_passing(grid, lambda lam: float(lam <= threshold), target=0.9)
+        return len(tried)
+
+    # every outcome: the largest passing weight is each weight of the grid, or none passes
+    assert max(trials(t) for t in [*grid, 0.0]) == bisection_trials(grid)
+
+
+def calibrate_inputs(**calibration):
+    settings = {**DEFAULTS["hfc"]["calibration"], **calibration}
+    return CalibrateInputs(dataset={}, split={}, seed=0, dataset_label="d", model_label="m", model_cell="",
+                           attack="pgd", eps="8/256", label="x", pool=None, steps=10, travel=2.0, targeted=True,
+                           batch_size=8, options={}, **settings)  # fmt: skip
+
+
+def test_calibration_images_are_proportional_to_the_pool():
+    default = calibrate_inputs()
+    assert calibration_limit(default, DEFAULTS["attack"]["pool"]) == 100  # the default audit keeps its 100
+    assert calibration_limit(default, QUICK["attack"]["pool"]) == 100  # so does --quick
+    assert calibration_limit(default, 28) == 18  # 2 x 28 / 3 trials
+    assert calibration_limit(calibrate_inputs(max_cost=1.0), 28) == MIN_CALIBRATION_IMAGES  # 9 is below the floor
+    for pool in range(1, 400, 7):
+        for max_cost in (0.5, 1.0, 3.0):
+            inputs = calibrate_inputs(max_cost=max_cost)
+            limit = calibration_limit(inputs, pool)
+            assert MIN_CALIBRATION_IMAGES <= limit <= 100 or limit == 100
+            if limit > MIN_CALIBRATION_IMAGES:  # the trials together cost at most max_cost attacks on the pool
+                assert limit * bisection_trials(inputs.grid) <= max_cost * pool
 
 
 def test_calibration_images_come_from_the_validation_split_never_the_pool(tmp_path):

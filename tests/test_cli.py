@@ -121,6 +121,25 @@ def test_run_device_overrides_the_config(monkeypatch):
     assert seen["device"] == "cpu"
 
 
+def test_run_merges_presets_and_configs_left_to_right_then_overrides(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def fake_audit(config, progress):
+        seen.update(config)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(commands, "run_audit", fake_audit)
+    mine = tmp_path / "my.yaml"
+    mine.write_text("name: vendor\nattack: {pool: 28}\nhfc: {adaptive: true}\n")
+    assert main(["run", "clinical", str(mine), "attack.steps=5", "--no-progress"]) == 2
+    assert seen["name"] == "vendor" and seen["attacks"] == ["pgd"] and seen["hfc"]["fixed_weights"] == []
+    assert seen["hfc"]["adaptive"] is True and seen["attack"]["pool"] == 28 and seen["attack"]["steps"] == 5
+    assert seen["hfc"]["calibration"]["max_cost"] == 1.0
+    capsys.readouterr()
+    assert main(["run", "attack.steps=5", "clinical"]) == 2
+    assert "config 'clinical' comes after an override" in _one_line(capsys.readouterr().err)
+
+
 def test_layers_runs_on_the_given_device(tmp_path, capsys):
     model = build_model("resnet18", 2, width=0.125, small_stem=True, input_size=16)
     path = save_checkpoint(tmp_path / "m.pt", model, {"input_size": [3, 16, 16]})

@@ -138,6 +138,14 @@ def test_attribution_counts_detectors_the_schedule_alone_does_not_defeat() -> No
     assert claim(rows, "constraint, not schedule").holds is True
 
 
+def test_without_a_weight_0_set_the_drop_is_said_to_be_unattributed() -> None:
+    rows = [r for d in DETECTORS for r in detector_rows(d)] + success_rows()
+    verdict = claim(rows, "constraint, not schedule")
+    assert verdict.holds is None
+    assert verdict.text.startswith("The drop is not attributed on d (pgd at eps 8/256")
+    assert "no weight-0 set" in verdict.text
+
+
 def test_arms_are_judged_separately() -> None:
     rows = success_rows()
     rows += [r for d in DETECTORS for r in detector_rows(d, arm="same")]

@@ -281,7 +281,14 @@ def _hidden(dataset: str, arm: str, head: pd.DataFrame, setting: str) -> Verdict
 def _attribution(dataset: str, arm: str, head: pd.DataFrame, setting: str) -> Verdict | None:
     schedule = evidence(head, SCHEDULE_ONLY, paper_only=True)
     if not schedule:
-        return None
+        if not evidence(head, paper_only=True):
+            return None  # no HFC set: nothing to attribute
+        text = (
+            f"The drop is not attributed on {dataset} ({setting}{_arm_text(arm)}): the run has no weight-0 set "
+            "(hfc.fixed_weights without 0), so part of any drop may come from HFC's longer schedule rather than "
+            "its constraint."
+        )
+        return Verdict(dataset, "constraint, not schedule", None, text, arm or None)
     by_hfc = [e for e in evidence(head, paper_only=True).values() if e.applicable and e.defeated]
     by_schedule = {name for name, e in schedule.items() if e.defeated}
     constraint = [e.detector for e in by_hfc if e.detector not in by_schedule]

@@ -328,6 +328,8 @@ class Calibration:
     target: float = key(0.9, gt=0, le=1)
     grid: list[float] = key([1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001], ge=0, nonempty=True, scalar=True)
     images: int = key(100, ge=1)
+    # its trials cost at most this many HFC attacks on the pool: images <= max_cost x pool / trials (at least 10)
+    max_cost: float = key(2.0, gt=0)
 
 
 @dataclass
@@ -474,16 +476,17 @@ QUICK: dict[str, Any] = {
 
 
 def load_config(
-    path: str | Path | None = None,
+    path: str | Path | Sequence[str | Path] | None = None,
     overrides: Sequence[str] = (),
     quick: bool = False,
     settings: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Defaults, then ``--quick`` settings, then the YAML file at ``path``, then ``settings`` (mappings, e.g.
-    engine.audit's keywords), then ``key=value`` overrides; validated (see :func:`validate`)."""
+    """Defaults, then ``--quick`` settings, then the YAML file(s) at ``path`` (several: merged in order), then
+    ``settings`` (mappings, e.g. engine.audit's keywords), then ``key=value`` overrides; validated (see
+    :func:`validate`)."""
     layers: list[Mapping[str, Any]] = [QUICK] if quick else []
-    if path is not None:
-        layers.append(_read_yaml(Path(path)))
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    layers += [_read_yaml(Path(p)) for p in paths]
     config = copy.deepcopy(DEFAULTS)
     for layer in [*layers, *settings]:
         config = merge(config, layer, free_form=lambda dotted: True)  # unknown keys: refused by validate

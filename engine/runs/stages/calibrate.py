@@ -4,12 +4,15 @@ The reference setting is lam = 1 (nearest-component mode). A weight that suits o
 another (the HFC term outweighs the classification loss), so with ``hfc.lam: auto`` the weight is the largest
 value of ``hfc.calibration.grid`` whose HFC attack still reaches ``hfc.calibration.target`` success on the first
 ``hfc.calibration.images`` correctly classified images of the *validation* split (disjoint from the test pool the
-audit attacks), found by bisection over the grid (success falls as the weight grows). The choice and every
-trial go to the payload, the result rows and the run card.
+audit attacks), found by bisection over the grid (success falls as the weight grows). The calibration's cost is
+proportional to the pool: its images are capped so that all its trials together cost at most
+``hfc.calibration.max_cost`` HFC attacks on the pool (:func:`calibration_limit`). The choice and every trial go to
+the payload, the result rows and the run card.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,14 +35,31 @@ from engine.runs.stages.attack import (
 )
 from engine.runs.stages.model import ModelPayload, OnModel
 
+MIN_CALIBRATION_IMAGES = 10  # the cap never goes below this: 9 of 10 successes pass a 0.9 target
+
 
 @dataclass(frozen=True, kw_only=True)
 class CalibrateInputs(AttackInputs):
-    """The HFC set whose weight is calibrated (``lam`` unset), and the calibration's target, grid and images."""
+    """The HFC set whose weight is calibrated (``lam`` unset), and the calibration's target, grid, images and cost
+    cap."""
 
     target: float = reads("hfc.calibration.target")
     grid: list[float] = reads("hfc.calibration.grid")
     images: int = reads("hfc.calibration.images")
+    max_cost: float = reads("hfc.calibration.max_cost")
+
+
+def bisection_trials(grid: Sequence[float]) -> int:
+    """The most attacks :func:`largest_passing` runs on ``grid``: floor(log2(len)) + 1 (3 for the default 7)."""
+    return len(grid).bit_length()
+
+
+def calibration_limit(inputs: CalibrateInputs, pool: int) -> int:
+    """How many validation images the calibration attacks: ``images``, capped at ``max_cost`` x ``pool`` / the
+    bisection's trials (never below MIN_CALIBRATION_IMAGES), so that it costs at most ``max_cost`` HFC attacks on
+    a pool of ``pool`` images."""
+    share = math.floor(inputs.max_cost * pool / bisection_trials(inputs.grid))
+    return min(inputs.images, max(MIN_CALIBRATION_IMAGES, share))
 
 
 def calibration_images(ctx: RunContext, inputs: OnModel, model: torch.nn.Module, limit: int) -> tuple[Any, Any]:
@@ -83,7 +103,8 @@ def largest_passing(
 def run_calibrate(ctx: RunContext, inputs: CalibrateInputs, deps: Mapping[str, Any]) -> CellOutput:
     """Bisect the weight grid for the largest weight whose HFC attack reaches the target success rate."""
     model = ctx.model(ModelPayload(**deps[inputs.model_cell]).checkpoint)
-    x, y = calibration_images(ctx, inputs, model, inputs.images)
+    pool, _ = ctx.pool(inputs.dataset, inputs.split, inputs.seed, inputs.pool)
+    x, y = calibration_images(ctx, inputs, model, calibration_limit(inputs, len(pool)))
 
     def success(lam: float) -> float:
         constraint = hfc_constraint(ctx, inputs, deps, model, lam) if lam else None
@@ -112,8 +133,7 @@ def run_calibrate(ctx: RunContext, inputs: CalibrateInputs, deps: Mapping[str, A
 
 
 def calibrate_cost(cell: Cell, machine: Any) -> tuple[str, float]:
-    """About log2(grid) HFC attacks on the calibration images."""
+    """At most :func:`bisection_trials` HFC attacks on the calibration images."""
     inputs = CalibrateInputs(**cell.inputs)
-    trials = max(1, len(inputs.grid).bit_length())
-    passes = attack_passes(inputs) * inputs.images * trials
+    passes = attack_passes(inputs) * calibration_limit(inputs, cell.hint["pool"]) * bisection_trials(inputs.grid)
     return "calibrate", ATTACK_EFFICIENCY * machine.seconds(passes * machine.model_flops(**cell.hint["model"]))
