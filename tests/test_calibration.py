@@ -64,9 +64,9 @@ def calibrate_inputs(**calibration):
 def test_calibration_images_are_proportional_to_the_pool():
     default = calibrate_inputs()
     assert calibration_limit(default, DEFAULTS["attack"]["pool"]) == 100  # the default audit keeps its 100
-    assert calibration_limit(default, QUICK["attack"]["pool"]) == 100  # so does --quick
-    assert calibration_limit(default, 28) == 18  # 2 x 28 / 3 trials
-    assert calibration_limit(calibrate_inputs(max_cost=1.0), 28) == MIN_CALIBRATION_IMAGES  # 9 is below the floor
+    assert calibration_limit(default, QUICK["attack"]["pool"]) == 80  # 2 x 160 / 4 trials
+    assert calibration_limit(default, 28) == 14
+    assert calibration_limit(calibrate_inputs(max_cost=1.0), 28) == MIN_CALIBRATION_IMAGES  # 7 is below the floor
     for pool in range(1, 400, 7):
         for max_cost in (0.5, 1.0, 3.0):
             inputs = calibrate_inputs(max_cost=max_cost)

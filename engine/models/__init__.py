@@ -40,7 +40,7 @@ from engine.models.features import (
     spatial_layers,
     stage_outputs,
 )
-from engine.models.memory import auto_batch_size, eval_mode, model_device, model_dtype
+from engine.models.memory import auto_batch_size, eval_mode, input_layout, model_device, model_dtype
 from engine.models.train import TrainConfig, TrainResult, train, train_model
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "auto_batch_size",
+    "input_layout",
     "available_layers",
     "early_stages",
     "extract_pooled",

@@ -22,7 +22,9 @@ BUDGET_ENV = "HFC_ENGINE_MEMORY_GB"
 BUDGET_SHARE = 0.25  # of the available memory, when HFC_ENGINE_MEMORY_GB is not set
 CPU_CAP = 2 * 2**30  # bytes; also the budget where the available memory cannot be read
 GPU_SHARE = 0.5  # of a GPU's free memory
+LAYOUT_TOLERANCE = 1e-4  # relative: the largest output change the channels-last layout may make (float rounding)
 _MEASURED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, torch.memory_format]] = weakref.WeakKeyDictionary()
 
 
 def _first_tensor(model: nn.Module) -> torch.Tensor | None:
@@ -52,6 +54,36 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def input_layout(model: nn.Module, input_shape: Sequence[int]) -> torch.memory_format:
+    """The memory layout ``model`` runs fastest on for a batch of ``input_shape`` (C, H, W) images: channels-last on
+    the CPU, where oneDNN's convolutions run on it without reordering (PGD measured 1.2x faster for VGG-16 at 240 px,
+    ResNet-50 at 224 px and the default 64 px ResNet-18), when the model accepts it and gives the same outputs on one
+    image to ``LAYOUT_TOLERANCE``; else (GPUs, other shapes, models that refuse it) the contiguous layout. Decided
+    once per model and shape."""
+    if len(input_shape) != 3 or model_device(model).type != "cpu":
+        return torch.contiguous_format
+    decided = _LAYOUTS.setdefault(model, {})
+    if tuple(input_shape) not in decided:
+        decided[tuple(input_shape)] = _accepts_channels_last(model, input_shape)
+    return decided[tuple(input_shape)]
+
+
+def _accepts_channels_last(model: nn.Module, input_shape: Sequence[int]) -> torch.memory_format:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(1, *input_shape, generator=generator).to(model_dtype(model))
+    with eval_mode(model), torch.no_grad():
+        reference = model(x)
+        try:
+            fast = model(x.contiguous(memory_format=torch.channels_last))
+        except RuntimeError:  # e.g. a .view() of a feature map
+            return torch.contiguous_format
+    if not (isinstance(reference, torch.Tensor) and isinstance(fast, torch.Tensor)) or fast.shape != reference.shape:
+        return torch.contiguous_format
+    scale = max(1.0, float(reference.abs().max()))
+    same = bool(((fast - reference).abs() <= LAYOUT_TOLERANCE * scale).all())
+    return torch.channels_last if same else torch.contiguous_format
 
 
 def memory_budget(device: torch.device | str = "cpu") -> int:

@@ -4,10 +4,10 @@ The reference setting is lam = 1 (nearest-component mode). A weight that suits o
 another (the HFC term outweighs the classification loss), so with ``hfc.lam: auto`` the weight is the largest
 value of ``hfc.calibration.grid`` whose HFC attack still reaches ``hfc.calibration.target`` success on the first
 ``hfc.calibration.images`` correctly classified images of the *validation* split (disjoint from the test pool the
-audit attacks), found by bisection over the grid (success falls as the weight grows). The calibration's cost is
-proportional to the pool: its images are capped so that all its trials together cost at most
-``hfc.calibration.max_cost`` HFC attacks on the pool (:func:`calibration_limit`). The choice and every trial go to
-the payload, the result rows and the run card.
+audit attacks): the grid's largest weight (the reference's 1) first, then, if it fails, bisection over the rest
+(success falls as the weight grows). The calibration's cost is proportional to the pool: its images are capped so
+that all its trials together cost at most ``hfc.calibration.max_cost`` HFC attacks on the pool
+(:func:`calibration_limit`). The choice and every trial go to the payload, the result rows and the run card.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ class CalibrateInputs(AttackInputs):
 
 
 def bisection_trials(grid: Sequence[float]) -> int:
-    """The most attacks :func:`largest_passing` runs on ``grid``: floor(log2(len)) + 1 (3 for the default 7)."""
-    return len(grid).bit_length()
+    """The most attacks :func:`largest_passing` runs on ``grid``: the largest weight, then floor(log2(len - 1)) + 1
+    for the bisection of the rest (4 for the default 7 weights)."""
+    return 1 + (len(grid) - 1).bit_length()
 
 
 def calibration_limit(inputs: CalibrateInputs, pool: int) -> int:
@@ -80,7 +81,8 @@ def largest_passing(
     grid: Sequence[float], success: Callable[[float], float], target: float
 ) -> tuple[float, dict[float, float]]:
     """(the largest weight of ``grid`` whose ``success`` reaches ``target`` -- the smallest weight if none does --,
-    every trial's success). Bisection over the sorted grid, assuming success falls as the weight grows."""
+    every trial's success). The largest weight (the reference's 1) first, since most models keep it; when it fails,
+    bisection over the rest, assuming success falls as the weight grows."""
     weights = sorted((float(v) for v in grid), reverse=True)
     trials: dict[float, float] = {}
 
@@ -89,7 +91,9 @@ def largest_passing(
             trials[weights[i]] = success(weights[i])
         return trials[weights[i]] >= target
 
-    low, high = 0, len(weights) - 1
+    if passes(0) or len(weights) == 1:
+        return weights[0], trials
+    low, high = 1, len(weights) - 1
     while low < high:
         mid = (low + high) // 2
         if passes(mid):
