@@ -37,7 +37,8 @@ def test_presets_are_the_shipped_configs_by_name():
     shipped = {p.stem: p for p in (ROOT / "configs").glob("*.yaml")}
     assert presets() == shipped and "paper" in shipped
     assert config_path("paper") == config_path("paper.yaml") == shipped["paper"]
-    with pytest.raises(UserError, match=r"config 'papr' is neither a YAML file nor a preset; presets: \['clinical', 'full-grid'"):
+    refusal = r"config 'papr' is neither a YAML file nor a preset; presets: \['clinical', 'full-grid'"
+    with pytest.raises(UserError, match=refusal):
         config_path("papr")
 
 
