@@ -52,7 +52,15 @@ from engine.export import (
     is_export,
 )
 from engine.fileio import ResumableTable, atomic_write, file_sha256
-from engine.models import dropout_modules, input_shape, load_model, model_fingerprint, pool_feature, resolve_layers
+from engine.models import (
+    cap_raw_map,
+    dropout_modules,
+    input_shape,
+    load_model,
+    model_fingerprint,
+    pool_feature,
+    resolve_layers,
+)
 from engine.runs.catalog import locate
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
@@ -187,7 +195,7 @@ class _ExportModel:
         if self.runtime == "torch":
             return self.torch_source().extract(images, labels)
         out = {name: torch.from_numpy(v) for name, v in self.onnx.run(images, self.outputs).items()}
-        raw = {name: out[self.raw[name]] for name in self.needs.raw}
+        raw = {name: cap_raw_map(out[self.raw[name]]) for name in self.needs.raw}
         return Features(
             logits=out[LOGITS_NAME].numpy(),
             pooled={n: pool_feature(out[FEATURE_PREFIX + n]).numpy() for n in self.needs.pooled},

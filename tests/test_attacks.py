@@ -12,8 +12,10 @@ from torch import nn
 
 from engine.attacks import BIM, CWL2, FGSM, MIFGSM, PGD, CWLinf, noise_like, parse_eps
 from engine.attacks.base import box_bounds
+from engine.models import build_model, input_layout
 
 EPS = 0.12
+CL = torch.channels_last
 ITERATIVE = [FGSM, BIM, PGD, MIFGSM, CWLinf]
 
 
@@ -292,3 +294,40 @@ def test_noise_like() -> None:
         assert float((noisy - x).abs().mean()) > 0.3 * 8 / 255
     with pytest.raises(ValueError, match="kind"):
         noise_like(x, 0.1, kind="salt")
+
+
+class ViewHead(nn.Module):
+    """Legacy model code: ``.view()`` of a feature map, which a channels-last map refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x)
+        return self.fc(z.view(z.shape[0], -1))
+
+
+def test_input_layout_is_channels_last_only_for_image_models_that_accept_it():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2, width=0.125, small_stem=True).eval()
+    assert input_layout(model, (3, 16, 16)) == torch.channels_last
+    assert input_layout(ViewHead(), (3, 8, 8)) == torch.contiguous_format  # the check forward raised
+    assert input_layout(nn.Linear(12, 2), (12,)) == torch.contiguous_format  # not a batch of images
+
+
+def test_attacks_feed_the_model_its_layout_and_return_contiguous_images():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2, width=0.125, small_stem=True).eval()
+    layouts = []
+    model.register_forward_pre_hook(lambda _, args: layouts.append(args[0].is_contiguous(memory_format=CL)))
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 0, 1])
+    result = PGD(model, eps=EPS, steps=3, targeted=True)(x, 1 - y)
+    assert layouts[-4:] == [True] * 4  # the three steps and the final prediction
+    assert result.adv.is_contiguous() and float((result.adv - x).abs().max()) <= EPS
+    legacy = ViewHead()
+    legacy.register_forward_pre_hook(lambda _, args: layouts.append(args[0].is_contiguous()))
+    PGD(legacy, eps=EPS, steps=2)(torch.rand(3, 3, 8, 8), torch.tensor([0, 1, 0]))  # runs, on contiguous inputs
+    assert layouts[-3:] == [True] * 3
+

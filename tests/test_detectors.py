@@ -29,7 +29,7 @@ from engine.detectors.bu import mc_dropout_logits
 from engine.detectors.svm import RBFSVM
 from engine.errors import UserError
 from engine.metrics import auroc
-from engine.models import FeatureExtractor
+from engine.models import FeatureExtractor, input_layout
 
 DIMS = {"a": 6, "b": 5, "c": 4}
 
@@ -225,6 +225,7 @@ def cache() -> FeatureCache:
 
 def test_feature_cache_one_pass_per_batch(cache: FeatureCache) -> None:
     calls = []
+    input_layout(cache.model, (1, 8, 8))  # the layout is decided once per model and shape, on one image
     handle = cache.model.register_forward_hook(lambda *a: calls.append(1))
     try:
         feats = cache.extract(images(70, 0.2, 0), labels=np.zeros(70))

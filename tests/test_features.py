@@ -9,9 +9,11 @@ from torch import nn
 
 from engine.errors import UserError
 from engine.models import (
+    RAW_MAX_SIDE,
     FeatureExtractor,
     available_layers,
     build_model,
+    cap_raw_map,
     extract_pooled,
     pool_feature,
     resolve_layers,
@@ -172,6 +174,27 @@ def test_extract_pooled_batches_equal_one_pass(resnet):
         extract_pooled(extractor, [x], raw_layers=["layer1"])
     with pytest.raises(ValueError, match="train_dataset is empty"):
         extract_pooled(extractor, [], name="train_dataset")
+    extractor.remove()
+
+
+def test_raw_maps_wider_than_the_cap_are_average_pooled_to_it():
+    small = torch.rand(2, 3, RAW_MAX_SIDE, 7)
+    assert cap_raw_map(small) is small and cap_raw_map(torch.ones(2, 5)).shape == (2, 5)
+    wide = torch.rand(2, 3, 2 * RAW_MAX_SIDE, 20)
+    capped = cap_raw_map(wide)
+    assert capped.shape == (2, 3, RAW_MAX_SIDE, 20)
+    torch.testing.assert_close(capped, (wide[:, :, 0::2] + wide[:, :, 1::2]) / 2)  # 2x1 means: 64 rows to 32
+    torch.testing.assert_close(pool_feature(capped), pool_feature(wide))  # the pooled feature is unchanged
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2, width=0.125, small_stem=True).eval()  # the stem keeps the input's side
+    extractor = FeatureExtractor(model, ["relu"], pooled=False)
+    x = torch.rand(2, 3, 80, 80)
+    _, pooled, raw = extract_pooled(extractor, [x], raw_layers=["relu"])
+    with torch.no_grad():
+        full = extractor(x)[1]["relu"]
+    assert full.shape[-1] == 80 and raw["relu"].shape[-2:] == (RAW_MAX_SIDE, RAW_MAX_SIDE)
+    torch.testing.assert_close(raw["relu"], F.adaptive_avg_pool2d(full, RAW_MAX_SIDE))
+    torch.testing.assert_close(pooled["relu"], pool_feature(full))
     extractor.remove()
 
 

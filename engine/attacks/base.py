@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import UserError, UserTypeError
-from engine.models import eval_mode, input_layout, model_device, model_dtype
+from engine.models import eval_mode, fast_input, model_device, model_dtype
 
 NORMS = ("linf", "l2")
 TARGET_MODES = ("random", "least_likely")
@@ -277,7 +277,7 @@ class Attack:
         adv, history = self._perturb(x, labels, target, eps)
         adv = adv.detach().contiguous()
         with torch.no_grad():
-            logits = as_two_logits(self.model(self._model_input(adv)))
+            logits = as_two_logits(self.model(fast_input(self.model, adv)))
         pred = logits.argmax(1)
         success = pred == target if target is not None else pred != labels
         delta = adv - x
@@ -298,9 +298,9 @@ class Attack:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-sample objective to minimise (N,), logits) from one forward pass of ``x_adv``."""
         if self.constraint is None:
-            logits, features = as_two_logits(self._forward(self._model_input(x_adv))), None
+            logits, features = as_two_logits(self._forward(fast_input(self.model, x_adv))), None
         else:
-            out, features = self._forward(self._model_input(x_adv))
+            out, features = self._forward(fast_input(self.model, x_adv))
             logits = as_two_logits(out)
         classes = target if target is not None else labels
         if self.loss_kind == "ce":
@@ -312,10 +312,6 @@ class Attack:
         if features is not None:
             loss = loss + self.constraint.loss(features, self._constraint_classes(logits, labels, target))
         return loss, logits
-
-    def _model_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` in the layout the model runs fastest on (:func:`engine.models.input_layout`); differentiable."""
-        return x.contiguous(memory_format=input_layout(self.model, x.shape[1:]))
 
     @staticmethod
     def _constraint_classes(logits: torch.Tensor, labels: torch.Tensor | None, target: torch.Tensor | None):

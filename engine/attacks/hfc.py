@@ -32,7 +32,7 @@ from engine.errors import UserError, UserTypeError
 from engine.fileio import atomic_write
 from engine.metrics import robust_location_scale
 from engine.mixture import GaussianMixture
-from engine.models import Augment, FeatureExtractor, eval_mode, extract_pooled, model_device, model_dtype
+from engine.models import Augment, FeatureExtractor, eval_mode, extract_pooled, fast_input, model_device, model_dtype
 from engine.models.features import resolve_layers
 from engine.ops import gmm_log_prob, hfc_loss
 
@@ -226,7 +226,7 @@ def extract_features(
         for x, y in iter_batches(data, batch_size, with_labels=True, name="train_dataset"):
             labels.append(y)
             x = check_images(x)
-            yield (x if transform is None else transform(x)).to(device=device, dtype=dtype)
+            yield fast_input(model, (x if transform is None else transform(x)).to(device=device, dtype=dtype))
 
     try:
         with eval_mode(model):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from engine.errors import UserError, UserTypeError
-from engine.models import FeatureExtractor, extract_pooled, pool_feature
+from engine.models import FeatureExtractor, extract_pooled, fast_input, pool_feature
 
 Extractor = Callable[[torch.Tensor], tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
 
@@ -175,7 +175,7 @@ class FeatureCache:
         """Features of ``images`` ((N, C, H, W) tensor/array in [0, 1], or a Dataset of (image, label))."""
         images, labels = _as_images(images, labels)
         batches = (
-            images[start : start + self.batch_size].to(self.device, torch.float32)
+            fast_input(self.model, images[start : start + self.batch_size].to(self.device, torch.float32))
             for start in range(0, len(images), self.batch_size)
         )
         logits, pooled, raw = extract_pooled(self.extractor, batches, self.raw_layers, name="images")

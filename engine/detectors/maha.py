@@ -20,6 +20,7 @@ from engine.detectors.base import Cost, Detector, LayerCombiner, Needs, Requirem
 from engine.detectors.features import Features
 from engine.errors import UserError
 from engine.metrics import auroc
+from engine.models import fast_input
 from engine.ops import mahalanobis
 
 MAGNITUDES = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)
@@ -180,7 +181,7 @@ class MAHA(Detector):
         means = [torch.as_tensor(mu, dtype=torch.float32) for mu in self.means_]
         precs = [torch.as_tensor(p, dtype=torch.float32) for p in self.precisions_]
         for start in range(0, len(images), source.batch_size):
-            batch = images[start : start + source.batch_size].to(source.device, torch.float32)
+            batch = fast_input(source.model, images[start : start + source.batch_size].to(source.device, torch.float32))
             xg = batch.clone().requires_grad_(True)
             pooled = source.pooled_until(xg, self.layers_)
             directions = []

@@ -28,9 +28,11 @@ from engine.models.evaluate import channel_stats, evaluate, label_with_model, pr
 from engine.models.features import (
     CONSTRAINED,
     EARLY_STAGES,
+    RAW_MAX_SIDE,
     STAGE_OUTPUTS,
     FeatureExtractor,
     available_layers,
+    cap_raw_map,
     early_stages,
     extract_pooled,
     feature_points,
@@ -40,7 +42,7 @@ from engine.models.features import (
     spatial_layers,
     stage_outputs,
 )
-from engine.models.memory import auto_batch_size, eval_mode, input_layout, model_device, model_dtype
+from engine.models.memory import auto_batch_size, eval_mode, fast_input, input_layout, model_device, model_dtype
 from engine.models.train import TrainConfig, TrainResult, train, train_model
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "auto_batch_size",
+    "fast_input",
     "input_layout",
     "available_layers",
     "early_stages",
@@ -80,6 +83,8 @@ __all__ = [
     "model_device",
     "model_dtype",
     "pool_feature",
+    "cap_raw_map",
+    "RAW_MAX_SIDE",
     "predict_logits",
     "resolve_layers",
     "save_checkpoint",

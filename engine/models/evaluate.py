@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from engine.data import ImageDataset, RelabelledDataset, iter_batches
 from engine.errors import UserError
 from engine.metrics import classification_metrics
-from engine.models.memory import auto_batch_size, eval_mode, model_device, model_dtype
+from engine.models.memory import auto_batch_size, eval_mode, fast_input, model_device, model_dtype
 
 
 @torch.no_grad()
@@ -62,7 +62,7 @@ def _forward(
         for batch in iter_batches(data, batch_size, with_labels=with_labels):
             x, y = batch if with_labels else (batch, None)
             x = x.to(device=device, dtype=dtype)
-            logits.append(model(x if v is None else (x + v).clamp(0, 1)).float().cpu().numpy())
+            logits.append(model(fast_input(model, x if v is None else (x + v).clamp(0, 1))).float().cpu().numpy())
             labels.append(y)
     if not logits:
         raise UserError("data is empty: nothing to predict")

@@ -185,6 +185,19 @@ def early_stages(model: nn.Module, layers: Sequence[str], input_shape: Sequence[
     return [name for name in shapes if sizes[name] > smallest]
 
 
+RAW_MAX_SIDE = 32  # raw maps wider than this are average-pooled to it (see cap_raw_map)
+
+
+def cap_raw_map(feature: torch.Tensor) -> torch.Tensor:
+    """A raw (N, C, H, W) map average-pooled to at most RAW_MAX_SIDE x RAW_MAX_SIDE; narrower maps as they are.
+    Metzen et al.'s detector subnetworks sat on CIFAR-10's 32 x 32 maps; a 224 px model's early maps are 50 times
+    larger, which would keep gigabytes of maps per image set and train each subnetwork on them."""
+    if feature.dim() != 4 or max(feature.shape[-2:]) <= RAW_MAX_SIDE:
+        return feature
+    side = (min(feature.shape[-2], RAW_MAX_SIDE), min(feature.shape[-1], RAW_MAX_SIDE))
+    return torch.nn.functional.adaptive_avg_pool2d(feature, side)
+
+
 def pool_feature(feature: torch.Tensor) -> torch.Tensor:
     """Global average pool over every axis after the channel axis: (N,C,H,W) -> (N,C); (N,C) is returned as is."""
     return feature.flatten(2).mean(dim=2) if feature.dim() > 2 else feature
@@ -197,7 +210,8 @@ def extract_pooled(
     raw_layers: Iterable[str] = (),
     name: str = "data",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``(logits, {layer: GAP (N, C)}, {layer: raw map})`` over ``batches``, one forward pass per batch, on the CPU.
+    """``(logits, {layer: GAP (N, C)}, {layer: raw map (cap_raw_map)})`` over ``batches``, one forward pass per
+    batch, on the CPU.
 
     ``extractor`` is a :class:`FeatureExtractor` or any callable ``x -> (logits, {layer: feature})``; features
     keep the model's dtype; raw maps are kept for ``raw_layers`` only. The caller sets eval mode. ``name`` is the
@@ -213,7 +227,7 @@ def extract_pooled(
         for name, f in feats.items():
             pooled.setdefault(name, []).append(pool_feature(f).cpu())
             if name in raw_layers:
-                raw.setdefault(name, []).append(f.cpu())
+                raw.setdefault(name, []).append(cap_raw_map(f).cpu().contiguous())
     if not logits:
         raise UserError(f"{name} is empty: no images to extract features from")
     missing = sorted(raw_layers - set(pooled))

@@ -97,19 +97,24 @@ def feature_layers(
     return layers, maps if raw is None else (maps[len(maps) - raw :] if raw > 0 else [])
 
 
-def _cache(
-    ctx: RunContext, checkpoint: str, inputs: DetectInputs, input_shape: Sequence[int], constrained: Sequence[str]
-) -> FeatureCache:
-    layers, raw_layers = feature_layers(ctx.model(checkpoint), inputs, input_shape, constrained)
+class _Source:
+    """The features a detect cell reads: the arm's pooled features, memoised in the run context and shared by the
+    arm's detectors; a detector that needs raw maps (DNN) gets its own extraction with them, released with its cell
+    (raw maps of a 224 px model are large: engine.models.cap_raw_map)."""
 
-    def build() -> FeatureCache:
-        return FeatureCache(ctx.model(checkpoint), layers=layers, raw_layers=raw_layers, device=ctx.device)
+    def __init__(
+        self, ctx: RunContext, checkpoint: str, inputs: DetectInputs, shape: Sequence[int], constrained: Sequence[str]
+    ) -> None:
+        layers, raw_layers = feature_layers(ctx.model(checkpoint), inputs, shape, constrained)
+        self.ctx, self.raw = ctx, DETECTORS[inputs.detector].requires.raw_maps
+        build = lambda: FeatureCache(  # noqa: E731
+            ctx.model(checkpoint), layers=layers, raw_layers=raw_layers if self.raw else [], device=ctx.device
+        )
+        self.cache = build() if self.raw else ctx.memo(("cache", checkpoint, tuple(layers)), build)
 
-    return ctx.memo(("cache", checkpoint, tuple(layers), tuple(raw_layers)), build)
-
-
-def _features(ctx: RunContext, cache: FeatureCache, key: Sequence[Any], x: torch.Tensor, y: torch.Tensor) -> Features:
-    return ctx.memo(("features", id(cache), *key), lambda: cache.extract(x, y.numpy()))
+    def features(self, key: Sequence[Any], x: torch.Tensor, y: torch.Tensor) -> Features:
+        extract = lambda: self.cache.extract(x, y.numpy())  # noqa: E731
+        return extract() if self.raw else self.ctx.memo(("features", id(self.cache), *key), extract)
 
 
 def _train_sample(train: Any, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,24 +146,25 @@ def run_detect(ctx: RunContext, inputs: DetectInputs, deps: Mapping[str, Any]) -
     spec, split, seed = inputs.dataset, inputs.split, inputs.seed
     x, y = ctx.pool(spec, split, seed, inputs.pool)
     gmms = GmmsPayload(**deps[inputs.gmms_cell]) if inputs.gmms_cell else None
-    cache = _cache(ctx, checkpoint, inputs, tuple(x.shape[1:]), gmms.layers if gmms else [])
+    source = _Source(ctx, checkpoint, inputs, tuple(x.shape[1:]), gmms.layers if gmms else [])
+    cache = source.cache
     pool_key = fingerprint([spec, split, seed, inputs.pool])
-    clean = _features(ctx, cache, ("clean", pool_key), x, y)
+    clean = source.features(("clean", pool_key), x, y)
     noise_x = noise_like(x, inputs.noise_eps, kind=inputs.noise, seed=seed)
-    noise = _features(ctx, cache, ("noise", pool_key, str(inputs.noise_eps), inputs.noise), noise_x, y)
-    plain, plain_success = _adversarial_features(ctx, cache, AttackPayload(**deps[inputs.plain_cell]).directory, y)
+    noise = source.features(("noise", pool_key, str(inputs.noise_eps), inputs.noise), noise_x, y)
+    plain, plain_success = _adversarial_features(ctx, source, AttackPayload(**deps[inputs.plain_cell]).directory, y)
     transfer = {
-        name: _adversarial_features(ctx, cache, AttackPayload(**deps[key]).directory, y)
+        name: _adversarial_features(ctx, source, AttackPayload(**deps[key]).directory, y)
         for name, key in inputs.sets.items()
     }
     train = None
     if inputs.train_features:  # a class-conditional detector: labelled clean training images
         train_x, train_y = _train_sample(ctx.splits(spec, split, seed).train, inputs.train_limit, seed)
-        train = _features(ctx, cache, ("train", pool_key, inputs.train_limit), train_x, train_y)
+        train = source.features(("train", pool_key, inputs.train_limit), train_x, train_y)
     detector = make_detector(inputs.detector, inputs.options, seed, model, cache, tuple(x.shape[1:]))
     if cls.requires.mixtures:  # HFC's mixtures, clean validation images as the reference
         val_x, val_y = as_tensors(ctx.splits(spec, split, seed).val, name="the validation split")
-        reference = _features(ctx, cache, ("val", pool_key), val_x, val_y)
+        reference = source.features(("val", pool_key), val_x, val_y)
         detector.set_reference(ctx.artifacts.gmms(gmms.directory), reference)
     protocol = {"fit_fraction": inputs.fit_fraction, "seed": seed, "n_boot": inputs.bootstrap}
     base = {"attack": inputs.attack, "eps": inputs.eps, "detector": inputs.detector, "arm": inputs.arm}
@@ -204,11 +210,9 @@ def detection_rows(protocol_rows: Sequence[Mapping[str, Any]]) -> list[dict[str,
     return out
 
 
-def _adversarial_features(
-    ctx: RunContext, cache: FeatureCache, ref: str, y: torch.Tensor
-) -> tuple[Features, np.ndarray]:
+def _adversarial_features(ctx: RunContext, source: _Source, ref: str, y: torch.Tensor) -> tuple[Features, np.ndarray]:
     adversarial = ctx.artifacts.adversarial(ref)
-    return _features(ctx, cache, ("adversarial", ref), adversarial.images, y), adversarial.success
+    return source.features(("adversarial", ref), adversarial.images, y), adversarial.success
 
 
 def detect_cost(cell: Cell, machine: Any) -> tuple[str, float]:
