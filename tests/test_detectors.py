@@ -25,6 +25,7 @@ from engine.detectors import (
     NotFittedError,
     SafetyNet,
 )
+from engine.detectors import maha as maha_module
 from engine.detectors.bu import mc_dropout_logits
 from engine.detectors.svm import RBFSVM
 from engine.errors import UserError
@@ -225,7 +226,8 @@ def cache() -> FeatureCache:
 
 def test_feature_cache_one_pass_per_batch(cache: FeatureCache) -> None:
     calls = []
-    input_layout(cache.model, (1, 8, 8))  # the layout is decided once per model and shape, on one image
+    input_layout(cache.model, (1, 8, 8))  # the layout and the batch size are decided once per shape, on one image
+    cache.batch_for((1, 8, 8))
     handle = cache.model.register_forward_hook(lambda *a: calls.append(1))
     try:
         feats = cache.extract(images(70, 0.2, 0), labels=np.zeros(70))
@@ -238,6 +240,27 @@ def test_feature_cache_one_pass_per_batch(cache: FeatureCache) -> None:
     np.testing.assert_allclose(feats.logits[:5], logits.detach().numpy(), rtol=1e-6)
     one = cache.extract(images(1, 0.2, 0))
     assert len(one) == 1 and one.labels is None
+
+
+def test_feature_cache_batches_fit_the_memory_budget(monkeypatch) -> None:
+    model = Tiny().eval()
+    wide = FeatureCache(model, layers=["relu1", "relu2"], raw_layers=["relu1"], batch_size=32)
+    x = images(20, 0.2, 1)
+    everything = wide.extract(x)
+    logits, feats = wide.extractor(x[:1])
+    per_image = logits.nbytes + sum(f.nbytes for f in feats.values())
+    monkeypatch.setenv("HFC_ENGINE_MEMORY_GB", str(6.5 * per_image / 2**30))  # room for 6 images' maps
+    narrow = FeatureCache(model, layers=["relu1", "relu2"], raw_layers=["relu1"], batch_size=32)
+    assert narrow.batch_for(x.shape[1:]) == 6 and narrow.batch_for(x.shape[1:], backward=True) < 6
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        batched = narrow.extract(x)
+    finally:
+        handle.remove()
+    assert len(calls) == 4  # ceil(20 / 6)
+    np.testing.assert_allclose(batched.pooled["relu2"], everything.pooled["relu2"], rtol=1e-6)
+    torch.testing.assert_close(batched.raw["relu1"], everything.raw["relu1"])
 
 
 def test_bu_separates_shifted_inputs_and_compat(cache: FeatureCache) -> None:
@@ -258,6 +281,23 @@ def test_bu_separates_shifted_inputs_and_compat(cache: FeatureCache) -> None:
     np.testing.assert_allclose(mc_dropout_logits(model, x, 3, 0), model(x).detach()[None].expand(3, 5, 2), rtol=1e-6)
     with pytest.raises(ValueError, match="dropout"):
         BU().fit(FeatureCache(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)), layers=["0"]), clean, adv)
+
+
+def test_maha_reuses_preprocessed_rows_of_a_layer_another_arm_read() -> None:
+    model = Tiny().eval()
+    wide = FeatureCache(model, layers=["relu1", "relu2"])
+    narrow = FeatureCache(model, layers=["relu1"])
+    clean, adv = wide.extract(images(40, 0.1, 5)), wide.extract(images(40, 0.7, 6))
+    backward = []
+    model.conv1.register_full_backward_hook(lambda *a: backward.append(1))
+    MAHA(layers=["relu1"], seed=1).fit(narrow, narrow.extract(clean.images), narrow.extract(adv.images))
+    first = len(backward)
+    both = MAHA(layers=["relu1", "relu2"], seed=1).fit(wide, clean, adv)
+    assert first > 0 and len(backward) == 2 * first  # only relu2's rows were computed: relu1's were reused
+    maha_module._DONE.clear()  # the same detector from scratch gives the same scores
+    fresh = MAHA(layers=["relu1", "relu2"], seed=1).fit(wide, clean, adv)
+    assert fresh.magnitude_ == both.magnitude_
+    np.testing.assert_allclose(fresh.score(adv), both.score(adv), rtol=1e-6)
 
 
 def test_maha_preprocessing_sign_and_magnitude_selection(cache: FeatureCache, tmp_path) -> None:

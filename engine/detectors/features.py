@@ -19,6 +19,7 @@ from torch import nn
 
 from engine.errors import UserError, UserTypeError
 from engine.models import FeatureExtractor, extract_pooled, fast_input, pool_feature
+from engine.models.memory import bytes_per_image, memory_budget
 
 Extractor = Callable[[torch.Tensor], tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
 
@@ -150,6 +151,21 @@ class FeatureCache:
         if extractor is None:
             extractor = FeatureExtractor(model, layers=list(layers) if layers is not None else None, pooled=False)
         self.extractor = extractor
+        self._batches: dict[tuple, int] = {}
+
+    def batch_for(self, shape: Sequence[int], backward: bool = False) -> int:
+        """Images of ``shape`` (C, H, W) per batch: ``batch_size``, fewer when one image's hooked feature maps (with
+        ``backward``, plus the activations its backward pass keeps) would not fit the memory budget
+        (engine.models.memory.memory_budget): every hooked map of a batch is held at once."""
+        key = (tuple(shape), backward)
+        if key not in self._batches:
+            with torch.no_grad():
+                logits, feats = self.extractor(torch.zeros(1, *shape, device=self.device))
+            per_image = logits.nbytes + sum(f.nbytes for f in feats.values())
+            if backward:
+                per_image += bytes_per_image(self.model, shape, backward=True)
+            self._batches[key] = max(1, min(self.batch_size, memory_budget(self.device) // per_image))
+        return self._batches[key]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Differentiable ``(logits, {layer: pooled (N, C)})`` of one batch already on the device."""
@@ -174,9 +190,10 @@ class FeatureCache:
     def extract(self, images: Any, labels: Any = None, keep_images: bool = True) -> Features:
         """Features of ``images`` ((N, C, H, W) tensor/array in [0, 1], or a Dataset of (image, label))."""
         images, labels = _as_images(images, labels)
+        batch = self.batch_for(images.shape[1:])
         batches = (
-            fast_input(self.model, images[start : start + self.batch_size].to(self.device, torch.float32))
-            for start in range(0, len(images), self.batch_size)
+            fast_input(self.model, images[start : start + batch].to(self.device, torch.float32))
+            for start in range(0, len(images), batch)
         )
         logits, pooled, raw = extract_pooled(self.extractor, batches, self.raw_layers, name="images")
         return Features(

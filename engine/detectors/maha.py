@@ -11,6 +11,8 @@ second pass over the fit split). Scoring distances go through ``engine.ops.mahal
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,26 @@ from engine.models import fast_input
 from engine.ops import mahalanobis
 
 MAGNITUDES = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)
+# preprocessed feature rows by model, then (image, layer and its fitted Gaussian, magnitude): the runs' layer arms
+# read the same layers of the same images
+_DONE: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, str, float], np.ndarray]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _digest(*parts: Any) -> str:
+    """A content key of strings, numbers and arrays/tensors (their dtype, shape and bytes)."""
+    h = hashlib.sha1()
+    for part in parts:
+        if isinstance(part, (np.ndarray, torch.Tensor)):
+            array = part.detach().cpu().numpy() if isinstance(part, torch.Tensor) else part
+            h.update(f"{array.dtype}{array.shape}".encode())
+            h.update(np.ascontiguousarray(array).tobytes())
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()
+
+
 RIDGE = 1e-6  # MAHA's covariance regulariser, relative to its mean diagonal (keeps P positive definite)
 
 
@@ -173,32 +195,57 @@ class MAHA(Detector):
         with gradients that ends after the deepest layer; one backward per layer (it reaches only the layers
         before l) gives the sign, shared by all magnitudes; then one forward per (layer, m), up to that layer.
         The per-layer backward passes cannot be merged: the gradient of a sum of the layers' distances is the
-        sum of their gradients, whose sign is not each layer's."""
+        sum of their gradients, whose sign is not each layer's. Rows already computed for the same image, layer,
+        fitted Gaussian and magnitude (another layer arm of a run reads that layer too) are reused, not rerun."""
         source = self._model_source()
         images = x.require_images(f"MAHA with magnitudes {magnitudes}")
         sign = 1.0 if self.reference_compat else -1.0
-        out: dict[float, list[list[np.ndarray]]] = {m: [[] for _ in self.layers_] for m in magnitudes}
-        means = [torch.as_tensor(mu, dtype=torch.float32) for mu in self.means_]
-        precs = [torch.as_tensor(p, dtype=torch.float32) for p in self.precisions_]
-        for start in range(0, len(images), source.batch_size):
-            batch = fast_input(source.model, images[start : start + source.batch_size].to(source.device, torch.float32))
-            xg = batch.clone().requires_grad_(True)
-            pooled = source.pooled_until(xg, self.layers_)
-            directions = []
-            for j, name in enumerate(self.layers_):
-                f = pooled[name]
-                diff = f[:, None, :] - means[j].to(f.device)[None]  # (B, C, d): small, only on this batch
-                dist = torch.einsum("bcd,de,bce->bc", diff, precs[j].to(f.device), diff)
-                closest = dist.detach().argmin(1)
-                (grad,) = torch.autograd.grad(dist.gather(1, closest[:, None]).sum(), xg, retain_graph=True)
-                directions.append(sign * torch.sign(grad))
-            del pooled
-            with torch.no_grad():
-                for m in magnitudes:
-                    for j, name in enumerate(self.layers_):
-                        moved = source.layer_feature(batch + m * directions[j], name)
-                        out[m][j].append(moved.float().cpu().numpy())
-        return {m: [np.concatenate(parts) for parts in per_layer] for m, per_layer in out.items()}
+        done = _DONE.setdefault(source.model, {})
+        fitted = zip(self.layers_, self.means_, self.precisions_, strict=True)
+        layers = [(j, _digest(name, sign, mu, p)) for j, (name, mu, p) in enumerate(fitted)]
+        size = source.batch_for(images.shape[1:], backward=True)
+        rows: list[str] = []
+        for start in range(0, len(images), size):
+            batch = images[start : start + size]
+            digests = [_digest(image) for image in batch]
+            rows += digests
+            todo = [(j, fit) for j, fit in layers if any((d, fit, m) not in done for d in digests for m in magnitudes)]
+            if todo:
+                batch = fast_input(source.model, batch.to(source.device, torch.float32))
+                self._preprocess_batch(source, batch, digests, todo, magnitudes, sign, done)
+        return {m: [np.stack([done[d, fit, m] for d in rows]) for _, fit in layers] for m in magnitudes}
+
+    def _preprocess_batch(
+        self,
+        source: Any,
+        batch: torch.Tensor,
+        digests: list[str],
+        todo: list[tuple[int, str]],
+        magnitudes: list[float],
+        sign: float,
+        done: dict[tuple[str, str, float], np.ndarray],
+    ) -> None:
+        """One batch's rows for the layers ``todo`` ((index, fit digest) pairs) at every magnitude, into ``done``."""
+        names = [self.layers_[j] for j, _ in todo]
+        xg = batch.clone().requires_grad_(True)
+        pooled = source.pooled_until(xg, names)
+        directions = []
+        for (j, _), name in zip(todo, names, strict=True):
+            f = pooled[name]
+            mean = torch.as_tensor(self.means_[j], dtype=torch.float32, device=f.device)
+            precision = torch.as_tensor(self.precisions_[j], dtype=torch.float32, device=f.device)
+            diff = f[:, None, :] - mean[None]  # (B, C, d): small, only on this batch
+            dist = torch.einsum("bcd,de,bce->bc", diff, precision, diff)
+            closest = dist.detach().argmin(1)
+            (grad,) = torch.autograd.grad(dist.gather(1, closest[:, None]).sum(), xg, retain_graph=True)
+            directions.append(sign * torch.sign(grad))
+        del pooled
+        with torch.no_grad():
+            for m in magnitudes:
+                for (_, fit), name, direction in zip(todo, names, directions, strict=True):
+                    moved = source.layer_feature(batch + m * direction, name).float().cpu().numpy()
+                    for d, row in zip(digests, moved, strict=True):
+                        done[d, fit, m] = row
 
     def _state(self):
         state = {"magnitude": np.array(self.magnitude_)}
