@@ -13,6 +13,7 @@ from torch import nn
 from engine.attacks import BIM, CWL2, FGSM, MIFGSM, PGD, CWLinf, noise_like, parse_eps
 from engine.attacks.base import box_bounds
 from engine.models import build_model, input_layout
+from engine.models.memory import bytes_per_image
 
 EPS = 0.12
 CL = torch.channels_last
@@ -321,13 +322,30 @@ def test_attacks_feed_the_model_its_layout_and_return_contiguous_images():
     torch.manual_seed(0)
     model = build_model("resnet18", 2, width=0.125, small_stem=True).eval()
     layouts = []
-    model.register_forward_pre_hook(lambda _, args: layouts.append(args[0].is_contiguous(memory_format=CL)))
+    hook = lambda _, args: layouts.append((len(args[0]), args[0].is_contiguous(memory_format=CL)))  # noqa: E731
+    model.register_forward_pre_hook(hook)
     x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 0, 1])
     result = PGD(model, eps=EPS, steps=3, targeted=True)(x, 1 - y)
-    assert layouts[-4:] == [True] * 4  # the three steps and the final prediction
+    assert [cl for n, cl in layouts if n == 4] == [True] * 4  # the three steps and the final prediction
     assert result.adv.is_contiguous() and float((result.adv - x).abs().max()) <= EPS
     legacy = ViewHead()
-    legacy.register_forward_pre_hook(lambda _, args: layouts.append(args[0].is_contiguous()))
+    legacy.register_forward_pre_hook(lambda _, args: layouts.append((len(args[0]), args[0].is_contiguous())))
     PGD(legacy, eps=EPS, steps=2)(torch.rand(3, 3, 8, 8), torch.tensor([0, 1, 0]))  # runs, on contiguous inputs
-    assert layouts[-3:] == [True] * 3
+    assert [contiguous for n, contiguous in layouts if n == 3] == [True] * 3
 
+
+
+def test_gradients_run_in_memory_sized_chunks_with_the_same_result(monkeypatch):
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2, width=0.125, small_stem=True).double().eval()
+    x, y = torch.rand(7, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 0, 1, 0])
+    whole = PGD(model, eps=EPS, steps=3, targeted=True)(x, 1 - y)
+    per_image = bytes_per_image(model, (3, 16, 16), backward=True)
+    monkeypatch.setenv("HFC_ENGINE_MEMORY_GB", str(3.5 * per_image / 2**30))  # room for 3 images' activations
+    passes = []
+    model.register_forward_hook(lambda _, args, out: passes.append(len(args[0])))
+    chunked = PGD(model, eps=EPS, steps=3, targeted=True)(x, 1 - y)
+    assert passes[-10:] == [3, 3, 1] * 3 + [7]  # per step three chunks; the final prediction fits one forward
+    torch.testing.assert_close(chunked.adv, whole.adv)
+    torch.testing.assert_close(chunked.loss_history, whole.loss_history)
+    assert torch.equal(chunked.success, whole.success)

@@ -10,10 +10,8 @@ import torch
 from engine.attacks import HFC
 from engine.mixture import GaussianMixture
 from engine.models import build_model
-from engine.models.memory import bytes_per_image
 from engine.runs import Artifacts, RunContext
 from engine.runs.config import DEFAULTS, QUICK
-from engine.runs.stages.attack import attack_batches
 from engine.runs.stages.calibrate import (
     MIN_CALIBRATION_IMAGES,
     CalibrateInputs,
@@ -116,12 +114,3 @@ def test_nearest_term_is_normalised_per_layer_by_hand():
             expected[i] += z[best] @ z[best] / d
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
-
-def test_attack_batches_follow_the_memory_budget(monkeypatch):
-    model = build_model("resnet18", 2, width=0.0625, small_stem=True).eval()
-    inputs = calibrate_inputs()  # attack.batch_size 8
-    assert [len(b) for b in attack_batches(model, inputs, 20, (3, 16, 16))] == [8, 8, 4]
-    per_image = bytes_per_image(model, (3, 16, 16), backward=True)
-    monkeypatch.setenv("HFC_ENGINE_MEMORY_GB", str(3.5 * per_image / 2**30))  # room for 3 images' activations
-    batches = attack_batches(model, inputs, 20, (3, 16, 16))
-    assert [len(b) for b in batches] == [3] * 6 + [2] and np.concatenate(batches).tolist() == list(range(20))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import UserError, UserTypeError
-from engine.models import eval_mode, fast_input, model_device, model_dtype
+from engine.models import auto_batch_size, eval_mode, fast_input, model_device, model_dtype
 
 NORMS = ("linf", "l2")
 TARGET_MODES = ("random", "least_likely")
@@ -157,6 +157,10 @@ def normalize_l2(g: torch.Tensor) -> torch.Tensor:
     return g / flat_norm(g, 2).clamp_min(1e-12).view(-1, *([1] * (g.ndim - 1)))
 
 
+def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if t is None else t[rows]
+
+
 def logit_gap(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """(N,) max_{j != c} z_j - z_c: negative exactly when class c wins."""
     own = logits.gather(1, classes[:, None])[:, 0]
@@ -258,8 +262,7 @@ class Attack:
         x = check_images(x).to(device=model_device(self.model), dtype=model_dtype(self.model))
         n = x.shape[0]
         if self.targeted == "least_likely":
-            with torch.no_grad():
-                clean = as_two_logits(self.model(x))
+            clean = self._logits(x)
             labels = None if y is None else check_labels(y, n, clean.shape[1], "y").to(x.device)
             return x, labels, clean.argmin(1)
         with torch.no_grad():  # the class count from one sample: no extra full forward pass
@@ -276,8 +279,7 @@ class Attack:
     def _run(self, x: torch.Tensor, labels: torch.Tensor | None, target: torch.Tensor | None, eps: float | None):
         adv, history = self._perturb(x, labels, target, eps)
         adv = adv.detach().contiguous()
-        with torch.no_grad():
-            logits = as_two_logits(self.model(fast_input(self.model, adv)))
+        logits = self._logits(adv)
         pred = logits.argmax(1)
         success = pred == target if target is not None else pred != labels
         delta = adv - x
@@ -325,12 +327,28 @@ class Attack:
     def input_grad(
         self, x_adv: torch.Tensor, labels: torch.Tensor | None, target: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(d objective.sum() / d x_adv, batch-mean objective) -- gradient w.r.t. the input only."""
-        x_adv = x_adv.detach().requires_grad_(True)
-        loss, _ = self.objective(x_adv, labels, target)
-        total = loss.sum()
-        (grad,) = torch.autograd.grad(total, x_adv)
-        return grad, total.detach() / loss.shape[0]
+        """(d objective.sum() / d x_adv, batch-mean objective) -- gradient w.r.t. the input only. The objective is
+        a sum of per-sample terms, so it runs in chunks whose activations fit the memory budget
+        (:func:`engine.models.auto_batch_size`): the batch, and so the random start and the results, stay the
+        caller's whatever the memory."""
+        grads, losses = [], []
+        for rows in self._chunks(x_adv, backward=True):
+            part = x_adv[rows].detach().requires_grad_(True)
+            loss, _ = self.objective(part, _rows(labels, rows), _rows(target, rows))
+            (grad,) = torch.autograd.grad(loss.sum(), part)
+            grads.append(grad)
+            losses.append(loss.detach())
+        loss = torch.cat(losses)
+        return torch.cat(grads), loss.sum() / loss.shape[0]
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, K) logits of ``x`` without gradients, in memory-sized chunks."""
+        with torch.no_grad():
+            return torch.cat([as_two_logits(self.model(fast_input(self.model, x[rows]))) for rows in self._chunks(x)])
+
+    def _chunks(self, x: torch.Tensor, backward: bool = False) -> list[slice]:
+        size = auto_batch_size(self.model, tuple(x.shape[1:]), backward=backward, limit=max(1, x.shape[0]))
+        return [slice(start, start + size) for start in range(0, x.shape[0], size)]
 
     def _perturb(
         self, x: torch.Tensor, labels: torch.Tensor | None, target: torch.Tensor | None, eps: float | None

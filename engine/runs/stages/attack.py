@@ -17,7 +17,7 @@ from torch import nn
 
 from engine.attacks import ATTACKS, HFC, AdvWriter, Attack, extract_features, parse_eps, typical_reference
 from engine.metrics import binomial_ci
-from engine.models import auto_batch_size, predict_logits
+from engine.models import predict_logits
 from engine.runs.cells import Cell, CellOutput, Payload, reads
 from engine.runs.context import RunContext
 from engine.runs.schema import Metric, fingerprint, row
@@ -114,13 +114,6 @@ def make_attack(model: nn.Module, inputs: AttackInputs, constraint: Any = None) 
     return cls(model, **{k: v for k, v in options.items() if k in cls.parameters()})
 
 
-def attack_batches(model: nn.Module, inputs: AttackInputs, n: int, shape: tuple[int, ...]) -> list[np.ndarray]:
-    """Index batches over ``n`` images: ``attack.batch_size`` images, fewer when their activations would not fit
-    the memory budget (engine.models.auto_batch_size: 25 for VGG-16 at 240 px on the CPU)."""
-    batch = min(inputs.batch_size, auto_batch_size(model, shape, backward=True))
-    return [np.arange(start, min(start + batch, n)) for start in range(0, n, batch)]
-
-
 def hfc_constraint(ctx: RunContext, inputs: AttackInputs, deps: Mapping[str, Any], model: nn.Module, lam: float) -> HFC:
     """The HFC constraint of an HFC cell at weight ``lam``; in ``typical`` mode (the adaptive attack) with each
     (layer, class)'s clean median and scale of the log-likelihood, from the correctly classified validation
@@ -152,7 +145,8 @@ def run_attack(ctx: RunContext, inputs: AttackInputs, deps: Mapping[str, Any]) -
     directory = ctx.artifacts.directory("adversarial", inputs.label, fingerprint(inputs.to_json()))
     writer = AdvWriter(directory, classes=model_info.classes, name=inputs.label)
     done = set(writer.stored_indices().tolist())
-    for index in attack_batches(model, inputs, len(x), tuple(x.shape[1:])):
+    for start in range(0, len(x), inputs.batch_size):  # the attack keeps its memory within budget itself
+        index = np.arange(start, min(start + inputs.batch_size, len(x)))
         if set(index.tolist()) <= done:
             continue
         result = attack(x[index], y[index])

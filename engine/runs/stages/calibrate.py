@@ -29,7 +29,6 @@ from engine.runs.stages.attack import (
     ATTACK_EFFICIENCY,
     AttackInputs,
     CalibratePayload,
-    attack_batches,
     attack_passes,
     hfc_constraint,
     make_attack,
@@ -112,9 +111,8 @@ def run_calibrate(ctx: RunContext, inputs: CalibrateInputs, deps: Mapping[str, A
     x, y = calibration_images(ctx, inputs, model, calibration_limit(inputs, len(pool)))
 
     def success(lam: float) -> float:
-        attack = make_attack(model, inputs, hfc_constraint(ctx, inputs, deps, model, lam) if lam else None)
-        batches = attack_batches(model, inputs, len(x), tuple(x.shape[1:]))
-        return float(torch.cat([attack(x[index], y[index]).success for index in batches]).float().mean())
+        constraint = hfc_constraint(ctx, inputs, deps, model, lam) if lam else None
+        return make_attack(model, inputs, constraint)(x, y).success_rate
 
     lam, trials = largest_passing(inputs.grid, success, inputs.target)
     reached = trials[lam] >= inputs.target
