@@ -27,7 +27,8 @@ from engine.ops import mahalanobis
 
 MAGNITUDES = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)
 # preprocessed feature rows by model, then (image, layer and its fitted Gaussian, magnitude): the runs' layer arms
-# read the same layers of the same images
+# read the same layers of the same images; emptied past _DONE_LIMIT rows (batch scoring sees each image once)
+_DONE_LIMIT = 100_000
 _DONE: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, str, float], np.ndarray]] = (
     weakref.WeakKeyDictionary()
 )
@@ -201,6 +202,8 @@ class MAHA(Detector):
         images = x.require_images(f"MAHA with magnitudes {magnitudes}")
         sign = 1.0 if self.reference_compat else -1.0
         done = _DONE.setdefault(source.model, {})
+        if len(done) > _DONE_LIMIT:
+            done.clear()
         fitted = zip(self.layers_, self.means_, self.precisions_, strict=True)
         layers = [(j, _digest(name, sign, mu, p)) for j, (name, mu, p) in enumerate(fitted)]
         size = source.batch_for(images.shape[1:], backward=True)
