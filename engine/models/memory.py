@@ -13,7 +13,8 @@ import contextlib
 import itertools
 import os
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,6 +57,14 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def _once(table: weakref.WeakKeyDictionary, model: nn.Module, key: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per model and key, kept while the model lives."""
+    per_model = table.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = compute()
+    return per_model[key]
+
+
 def input_layout(model: nn.Module, input_shape: Sequence[int]) -> torch.memory_format:
     """The memory layout ``model`` runs fastest on for a batch of ``input_shape`` (C, H, W) images: channels-last on
     the CPU, where oneDNN's convolutions run on it without reordering (PGD measured 1.2x faster for VGG-16 at 240 px,
@@ -64,10 +73,7 @@ def input_layout(model: nn.Module, input_shape: Sequence[int]) -> torch.memory_f
     once per model and shape."""
     if len(input_shape) != 3 or model_device(model).type != "cpu":
         return torch.contiguous_format
-    decided = _LAYOUTS.setdefault(model, {})
-    if tuple(input_shape) not in decided:
-        decided[tuple(input_shape)] = _accepts_channels_last(model, input_shape)
-    return decided[tuple(input_shape)]
+    return _once(_LAYOUTS, model, tuple(input_shape), lambda: _accepts_channels_last(model, input_shape))
 
 
 def fast_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -111,11 +117,7 @@ def memory_budget(device: torch.device | str = "cpu") -> int:
 def bytes_per_image(model: nn.Module, input_shape: Sequence[int], backward: bool) -> int:
     """Activation bytes one image of ``input_shape`` (C, H, W) needs: kept for backward, or at the widest layer
     (measured once per model, shape and direction)."""
-    measured = _MEASURED.setdefault(model, {})
-    key = (tuple(input_shape), backward)
-    if key not in measured:
-        measured[key] = _measure(model, input_shape, backward)
-    return measured[key]
+    return _once(_MEASURED, model, (tuple(input_shape), backward), lambda: _measure(model, input_shape, backward))
 
 
 def _measure(model: nn.Module, input_shape: Sequence[int], backward: bool) -> int:
