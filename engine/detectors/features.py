@@ -149,21 +149,21 @@ class FeatureCache:
         self.batch_size = int(batch_size)
         self.raw_layers = tuple(raw_layers)
         if extractor is None:
-            extractor = FeatureExtractor(model, layers=list(layers) if layers is not None else None, pooled=False)
+            layers = list(layers) if layers is not None else None
+            extractor = FeatureExtractor(model, layers=layers, raw_layers=self.raw_layers)
         self.extractor = extractor
         self._batches: dict[tuple, int] = {}
 
     def batch_for(self, shape: Sequence[int], backward: bool = False) -> int:
-        """Images of ``shape`` (C, H, W) per batch: ``batch_size``, fewer when one image's hooked feature maps (with
-        ``backward``, plus the activations its backward pass keeps) would not fit the memory budget
-        (engine.models.memory.memory_budget): every hooked map of a batch is held at once."""
+        """Images of ``shape`` (C, H, W) per batch: ``batch_size``, fewer when one image's features and raw maps
+        (held for the whole batch) plus its widest layer (with ``backward``: the activations its backward pass
+        keeps) would not fit the memory budget (engine.models.memory.memory_budget)."""
         key = (tuple(shape), backward)
         if key not in self._batches:
             with torch.no_grad():
                 logits, feats = self.extractor(torch.zeros(1, *shape, device=self.device))
             per_image = logits.nbytes + sum(f.nbytes for f in feats.values())
-            if backward:
-                per_image += bytes_per_image(self.model, shape, backward=True)
+            per_image += bytes_per_image(self.model, shape, backward=backward)
             self._batches[key] = max(1, min(self.batch_size, memory_budget(self.device) // per_image))
         return self._batches[key]
 
