@@ -163,6 +163,14 @@ def test_rbf_svm_decision_equals_sklearn() -> None:
     Xt = rng.normal(size=(7, 3))
     np.testing.assert_allclose(ours.decision(Xt), svc.decision_function(Xt), rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(ours.decision(Xt[:1]), svc.decision_function(Xt[:1]), rtol=1e-8, atol=1e-10)
+    for d, offset in ((1, 0.0), (300, 50.0)):  # d = 1; wide features far from the origin (the expansion's centring)
+        X, Xt = rng.normal(offset, 1.0, size=(60, d)), rng.normal(offset, 1.0, size=(5, d)).astype(np.float32)
+        ours = RBFSVM().fit(X, y := rng.integers(0, 2, 60))
+        svc = SVC(kernel="rbf", gamma="scale", class_weight="balanced").fit(X, y)
+        np.testing.assert_allclose(ours.decision(Xt), svc.decision_function(Xt.astype(np.float64)), rtol=1e-7,
+                                   atol=1e-9)  # fmt: skip
+    with pytest.raises(UserError, match="X must have 300 columns"):
+        ours.decision(Xt[:, :3])
 
 
 def test_dnr_rejects_about_ten_percent_of_clean() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from engine.cli import main
@@ -115,3 +116,34 @@ def test_release_keeps_only_what_was_handed_over_in_memory(tmp_path):
     assert ctx.model(ref) is not None
     assert ctx.memo("features", lambda: None) is None  # rebuilt on demand
     assert len(ctx._datasets) == 1
+
+
+def test_layer_arms_share_one_feature_pass_per_image_set(tmp_path):
+    from types import SimpleNamespace
+
+    from engine.models import build_model, early_stages, resolve_layers
+    from engine.runs import Artifacts, RunContext
+    from engine.runs.stages.detect import _Source
+
+    ctx = RunContext(Artifacts(tmp_path), progress=False)
+    ref = ctx.register_model(build_model("resnet18", 2, width=0.0625), "m")
+    model, shape = ctx.model(ref), (3, 16, 16)
+    activations = resolve_layers(model, "activations")
+    constrained = early_stages(model, activations, shape)
+    x, y = torch.rand(6, *shape), torch.tensor([0, 1] * 3)
+    arm = lambda layers, detector="kd": SimpleNamespace(layers=layers, raw_layers=None, detector=detector)  # noqa: E731
+    passes = []
+    handle = model.register_forward_hook(lambda m, inputs, out: passes.append(len(inputs[0])))
+    try:
+        same = _Source(ctx, ref, arm("constrained"), shape, constrained).features(("clean", "k"), x, y)
+        every = _Source(ctx, ref, arm("activations"), shape, constrained).features(("clean", "k"), x, y)
+        assert passes.count(len(x)) == 1  # the second arm reads the first arm's pass (1-image passes: probes)
+        dnn = _Source(ctx, ref, arm("constrained", "dnn"), shape, constrained).features(("clean", "k"), x, y)
+        assert passes.count(len(x)) == 2  # raw maps: an extraction of its own
+    finally:
+        handle.remove()
+    assert same.layer_names == constrained and every.layer_names == activations and dnn.layer_names == constrained
+    assert set(dnn.raw) == set(constrained) and not same.raw
+    for name in constrained:
+        np.testing.assert_array_equal(same.layer(name), every.layer(name))
+        np.testing.assert_allclose(dnn.layer(name), same.layer(name), rtol=1e-5, atol=1e-6)

@@ -196,6 +196,14 @@ def test_raw_maps_wider_than_the_cap_are_average_pooled_to_it():
     torch.testing.assert_close(raw["relu"], F.adaptive_avg_pool2d(full, RAW_MAX_SIDE))
     torch.testing.assert_close(pooled["relu"], pool_feature(full))
     extractor.remove()
+    pooling = FeatureExtractor(model, ["relu", "layer1.0.relu1"], raw_layers=["relu"])  # caps and pools in the pass
+    with torch.no_grad():
+        _, feats = pooling(x)
+    torch.testing.assert_close(feats["relu"], raw["relu"])
+    assert feats["layer1.0.relu1"].shape == (2, model.net.layer1[0].conv1.out_channels)
+    with pytest.raises(UserError, match="raw_layers"):
+        FeatureExtractor(model, ["relu"], raw_layers=["layer1.0.relu1"])
+    pooling.remove()
 
 
 def test_stop_after_ends_the_pass_at_that_layer(resnet):

@@ -88,6 +88,18 @@ class Features:
             raise UserError(f"{who} runs the model on the images: extract these Features with keep_images=True")
         return self.images
 
+    def select(self, layers: Sequence[str]) -> Features:
+        """The same rows with only the pooled features (and raw maps) of ``layers``, in that order."""
+        for name in layers:
+            self.layer(name)  # raises naming the available layers
+        return Features(
+            logits=self.logits,
+            pooled={name: self.pooled[name] for name in layers},
+            raw={name: self.raw[name] for name in layers if name in self.raw},
+            images=self.images,
+            labels=self.labels,
+        )
+
     def subset(self, index: np.ndarray | Sequence[int]) -> Features:
         """Rows ``index`` (integer indices or a boolean mask)."""
         idx = np.asarray(index)

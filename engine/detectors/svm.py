@@ -1,8 +1,8 @@
 """RBF-SVM detectors: SVM (continuous features, the HFC code's variant), SafetyNet (Lu et al. 2017, quantised
 ReLU codes) and DNR (Sotgiu et al. 2020, deep neural rejection).
 
-SVMs are trained by scikit-learn; their decision functions are evaluated from the stored support vectors, with the
-squared distances from ``engine.ops.mahalanobis`` (identity precision), so a saved detector is plain arrays.
+SVMs are trained by scikit-learn; their decision functions are evaluated from the stored support vectors (squared
+Euclidean distances in one matrix product), so a saved detector is plain arrays.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import numpy as np
 from engine.detectors.base import Cost, Detector, Requirements, class_labels
 from engine.detectors.features import Features
 from engine.errors import UserError
-from engine.ops import mahalanobis
 
 log = logging.getLogger("engine.detectors")
 
@@ -39,9 +38,14 @@ class RBFSVM:
         return self
 
     def decision(self, X: np.ndarray) -> np.ndarray:
-        X = np.ascontiguousarray(X, dtype=np.float64)
-        eye = np.eye(X.shape[1])
-        sq = mahalanobis(X, self.support, eye)
+        """(N,) decision values; squared distances by the expansion ||x||^2 - 2 x.s + ||s||^2 about the support
+        vectors' mean (N x S x d work: a 4096-d layer's SVMs cost milliseconds, not a d x d factorisation each)."""
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != self.support.shape[1]:
+            raise UserError(f"X must have {self.support.shape[1]} columns (the SVM's features), got {X.shape}")
+        centre = self.support.mean(0)
+        x, s = X - centre, self.support - centre
+        sq = (x * x).sum(1)[:, None] - 2.0 * x @ s.T + (s * s).sum(1)[None]
         return np.exp(-self.gamma_ * np.maximum(sq, 0.0)) @ self.coef + self.intercept
 
     def state(self, prefix: str) -> dict[str, np.ndarray]:

@@ -246,13 +246,14 @@ class FeatureExtractor(nn.Module):
     ``layers``: exact module names and/or glob patterns (see :func:`resolve_layers`); default: every activation.
 
     ``pooled=True`` returns GAP features (N,C), ``False`` the raw maps (N,C,H,W); ``forward(x, pooled=...)``
-    overrides it per call; ``raw_layers`` (some of ``layers``) stay raw maps even when pooled. A pooled layer's map is
-    pooled as it is produced, so a pass holds only the maps of ``raw_layers`` (all hooked maps of a 240 px VGG-16 are
-    60 MB per image). Features are not detached, so attacks can differentiate through them. The hooks only
-    record while this extractor's forward runs; calling ``model`` directly is unaffected. ``remove()`` detaches
-    the hooks for good. A module that runs several times in one pass is hooked at the call each layer names
-    (``relu@1``); a layer named without a call index whose module runs twice raises RuntimeError. Pooled features
-    are taken as the module returns, so an in-place operation later in the pass cannot change them.
+    overrides it per call; ``raw_layers`` (some of ``layers``) stay maps even when pooled, average-pooled to at most
+    RAW_MAX_SIDE (:func:`cap_raw_map`). Maps are pooled as they are produced, so a pass holds only the capped maps of
+    ``raw_layers`` (all hooked maps of a 240 px VGG-16 are 60 MB per image). Features are not detached, so attacks
+    can differentiate through them. The hooks only record while this extractor's forward runs; calling ``model``
+    directly is unaffected. ``remove()`` detaches the hooks for good. A module that runs several times in one pass
+    is hooked at the call each layer names (``relu@1``); a layer named without a call index whose module runs twice
+    raises RuntimeError. Pooled features are taken as the module returns, so an in-place operation later in the
+    pass cannot change them.
     """
 
     def __init__(
@@ -290,7 +291,9 @@ class FeatureExtractor(nn.Module):
                     f"layer {name!r} ran twice in one forward pass (a reused module that could not be traced); "
                     f"name its calls {name}{CALL_SEP}0, {name}{CALL_SEP}1 ... or hook distinct modules"
                 )
-            self._store[name] = pool_feature(output) if self._pool_now and name not in self.raw_layers else output
+            if self._pool_now:
+                output = cap_raw_map(output) if name in self.raw_layers else pool_feature(output)
+            self._store[name] = output
             if name == self._stop_after:
                 raise _StopForward
 

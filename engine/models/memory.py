@@ -21,7 +21,7 @@ from torch import nn
 
 BUDGET_ENV = "HFC_ENGINE_MEMORY_GB"
 BUDGET_SHARE = 0.25  # of the available memory, when HFC_ENGINE_MEMORY_GB is not set
-CPU_CAP = 2 * 2**30  # bytes; also the budget where the available memory cannot be read
+CPU_CAP = 2**30  # bytes; also the budget where the available memory cannot be read
 GPU_SHARE = 0.5  # of a GPU's free memory
 LAYOUT_TOLERANCE = 1e-4  # relative: the largest output change the channels-last layout may make (float rounding)
 _MEASURED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()

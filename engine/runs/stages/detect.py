@@ -98,23 +98,33 @@ def feature_layers(
 
 
 class _Source:
-    """The features a detect cell reads: the arm's pooled features, memoised in the run context and shared by the
-    arm's detectors; a detector that needs raw maps (DNN) gets its own extraction with them, released with its cell
-    (raw maps of a 224 px model are large: engine.models.cap_raw_map)."""
+    """The features a detect cell reads. Pooled features come from one extraction per image set of every
+    activation plus the arm's layers, memoised in the run context: every detector of every layer arm (each arm is
+    a subset of the activations by default) reads the same forward passes. A detector that needs raw maps (DNN)
+    gets its own extraction with them, released with its cell (raw maps of a 224 px model are large:
+    engine.models.cap_raw_map). ``cache`` hooks the arm's own layers (the detectors' source)."""
 
     def __init__(
         self, ctx: RunContext, checkpoint: str, inputs: DetectInputs, shape: Sequence[int], constrained: Sequence[str]
     ) -> None:
-        layers, raw_layers = feature_layers(ctx.model(checkpoint), inputs, shape, constrained)
+        model = ctx.model(checkpoint)
+        self.layers, raw_layers = feature_layers(model, inputs, shape, constrained)
         self.ctx, self.raw = ctx, DETECTORS[inputs.detector].requires.raw_maps
-        build = lambda: FeatureCache(  # noqa: E731
-            ctx.model(checkpoint), layers=layers, raw_layers=raw_layers if self.raw else [], device=ctx.device
-        )
-        self.cache = build() if self.raw else ctx.memo(("cache", checkpoint, tuple(layers)), build)
+        if self.raw:
+            self.cache = self.extracting = FeatureCache(
+                model, layers=self.layers, raw_layers=raw_layers, device=ctx.device
+            )
+            return
+        build = lambda layers: lambda: FeatureCache(model, layers=layers, device=ctx.device)  # noqa: E731
+        self.cache = ctx.memo(("cache", checkpoint, tuple(self.layers)), build(self.layers))
+        wide = resolve_layers(model, [*resolve_layers(model, "activations"), *self.layers])
+        self.extracting = ctx.memo(("cache", checkpoint, tuple(wide)), build(wide))
 
     def features(self, key: Sequence[Any], x: torch.Tensor, y: torch.Tensor) -> Features:
-        extract = lambda: self.cache.extract(x, y.numpy())  # noqa: E731
-        return extract() if self.raw else self.ctx.memo(("features", id(self.cache), *key), extract)
+        extract = lambda: self.extracting.extract(x, y.numpy())  # noqa: E731
+        if self.raw:
+            return extract()
+        return self.ctx.memo(("features", id(self.extracting), *key), extract).select(self.layers)
 
 
 def _train_sample(train: Any, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,14 +86,15 @@ def run_features(ctx: RunContext, inputs: FeaturesInputs, deps: Mapping[str, Any
     sets["noise"] = (noise_like(x[both], inputs.noise_eps, kind=inputs.noise, seed=inputs.seed), y[both])
     rows, projection = [], {}
     for name, (images, classes) in sets.items():  # clean, plain, hfc, noise
-        feats, _, _ = extract_features(model, (images, classes), hooked)
+        feats, logits, _ = extract_features(model, (images, classes), hooked)
         loglik = constraint.log_likelihood(feats, classes)
         if name in GROUPS:
             where = {"attack": "", "eps": None} if name == "clean" else dict(setting)
             rows += [row(Metric.FEATURE_LOGLIK, float(np.mean(v)), layer=layer, hfc=name == "hfc", **base, **where)
                      for layer, v in loglik.items()]  # fmt: skip
             projection[GROUPS[name]] = {layer: feats[layer].numpy() for layer in chosen}
-        found = {**diagnostics(model, images, inputs.seed), "loglik": float(np.mean(loglik[constraint.layers[-1]]))}
+        deepest = float(np.mean(loglik[constraint.layers[-1]]))
+        found = {**diagnostics(model, images, logits, inputs.seed), "loglik": deepest}
         rows += [row(f"diag_{quantity}", v, subset=name, hfc=False, **base, **setting)
                  for quantity, v in found.items()]  # fmt: skip
     directory = ctx.artifacts.directory("projections", inputs.label, fingerprint(inputs.to_json()))
@@ -102,11 +103,11 @@ def run_features(ctx: RunContext, inputs: FeaturesInputs, deps: Mapping[str, Any
     return CellOutput(payload, rows)
 
 
-def diagnostics(model: nn.Module, images: torch.Tensor, seed: int = 0) -> dict[str, float]:
+def diagnostics(model: nn.Module, images: torch.Tensor, logits: torch.Tensor, seed: int = 0) -> dict[str, float]:
     """Why a detector may go the other way on a set of images (beside the deepest constrained layer's
-    log-likelihood): the median logit margin (top logit minus the runner-up) and the median MC-dropout variance of
-    the softmax (mean over classes, :data:`MC_PASSES` passes seeded with ``seed``; NaN without dropout)."""
-    logits = torch.from_numpy(predict_logits(model, images))
+    log-likelihood): the median logit margin (top logit minus the runner-up) of the images' ``logits`` and the
+    median MC-dropout variance of the softmax (mean over classes, :data:`MC_PASSES` passes seeded with ``seed``;
+    NaN without dropout)."""
     top = logits.topk(2, dim=1).values
     out = {"logit_margin": float((top[:, 0] - top[:, 1]).median()), "mc_variance": float("nan")}
     if dropout_modules(model):
@@ -122,6 +123,6 @@ def diagnostics(model: nn.Module, images: torch.Tensor, seed: int = 0) -> dict[s
 
 
 def features_cost(cell: Cell, machine: Any) -> tuple[str, float]:
-    """Per set (clean, plain, HFC, noise): one feature pass, one prediction and the MC-dropout passes."""
-    passes = 4 * (MC_PASSES + 2)
+    """Per set (clean, plain, HFC, noise): one feature pass and the MC-dropout passes."""
+    passes = 4 * (MC_PASSES + 1)
     return "features", machine.seconds(passes * cell.hint["pool"] * machine.model_flops(**cell.hint["model"]))
