@@ -140,6 +140,9 @@ def test_layer_arms_share_one_feature_pass_per_image_set(tmp_path):
         assert passes.count(len(x)) == 1  # the second arm reads the first arm's pass (1-image passes: probes)
         dnn = _Source(ctx, ref, arm("constrained", "dnn"), shape, constrained).features(("clean", "k"), x, y)
         assert passes.count(len(x)) == 2  # raw maps: an extraction of its own
+        mixtures = ctx.features(ref, ("train", "t"), x, y, constrained, keep_images=False)  # HFC's mixtures' pass
+        kd_train = _Source(ctx, ref, arm("activations"), shape, constrained).features(("train", "t"), x, y, False)
+        assert passes.count(len(x)) == 3 and mixtures.images is None and kd_train.layer_names == activations
     finally:
         handle.remove()
     assert same.layer_names == constrained and every.layer_names == activations and dnn.layer_names == constrained

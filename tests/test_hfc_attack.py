@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from test_attacks import make_data, one_thread, train_tiny  # noqa: F401  (one_thread: autouse fixture)
 
 from engine import reference
-from engine.attacks import BIM, HFC, PGD, CWLinf, fit_hfc_gmms, load_hfc_gmms, save_hfc_gmms
+from engine.attacks import BIM, HFC, PGD, CWLinf, fit_class_mixtures, fit_hfc_gmms, load_hfc_gmms, save_hfc_gmms
 from engine.attacks.hfc import extract_features
 from engine.errors import UserError
 
@@ -117,6 +117,18 @@ def test_untargeted_hfc_uses_the_other_class() -> None:
     x, y = make_data(2, 10, seed=3)
     res = CWLinf(model, eps=0.15, steps=20, constraint=HFC(gmms, layers=["relu2"]))(x, y)
     assert res.success_rate >= 0.8 and res.target is None
+
+
+def test_mixtures_fitted_on_given_features_equal_those_of_the_extracting_fit(fitted) -> None:
+    model, gmms, _, _ = fitted
+    feats, _, labels = extract_features(model, make_data(3, 240, seed=0), LAYERS)
+    given = fit_class_mixtures(feats, labels, 3, n_components=2, seed=0, reg_covar=1e-4)
+    assert list(given) == LAYERS
+    for name in LAYERS:
+        for ours, theirs in zip(given[name], gmms[name], strict=True):
+            torch.testing.assert_close(torch.tensor(ours.means), torch.tensor(theirs.means))
+    with pytest.raises(UserError, match=r"labels must be in \[0, 2\)"):
+        fit_class_mixtures(feats, labels, 2)
 
 
 def test_save_load_round_trip(fitted, tmp_path) -> None:

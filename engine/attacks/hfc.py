@@ -289,10 +289,26 @@ def fit_hfc_gmms(
     feats = {name: torch.cat([p[0][name] for p in passes]) for name in names}
     logits, labels = passes[0][1], torch.cat([p[2] for p in passes])
     num_classes = max(int(logits.shape[1]), 2) if num_classes is None else num_classes
+    classes = getattr(train_dataset, "classes", None)
+    return fit_class_mixtures(feats, labels, num_classes, n_components, bayesian, seed, classes, **fit_kwargs)
+
+
+def fit_class_mixtures(
+    feats: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    num_classes: int,
+    n_components: int = 2,
+    bayesian: bool = False,
+    seed: int = 0,
+    classes: Sequence[str] | None = None,
+    **fit_kwargs: Any,
+) -> dict[str, list[GaussianMixture]]:
+    """One mixture per (layer, class) on training features ``feats`` ({layer: (N, C)}) with ``labels`` (N,), as
+    :func:`fit_hfc_gmms` (which extracts them); ``classes`` names the classes in its warnings."""
     if labels.min() < 0 or labels.max() >= num_classes:
         raise UserError(f"labels must be in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
     counts = torch.bincount(labels, minlength=num_classes).tolist()
-    components = class_components(counts, n_components, getattr(train_dataset, "classes", None))
+    components = class_components(counts, n_components, classes)
 
     def fit(x: torch.Tensor, k: int) -> GaussianMixture:
         if len(x) == 1:  # sklearn needs 2 images: one Gaussian at the image, covariance reg_covar * I as sklearn's
@@ -301,9 +317,9 @@ def fit_hfc_gmms(
         return GaussianMixture.fit(x.double(), k, bayesian=bayesian, seed=seed, **fit_kwargs)
 
     gmms = {}
-    for name in names:
-        pooled = fit(feats[name], min(n_components, len(labels))) if 0 in components else None
-        gmms[name] = [fit(feats[name][labels == c], k) if k else pooled for c, k in enumerate(components)]
+    for name, layer in feats.items():
+        pooled = fit(layer, min(n_components, len(labels))) if 0 in components else None
+        gmms[name] = [fit(layer[labels == c], k) if k else pooled for c, k in enumerate(components)]
     return gmms
 
 

@@ -18,10 +18,12 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
 
+from engine.attacks import noise_like
 from engine.data import ImageDataset, Splits, as_tensors, content_fingerprint, load_dataset, split_dataset
+from engine.detectors import FeatureCache, Features
 from engine.errors import UserError
 from engine.fileio import atomic_write, file_sha256
-from engine.models import TrainConfig, label_with_model, load_model, train_model
+from engine.models import TrainConfig, label_with_model, load_model, resolve_layers, train_model
 from engine.runs.artifacts import Artifacts
 from engine.runs.schema import dataset_label, fingerprint
 
@@ -143,6 +145,22 @@ class RunContext:
             )
         return self.artifacts.ref(final)
 
+    # -- features ---------------------------------------------------------------------------------------------
+    def features(
+        self, checkpoint: str, key: Sequence[Any], images: torch.Tensor, labels: torch.Tensor, layers: Sequence[str],
+        keep_images: bool = True,
+    ) -> Features:  # fmt: skip
+        """Logits and pooled features of ``layers`` (resolved names) for the image set ``key`` (``images``,
+        ``labels``) under the model ``checkpoint``, with the images when ``keep_images``. One pass per batch
+        extracts every activation plus ``layers`` and is memoised by ``key``, so the stages and layer arms that read
+        one image set share it: HFC's mixtures and the detectors read the training images, both detector arms and
+        the features stage the pool's sets."""
+        model = self.model(checkpoint)
+        wide = tuple(resolve_layers(model, [*resolve_layers(model, "activations"), *layers]))
+        cache = self.memo(("cache", checkpoint, wide), lambda: FeatureCache(model, layers=wide, device=self.device))
+        extract = lambda: cache.extract(images, labels.numpy(), keep_images=keep_images)  # noqa: E731
+        return self.memo(("features", checkpoint, wide, keep_images, *key), extract).select(layers)
+
     # -- memo -------------------------------------------------------------------------------------------------
     def memo(self, key: Any, build: Callable[[], Any]) -> Any:
         """``build()`` once per key in this process (features, pools, splits)."""
@@ -214,3 +232,25 @@ def user_model_spec(settings: Mapping[str, Any], name: str, shape: Sequence[int]
         "parity_tolerance": settings["parity_tolerance"],
         "name": name,
     }
+
+
+# keys of the image sets RunContext.features memoises, from a cell's inputs (dataset, split, seed, pool, noise
+# settings); the adversarial sets' keys are ("adversarial", the attack cell's artifact reference)
+def pool_key(inputs: Any) -> str:
+    """The key of a cell's attack pool (its dataset, split, seed and pool size)."""
+    return fingerprint([inputs.dataset, inputs.split, inputs.seed, inputs.pool])
+
+
+def train_key(inputs: Any, images: int) -> tuple[str, str, int]:
+    """The feature key of the first ``images`` training images (all of them, or a sample of that many)."""
+    return "train", fingerprint([inputs.dataset, inputs.split, inputs.seed]), images
+
+
+def noise_key(inputs: Any) -> tuple[str, str, str, str]:
+    """The feature key of the pool's noise control (:func:`noise_images`)."""
+    return "noise", pool_key(inputs), str(inputs.noise_eps), inputs.noise
+
+
+def noise_images(inputs: Any, x: torch.Tensor) -> torch.Tensor:
+    """The noise control of the pool ``x``: random noise of the kind ``detector.noise`` at ``noise_eps``."""
+    return noise_like(x, inputs.noise_eps, kind=inputs.noise, seed=inputs.seed)

@@ -18,13 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.attacks import noise_like
 from engine.data import as_tensors
 from engine.detectors import DETECTORS, Detector, FeatureCache, Features, TooFewExamples, run_protocol
 from engine.models import CONSTRAINED, STAGE_OUTPUTS, resolve_layers, spatial_layers, stage_outputs
 from engine.runs.artifacts import save_scores
 from engine.runs.cells import Cell, CellOutput, Payload, reads
-from engine.runs.context import RunContext
+from engine.runs.context import RunContext, noise_images, noise_key, pool_key, train_key
 from engine.runs.schema import Metric, Subset, fingerprint, row
 from engine.runs.stages.attack import HFC_SET, PLAIN, AttackPayload, set_identity
 from engine.runs.stages.model import GmmsPayload, ModelPayload, OnModel
@@ -98,33 +97,27 @@ def feature_layers(
 
 
 class _Source:
-    """The features a detect cell reads. Pooled features come from one extraction per image set of every
-    activation plus the arm's layers, memoised in the run context: every detector of every layer arm (each arm is
-    a subset of the activations by default) reads the same forward passes. A detector that needs raw maps (DNN)
-    gets its own extraction with them, released with its cell (raw maps of a 224 px model are large:
-    engine.models.cap_raw_map). ``cache`` hooks the arm's own layers (the detectors' source)."""
+    """The features a detect cell reads: pooled features from the run context's shared pass per image set
+    (RunContext.features: every arm and stage reading a set shares it); a detector that needs raw maps (DNN) gets
+    its own extraction with them, released with its cell (raw maps of a 224 px model are large:
+    engine.models.cap_raw_map). ``cache`` hooks the arm's own layers: the detectors' source."""
 
     def __init__(
         self, ctx: RunContext, checkpoint: str, inputs: DetectInputs, shape: Sequence[int], constrained: Sequence[str]
     ) -> None:
         model = ctx.model(checkpoint)
         self.layers, raw_layers = feature_layers(model, inputs, shape, constrained)
-        self.ctx, self.raw = ctx, DETECTORS[inputs.detector].requires.raw_maps
+        self.ctx, self.checkpoint, self.raw = ctx, checkpoint, DETECTORS[inputs.detector].requires.raw_maps
         if self.raw:
-            self.cache = self.extracting = FeatureCache(
-                model, layers=self.layers, raw_layers=raw_layers, device=ctx.device
-            )
-            return
-        build = lambda layers: lambda: FeatureCache(model, layers=layers, device=ctx.device)  # noqa: E731
-        self.cache = ctx.memo(("cache", checkpoint, tuple(self.layers)), build(self.layers))
-        wide = resolve_layers(model, [*resolve_layers(model, "activations"), *self.layers])
-        self.extracting = ctx.memo(("cache", checkpoint, tuple(wide)), build(wide))
+            self.cache = FeatureCache(model, layers=self.layers, raw_layers=raw_layers, device=ctx.device)
+        else:
+            build = lambda: FeatureCache(model, layers=self.layers, device=ctx.device)  # noqa: E731
+            self.cache = ctx.memo(("cache", checkpoint, tuple(self.layers)), build)
 
-    def features(self, key: Sequence[Any], x: torch.Tensor, y: torch.Tensor) -> Features:
-        extract = lambda: self.extracting.extract(x, y.numpy())  # noqa: E731
+    def features(self, key: Sequence[Any], x: torch.Tensor, y: torch.Tensor, keep_images: bool = True) -> Features:
         if self.raw:
-            return extract()
-        return self.ctx.memo(("features", id(self.extracting), *key), extract).select(self.layers)
+            return self.cache.extract(x, y.numpy(), keep_images=keep_images)
+        return self.ctx.features(self.checkpoint, key, x, y, self.layers, keep_images)
 
 
 def _train_sample(train: Any, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,10 +151,8 @@ def run_detect(ctx: RunContext, inputs: DetectInputs, deps: Mapping[str, Any]) -
     gmms = GmmsPayload(**deps[inputs.gmms_cell]) if inputs.gmms_cell else None
     source = _Source(ctx, checkpoint, inputs, tuple(x.shape[1:]), gmms.layers if gmms else [])
     cache = source.cache
-    pool_key = fingerprint([spec, split, seed, inputs.pool])
-    clean = source.features(("clean", pool_key), x, y)
-    noise_x = noise_like(x, inputs.noise_eps, kind=inputs.noise, seed=seed)
-    noise = source.features(("noise", pool_key, str(inputs.noise_eps), inputs.noise), noise_x, y)
+    clean = source.features(("clean", pool_key(inputs)), x, y)
+    noise = source.features(noise_key(inputs), noise_images(inputs, x), y)
     plain, plain_success = _adversarial_features(ctx, source, AttackPayload(**deps[inputs.plain_cell]).directory, y)
     transfer = {
         name: _adversarial_features(ctx, source, AttackPayload(**deps[key]).directory, y)
@@ -170,11 +161,11 @@ def run_detect(ctx: RunContext, inputs: DetectInputs, deps: Mapping[str, Any]) -
     train = None
     if inputs.train_features:  # a class-conditional detector: labelled clean training images
         train_x, train_y = _train_sample(ctx.splits(spec, split, seed).train, inputs.train_limit, seed)
-        train = source.features(("train", pool_key, inputs.train_limit), train_x, train_y)
+        train = source.features(train_key(inputs, len(train_x)), train_x, train_y, keep_images=False)
     detector = make_detector(inputs.detector, inputs.options, seed, model, cache, tuple(x.shape[1:]))
     if cls.requires.mixtures:  # HFC's mixtures, clean validation images as the reference
         val_x, val_y = as_tensors(ctx.splits(spec, split, seed).val, name="the validation split")
-        reference = source.features(("val", pool_key), val_x, val_y)
+        reference = source.features(("val", pool_key(inputs)), val_x, val_y)
         detector.set_reference(ctx.artifacts.gmms(gmms.directory), reference)
     protocol = {"fit_fraction": inputs.fit_fraction, "seed": seed, "n_boot": inputs.bootstrap}
     base = {"attack": inputs.attack, "eps": inputs.eps, "detector": inputs.detector, "arm": inputs.arm}

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.attacks import HFC, extract_features, noise_like
-from engine.models import dropout_modules, mc_dropout, model_device, model_dtype, predict_logits, resolve_layers
+from engine.attacks import HFC
+from engine.models import dropout_modules, mc_dropout, model_device, model_dtype, resolve_layers
 from engine.runs.artifacts import Projection
 from engine.runs.cells import Cell, CellOutput, Payload, reads
-from engine.runs.context import RunContext
+from engine.runs.context import RunContext, noise_images, noise_key, pool_key
 from engine.runs.schema import Metric, fingerprint, row
 from engine.runs.stages.attack import AttackPayload
 from engine.runs.stages.detect import NotMeasurable
@@ -62,31 +62,39 @@ class FeaturesPayload(Payload):
 def run_features(ctx: RunContext, inputs: FeaturesInputs, deps: Mapping[str, Any]) -> CellOutput:
     """Per-layer mixture log-likelihood rows of clean, plain and HFC features, the diagnostics of clean, noise,
     plain and HFC images, and the projection artifact."""
-    model = ctx.model(ModelPayload(**deps[inputs.model_cell]).checkpoint)
+    checkpoint = ModelPayload(**deps[inputs.model_cell]).checkpoint
+    model = ctx.model(checkpoint)
     gmms = ctx.artifacts.gmms(GmmsPayload(**deps[inputs.gmms_cell]).directory)
     x, y = ctx.pool(inputs.dataset, inputs.split, inputs.seed, inputs.pool)
-    plain, hfc = (ctx.artifacts.adversarial(AttackPayload(**deps[key]).directory)
-                  for key in (inputs.plain_cell, inputs.hfc_cell))  # fmt: skip
-    both = torch.from_numpy(plain.success & hfc.success)
+    refs = [AttackPayload(**deps[key]).directory for key in (inputs.plain_cell, inputs.hfc_cell)]
+    plain, hfc = (ctx.artifacts.adversarial(ref) for ref in refs)
+    both = plain.success & hfc.success
     base = {"dataset": inputs.dataset_label, "model": inputs.model_label, "detector": "", "variant": ""}
     setting = {"attack": inputs.attack, "eps": inputs.eps}
     if not both.any():  # the model resisted one of the attacks: nothing to measure, the run goes on
         reason = "no pool image where both the plain and the HFC attack succeeded"
         not_measurable = row(Metric.NOT_MEASURABLE, 0, hfc=False, **base, **setting)
         return CellOutput(NotMeasurable(not_measurable=reason, successful=0), [not_measurable])
-    sets = {"clean": (x[both], y[both])}
-    for name, adv in (("plain", plain), ("hfc", hfc)):  # under the class the attack aimed at (or reached)
-        aimed = adv.target if adv.target is not None else predict_logits(model, adv.images).argmax(1)
-        sets[name] = (adv.images[both], torch.from_numpy(aimed)[both])
     layers = resolve_layers(model, inputs.layers)
     chosen = resolve_layers(model, inputs.projection_layers) if inputs.projection_layers else None
     chosen = chosen or [layers[min(1, len(layers) - 1)], layers[-1]]
     hooked = resolve_layers(model, [*gmms, *chosen])
     constraint = HFC(gmms)
-    sets["noise"] = (noise_like(x[both], inputs.noise_eps, kind=inputs.noise, seed=inputs.seed), y[both])
+    sets = {  # the detectors' image sets (RunContext.features shares their feature passes), on the images of both
+        "clean": (("clean", pool_key(inputs)), x),
+        "plain": (("adversarial", refs[0]), plain.images),
+        "hfc": (("adversarial", refs[1]), hfc.images),
+        "noise": (noise_key(inputs), noise_images(inputs, x)),
+    }
     rows, projection = [], {}
-    for name, (images, classes) in sets.items():  # clean, plain, hfc, noise
-        feats, logits, _ = extract_features(model, (images, classes), hooked)
+    for name, (key, images) in sets.items():
+        found = ctx.features(checkpoint, key, images, y, hooked).subset(both)
+        feats = {layer: torch.from_numpy(found.pooled[layer]) for layer in hooked}
+        classes = found.labels  # an AE under the class its attack aimed at (or reached)
+        adversarial = {"plain": plain, "hfc": hfc}.get(name)
+        if adversarial is not None:
+            classes = found.preds if adversarial.target is None else adversarial.target[both]
+        classes = torch.from_numpy(classes)
         loglik = constraint.log_likelihood(feats, classes)
         if name in GROUPS:
             where = {"attack": "", "eps": None} if name == "clean" else dict(setting)
@@ -94,9 +102,9 @@ def run_features(ctx: RunContext, inputs: FeaturesInputs, deps: Mapping[str, Any
                      for layer, v in loglik.items()]  # fmt: skip
             projection[GROUPS[name]] = {layer: feats[layer].numpy() for layer in chosen}
         deepest = float(np.mean(loglik[constraint.layers[-1]]))
-        found = {**diagnostics(model, images, logits, inputs.seed), "loglik": deepest}
+        diagnosed = diagnostics(model, images[torch.from_numpy(both)], torch.from_numpy(found.logits), inputs.seed)
         rows += [row(f"diag_{quantity}", v, subset=name, hfc=False, **base, **setting)
-                 for quantity, v in found.items()]  # fmt: skip
+                 for quantity, v in {**diagnosed, "loglik": deepest}.items()]  # fmt: skip
     directory = ctx.artifacts.directory("projections", inputs.label, fingerprint(inputs.to_json()))
     Projection(chosen, projection).save(directory)
     payload = FeaturesPayload(directory=ctx.artifacts.ref(directory), layers=chosen, n=int(both.sum()))

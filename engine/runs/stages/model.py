@@ -6,13 +6,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
-from engine.attacks import fit_hfc_gmms, save_hfc_gmms
+from engine.attacks import fit_class_mixtures, fit_hfc_gmms, save_hfc_gmms
+from engine.data import as_tensors
 from engine.errors import UserError
 from engine.models import EARLY_STAGES, early_stages, evaluate, layer_shapes, resolve_layers
 from engine.runs.cells import Cell, CellOutput, Payload, reads
-from engine.runs.context import MEMORY, RunContext
+from engine.runs.context import MEMORY, RunContext, train_key
 from engine.runs.schema import Metric, dataset_label, fingerprint, row
 from engine.runs.stages.data import DataInputs
 
@@ -118,22 +120,21 @@ def constrained_layers(model: nn.Module, inputs: GmmsInputs, input_shape: Sequen
 
 def run_gmms(ctx: RunContext, inputs: GmmsInputs, deps: Mapping[str, Any]) -> CellOutput:
     """Fit the per-(layer, class) mixtures of HFC on training features (``hfc.fit``: sklearn's Bayesian or plain
-    mixture, its n_init and max_iter, and augmented copies of the training images)."""
-    model = ctx.model(ModelPayload(**deps[inputs.model_cell]).checkpoint)
-    splits = ctx.splits(inputs.dataset, inputs.split, inputs.seed)
-    fit = inputs.fit
-    gmms = fit_hfc_gmms(
-        model,
-        splits.train,
-        constrained_layers(model, inputs, tuple(splits.dataset[0][0].shape)),
-        n_components=inputs.n_components,
-        bayesian=fit["bayesian"],
-        augment=fit["augment"],
-        seed=inputs.seed,
-        reg_covar=inputs.reg_covar,
-        n_init=fit["n_init"],
-        max_iter=fit["max_iter"],
-    )
+    mixture, its n_init and max_iter, and augmented copies of the training images). Without augmentation the
+    features come from the run context's shared pass over the training images, which the detectors read too."""
+    checkpoint = ModelPayload(**deps[inputs.model_cell]).checkpoint
+    model, splits, fit = ctx.model(checkpoint), ctx.splits(inputs.dataset, inputs.split, inputs.seed), inputs.fit
+    layers = constrained_layers(model, inputs, tuple(splits.dataset[0][0].shape))
+    options = {"n_components": inputs.n_components, "bayesian": fit["bayesian"], "seed": inputs.seed,
+               "reg_covar": inputs.reg_covar, "n_init": fit["n_init"], "max_iter": fit["max_iter"]}  # fmt: skip
+    if fit["augment"]:
+        gmms = fit_hfc_gmms(model, splits.train, layers, augment=fit["augment"], **options)
+    else:
+        x, y = as_tensors(splits.train, name="the training split")
+        found = ctx.features(checkpoint, train_key(inputs, len(x)), x, y, layers, keep_images=False)
+        feats = {name: torch.from_numpy(found.pooled[name]) for name in layers}
+        num_classes = max(found.logits.shape[1], 2)
+        gmms = fit_class_mixtures(feats, y, num_classes, classes=splits.train.classes, **options)
     label = f"{dataset_label(inputs.dataset)}-{inputs.model_label}"
     directory = save_hfc_gmms(gmms, ctx.artifacts.directory("gmms", label, fingerprint(inputs.to_json())))
     return CellOutput(GmmsPayload(directory=ctx.artifacts.ref(directory), layers=list(gmms)))
