@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -327,3 +329,14 @@ def test_maha_preprocessing_sign_and_magnitude_selection(cache: FeatureCache, tm
     with pytest.raises(ValueError, match="attach"):
         loaded.score(clean) if loaded.magnitude_ else loaded._preprocessed_features(clean, [0.01])
     np.testing.assert_allclose(loaded.attach(cache).score(adv), det.score(adv), rtol=1e-6)
+
+
+def test_a_feature_cache_takes_its_hooks_with_it() -> None:
+    model = Tiny().eval()
+    hooks = lambda: sum(len(m._forward_hooks) for m in model.modules())  # noqa: E731
+    cache = FeatureCache(model, layers=["relu1", "relu2"], raw_layers=["relu1"])
+    assert hooks() == 2
+    del cache
+    gc.collect()
+    assert hooks() == 0  # a cell's raw-map cache must not leave no-op hooks on the run's model
+

@@ -88,6 +88,7 @@ def test_report_shows_the_verdicts_per_arm_and_the_new_tables(evidence_run):
         "Diagnostics on",
         "between-seed",
         "HFC w0",
+        "schedule with weight 0",  # the paired tables' caption explains the weight-0 column they show
     ):
         assert text in html, text
 

@@ -143,3 +143,4 @@ def test_a_run_on_a_model_that_resists_completes_with_its_results(tmp_path, caps
     html = (tmp_path / "runs" / "resists" / "report.html").read_text()
     assert "LID needs more than k+1=61 clean examples" in html and "The model resisted pgd" in html
     assert "so the smallest weight is used" in html  # the HFC weight's calibration could not reach its target
+    assert "HFC w0" not in html  # no weight-0 set: no caption explaining one

@@ -244,3 +244,19 @@ def test_kill_9_loses_at_most_the_cell_in_flight(tmp_path):
     with ResultStore(run_dir) as store:
         rows = store.rows()
         assert sorted(r["value"] for r in rows) == list(range(40))  # no duplicates, nothing missing
+
+
+def test_each_cell_returns_its_freed_memory_to_the_os(monkeypatch):
+    import engine.runs.executor as executor
+
+    trims = []
+    monkeypatch.setattr(executor, "release_free_memory", lambda: trims.append(1))
+    out, _ = executor.run_cell(STAGES["sq"].run, None, {"x": 3, "seed": 0}, {})
+    assert out.payload["value"] == 9 and trims == [1]
+
+    def fails(context, inputs, deps):
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        executor.run_cell(fails, None, {"x": 3}, {})
+    assert trims == [1, 1]  # a cell that raises is trimmed after too (a resumed run goes on in this process)

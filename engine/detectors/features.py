@@ -9,6 +9,7 @@ cache, extracts each image set once and hands the same :class:`Features` to ever
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,9 +161,10 @@ class FeatureCache:
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.raw_layers = tuple(raw_layers)
-        if extractor is None:
+        if extractor is None:  # its hooks stay on the model until this cache is collected
             layers = list(layers) if layers is not None else None
             extractor = FeatureExtractor(model, layers=layers, raw_layers=self.raw_layers)
+            weakref.finalize(self, extractor.remove)
         self.extractor = extractor
         self._batches: dict[tuple, int] = {}
 

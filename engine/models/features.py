@@ -252,7 +252,7 @@ class FeatureExtractor(nn.Module):
     can differentiate through them. The hooks only record while this extractor's forward runs; calling ``model``
     directly is unaffected. ``remove()`` detaches the hooks for good. A module that runs several times in one pass
     is hooked at the call each layer names (``relu@1``); a layer named without a call index whose module runs twice
-    raises RuntimeError. Pooled features are taken as the module returns, so an in-place operation later in the
+    raises UserError. Pooled features are taken as the module returns, so an in-place operation later in the
     pass cannot change them.
     """
 

@@ -28,7 +28,7 @@ from engine.report.tables import (
     success_table,
     transfer_table,
 )
-from engine.report.verdicts import verdicts
+from engine.report.verdicts import SCHEDULE_ONLY, verdicts
 from engine.runs import STUDIES, Projection, RunResult
 from engine.runs.artifacts import load_scores
 from engine.runs.plan import detector_arms, headline, run_seeds
@@ -126,8 +126,8 @@ def headline_sections(result: RunResult) -> list[Section]:
                     scales,
                     caption=f"{label} of each detector (fitted on plain AEs) on plain AEs and on each HFC set of the "
                     "same images (those where both attacks succeeded; negatives: their clean and noise copies), and "
-                    "the paired change (that set minus plain) with its 95% interval (* : excludes zero). 'HFC w0' is "
-                    "HFC's schedule with weight 0: what the longer schedule alone does.",
+                    "the paired change (that set minus plain) with its 95% interval (* : excludes zero)."
+                    + (W0_NOTE if any(name == W0_COLUMN for name, _ in text.columns) else ""),
                 )
             extra = (
                 (defence_table(result.rows, dataset, attack, eps, arm), DEFENCE_CAPTION, "{:.3f}"),
@@ -163,6 +163,8 @@ TRANSFER_CAPTION = (
     "Cross-attack transfer: detectors fitted on one attack's plain AEs, scored on every attack's plain and HFC AEs at "
     "the same budget (AUROC with its 95% interval; another attack's sets on the images where both attacks succeeded)."
 )
+W0_COLUMN = f"HFC {SCHEDULE_ONLY}"  # the weight-0 set's column in the paired tables (engine.report.tables)
+W0_NOTE = " 'HFC w0' is HFC's schedule with weight 0: what the longer schedule alone does."
 SEED_CAPTION = "Paired AUROC change of the HFC set per seed, and its between-seed mean with the 95% t interval."
 ARM_NOTES = {
     "same": "The detectors read the layers HFC constrains (the paper's easiest case for HFC).",

@@ -11,10 +11,12 @@ command resumes.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from engine.models.memory import release_free_memory
 from engine.runs.cells import Cell, CellOutput, Stage, topological
 from engine.runs.context import threads
 from engine.runs.progress import CostModel, Progress
@@ -55,7 +57,11 @@ def run_cell(
     (engine.runs.artifacts.Artifacts.publish); returns its output, with the payload as JSON, and seconds.
     ``context`` may be None for stages that need none."""
     start = time.perf_counter()
-    out = stage(context, inputs, deps)
+    try:
+        out = stage(context, inputs, deps)
+    finally:
+        gc.collect()  # the cell's tensors (reference cycles included) go before the heap is trimmed
+        release_free_memory()
     for row in out.rows:  # every row of a seeded cell carries its seed
         if row.get("seed") is None:
             row["seed"] = inputs.get("seed")
