@@ -127,7 +127,7 @@ def headline_sections(result: RunResult) -> list[Section]:
                     caption=f"{label} of each detector (fitted on plain AEs) on plain AEs and on each HFC set of the "
                     "same images (those where both attacks succeeded; negatives: their clean and noise copies), and "
                     "the paired change (that set minus plain) with its 95% interval (* : excludes zero)."
-                    + (W0_NOTE if any(name == W0_COLUMN for name, _ in text.columns) else ""),
+                    + (W0_NOTE if any(part == W0_COLUMN for _, part in text.columns) else ""),
                 )
             extra = (
                 (defence_table(result.rows, dataset, attack, eps, arm), DEFENCE_CAPTION, "{:.3f}"),
