@@ -80,22 +80,20 @@ def run_features(ctx: RunContext, inputs: FeaturesInputs, deps: Mapping[str, Any
     chosen = chosen or [layers[min(1, len(layers) - 1)], layers[-1]]
     hooked = resolve_layers(model, [*gmms, *chosen])
     constraint = HFC(gmms)
-    sets = {  # the detectors' image sets (RunContext.features shares their feature passes), on the images of both
-        "clean": (("clean", pool_key(inputs)), x),
-        "plain": (("adversarial", refs[0]), plain.images),
-        "hfc": (("adversarial", refs[1]), hfc.images),
-        "noise": (noise_key(inputs), noise_images(inputs, x)),
+    sets = {  # the detectors' image sets (RunContext.features shares their passes): key, images, attack set
+        "clean": (("clean", pool_key(inputs)), x, None),
+        "plain": (("adversarial", refs[0]), plain.images, plain),
+        "hfc": (("adversarial", refs[1]), hfc.images, hfc),
+        "noise": (noise_key(inputs), noise_images(inputs, x), None),
     }
     rows, projection = [], {}
-    for name, (key, images) in sets.items():
+    for name, (key, images, adversarial) in sets.items():  # on the images where both attacks succeeded
         found = ctx.features(checkpoint, key, images, y, hooked).subset(both)
         feats = {layer: torch.from_numpy(found.pooled[layer]) for layer in hooked}
         classes = found.labels  # an AE under the class its attack aimed at (or reached)
-        adversarial = {"plain": plain, "hfc": hfc}.get(name)
         if adversarial is not None:
             classes = found.preds if adversarial.target is None else adversarial.target[both]
-        classes = torch.from_numpy(classes)
-        loglik = constraint.log_likelihood(feats, classes)
+        loglik = constraint.log_likelihood(feats, torch.from_numpy(classes))
         if name in GROUPS:
             where = {"attack": "", "eps": None} if name == "clean" else dict(setting)
             rows += [row(Metric.FEATURE_LOGLIK, float(np.mean(v)), layer=layer, hfc=name == "hfc", **base, **where)
