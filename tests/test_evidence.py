@@ -151,3 +151,60 @@ def test_layer_arms_share_one_feature_pass_per_image_set(tmp_path):
     for name in constrained:
         np.testing.assert_array_equal(same.layer(name), every.layer(name))
         np.testing.assert_allclose(dnn.layer(name), same.layer(name), rtol=1e-5, atol=1e-6)
+
+
+def test_a_raw_map_reader_first_fills_the_shared_pass(tmp_path):
+    from types import SimpleNamespace
+
+    from engine.models import build_model, early_stages, resolve_layers, spatial_layers
+    from engine.runs import Artifacts, RunContext
+    from engine.runs.stages.detect import _Source
+
+    ctx = RunContext(Artifacts(tmp_path), progress=False)
+    ref = ctx.register_model(build_model("resnet18", 2, width=0.0625), "m")
+    model, shape = ctx.model(ref), (3, 16, 16)
+    activations = resolve_layers(model, "activations")
+    constrained = early_stages(model, activations, shape)
+    x, y = torch.rand(5, *shape), torch.tensor([0, 1, 0, 1, 1])
+    arm = lambda layers, detector: SimpleNamespace(layers=layers, raw_layers=None, detector=detector)  # noqa: E731
+    passes = []
+    handle = model.register_forward_hook(lambda m, inputs, out: passes.append(len(inputs[0])))
+    try:
+        dnn = _Source(ctx, ref, arm("activations", "dnn"), shape, constrained).features(("clean", "k"), x, y)
+        kd = _Source(ctx, ref, arm("constrained", "kd"), shape, constrained).features(("clean", "k"), x, y)
+        assert passes.count(len(x)) == 1  # KD reads the pooled part of DNN's pass
+    finally:
+        handle.remove()
+    assert set(dnn.raw) == set(spatial_layers(model, activations, shape)) and not kd.raw
+    assert ctx.memo(("features", ref, tuple(activations), True, "clean", "k"), lambda: None).raw == {}  # not held
+    for name in constrained:
+        np.testing.assert_array_equal(kd.layer(name), dnn.layer(name))
+
+
+@pytest.mark.slow
+def test_an_arm_whose_fit_reads_the_same_layers_reuses_it(tmp_path, caplog):
+    both = {"raw_layers": "activations"}  # DNN reads every spatial activation in either arm
+    config = {
+        **TINY, "seeds": [3], "attacks": ["pgd"], "output_dir": str(tmp_path / "runs"), "detectors": ["kd", "dnn"],
+        "hfc": {**TINY["hfc"], "adaptive": False, "fixed_weights": []},
+        "detector": {
+            "bootstrap": 20, "train_limit": 100, "dnn": {"width": 0.125, "epochs": 3},
+            "arms": {"same": {"layers": "constrained", **both}, "unconstrained": {"layers": "activations", **both}},
+        },
+    }  # fmt: skip
+    path = tmp_path / "reuse.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with caplog.at_level("INFO", logger="engine.runs"):
+        assert main(["run", str(path), "--no-progress"]) == 0
+    reused = [r.getMessage() for r in caplog.records if "its fit is reused" in r.getMessage()]
+    assert len(reused) == 1 and "dnn [unconstrained layers]" in reused[0] and "dnn [same layers]" in reused[0]
+    frame = pd.read_csv(tmp_path / "runs" / "evidence" / "results.csv")
+    det = frame[frame["detector"].isin(["kd", "dnn"])]
+    assert list(dict.fromkeys(det["detector"])) == ["dnn", "kd"]  # the raw-map reader runs first in each arm
+    columns = ["metric", "subset", "hfc", "variant", "value", "ci_low", "ci_high", "n_neg", "n_pos"]
+    arms = {arm: part[det["detector"] == "dnn"][columns].reset_index(drop=True) for arm, part in det.groupby("arm")}
+    assert len(arms["same"]) > 0
+    pd.testing.assert_frame_equal(arms["same"], arms["unconstrained"])
+    entries = {e.key: e for e in catalog(tmp_path / "runs" / "evidence")}
+    paths = {entries[f"fundus-synth_binary/resnet18/pgd/8-256/{arm}/dnn"].path for arm in ("same", "unconstrained")}
+    assert len(paths) == 2 and all((path / "config.json").is_file() for path in paths)  # each arm its own copy

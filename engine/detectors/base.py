@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -238,6 +238,11 @@ class Detector:
         """What the fitted detector needs from the model (default: pooled features of its layers)."""
         self._check_fitted()
         return Needs(pooled=tuple(self.layers_))
+
+    def reads(self, layers: Sequence[str], raw_layers: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(pooled, raw) layers of those extracted that a fit can depend on, before it runs (default: every pooled
+        layer): two fits on the same sets that read the same layers are the same fit."""
+        return tuple(layers), ()
 
     def use_onnxruntime(self) -> Detector:
         """Run the detector's own networks (if any) in onnxruntime when scoring; a no-op for the others."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -78,6 +79,9 @@ class DNN(Detector):
     def needs(self) -> Needs:
         self._check_fitted()
         return Needs(raw=tuple(self.layers_))
+
+    def reads(self, layers: Sequence[str], raw_layers: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return (), tuple(raw_layers)
 
     def _resolve_layers(self, feats: Features) -> list[str]:
         layers = list(feats.raw) if self.layers is None else self.layers

@@ -11,6 +11,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -148,18 +149,26 @@ class RunContext:
     # -- features ---------------------------------------------------------------------------------------------
     def features(
         self, checkpoint: str, key: Sequence[Any], images: torch.Tensor, labels: torch.Tensor, layers: Sequence[str],
-        keep_images: bool = True,
+        keep_images: bool = True, raw_layers: Sequence[str] = (),
     ) -> Features:  # fmt: skip
         """Logits and pooled features of ``layers`` (resolved names) for the image set ``key`` (``images``,
         ``labels``) under the model ``checkpoint``, with the images when ``keep_images``. One pass per batch
         extracts every activation plus ``layers`` and is memoised by ``key``, so the stages and layer arms that read
         one image set share it: HFC's mixtures and the detectors read the training images, both detector arms and
-        the features stage the pool's sets."""
+        the features stage the pool's sets. With ``raw_layers`` the pass also keeps those layers' (capped) raw maps
+        (and their pooled features) for this caller only (they are large: engine.models.cap_raw_map); its pooled part is memoised as above, so
+        a raw-map reader that comes first saves the next readers their pass."""
         model = self.model(checkpoint)
-        wide = tuple(resolve_layers(model, [*resolve_layers(model, "activations"), *layers]))
+        wide = tuple(resolve_layers(model, [*resolve_layers(model, "activations"), *layers, *raw_layers]))
+        memo_key = ("features", checkpoint, wide, keep_images, *key)
+        if raw_layers:
+            cache = FeatureCache(model, layers=wide, raw_layers=raw_layers, device=self.device)
+            feats = cache.extract(images, labels.numpy(), keep_images=keep_images)
+            self._memo.setdefault(memo_key, replace(feats, raw={}))
+            return feats.select(list(dict.fromkeys([*layers, *raw_layers])))
         cache = self.memo(("cache", checkpoint, wide), lambda: FeatureCache(model, layers=wide, device=self.device))
         extract = lambda: cache.extract(images, labels.numpy(), keep_images=keep_images)  # noqa: E731
-        return self.memo(("features", checkpoint, wide, keep_images, *key), extract).select(layers)
+        return self.memo(memo_key, extract).select(layers)
 
     # -- memo -------------------------------------------------------------------------------------------------
     def memo(self, key: Any, build: Callable[[], Any]) -> Any:

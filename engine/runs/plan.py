@@ -242,13 +242,14 @@ def _detect_cells(
     hint: Mapping[str, Any],
 ) -> list[Cell]:
     """One cell per (layer arm, detector): fitted on the plain set, scoring every set of (attack, eps); a detector
-    whose class requires training features (engine.detectors.Requirements) gets them."""
+    whose class requires training features (engine.detectors.Requirements) gets them. In each arm the detectors
+    that read raw maps (DNN) come first: their feature pass also fills the pooled features the others share."""
     gmms = gmm_cell.key if gmm_cell is not None else None
     scored = {name: c.key for name, c in sets.items() if name != PLAIN}
     deps = [given["model_cell"], *(c.key for c in sets.values()), *([gmms] if gmms else [])]
     cells = []
     for arm, layers in detector_arms(config).items():
-        for detector in config["detectors"]:
+        for detector in sorted(config["detectors"], key=lambda name: not DETECTORS[name].requires.raw_maps):
             label = f"{setting} {detector}" + ("" if arm is None else f" [{arm} layers]")
             cells.append(cell(
                 "detect", config, deps, hint, **given, **layers, detector=detector, arm=arm, label=label,

@@ -10,8 +10,10 @@ memoised in the run context, so the seven detectors of one (attack, eps) share t
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,27 +99,23 @@ def feature_layers(
 
 
 class _Source:
-    """The features a detect cell reads: pooled features from the run context's shared pass per image set
-    (RunContext.features: every arm and stage reading a set shares it); a detector that needs raw maps (DNN) gets
-    its own extraction with them, released with its cell (raw maps of a 224 px model are large:
-    engine.models.cap_raw_map). ``cache`` hooks the arm's own layers: the detectors' source."""
+    """The features a detect cell reads: from the run context's shared pass per image set (RunContext.features:
+    every arm and stage reading a set shares it); a detector that needs raw maps (DNN) gets them from that pass
+    for itself, released with its cell (raw maps of a 224 px model are large: engine.models.cap_raw_map).
+    ``cache`` hooks the arm's own layers: the detectors' source."""
 
     def __init__(
         self, ctx: RunContext, checkpoint: str, inputs: DetectInputs, shape: Sequence[int], constrained: Sequence[str]
     ) -> None:
         model = ctx.model(checkpoint)
         self.layers, raw_layers = feature_layers(model, inputs, shape, constrained)
-        self.ctx, self.checkpoint, self.raw = ctx, checkpoint, DETECTORS[inputs.detector].requires.raw_maps
-        if self.raw:
-            self.cache = FeatureCache(model, layers=self.layers, raw_layers=raw_layers, device=ctx.device)
-        else:
-            build = lambda: FeatureCache(model, layers=self.layers, device=ctx.device)  # noqa: E731
-            self.cache = ctx.memo(("cache", checkpoint, tuple(self.layers)), build)
+        self.raw_layers = raw_layers if DETECTORS[inputs.detector].requires.raw_maps else []
+        self.ctx, self.checkpoint = ctx, checkpoint
+        build = lambda: FeatureCache(model, layers=self.layers, device=ctx.device)  # noqa: E731
+        self.cache = ctx.memo(("cache", checkpoint, tuple(self.layers)), build)
 
     def features(self, key: Sequence[Any], x: torch.Tensor, y: torch.Tensor, keep_images: bool = True) -> Features:
-        if self.raw:
-            return self.cache.extract(x, y.numpy(), keep_images=keep_images)
-        return self.ctx.features(self.checkpoint, key, x, y, self.layers, keep_images)
+        return self.ctx.features(self.checkpoint, key, x, y, self.layers, keep_images, self.raw_layers)
 
 
 def _train_sample(train: Any, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,18 +137,55 @@ def make_detector(name: str, options: Mapping[str, Any], seed: int, model: nn.Mo
 
 
 def run_detect(ctx: RunContext, inputs: DetectInputs, deps: Mapping[str, Any]) -> CellOutput:
-    """Fit one detector on plain AEs (``fit_fraction`` of the pool) and score plain and HFC AEs on the rest."""
+    """Fit one detector on plain AEs (``fit_fraction`` of the pool) and score plain and HFC AEs on the rest. A cell
+    whose fit reads the same layers of the same sets as an earlier cell of this process (another layer arm, e.g.
+    DNN's raw maps when both arms' spatial layers are the same) is that fit: its detector and scores are reused."""
     checkpoint = ModelPayload(**deps[inputs.model_cell]).checkpoint
     model, cls = ctx.model(checkpoint), DETECTORS[inputs.detector]
     reason = cls.unmet(model, mixtures=inputs.gmms_cell is not None)
     if reason:
         log.warning("%s %s: %s skipped: %s", inputs.dataset_label, inputs.model_label, inputs.detector, reason)
         return CellOutput(Skipped(skipped=reason))
-    spec, split, seed = inputs.dataset, inputs.split, inputs.seed
-    x, y = ctx.pool(spec, split, seed, inputs.pool)
+    x, y = ctx.pool(inputs.dataset, inputs.split, inputs.seed, inputs.pool)
     gmms = GmmsPayload(**deps[inputs.gmms_cell]) if inputs.gmms_cell else None
     source = _Source(ctx, checkpoint, inputs, tuple(x.shape[1:]), gmms.layers if gmms else [])
-    cache = source.cache
+    detector = make_detector(inputs.detector, inputs.options, inputs.seed, model, source.cache, tuple(x.shape[1:]))
+    base = {"attack": inputs.attack, "eps": inputs.eps, "detector": inputs.detector, "arm": inputs.arm}
+    base.update(dataset=inputs.dataset_label, model=inputs.model_label)
+    directory = ctx.artifacts.directory("detectors", inputs.label, fingerprint(inputs.to_json()))
+    fit = ctx.memo(("detect fit", checkpoint, _fit_identity(inputs, detector, source)), dict)
+    if fit:
+        log.info("%s: reads the same layers of the same sets as %s: its fit is reused", inputs.label, fit["label"])
+        if "directory" in fit:
+            shutil.copytree(fit["directory"], directory, dirs_exist_ok=True)
+    else:
+        fit.update(label=inputs.label, **_fit(ctx, inputs, deps, detector, source, (x, y), gmms, directory))
+    if "not_measurable" in fit:
+        reason, successful = fit["not_measurable"], fit["successful"]
+        log.warning("%s: not measurable: %s", inputs.label, reason)
+        not_measurable = row(Metric.NOT_MEASURABLE, successful, n_pos=successful, hfc=False, variant="", **base)
+        return CellOutput(NotMeasurable(not_measurable=reason, successful=successful), [not_measurable])
+    rows = [row(**r, **base) for r in fit["rows"]]
+    payload = DetectPayload(directory=ctx.artifacts.ref(directory), fitted=ctx.artifacts.ref(directory / "fitted"))
+    return CellOutput(payload, rows)
+
+
+def _fit_identity(inputs: DetectInputs, detector: Detector, source: _Source) -> str:
+    """What a detect cell's fit depends on: its inputs but the arm (its name, label and layer selections), and the
+    extracted layers the detector reads (Detector.reads)."""
+    identity = {k: v for k, v in inputs.to_json().items() if k not in ("arm", "label", "layers", "raw_layers")}
+    return fingerprint({**identity, "reads": detector.reads(source.layers, source.raw_layers)})
+
+
+def _fit(
+    ctx: RunContext, inputs: DetectInputs, deps: Mapping[str, Any], detector: Detector, source: _Source,
+    pool: tuple[torch.Tensor, torch.Tensor], gmms: GmmsPayload | None, directory: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """Run the protocol on the ``pool`` (images, labels) and save the fitted ``detector`` (thresholds set on the
+    evaluation split's clean images) and its scores in ``directory``: that directory and the detection rows; or
+    why it is not measurable (``TooFewExamples``: too few successful AEs or clean images, a result) and the
+    successful AEs there were."""
+    (x, y), spec, split, seed = pool, inputs.dataset, inputs.split, inputs.seed
     clean = source.features(("clean", pool_key(inputs)), x, y)
     noise = source.features(noise_key(inputs), noise_images(inputs, x), y)
     plain, plain_success = _adversarial_features(ctx, source, AttackPayload(**deps[inputs.plain_cell]).directory, y)
@@ -162,34 +197,28 @@ def run_detect(ctx: RunContext, inputs: DetectInputs, deps: Mapping[str, Any]) -
     if inputs.train_features:  # a class-conditional detector: labelled clean training images
         train_x, train_y = _train_sample(ctx.splits(spec, split, seed).train, inputs.train_limit, seed)
         train = source.features(train_key(inputs, len(train_x)), train_x, train_y, keep_images=False)
-    detector = make_detector(inputs.detector, inputs.options, seed, model, cache, tuple(x.shape[1:]))
-    if cls.requires.mixtures:  # HFC's mixtures, clean validation images as the reference
+    if detector.requires.mixtures:  # HFC's mixtures, clean validation images as the reference
         val_x, val_y = as_tensors(ctx.splits(spec, split, seed).val, name="the validation split")
         reference = source.features(("val", pool_key(inputs)), val_x, val_y)
         detector.set_reference(ctx.artifacts.gmms(gmms.directory), reference)
     protocol = {"fit_fraction": inputs.fit_fraction, "seed": seed, "n_boot": inputs.bootstrap}
-    base = {"attack": inputs.attack, "eps": inputs.eps, "detector": inputs.detector, "arm": inputs.arm}
-    base.update(dataset=inputs.dataset_label, model=inputs.model_label)
     try:
         result = run_protocol(
-            [detector], clean, plain, plain_success, noise=noise, labels=y.numpy(), source=cache,
+            [detector], clean, plain, plain_success, noise=noise, labels=y.numpy(), source=source.cache,
             transfer=transfer, train=train, attack_name=PLAIN, **protocol,
         )  # fmt: skip
-    except TooFewExamples as exc:  # too few successful AEs or clean images here: a result, and the run goes on
-        successful = int((plain_success & (clean.preds == y.numpy())).sum())
-        pool = inputs.pool or "the whole test split"
-        reason = f"{exc} (a pool of {len(x)} test images; attack.pool: {pool})"
-        log.warning("%s: not measurable: %s", inputs.label, reason)
-        not_measurable = row(Metric.NOT_MEASURABLE, successful, n_pos=successful, hfc=False, variant="", **base)
-        return CellOutput(NotMeasurable(not_measurable=reason, successful=successful), [not_measurable])
-    directory = ctx.artifacts.directory("detectors", inputs.label, fingerprint(inputs.to_json()))
+    except TooFewExamples as exc:
+        pool_size = inputs.pool or "the whole test split"
+        return {
+            "not_measurable": f"{exc} (a pool of {len(x)} test images; attack.pool: {pool_size})",
+            "successful": int((plain_success & (clean.preds == y.numpy())).sum()),
+        }
     scores = result.scores[detector.name]
     detector.set_thresholds(scores.negatives[:, 0])  # clean images of the evaluation split: flags at FPRS
-    detector.save(directory / "fitted", model=model, checkpoint=ctx.artifacts.path(checkpoint))
+    model, checkpoint = ctx.model(source.checkpoint), ctx.artifacts.path(source.checkpoint)
+    detector.save(directory / "fitted", model=model, checkpoint=checkpoint)
     save_scores(directory, scores)
-    rows = [row(**r, **base) for r in detection_rows(result.to_rows())]
-    payload = DetectPayload(directory=ctx.artifacts.ref(directory), fitted=ctx.artifacts.ref(directory / "fitted"))
-    return CellOutput(payload, rows)
+    return {"directory": directory, "rows": detection_rows(result.to_rows())}
 
 
 def detection_rows(protocol_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
