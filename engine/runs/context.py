@@ -156,8 +156,8 @@ class RunContext:
         extracts every activation plus ``layers`` and is memoised by ``key``, so the stages and layer arms that read
         one image set share it: HFC's mixtures and the detectors read the training images, both detector arms and
         the features stage the pool's sets. With ``raw_layers`` the pass also keeps those layers' (capped) raw maps
-        (and their pooled features) for this caller only (they are large: engine.models.cap_raw_map); its pooled part is memoised as above, so
-        a raw-map reader that comes first saves the next readers their pass."""
+        and pooled features for this caller only (raw maps are large: engine.models.cap_raw_map), and memoises its
+        pooled part as above, so a raw-map reader that comes first saves the readers after it their pass."""
         model = self.model(checkpoint)
         wide = tuple(resolve_layers(model, [*resolve_layers(model, "activations"), *layers, *raw_layers]))
         memo_key = ("features", checkpoint, wide, keep_images, *key)
