@@ -119,7 +119,10 @@ def test_release_keeps_only_what_was_handed_over_in_memory(tmp_path):
     assert len(ctx._datasets) == 1
 
 
-def test_layer_arms_share_one_feature_pass_per_image_set(tmp_path):
+@pytest.fixture
+def arms(tmp_path):
+    """A run context with a tiny ResNet-18 (16 px), its activations and constrained layers, a maker of detect
+    inputs on an arm's layers, a maker of the cell's feature source, and the batch sizes of the model's passes."""
     from types import SimpleNamespace
 
     from engine.models import build_model, early_stages, resolve_layers
@@ -131,21 +134,27 @@ def test_layer_arms_share_one_feature_pass_per_image_set(tmp_path):
     model, shape = ctx.model(ref), (3, 16, 16)
     activations = resolve_layers(model, "activations")
     constrained = early_stages(model, activations, shape)
-    x, y = torch.rand(6, *shape), torch.tensor([0, 1] * 3)
-    arm = lambda layers, detector="kd": SimpleNamespace(layers=layers, raw_layers=None, detector=detector)  # noqa: E731
     passes = []
     handle = model.register_forward_hook(lambda m, inputs, out: passes.append(len(inputs[0])))
-    try:
-        same = _Source(ctx, ref, arm("constrained"), shape, constrained).features(("clean", "k"), x, y)
-        every = _Source(ctx, ref, arm("activations"), shape, constrained).features(("clean", "k"), x, y)
-        assert passes.count(len(x)) == 1  # the second arm reads the first arm's pass (1-image passes: probes)
-        dnn = _Source(ctx, ref, arm("constrained", "dnn"), shape, constrained).features(("clean", "k"), x, y)
-        assert passes.count(len(x)) == 2  # raw maps: an extraction of its own
-        mixtures = ctx.features(ref, ("train", "t"), x, y, constrained, keep_images=False)  # HFC's mixtures' pass
-        kd_train = _Source(ctx, ref, arm("activations"), shape, constrained).features(("train", "t"), x, y, False)
-        assert passes.count(len(x)) == 3 and mixtures.images is None and kd_train.layer_names == activations
-    finally:
-        handle.remove()
+    source = lambda layers, detector="kd": _Source(  # noqa: E731
+        ctx, ref, SimpleNamespace(layers=layers, raw_layers=None, detector=detector), shape, constrained
+    )
+    yield SimpleNamespace(ctx=ctx, ref=ref, model=model, shape=shape, activations=activations,
+                          constrained=constrained, source=source, passes=passes)  # fmt: skip
+    handle.remove()
+
+
+def test_layer_arms_share_one_feature_pass_per_image_set(arms):
+    x, y = torch.rand(6, *arms.shape), torch.tensor([0, 1] * 3)
+    constrained, activations, passes = arms.constrained, arms.activations, arms.passes
+    same = arms.source("constrained").features(("clean", "k"), x, y)
+    every = arms.source("activations").features(("clean", "k"), x, y)
+    assert passes.count(len(x)) == 1  # the second arm reads the first arm's pass (1-image passes: probes)
+    dnn = arms.source("constrained", "dnn").features(("clean", "k"), x, y)
+    assert passes.count(len(x)) == 2  # raw maps after the pooled pass: a pass of their own
+    mixtures = arms.ctx.features(arms.ref, ("train", "t"), x, y, constrained, keep_images=False)  # HFC's mixtures
+    kd_train = arms.source("activations").features(("train", "t"), x, y, False)
+    assert passes.count(len(x)) == 3 and mixtures.images is None and kd_train.layer_names == activations
     assert same.layer_names == constrained and every.layer_names == activations and dnn.layer_names == constrained
     assert set(dnn.raw) == set(constrained) and not same.raw
     for name in constrained:
@@ -153,31 +162,17 @@ def test_layer_arms_share_one_feature_pass_per_image_set(tmp_path):
         np.testing.assert_allclose(dnn.layer(name), same.layer(name), rtol=1e-5, atol=1e-6)
 
 
-def test_a_raw_map_reader_first_fills_the_shared_pass(tmp_path):
-    from types import SimpleNamespace
+def test_a_raw_map_reader_first_fills_the_shared_pass(arms):
+    from engine.models import spatial_layers
 
-    from engine.models import build_model, early_stages, resolve_layers, spatial_layers
-    from engine.runs import Artifacts, RunContext
-    from engine.runs.stages.detect import _Source
-
-    ctx = RunContext(Artifacts(tmp_path), progress=False)
-    ref = ctx.register_model(build_model("resnet18", 2, width=0.0625), "m")
-    model, shape = ctx.model(ref), (3, 16, 16)
-    activations = resolve_layers(model, "activations")
-    constrained = early_stages(model, activations, shape)
-    x, y = torch.rand(5, *shape), torch.tensor([0, 1, 0, 1, 1])
-    arm = lambda layers, detector: SimpleNamespace(layers=layers, raw_layers=None, detector=detector)  # noqa: E731
-    passes = []
-    handle = model.register_forward_hook(lambda m, inputs, out: passes.append(len(inputs[0])))
-    try:
-        dnn = _Source(ctx, ref, arm("activations", "dnn"), shape, constrained).features(("clean", "k"), x, y)
-        kd = _Source(ctx, ref, arm("constrained", "kd"), shape, constrained).features(("clean", "k"), x, y)
-        assert passes.count(len(x)) == 1  # KD reads the pooled part of DNN's pass
-    finally:
-        handle.remove()
-    assert set(dnn.raw) == set(spatial_layers(model, activations, shape)) and not kd.raw
-    assert ctx.memo(("features", ref, tuple(activations), True, "clean", "k"), lambda: None).raw == {}  # not held
-    for name in constrained:
+    x, y = torch.rand(5, *arms.shape), torch.tensor([0, 1, 0, 1, 1])
+    dnn = arms.source("activations", "dnn").features(("clean", "k"), x, y)
+    kd = arms.source("constrained").features(("clean", "k"), x, y)
+    assert arms.passes.count(len(x)) == 1  # KD reads the pooled part of DNN's pass
+    assert set(dnn.raw) == set(spatial_layers(arms.model, arms.activations, arms.shape)) and not kd.raw
+    held = arms.ctx.memo(("features", arms.ref, tuple(arms.activations), True, "clean", "k"), lambda: None)
+    assert held.raw == {}  # the raw maps stay with their reader
+    for name in arms.constrained:
         np.testing.assert_array_equal(kd.layer(name), dnn.layer(name))
 
 
