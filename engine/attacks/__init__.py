@@ -16,6 +16,7 @@ from engine.attacks.hfc import (
     fit_class_mixtures,
     fit_hfc_gmms,
     load_hfc_gmms,
+    mixture_classes,
     save_hfc_gmms,
     typical_reference,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "fit_hfc_gmms",
     "load_adversarial",
     "load_hfc_gmms",
+    "mixture_classes",
     "noise_like",
     "parse_eps",
     "save_hfc_gmms",

@@ -288,9 +288,15 @@ def fit_hfc_gmms(
     passes = [extract_features(model, train_dataset, names, batch_size, transform) for _ in range(max(augment, 1))]
     feats = {name: torch.cat([p[0][name] for p in passes]) for name in names}
     logits, labels = passes[0][1], torch.cat([p[2] for p in passes])
-    num_classes = max(int(logits.shape[1]), 2) if num_classes is None else num_classes
+    num_classes = mixture_classes(logits.shape[1]) if num_classes is None else num_classes
     classes = getattr(train_dataset, "classes", None)
     return fit_class_mixtures(feats, labels, num_classes, n_components, bayesian, seed, classes, **fit_kwargs)
+
+
+def mixture_classes(logits_width: int) -> int:
+    """The classes HFC's mixtures cover for a model with ``logits_width`` outputs: one per logit, and two for a
+    single-logit binary head."""
+    return max(int(logits_width), 2)
 
 
 def fit_class_mixtures(

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.attacks import fit_class_mixtures, fit_hfc_gmms, save_hfc_gmms
+from engine.attacks import fit_class_mixtures, fit_hfc_gmms, mixture_classes, save_hfc_gmms
 from engine.data import as_tensors
 from engine.errors import UserError
 from engine.models import EARLY_STAGES, early_stages, evaluate, layer_shapes, resolve_layers
@@ -133,7 +133,7 @@ def run_gmms(ctx: RunContext, inputs: GmmsInputs, deps: Mapping[str, Any]) -> Ce
         x, y = as_tensors(splits.train, name="the training split")
         found = ctx.features(checkpoint, train_key(inputs, len(x)), x, y, layers, keep_images=False)
         feats = {name: torch.from_numpy(found.pooled[name]) for name in layers}
-        num_classes = max(found.logits.shape[1], 2)
+        num_classes = mixture_classes(found.logits.shape[1])
         gmms = fit_class_mixtures(feats, y, num_classes, classes=splits.train.classes, **options)
     label = f"{dataset_label(inputs.dataset)}-{inputs.model_label}"
     directory = save_hfc_gmms(gmms, ctx.artifacts.directory("gmms", label, fingerprint(inputs.to_json())))
