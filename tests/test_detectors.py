@@ -92,6 +92,13 @@ def test_feature_detectors_separate_and_round_trip(make, tmp_path) -> None:
     np.testing.assert_allclose(loaded.score(s["adv_test"]), det.score(s["adv_test"]), rtol=1e-10, atol=1e-10)
 
 
+def test_a_fit_reads_its_pooled_layers_or_dnn_its_raw_maps() -> None:
+    pooled, raw = ["p", "a"], ["a", "b"]
+    assert KD().reads(pooled, raw) == (("p", "a"), ())  # by default every pooled layer: conservative
+    assert DNN().reads(pooled, raw) == ((), ("a", "b"))
+    assert DNN(layers=["b"]).reads(pooled, raw) == ((), ("b",))
+
+
 def test_dnn_separates_raw_maps_and_round_trips(tmp_path) -> None:
     s = sets(raw=True)
     options = dict(layers=["a", "b"], width=0.1, epochs=6, batch_size=128, lr=3e-3, seed=3)

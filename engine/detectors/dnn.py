@@ -81,7 +81,8 @@ class DNN(Detector):
         return Needs(raw=tuple(self.layers_))
 
     def reads(self, layers: Sequence[str], raw_layers: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        return (), tuple(raw_layers)
+        """Only raw maps: those of its ``layers``, else every one extracted."""
+        return (), tuple(raw_layers if self.layers is None else self.layers)
 
     def _resolve_layers(self, feats: Features) -> list[str]:
         layers = list(feats.raw) if self.layers is None else self.layers
