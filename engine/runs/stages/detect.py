@@ -13,7 +13,6 @@ import logging
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -152,19 +151,23 @@ def run_detect(ctx: RunContext, inputs: DetectInputs, deps: Mapping[str, Any]) -
     detector = make_detector(inputs.detector, inputs.options, inputs.seed, model, source.cache, tuple(x.shape[1:]))
     base = {"attack": inputs.attack, "eps": inputs.eps, "detector": inputs.detector, "arm": inputs.arm}
     base.update(dataset=inputs.dataset_label, model=inputs.model_label)
-    directory = ctx.artifacts.directory("detectors", inputs.label, fingerprint(inputs.to_json()))
     fit = ctx.memo(("detect fit", checkpoint, _fit_identity(inputs, detector, source)), dict)
     if fit:
         log.info("%s: reads the same layers of the same sets as %s: its fit is reused", inputs.label, fit["label"])
-        if "directory" in fit:
-            shutil.copytree(fit["directory"], directory, dirs_exist_ok=True)
     else:
-        fit.update(label=inputs.label, **_fit(ctx, inputs, deps, detector, source, (x, y), gmms, directory))
+        fit.update(label=inputs.label, **_fit(ctx, inputs, deps, detector, source, (x, y), gmms))
     if "not_measurable" in fit:
         reason, successful = fit["not_measurable"], fit["successful"]
         log.warning("%s: not measurable: %s", inputs.label, reason)
         not_measurable = row(Metric.NOT_MEASURABLE, successful, n_pos=successful, hfc=False, variant="", **base)
         return CellOutput(NotMeasurable(not_measurable=reason, successful=successful), [not_measurable])
+    directory = ctx.artifacts.directory("detectors", inputs.label, fingerprint(inputs.to_json()))
+    if "detector" in fit:  # fitted here: saved, and then only its directory is kept (a later cell copies it)
+        fit.pop("detector").save(directory / "fitted", model=model, checkpoint=ctx.artifacts.path(checkpoint))
+        save_scores(directory, fit.pop("scores"))
+        fit["directory"] = directory
+    else:
+        shutil.copytree(fit["directory"], directory, dirs_exist_ok=True)
     rows = [row(**r, **base) for r in fit["rows"]]
     payload = DetectPayload(directory=ctx.artifacts.ref(directory), fitted=ctx.artifacts.ref(directory / "fitted"))
     return CellOutput(payload, rows)
@@ -179,12 +182,11 @@ def _fit_identity(inputs: DetectInputs, detector: Detector, source: _Source) -> 
 
 def _fit(
     ctx: RunContext, inputs: DetectInputs, deps: Mapping[str, Any], detector: Detector, source: _Source,
-    pool: tuple[torch.Tensor, torch.Tensor], gmms: GmmsPayload | None, directory: Path,
+    pool: tuple[torch.Tensor, torch.Tensor], gmms: GmmsPayload | None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Run the protocol on the ``pool`` (images, labels) and save the fitted ``detector`` (thresholds set on the
-    evaluation split's clean images) and its scores in ``directory``: that directory and the detection rows; or
-    why it is not measurable (``TooFewExamples``: too few successful AEs or clean images, a result) and the
-    successful AEs there were."""
+    """Run the protocol on the ``pool`` (images, labels): the fitted ``detector`` (thresholds set on the evaluation
+    split's clean images), its scores and detection rows; or why it is not measurable (``TooFewExamples``: too few
+    successful AEs or clean images, a result) and the successful AEs there were."""
     (x, y), spec, split, seed = pool, inputs.dataset, inputs.split, inputs.seed
     clean = source.features(("clean", pool_key(inputs)), x, y)
     noise = source.features(noise_key(inputs), noise_images(inputs, x), y)
@@ -215,10 +217,7 @@ def _fit(
         }
     scores = result.scores[detector.name]
     detector.set_thresholds(scores.negatives[:, 0])  # clean images of the evaluation split: flags at FPRS
-    model, checkpoint = ctx.model(source.checkpoint), ctx.artifacts.path(source.checkpoint)
-    detector.save(directory / "fitted", model=model, checkpoint=checkpoint)
-    save_scores(directory, scores)
-    return {"directory": directory, "rows": detection_rows(result.to_rows())}
+    return {"detector": detector, "scores": scores, "rows": detection_rows(result.to_rows())}
 
 
 def detection_rows(protocol_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
