@@ -161,14 +161,20 @@ class RunContext:
         model = self.model(checkpoint)
         wide = tuple(resolve_layers(model, [*resolve_layers(model, "activations"), *layers, *raw_layers]))
         memo_key = ("features", checkpoint, wide, keep_images, *key)
+        cache = self.feature_cache(checkpoint, wide, raw_layers)
         if raw_layers:
-            cache = FeatureCache(model, layers=wide, raw_layers=raw_layers, device=self.device)
             feats = cache.extract(images, labels.numpy(), keep_images=keep_images)
             self._memo.setdefault(memo_key, replace(feats, raw={}))
             return feats.select(list(dict.fromkeys([*layers, *raw_layers])))
-        cache = self.memo(("cache", checkpoint, wide), lambda: FeatureCache(model, layers=wide, device=self.device))
         extract = lambda: cache.extract(images, labels.numpy(), keep_images=keep_images)  # noqa: E731
         return self.memo(memo_key, extract).select(layers)
+
+    def feature_cache(self, checkpoint: str, layers: Sequence[str], raw_layers: Sequence[str] = ()) -> FeatureCache:
+        """The FeatureCache of ``layers`` (and ``raw_layers``' raw maps) on the model ``checkpoint``, one per process:
+        its hooks and its batch-size probe are made once."""
+        model = self.model(checkpoint)
+        build = lambda: FeatureCache(model, layers=layers, raw_layers=raw_layers, device=self.device)  # noqa: E731
+        return self.memo(("cache", checkpoint, tuple(layers), tuple(raw_layers)), build)
 
     # -- memo -------------------------------------------------------------------------------------------------
     def memo(self, key: Any, build: Callable[[], Any]) -> Any:

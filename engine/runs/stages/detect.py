@@ -110,8 +110,7 @@ class _Source:
         self.layers, raw_layers = feature_layers(model, inputs, shape, constrained)
         self.raw_layers = raw_layers if DETECTORS[inputs.detector].requires.raw_maps else []
         self.ctx, self.checkpoint = ctx, checkpoint
-        build = lambda: FeatureCache(model, layers=self.layers, device=ctx.device)  # noqa: E731
-        self.cache = ctx.memo(("cache", checkpoint, tuple(self.layers)), build)
+        self.cache = ctx.feature_cache(checkpoint, self.layers)
 
     def features(self, key: Sequence[Any], x: torch.Tensor, y: torch.Tensor, keep_images: bool = True) -> Features:
         return self.ctx.features(self.checkpoint, key, x, y, self.layers, keep_images, self.raw_layers)
